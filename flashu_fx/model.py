@@ -1,0 +1,179 @@
+"""Show-o2 (Qwen2.5 variant): the top module, read top-down as its forward runs (facts doc 1.10).
+
+    tokens ─ embed_tokens ───────────────┐
+    latents ─ und: patch+pos ─ SigLIP ─┐ │
+            └ gen: patch ──────────── fusion_proj ─ image_embeds ┐
+    t ─ time_embed ─ time_embed_proj ─────────────────────────── fill slot ─ LLM (omni mask) ─ norm
+                  └──────────── adaLN ─ diff_proj ─ 10 modulated blocks ─ FinalLayer ─ unpatchify ─ v
+
+Module attribute names are the checkpoint's, so ``state_dict()`` has exactly the official 910 keys.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashu_fx.config import Showo2Config
+from flashu_fx.diffusion_head import FinalLayer, ModulatedAttentionBlock, TimestepEmbedder, in_slot_mask
+from flashu_fx.layers import RMSNorm, llama3_inv_freq, rope_cos_sin, rope_inv_freq
+from flashu_fx.qwen2 import Qwen2ForCausalLM
+from flashu_fx.siglip import SiglipEncoder
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(C -> E, kernel = stride = p): latents (N, C, h, w) -> tokens (N, h/p * w/p, E), row-major."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Showo2Output(NamedTuple):
+    logits: Tensor | None  # (M, L, V), None when not asked for
+    velocity: Tensor  # (M, C, h, w)
+
+
+def unpatchify(tokens: Tensor, latent_hw: tuple[int, int], channels: int) -> Tensor:
+    """Show-o2's output layout (facts doc 1.7): a plain reshape, NO patch permutation.
+
+    tokens: (N, n, p*p*C) -> (N, C, h, w). Feature f of token k is channel f % C of raster pixel 4k + f // C
+    (for p = 2): the official weights predict in this layout.
+    """
+    n = tokens.shape[0]
+    h, w = latent_hw
+    return tokens.reshape(n, h * w, channels).transpose(1, 2).reshape(n, channels, h, w)
+
+
+class Showo2(nn.Module):
+    def __init__(self, config: Showo2Config) -> None:
+        super().__init__()
+        cfg = self.config = config
+        h, d = cfg.hidden_size, cfg.head_hidden_size
+        self.showo = Qwen2ForCausalLM(cfg)
+        self.image_embedder_und = PatchEmbed(cfg.latent_channels, cfg.und_hidden_size, cfg.patch_size)
+        self.image_embedder_gen = PatchEmbed(cfg.latent_channels, h, cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.und_num_positions, cfg.und_hidden_size)
+        self.und_trans = SiglipEncoder(cfg)
+        self.fusion_proj = nn.Sequential(
+            RMSNorm(cfg.und_hidden_size + h, 1e-6), nn.Linear(cfg.und_hidden_size + h, h), nn.GELU(), nn.Linear(h, h)
+        )
+        self.time_embed = TimestepEmbedder(d, cfg.frequency_embedding_size)
+        self.time_embed_proj = nn.Linear(d, h)
+        self.diff_proj = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
+        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(cfg) for _ in range(cfg.head_num_layers))
+        self.diffusion_head_b = FinalLayer(cfg)
+        # RoPE tables are recomputed (not in the checkpoint): LLM theta 1e6; head theta 5e5, llama3-scaled.
+        self.register_buffer("llm_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("head_inv_freq", llama3_inv_freq(cfg.head_dim_head, cfg.head_rope_theta), persistent=False)
+
+    # ---- image and time inputs ---------------------------------------------------------------------
+    def und_position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """(tokens, 1152): the SigLIP table, added directly when its size is the checkpoint config's grid,
+        else bicubic-resized to ``grid`` (upstream's rule decides on the config grid, facts doc 1.3)."""
+        table = self.position_embedding.weight
+        if table.shape[0] == self.config.num_image_tokens:
+            if grid[0] * grid[1] != table.shape[0]:
+                raise ValueError(
+                    f"latent grid {grid} has {grid[0] * grid[1]} tokens but the position table has {table.shape[0]} "
+                    f"rows for the configured grid {self.config.image_grid}; set image_grid to the input grid"
+                )
+            return table
+        side = int(table.shape[0] ** 0.5)
+        square = table.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
+
+    def image_embeds(self, latents: Tensor) -> Tensor:
+        """latents (N, C, h, w) -> fused image embeddings (N, h/p * w/p, H)."""
+        latents = latents.to(self.image_embedder_gen.proj.weight.dtype)
+        grid = (latents.shape[-2] // self.config.patch_size, latents.shape[-1] // self.config.patch_size)
+        und = self.image_embedder_und(latents) + self.und_position_embedding(grid)
+        und = self.und_trans(und)
+        gen = self.image_embedder_gen(latents)
+        return self.fusion_proj(torch.cat([und, gen], dim=-1))
+
+    def time_embeds(self, t: Tensor) -> Tensor:
+        """t (N,) -> adaLN conditioning (N, D)."""
+        return self.time_embed(t)
+
+    def embed_inputs(self, tokens: Tensor, offsets: Tensor, image_embeds: Tensor, time_embeds: Tensor) -> Tensor:
+        """Token embeddings with each row's slot filled: [time_embed_proj(t) | image_embeds[:slot-1]].
+
+        tokens: (M, L); offsets: (M,) slot start; image_embeds: (M, n, H); time_embeds: (M, D) -> (M, L, H)
+        """
+        x = self.showo.model.embed_tokens(tokens)
+        slot = torch.cat([self.time_embed_proj(time_embeds)[:, None].to(x.dtype), image_embeds.to(x.dtype)], dim=1)
+        idx = offsets[:, None] + torch.arange(slot.shape[1], device=tokens.device)[None]
+        return x.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), slot)
+
+    # ---- trunk and head ----------------------------------------------------------------------------
+    def rope(self, seq_len: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """cos/sin (L, d) for the LLM and for the head, positions 0..L-1."""
+        pos = torch.arange(seq_len, device=device)
+        return (*rope_cos_sin(pos, self.llm_inv_freq, dtype), *rope_cos_sin(pos, self.head_inv_freq, dtype))
+
+    def head_blocks(self, hidden: Tensor, c: Tensor, in_slot: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """LLM post-norm hidden (M, L, H) -> diff_proj -> 10 modulated blocks -> (M, L, D)."""
+        x = self.diff_proj(hidden)
+        for block in self.diffusion_head_a:
+            x = block(x, c, in_slot, cos, sin, mask)
+        return x
+
+    def extract_velocity(self, v_tokens: Tensor, offsets: Tensor, latent_hw: tuple[int, int]) -> Tensor:
+        """(M, L, p*p*C) -> the slot's image tokens (time token dropped) -> (M, C, h, w)."""
+        n = latent_hw[0] * latent_hw[1] // self.config.patch_size**2
+        idx = offsets[:, None] + 1 + torch.arange(n, device=v_tokens.device)[None]
+        image = v_tokens.gather(1, idx[..., None].expand(-1, -1, v_tokens.shape[-1]))
+        return unpatchify(image, latent_hw, self.config.latent_channels)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        latents: Tensor,
+        t: Tensor,
+        offsets: Tensor,
+        mask: Tensor,
+        return_logits: bool = True,
+    ) -> Showo2Output:
+        """One generation call, computing what upstream computes (all L positions, lm_head included).
+
+        tokens: (M, L) int; latents: (M, C, h, w); t: (M,); offsets: (M,) slot starts (time token);
+        mask: bool (M, 1, L, L) omni mask -> logits (M, L, V) | None, velocity (M, C, h, w) in the model dtype.
+        """
+        seq_len = tokens.shape[1]
+        image = self.image_embeds(latents)
+        c = self.time_embeds(t)
+        x = self.embed_inputs(tokens, offsets, image, c)
+        cos, sin, head_cos, head_sin = self.rope(seq_len, x.dtype, x.device)
+        hidden = self.showo(x, cos, sin, mask)
+        logits = self.showo.lm_head(hidden) if return_logits else None
+        in_slot = in_slot_mask(offsets, seq_len, image.shape[1] + 1)
+        v_tokens = self.diffusion_head_b(self.head_blocks(hidden, c, in_slot, head_cos, head_sin, mask), c, in_slot)
+        return Showo2Output(logits, self.extract_velocity(v_tokens, offsets, tuple(latents.shape[-2:])))
+
+
+@torch.no_grad()
+def init_random_weights(model: Showo2, seed: int = 0, std: float = 0.02) -> Showo2:
+    """Non-degenerate random weights for tests and benchmarks.
+
+    Upstream zero-initialises adaLN and the final layer for training, which makes every velocity zero; here
+    every weight is random (norm scales near 1), so all paths carry signal.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name or "norm_final" in name:
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        elif name.startswith("fusion_proj.0"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        elif name.endswith("bias") and "norm" in name:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model
