@@ -69,9 +69,17 @@ class Showo2(nn.Module):
         self.diff_proj = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
         self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(cfg) for _ in range(cfg.head_num_layers))
         self.diffusion_head_b = FinalLayer(cfg)
-        # RoPE tables are recomputed (not in the checkpoint): LLM theta 1e6; head theta 5e5, llama3-scaled.
-        self.register_buffer("llm_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
-        self.register_buffer("head_inv_freq", llama3_inv_freq(cfg.head_dim_head, cfg.head_rope_theta), persistent=False)
+        self.register_buffer("llm_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("head_inv_freq", torch.empty(cfg.head_dim_head // 2), persistent=False)
+        if not self.llm_inv_freq.is_meta:  # on the meta device they are built at load time
+            self.reset_rope_buffers()
+
+    def reset_rope_buffers(self) -> None:
+        """RoPE tables are recomputed, not loaded: LLM theta 1e6; head theta 5e5, llama3-scaled (fp32)."""
+        device = "cpu" if self.llm_inv_freq.is_meta else self.llm_inv_freq.device
+        with torch.device(device):
+            self.llm_inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta)
+            self.head_inv_freq = llama3_inv_freq(self.config.head_dim_head, self.config.head_rope_theta)
 
     # ---- image and time inputs ---------------------------------------------------------------------
     def und_position_embedding(self, grid: tuple[int, int]) -> Tensor:

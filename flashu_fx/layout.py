@@ -1,0 +1,91 @@
+"""Sequence layouts of the two tasks (facts doc 1.8 and 4.6), as token ids with an image slot.
+
+Generation, one row:  bos, prompt (n), boi, [time, 729 image], eoi, eos, pad ... (L = max_seq_len)
+Null row (CFG):       the same with n = 0. Rows: [cond ..., null ...]; slot offset = n + 2.
+Understanding:        A = bos "system\\nYou are a helpful assistant." eos "\\n" bos "user\\n", then boi,
+                      [time, 729 image], eoi, question, "\\n" bos "assistant\\n".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flashu_fx.config import Showo2Config
+from flashu_fx.masks import omni_mask
+from flashu_fx.tokenizer import TextTokenizer
+
+
+@dataclass
+class GenBatch:
+    """The model batch of one group of prompts: rows [cond ..., null ...] when guided.
+
+    tokens: (M, L) int64; offsets: (M,) slot start (time token); mask: bool (M, 1, L, L)
+    """
+
+    tokens: Tensor
+    offsets: Tensor
+    mask: Tensor
+    num_prompts: int
+    prompt_lens: list[int]
+
+    @property
+    def guided(self) -> bool:
+        return self.tokens.shape[0] == 2 * self.num_prompts
+
+    def to(self, device) -> GenBatch:
+        return GenBatch(self.tokens.to(device), self.offsets.to(device), self.mask.to(device), self.num_prompts,
+                        self.prompt_lens)
+
+
+def gen_row(cfg: Showo2Config, prompt: list[int]) -> list[int]:
+    """One generation row of exactly ``max_seq_len`` ids; prompts longer than the budget are truncated."""
+    sp = cfg.specials
+    prompt = list(prompt)[: cfg.max_text_len]
+    row = [sp.bos, *prompt, sp.boi, *([sp.img_pad] * cfg.image_slot_len), sp.eoi, sp.eos]
+    return row + [sp.pad] * (cfg.max_seq_len - len(row))
+
+
+def build_gen_batch(cfg: Showo2Config, prompts: list[list[int]], guided: bool = True) -> GenBatch:
+    """Token ids of B prompts -> the (2B or B)-row batch with offsets and the omni mask."""
+    if not prompts:
+        raise ValueError("build_gen_batch needs at least one prompt")
+    for p in prompts:
+        if any(not 0 <= i < cfg.vocab_size for i in p):
+            raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size}), got {min(p)}..{max(p)}")
+    lens = [min(len(p), cfg.max_text_len) for p in prompts]
+    rows = [gen_row(cfg, p) for p in prompts]
+    offsets = [n + 2 for n in lens]
+    if guided:
+        rows += [gen_row(cfg, [])] * len(prompts)
+        offsets += [2] * len(prompts)
+    off = torch.tensor(offsets)
+    return GenBatch(torch.tensor(rows), off, omni_mask(off, cfg.max_seq_len, cfg.image_slot_len), len(prompts), lens)
+
+
+@dataclass
+class MmuPrompt:
+    """One understanding prompt. tokens: (1, L0); ``offset`` = the time token; ``block_offset`` = where the
+    bidirectional block starts (upstream's demo puts it one later than training: facts doc 4.7)."""
+
+    tokens: Tensor
+    offset: int
+    block_offset: int
+
+    def mask(self, cfg: Showo2Config) -> Tensor:
+        """bool (1, 1, L0, L0) omni mask of the prompt."""
+        return omni_mask(torch.tensor([self.block_offset]), self.tokens.shape[1], cfg.image_slot_len)
+
+
+def build_mmu_prompt(
+    cfg: Showo2Config, tokenizer: TextTokenizer, question: str | list[int], training_layout: bool = False
+) -> MmuPrompt:
+    """Upstream's ``inference_mmu.py`` prompt; ``training_layout=True`` puts the block on the time token."""
+    sp, enc = cfg.specials, tokenizer.encode
+    head = [sp.bos, *enc("system\nYou are a helpful assistant."), sp.eos, *enc("\n"), sp.bos, *enc("user\n")]
+    q = enc(question) if isinstance(question, str) else list(question)
+    ids = [*head, sp.boi, *([sp.img_pad] * cfg.image_slot_len), sp.eoi, *q, *enc("\n"), sp.bos, *enc("assistant\n")]
+    offset = len(head) + 1
+    return MmuPrompt(torch.tensor([ids]), offset, offset if training_layout else offset + 1)
