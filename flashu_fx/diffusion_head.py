@@ -110,5 +110,3 @@ def in_slot_mask(offsets: Tensor, seq_len: int, slot_len: int) -> Tensor:
     """bool (M, L, 1): True at positions [offset, offset + slot_len) of each row."""
     pos = torch.arange(seq_len, device=offsets.device)[None, :]
     return ((pos >= offsets[:, None]) & (pos < offsets[:, None] + slot_len))[..., None]
-
-

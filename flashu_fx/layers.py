@@ -28,9 +28,9 @@ class FP32LayerNorm(nn.LayerNorm):
     """SigLIP's LayerNorm as Show-o2 runs it: input and affine weights upcast to fp32, result cast back."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(
-            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
-        ).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:

@@ -36,8 +36,9 @@ class GenBatch:
         return self.tokens.shape[0] == 2 * self.num_prompts
 
     def to(self, device) -> GenBatch:
-        return GenBatch(self.tokens.to(device), self.offsets.to(device), self.mask.to(device), self.num_prompts,
-                        self.prompt_lens)
+        return GenBatch(
+            self.tokens.to(device), self.offsets.to(device), self.mask.to(device), self.num_prompts, self.prompt_lens
+        )
 
 
 def gen_row(cfg: Showo2Config, prompt: list[int]) -> list[int]:

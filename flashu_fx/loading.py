@@ -59,8 +59,11 @@ def check_state_dict(model: Showo2, state: dict[str, Tensor]) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-             for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
         lines = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
@@ -80,7 +83,9 @@ def load_state_dict_strict(model: Showo2, state: dict[str, Tensor]) -> Showo2:
     return model
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> Showo2:
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Showo2:
     """Load an official Show-o2 checkpoint directory.
 
     >>> model = from_pretrained("checkpoints/show-o2-1.5B", dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP

@@ -73,7 +73,7 @@ def answer_question(
     prompt = build_mmu_prompt(cfg, tok, question)
     x = prompt_embeddings(model, latents, prompt)
     gen = torch.Generator().manual_seed(seed)
-    step = (lambda logits: next_token(logits, temperature, top_k, gen))
+    step = lambda logits: next_token(logits, temperature, top_k, gen)
     decode = decode_cached if kv_cache else decode_uncached
     ids = decode(model, x, prompt, max_new_tokens, step, stop_at_eos, progress)
     return Answer(ids, tok.decode(ids))
