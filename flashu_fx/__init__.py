@@ -1,0 +1,26 @@
+"""flashu-fx: FlashU (training-free, task-aware acceleration) for Show-o2, eager and as a torch.compile backend."""
+
+from flashu_fx.config import PRESETS, Showo2Config, get_config
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.loading import CheckpointMismatchError, from_pretrained, save_pretrained
+from flashu_fx.mmu import Answer, answer_question
+from flashu_fx.model import Showo2, init_random_weights
+from flashu_fx.schedule import StepPlan, gen_schedule
+from flashu_fx.t2i import generate_images
+
+__all__ = [
+    "PRESETS",
+    "Answer",
+    "CheckpointMismatchError",
+    "FlashUConfig",
+    "Showo2",
+    "Showo2Config",
+    "StepPlan",
+    "answer_question",
+    "from_pretrained",
+    "gen_schedule",
+    "generate_images",
+    "get_config",
+    "init_random_weights",
+    "save_pretrained",
+]
