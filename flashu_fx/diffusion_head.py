@@ -62,12 +62,20 @@ class HeadAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, 1e-6)
         self.k_norm = RMSNorm(self.head_dim, 1e-6)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (M, L, D) -> q (M, heads, L, d), k and v (M, kv_heads, L, d): qk-norm, then RoPE."""
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix_kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        if prefix_kv is not None:  # K/V of earlier positions, computed once (keys first)
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         return self.o_proj(attention(q, k, v, mask))
 
 
@@ -81,12 +89,23 @@ class ModulatedAttentionBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, cfg.head_rms_norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x: Tensor, c: Tensor, in_slot: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        in_slot: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """x: (M, L, D); c: time embeddings (M, D); in_slot: bool (M, L, 1) -> (M, L, D)."""
         chunks = self.adaLN_modulation(c).chunk(6, dim=-1)
         shift_msa, scale_msa, shift_mlp, scale_mlp = (spread_to_slot(chunks[i], in_slot, 0.0) for i in (0, 1, 3, 4))
         gate_msa, gate_mlp = (spread_to_slot(chunks[i], in_slot, 1.0) for i in (2, 5))
-        h = x + gate_msa * self.self_attn(modulate(self.input_layernorm(x), shift_msa, scale_msa), cos, sin, mask)
+        h = x + gate_msa * self.self_attn(
+            modulate(self.input_layernorm(x), shift_msa, scale_msa), cos, sin, mask, prefix_kv
+        )
         return h + gate_mlp * self.mlp(modulate(self.post_attention_layernorm(h), shift_mlp, scale_mlp))
 
 

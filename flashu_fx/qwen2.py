@@ -47,6 +47,14 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, L, H) -> q (B, heads, L, d), k and v (B, kv_heads, L, d), RoPE applied to q and k."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(
         self,
         x: Tensor,
@@ -55,15 +63,17 @@ class Qwen2Attention(nn.Module):
         mask: Tensor | None,
         kv_cache: KVCache | None = None,
         input_pos: Tensor | None = None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x: (B, L, H); cos/sin: (B|., L, d); mask: bool (B|1, 1, L, L_kv) -> (B, L, H)."""
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        """x: (B, L, H); cos/sin: (B|., L, d); mask: bool (B|1, 1, L, L_kv) -> (B, L, H).
+
+        ``prefix_kv``: K/V (B, kv_heads, P, d) of earlier positions computed once and reused (keys first).
+        """
+        q, k, v = self.qkv(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         # Without a mask upstream's SDPA runs causal; Show-o2 always passes the omni mask.
         return self.o_proj(attention(q, k, v, mask))
 
@@ -106,8 +116,9 @@ class Qwen2DecoderLayer(nn.Module):
         kv_cache: KVCache | None = None,
         input_pos: Tensor | None = None,
         ffn_ranges: NeuronRanges | None = None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos, prefix_kv)
         return x + self.mlp(self.post_attention_layernorm(x), ffn_ranges)
 
 

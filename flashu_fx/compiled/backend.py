@@ -1,0 +1,197 @@
+"""``flashu_backend``: the torch.compile backend for Show-o2, one compiled artifact per task.
+
+    backend = flashu_backend(task="gen", config=FlashUConfig.for_task("gen"), layout=layout)
+    gen = torch.compile(model, backend=backend)
+    latents = generate_images_compiled(gen, backend, prompts)          # or your own loop:
+
+    plans = backend.begin_image(num_calls, guidance)                    # host plan of every call
+    for k, plan in enumerate(plans):
+        with backend.step(k):                                           # which call this is
+            v = gen(tokens, x, t, offsets, mask, return_logits=False).velocity
+        # CFG with plan.guidance, Euler update ...
+
+Dynamo captures ``Showo2.forward`` once; the backend recognises the Show-o2 graph (passes.showo2_graph),
+rebuilds a module view over the graph's own weight tensors, and returns a callable that runs the
+generation runtime (compiled pieces chosen per call on the host). A model call outside
+``backend.step(k)``, or out of order, raises. A graph that is not a Show-o2 forward is compiled
+unchanged (inductor), with a warning. ``config=None`` gives the exact optimizations only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, fx
+
+from flashu_fx.compiled.gen_runtime import GenRuntime
+from flashu_fx.compiled.piece_compiler import make_piece_compiler
+from flashu_fx.config import PRESETS, Showo2Config
+from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layout import GenBatch
+from flashu_fx.model import Showo2
+from flashu_fx.schedule import StepPlan
+from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
+
+log = logging.getLogger(__name__)
+
+
+def infer_model_config(shapes: dict[str, tuple[int, ...]], latents: tuple[int, ...], seq_len: int) -> Showo2Config:
+    """The preset whose hidden size matches, adjusted to the graph's vocabulary, depths, grid and length."""
+    hidden = shapes["showo.model.embed_tokens.weight"][1]
+    base = next((p for p in PRESETS.values() if p.hidden_size == hidden), None)
+    if base is None:
+        raise ValueError(f"unsupported Show-o2 model: hidden_size={hidden}; pass model_config= to flashu_backend")
+    count = lambda prefix: len({k.split(".")[len(prefix.split("."))] for k in shapes if k.startswith(prefix + ".")})
+    return dataclasses.replace(
+        base,
+        vocab_size=shapes["showo.model.embed_tokens.weight"][0],
+        num_layers=count("showo.model.layers"),
+        und_num_layers=count("und_trans.layers"),
+        head_num_layers=count("diffusion_head_a"),
+        image_grid=(latents[-2] // base.patch_size, latents[-1] // base.patch_size),
+        max_seq_len=seq_len,
+    )
+
+
+class FlashUBackend:
+    """A torch.compile backend (callable on ``(gm, example_inputs)``) plus the per-call step protocol."""
+
+    def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
+                 model_config: Showo2Config | None = None, piece_backend: str | None = None,
+                 mode: str | None = None) -> None:
+        if task not in ("gen", "und"):
+            raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
+        if config is not None and config.task != task:
+            raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
+        if task == "und":
+            raise NotImplementedError("flashu_backend(task='und') is not available yet; use "
+                                      "flashu_fx.flashu_und.answer_question_flashu (eager) meanwhile")
+        self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
+        self.piece_backend, self.mode = piece_backend, mode
+        self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
+        self._num_calls: int | None = None
+        self._guidance = 0.0
+        self._step: int | None = None
+        self.compiles = 0  # whole-graph captures handed to this backend
+
+    # ---- the step protocol ----------------------------------------------------------------------------
+    def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
+        """Start a new image of ``num_calls`` model calls; returns every call's plan (guidance included)."""
+        self._num_calls, self._guidance = num_calls, guidance
+        self._step = None
+        for rt in self._runtimes.values():
+            rt.state = None
+        return GenRuntime.plans_for(self.config, num_calls, guidance)
+
+    @contextlib.contextmanager
+    def step(self, k: int) -> Iterator[None]:
+        """The model call inside this block is call ``k`` (0-based) of the current image."""
+        if self._num_calls is None:
+            raise RuntimeError("flashu_backend: call begin_image(num_calls, guidance) before step(k)")
+        self._step = k
+        try:
+            yield
+        finally:
+            self._step = None
+
+    # ---- torch.compile entry ----------------------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
+        self.compiles += 1
+        expected = self._expected_keys(example_inputs, gm)
+        match, why = match_showo2_graph(gm, expected) if expected else (None, "no Show-o2 embedding input found")
+        if match is None:
+            warnings.warn(f"flashu_backend: not a Show-o2 forward ({why}); compiling the graph unchanged",
+                          stacklevel=2)
+            return self._exact_fallback(gm, example_inputs)
+        return self._runner(match, example_inputs)
+
+    def _expected_keys(self, example_inputs: list, gm: fx.GraphModule) -> list[str]:
+        """Checkpoint keys of a Show-o2 with the graph's depths (key names do not depend on widths)."""
+        cfg = self.model_config
+        if cfg is None:
+            depths = graph_depths(gm)
+            if depths is None:
+                return []
+            cfg = dataclasses.replace(PRESETS["tiny"], num_layers=depths[0], und_num_layers=depths[1],
+                                      head_num_layers=depths[2])
+        with torch.device("meta"):
+            return list(Showo2(cfg).state_dict())
+
+    def _exact_fallback(self, gm: fx.GraphModule, example_inputs: list):
+        if self.piece_backend == "eager" or not any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs):
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def _runner(self, match: Showo2GraphMatch, example_inputs: list):
+        def run(*args: Tensor):
+            return self._run(match, args)
+
+        return run
+
+    def _runtime_for(self, match: Showo2GraphMatch, args) -> GenRuntime:
+        key = tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
+        rt = self._runtimes.get(key)
+        if rt is None:
+            model = self._model_view(match, args)
+            device = args[match.user_inputs["latents"]].device
+            backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
+            rt = GenRuntime(model, self.config, self.layout, make_piece_compiler(backend, self.mode))
+            self._runtimes[key] = rt
+        return rt
+
+    def _model_view(self, match: Showo2GraphMatch, args) -> Showo2:
+        state = {k: args[i] for k, i in match.param_inputs.items()}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        latents, tokens = args[match.user_inputs["latents"]], args[match.user_inputs["tokens"]]
+        cfg = self.model_config or infer_model_config(shapes, tuple(latents.shape), tokens.shape[1])
+        with torch.device("meta"):
+            model = Showo2(cfg)
+        if "showo.lm_head.weight" not in state:  # not captured (logits not asked for): share the embedding
+            state["showo.lm_head.weight"] = state["showo.model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        model.reset_rope_buffers()
+        model.llm_inv_freq, model.head_inv_freq = model.llm_inv_freq.to(latents.device), \
+            model.head_inv_freq.to(latents.device)
+        return model.eval()
+
+    def _run(self, match: Showo2GraphMatch, args) -> tuple[Tensor, ...]:
+        if self._step is None:
+            raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
+                               "(after backend.begin_image(num_calls, guidance)); it cannot tell which call this is")
+        if match.num_outputs != 1:
+            raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
+                               "return_logits=False")
+        rt = self._runtime_for(match, args)
+        u = {name: args[i] for name, i in match.user_inputs.items()}
+        if self._step == 0:
+            batch = GenBatch(u["tokens"], u["offsets"], u["mask"], u["tokens"].shape[0] // 2, [])
+            rt.begin(batch, self._num_calls, self._guidance)
+        return (rt(u["latents"].float(), u["t"], self._step),)
+
+
+def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
+    """(LLM layers, SigLIP layers, head blocks) from the placeholder names, or None if any stack is absent."""
+    names = " ".join(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    depths = []
+    for stack in (r"showo_modules_model_modules_layers", r"und_trans_modules_layers", r"diffusion_head_a"):
+        found = [int(i) for i in re.findall(stack + r"_modules_(\d+)_", names)]
+        if not found:
+            return None
+        depths.append(max(found) + 1)
+    return depths[0], depths[1], depths[2]
+
+
+def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
+                   model_config: Showo2Config | None = None, piece_backend: str | None = None,
+                   mode: str | None = None) -> FlashUBackend:
+    """The FlashU backend for ``task`` ("gen"). ``config=None``: exact optimizations only."""
+    return FlashUBackend(task, config, layout, model_config, piece_backend, mode)

@@ -1,0 +1,232 @@
+"""Generation runtime: turns each call's plan into a sequence of compiled pieces, on the host.
+
+Exact optimizations (outputs equal the eager model up to float rounding):
+- only the image slot (time token + image tokens) is computed per call: the logits, the trailing
+  eoi/eos/pad positions and the text prefix's queries are dead for the velocity;
+- the text prefix's K/V (LLM layers and head blocks) is computed once per image and per network
+  variant (pruned/full FFN, skip set) and reused by every call;
+- on a head-cache hit that does not measure, SigLIP, fusion, the LLM and diff_proj are not run.
+FlashU approximations follow ``flashu_fx.schedule.gen_schedule`` exactly as the eager twin does
+(``flashu_fx.flashu_gen``). Skip sets and cache hits are host decisions: a new skip set runs the same
+compiled pieces in another order, so it never compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flashu_fx.compiled import pieces
+from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layers import rope_cos_sin
+from flashu_fx.layout import GenBatch
+from flashu_fx.masks import omni_mask
+from flashu_fx.model import Showo2, unpatchify
+from flashu_fx.schedule import StepPlan, gen_schedule
+from passes.ffn_slicing import slice_ffn
+
+log = logging.getLogger(__name__)
+
+# compile_piece(fn, name, graph_passes) -> the compiled callable of one piece
+PieceCompiler = Callable[[Callable, str, list[Callable]], Callable]
+
+
+@dataclass
+class CallRecord:
+    """What one call did: for equivalence tests against the eager twin."""
+
+    call: int
+    skip_set: tuple[int, ...]
+    head: str
+    trunk_ran: bool
+    importance: list[float] | None = None
+
+
+@dataclass
+class _Prefix:
+    llm_kv: list[tuple[Tensor, Tensor] | None]  # per LLM layer; None where the variant skips it
+    head_kv: list[tuple[Tensor, Tensor]]  # per head block
+
+
+@dataclass
+class _ImageState:
+    batch: GenBatch
+    plans: list[StepPlan]
+    llm_cos: Tensor
+    llm_sin: Tensor
+    head_cos: Tensor
+    head_sin: Tensor
+    mask: Tensor  # bool (M, 1, S, P + S)
+    in_slot: Tensor  # bool (M, S, 1), all True: the block is the slot
+    prefix: dict[tuple, _Prefix] = field(default_factory=dict)
+    skip_set: tuple[int, ...] = ()
+    head_cache: Tensor | None = None
+    next_call: int = 0
+    records: list[CallRecord] = field(default_factory=list)
+
+
+class GenRuntime:
+    """Per-image state plus the compiled pieces. Use ``begin(batch, num_calls, guidance)`` then call it as
+    a ``VelocityFn`` with ``step`` = 0, 1, ... in order (a wrong order raises)."""
+
+    def __init__(self, model: Showo2, config: FlashUConfig | None, layout: FFNLayout | None,
+                 compile_piece: PieceCompiler) -> None:
+        self.model, self.config, self.layout = model, config, layout
+        if config is not None and config.ffn_prune_ratio > 0 and layout is None:
+            raise ValueError("FlashU generation with ffn_prune_ratio > 0 needs an FFN layout (calibrate first)")
+        self.pruned_range = None if layout is None or config is None or config.ffn_prune_ratio == 0 else \
+            layout.ranges["gen"][0]
+        if self.pruned_range is not None and any(r != self.pruned_range for r in layout.ranges["gen"]):
+            raise ValueError("generation's pruned FFN range must be the same in every layer (gen-first layout)")
+        self.llm_full = compile_piece(pieces.llm_layer, "llm_layer", [])
+        self.llm_full_measured = compile_piece(pieces.llm_layer_measured, "llm_layer_measured", [])
+        if self.pruned_range is not None:
+            # The pruned variants are the full layer graphs rewritten by the FFN-slicing pass.
+            lo, hi = self.pruned_range
+            sliced = [functools.partial(slice_ffn, lo=lo, hi=hi)]
+            self.llm_pruned = compile_piece(pieces.llm_layer, f"llm_layer_ffn_{lo}_{hi}", sliced)
+            self.llm_pruned_measured = compile_piece(pieces.llm_layer_measured, f"llm_layer_measured_ffn_{lo}_{hi}",
+                                                     sliced)
+        self.embed = compile_piece(pieces.block_embeddings, "block_embeddings", [])
+        self.head_in = compile_piece(pieces.head_input, "head_input", [])
+        self.head_block = compile_piece(pieces.head_block, "head_block", [])
+        self.final = compile_piece(pieces.final_velocity, "final_velocity", [])
+        self.state: _ImageState | None = None
+
+    # ---- per image ----------------------------------------------------------------------------------
+    @staticmethod
+    def plans_for(config: FlashUConfig | None, num_calls: int, guidance: float) -> list[StepPlan]:
+        """FlashU's schedule, or (config None: exact optimizations only) every call full at guidance g."""
+        if config is None:
+            return [StepPlan(s, guidance, False, "all", "compute") for s in range(1, num_calls + 1)]
+        return gen_schedule(config, num_calls, guidance)
+
+    @torch.no_grad()
+    def begin(self, batch: GenBatch, num_calls: int, guidance: float) -> list[StepPlan]:
+        """Reset per-image state; returns the plans (their ``guidance`` drives CFG)."""
+        m, cfg = self.model, self.model.config
+        dtype = m.showo.model.embed_tokens.weight.dtype
+        device = batch.tokens.device
+        slot = cfg.image_slot_len
+        prefix_len = int(batch.offsets.max())  # one host read per image
+        block_pos = batch.offsets[:, None] + torch.arange(slot, device=device)  # (M, S) true positions
+        keys = torch.arange(prefix_len + slot, device=device)
+        mask = (keys[None, :] < batch.offsets[:, None]) | (keys[None, :] >= prefix_len)  # (M, P + S)
+        self.state = _ImageState(
+            batch, self.plans_for(self.config, num_calls, guidance),
+            *rope_cos_sin(block_pos, m.llm_inv_freq, dtype), *rope_cos_sin(block_pos, m.head_inv_freq, dtype),
+            mask[:, None, None, :].expand(-1, 1, slot, -1).contiguous(),
+            torch.ones(batch.tokens.shape[0], slot, 1, dtype=torch.bool, device=device),
+        )
+        return self.state.plans
+
+    def _ffn_ranges(self, pruned: bool):
+        return (self.pruned_range,) if pruned and self.pruned_range is not None else None
+
+    @torch.no_grad()
+    def _prefix(self, pruned: bool, skip: tuple[int, ...]) -> _Prefix:
+        """Prefix K/V of every kept LLM layer and head block for this variant (eager: a few dozen tokens)."""
+        st, m = self.state, self.model
+        key = (pruned, skip)
+        if key in st.prefix:
+            return st.prefix[key]
+        n = int(st.batch.offsets.max())
+        tokens = st.batch.tokens[:, :n]
+        x = m.showo.model.embed_tokens(tokens)
+        cos, sin, hcos, hsin = m.rope(n, x.dtype, x.device)
+        causal = omni_mask(torch.full((tokens.shape[0],), n, device=x.device), n, 0)
+        llm_kv: list = []
+        for i, layer in enumerate(m.showo.model.layers):
+            if i in skip:
+                llm_kv.append(None)
+                continue
+            _, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            llm_kv.append((k, v))
+            x = layer(x, cos, sin, causal, ffn_ranges=self._ffn_ranges(pruned))
+        h = m.diff_proj(m.showo.model.norm(x))
+        outside = torch.zeros(h.shape[0], n, 1, dtype=torch.bool, device=h.device)  # prefix: no modulation
+        c = torch.zeros(h.shape[0], h.shape[-1], dtype=h.dtype, device=h.device)
+        head_kv = []
+        for block in m.diffusion_head_a:
+            _, k, v = block.self_attn.qkv(block.input_layernorm(h), hcos, hsin)
+            head_kv.append((k, v))
+            h = block(h, c, outside, hcos, hsin, causal)
+        st.prefix[key] = _Prefix(llm_kv, head_kv)
+        return st.prefix[key]
+
+    # ---- per call -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        st = self.state
+        if st is None:
+            raise RuntimeError("GenRuntime: call begin(batch, num_calls, guidance) before the first model call")
+        if step != st.next_call:
+            raise RuntimeError(f"GenRuntime: expected call {st.next_call} of this image, got step={step}; "
+                               "calls must come in order, once each (begin() starts a new image)")
+        if step >= len(st.plans):
+            raise RuntimeError(f"GenRuntime: only {len(st.plans)} calls were planned, got step={step}")
+        st.next_call += 1
+        plan = st.plans[step]
+        m = self.model
+        c = m.time_embeds(t)
+        record = CallRecord(plan.call, (), plan.head, plan.needs_trunk)
+        st.records.append(record)
+        if not plan.needs_trunk:
+            return self._velocity(st.head_cache, c)
+        skip = st.skip_set if plan.layers == "skip" else ()
+        record.skip_set = skip
+        h = self._trunk(x, c, plan, skip, record)
+        if plan.head == "reuse":
+            return self._velocity(st.head_cache, c)
+        for block, (pk, pv) in zip(m.diffusion_head_a, self._prefix(plan.ffn_pruned, skip).head_kv, strict=True):
+            h = self.head_block(block, h, c, st.in_slot, st.head_cos, st.head_sin, st.mask, pk, pv)
+        if plan.head == "store":
+            st.head_cache = h
+        elif plan.head == "compute":  # before the first store, or the full phase: the cache is cleared
+            st.head_cache = None
+        return self._velocity(h, c)
+
+    def _trunk(self, x: Tensor, c: Tensor, plan: StepPlan, skip: tuple[int, ...], record: CallRecord) -> Tensor:
+        """SigLIP, fusion and the LLM over the block; on a measuring call, update the skip set."""
+        st, m = self.state, self.model
+        prefix = self._prefix(plan.ffn_pruned, skip)
+        pruned = plan.ffn_pruned and self.pruned_range is not None
+        h = self.embed(m, x, c)
+        measure = plan.layers == "measure"
+        layer_fn = (self.llm_pruned_measured if pruned else self.llm_full_measured) if measure else \
+            (self.llm_pruned if pruned else self.llm_full)
+        sims = []
+        for i, layer in enumerate(m.showo.model.layers):
+            if i in skip:
+                continue
+            pk, pv = prefix.llm_kv[i]
+            if measure:
+                h, s = layer_fn(layer, h, st.llm_cos, st.llm_sin, st.mask, pk, pv)
+                sims.append(s)
+            else:
+                h = layer_fn(layer, h, st.llm_cos, st.llm_sin, st.mask, pk, pv)
+        if measure:
+            positions = h.shape[0] * h.shape[1]
+            importance = (1 - torch.stack(sims) / positions).tolist()  # the one host read of this call
+            n_skip = self.config.num_skipped_layers(len(importance))
+            order = sorted(range(len(importance)), key=lambda i: (importance[i], i))
+            st.skip_set = tuple(sorted(order[:n_skip]))
+            record.importance = importance
+        return self.head_in(m, h)
+
+    def _velocity(self, h: Tensor, c: Tensor) -> Tensor:
+        v_tokens = self.final(self.model.diffusion_head_b, h, c, self.state.in_slot)
+        cfg = self.model.config
+        return unpatchify(v_tokens, cfg.latent_size, cfg.latent_channels)
+
+    @property
+    def records(self) -> list[CallRecord]:
+        return [] if self.state is None else self.state.records
+
+

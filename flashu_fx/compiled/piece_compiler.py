@@ -1,0 +1,40 @@
+"""Compile one piece: Dynamo captures it, our FX passes rewrite the graph, inductor (or nothing) compiles.
+
+Each piece gets its own code object, so variants of one function (full / FFN-sliced) keep separate
+Dynamo caches and never evict each other; weights are graph inputs (Dynamo lifts module parameters),
+so every layer of a stack reuses one artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+log = logging.getLogger(__name__)
+
+
+def make_piece_compiler(backend: str = "inductor", mode: str | None = None) -> Callable:
+    """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests)."""
+    if backend not in ("inductor", "eager"):
+        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
+
+    def compile_piece(fn: Callable, name: str, graph_passes: list[Callable[[fx.GraphModule], object]]) -> Callable:
+        def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+            for graph_pass in graph_passes:
+                result = graph_pass(gm)
+                log.debug("piece %s: %s -> %s", name, getattr(graph_pass, "func", graph_pass).__name__, result)
+            if backend == "eager":
+                return gm.forward
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": mode == "reduce-overhead"})
+
+        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        fresh.__qualname__ = f"{fn.__qualname__}[{name}]"
+        return torch.compile(fresh, backend=piece_backend, fullgraph=True, dynamic=False)
+
+    return compile_piece
