@@ -1,0 +1,81 @@
+"""Rows "compiled-exact" and "compiled-flashu" for ``bench`` and ``demo``: ``torch.compile(model,
+backend=flashu_backend(...))`` driven through the backend's step protocol.
+
+Preparing a row (untimed) compiles it with one warm-up image and records the first-compile time, the
+number of graph captures, and the final-latent cosine against its eager twin from the same noise:
+compiled-exact against the eager baseline, compiled-flashu against eager FlashU on the same pruned copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashu_fx.compiled.backend import FlashUBackend, flashu_backend
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import FlashUGenVelocity
+from flashu_fx.layout import GenBatch
+from flashu_fx.sampler import VelocityFn, euler_sample
+from flashu_fx.t2i import eager_velocity
+from harness.flashu_rows import pruned_copy
+from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, synchronize
+
+
+def stepped_velocity(compiled, backend: FlashUBackend, batch: GenBatch) -> VelocityFn:
+    """The compiled model as a VelocityFn: each call inside ``backend.step(k)``."""
+
+    def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
+        with backend.step(step):
+            return compiled(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
+
+    return velocity
+
+
+def latent_cosine(a: Tensor, b: Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def compiled_gen_row(config: FlashUConfig | None):
+    def row(ctx: GenContext) -> PreparedRow:
+        if config is None:
+            model, layout, how = ctx.model, None, "exact optimizations only"
+            points = ctx.steps
+        else:
+            model, layout, how = pruned_copy(ctx.model, config, ctx.prompts[0], ctx.tokenizer, ctx.seed)
+            points = config.num_points(ctx.steps)
+        batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
+        backend = flashu_backend("gen", config, layout)
+        compiled = torch.compile(model, backend=backend)
+        velocity = stepped_velocity(compiled, backend, batch)
+
+        def run() -> Tensor:
+            plans = backend.begin_image(points - 1, ctx.guidance)
+            return euler_sample(velocity, noise, grid, [p.guidance for p in plans], ctx.progress)
+
+        device = noise.device
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = run()
+        synchronize(device)
+        first = time.perf_counter() - start
+        with torch.no_grad():
+            if config is None:
+                twin = euler_sample(eager_velocity(model, batch, return_logits=False), noise, grid, ctx.guidance)
+            else:
+                eager = FlashUGenVelocity(model, batch, config, layout, points - 1, ctx.guidance)
+                twin = euler_sample(eager, noise, grid, eager.guidance_schedule)
+        cos = latent_cosine(out, twin)
+        note = (f"{points - 1} calls; first image (compile) {first:.1f} s; {backend.compiles} capture(s); "
+                f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}")
+        return PreparedRow(run=run, count=lambda _: points - 1, note=note)
+
+    return row
+
+
+register_row("gen", "compiled-exact", compiled_gen_row(None))
+register_row("gen", "compiled-flashu", compiled_gen_row(FlashUConfig.for_task("gen")))
