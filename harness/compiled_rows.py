@@ -15,24 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashu_fx.compiled.backend import FlashUBackend, flashu_backend
+from flashu_fx.compiled import flashu_backend, stepped_velocity
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
-from flashu_fx.layout import GenBatch
-from flashu_fx.sampler import VelocityFn, euler_sample
+from flashu_fx.sampler import euler_sample
 from flashu_fx.t2i import eager_velocity
 from harness.flashu_rows import pruned_copy
 from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, synchronize
-
-
-def stepped_velocity(compiled, backend: FlashUBackend, batch: GenBatch) -> VelocityFn:
-    """The compiled model as a VelocityFn: each call inside ``backend.step(k)``."""
-
-    def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
-        with backend.step(step):
-            return compiled(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
-
-    return velocity
 
 
 def latent_cosine(a: Tensor, b: Tensor) -> float:

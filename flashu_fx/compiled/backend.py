@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -80,6 +81,7 @@ class FlashUBackend:
         self._guidance = 0.0
         self._step: int | None = None
         self.compiles = 0  # whole-graph captures handed to this backend
+        self.piece_captures: Counter = Counter()  # per compiled piece: captures (after warm-up: recompiles)
 
     # ---- the step protocol ----------------------------------------------------------------------------
     def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
@@ -144,7 +146,8 @@ class FlashUBackend:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            rt = GenRuntime(model, self.config, self.layout, make_piece_compiler(backend, self.mode))
+            compile_piece = make_piece_compiler(backend, self.mode, self.piece_captures)
+            rt = GenRuntime(model, self.config, self.layout, compile_piece)
             self._runtimes[key] = rt
         return rt
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from flashu_fx.compiled import pieces
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.layers import rope_cos_sin
 from flashu_fx.layout import GenBatch
 from flashu_fx.masks import omni_mask
@@ -71,6 +72,14 @@ class _ImageState:
     records: list[CallRecord] = field(default_factory=list)
 
 
+PREFIX_BUCKET = 64  # prefix lengths are padded to a multiple of this, so prompt lengths share compiled pieces
+
+
+def prefix_bucket(prefix_len: int, limit: int) -> int:
+    """Pad the text prefix (bos, prompt, boi) to a bucket; padded keys are masked, so this is exact."""
+    return min(-(-prefix_len // PREFIX_BUCKET) * PREFIX_BUCKET, limit)
+
+
 class GenRuntime:
     """Per-image state plus the compiled pieces. Use ``begin(batch, num_calls, guidance)`` then call it as
     a ``VelocityFn`` with ``step`` = 0, 1, ... in order (a wrong order raises)."""
@@ -114,7 +123,7 @@ class GenRuntime:
         dtype = m.showo.model.embed_tokens.weight.dtype
         device = batch.tokens.device
         slot = cfg.image_slot_len
-        prefix_len = int(batch.offsets.max())  # one host read per image
+        prefix_len = prefix_bucket(int(batch.offsets.max()), cfg.max_seq_len - slot)  # one host read per image
         block_pos = batch.offsets[:, None] + torch.arange(slot, device=device)  # (M, S) true positions
         keys = torch.arange(prefix_len + slot, device=device)
         mask = (keys[None, :] < batch.offsets[:, None]) | (keys[None, :] >= prefix_len)  # (M, P + S)
@@ -136,7 +145,7 @@ class GenRuntime:
         key = (pruned, skip)
         if key in st.prefix:
             return st.prefix[key]
-        n = int(st.batch.offsets.max())
+        n = st.mask.shape[-1] - st.mask.shape[-2]  # the bucketed prefix length P
         tokens = st.batch.tokens[:, :n]
         x = m.showo.model.embed_tokens(tokens)
         cos, sin, hcos, hsin = m.rope(n, x.dtype, x.device)
@@ -175,12 +184,11 @@ class GenRuntime:
         plan = st.plans[step]
         m = self.model
         c = m.time_embeds(t)
-        record = CallRecord(plan.call, (), plan.head, plan.needs_trunk)
+        skip = st.skip_set if plan.layers == "skip" else ()
+        record = CallRecord(plan.call, skip, plan.head, plan.needs_trunk)
         st.records.append(record)
         if not plan.needs_trunk:
             return self._velocity(st.head_cache, c)
-        skip = st.skip_set if plan.layers == "skip" else ()
-        record.skip_set = skip
         h = self._trunk(x, c, plan, skip, record)
         if plan.head == "reuse":
             return self._velocity(st.head_cache, c)
@@ -214,9 +222,7 @@ class GenRuntime:
         if measure:
             positions = h.shape[0] * h.shape[1]
             importance = (1 - torch.stack(sims) / positions).tolist()  # the one host read of this call
-            n_skip = self.config.num_skipped_layers(len(importance))
-            order = sorted(range(len(importance)), key=lambda i: (importance[i], i))
-            st.skip_set = tuple(sorted(order[:n_skip]))
+            st.skip_set = choose_skip_set(importance, self.config.num_skipped_layers(len(importance)))
             record.importance = importance
         return self.head_in(m, h)
 

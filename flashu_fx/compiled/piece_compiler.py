@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -17,13 +18,17 @@ from torch import fx
 log = logging.getLogger(__name__)
 
 
-def make_piece_compiler(backend: str = "inductor", mode: str | None = None) -> Callable:
-    """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests)."""
+def make_piece_compiler(backend: str = "inductor", mode: str | None = None,
+                        captures: Counter | None = None) -> Callable:
+    """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
+    ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile)."""
     if backend not in ("inductor", "eager"):
         raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
 
     def compile_piece(fn: Callable, name: str, graph_passes: list[Callable[[fx.GraphModule], object]]) -> Callable:
         def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+            if captures is not None:
+                captures[name] += 1
             for graph_pass in graph_passes:
                 result = graph_pass(gm)
                 log.debug("piece %s: %s -> %s", name, getattr(graph_pass, "func", graph_pass).__name__, result)

@@ -1,0 +1,144 @@
+"""The compiled backend against its eager twins: exact-only vs the eager pipeline, FlashU vs eager FlashU
+(identical decisions, latents within fp32 tolerance), no recompiles across prompt lengths, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashu_fx import FlashUConfig, generate_images, get_config
+from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.flashu_gen import generate_images_flashu
+
+# Tiny-model FlashU settings under which every technique acts within a few calls: 2 of 4 layers skipped,
+# re-measured every 3 calls, the head stored every 2nd call, widths in multiples of 8.
+TINY_GEN = FlashUConfig.for_task("gen", skip_ratio=0.5, skip_interval=3, head_cache_interval=2, ffn_width_multiple=8)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles anew: Dynamo's per-code cache holds 8 entries, then silently runs eager."""
+    torch._dynamo.reset()
+    yield
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def pruned_model(model, config: FlashUConfig, seed: int = 0):
+    work = copy.deepcopy(model)
+    scores = torch.rand(work.config.num_layers, work.config.intermediate_size, generator=torch.Generator().manual_seed(seed))
+    layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(work.config.intermediate_size))})
+    permute_ffn_weights(work, layout.order)
+    return work, layout
+
+
+@settings(deadline=None, max_examples=4)
+@given(prompt_len=st.integers(0, 20), seed=st.integers(0, 100))
+def test_exact_only_equals_eager_pipeline(tiny_model, prompt_len: int, seed: int) -> None:
+    torch._dynamo.reset()
+    prompt = [(7 * i + 3) % 200 for i in range(prompt_len)]
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    out = generate_images_compiled(gen, backend, [prompt], baseline_steps=5, guidance=4.0, seed=seed)
+    ref = generate_images(tiny_model, [prompt], steps=5, guidance=4.0, seed=seed)
+    assert rel_err(out, ref) < 1e-5
+
+
+@settings(deadline=None, max_examples=3)
+@given(seed=st.integers(0, 1000), prompt_len=st.integers(1, 20))
+def test_flashu_compiled_matches_eager_flashu(tiny_model, seed: int, prompt_len: int) -> None:
+    torch._dynamo.reset()
+    model, layout = pruned_model(tiny_model, TINY_GEN, seed)
+    prompt = [(5 * i + seed) % 200 for i in range(prompt_len)]
+    eager = generate_images_flashu(model, [prompt], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=seed)
+    backend = flashu_backend("gen", TINY_GEN, layout)
+    gen = torch.compile(model, backend=backend)
+    out = generate_images_compiled(gen, backend, [prompt], baseline_steps=12, guidance=5.0, seed=seed)
+    records = next(iter(backend._runtimes.values())).records
+    assert [r.head for r in records] == [r.head for r in eager.records]
+    assert [r.trunk_ran for r in records] == [r.trunk for r in eager.records]
+    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
+    assert any(r.skip_set for r in records), "the configuration must make layer skipping act"
+    assert rel_err(out, eager.latents) < 1e-4
+
+
+def test_no_recompiles_across_prompt_lengths(tiny_model) -> None:
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    generate_images_compiled(gen, backend, [[1, 2, 3]], baseline_steps=3, guidance=3.0)
+    warm = dict(backend.piece_captures)
+    for n in (0, 5, 11, 17, 24):
+        generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
+    assert backend.compiles == 1
+    assert dict(backend.piece_captures) == warm
+    assert all(count == 1 for count in warm.values())
+
+
+def test_new_skip_set_costs_no_compilation(tiny_model) -> None:
+    model, layout = pruned_model(tiny_model, TINY_GEN)
+    backend = flashu_backend("gen", TINY_GEN, layout)
+    gen = torch.compile(model, backend=backend)
+    generate_images_compiled(gen, backend, [[4, 5]], baseline_steps=12, guidance=5.0, seed=0)
+    warm = dict(backend.piece_captures)
+    generate_images_compiled(gen, backend, [[9, 9, 9, 9]], baseline_steps=12, guidance=5.0, seed=3)
+    assert dict(backend.piece_captures) == warm
+
+
+def test_call_outside_step_raises(tiny_model) -> None:
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    x = torch.randn(2, 16, 8, 8)
+    from flashu_fx.layout import build_gen_batch
+
+    b = build_gen_batch(tiny_model.config, [[1, 2]])
+    with pytest.raises(RuntimeError, match="outside `with backend.step"):
+        gen(b.tokens, x, torch.zeros(2), b.offsets, b.mask, return_logits=False)
+    backend.begin_image(3, 2.0)
+    with backend.step(0):
+        gen(b.tokens, x, torch.zeros(2), b.offsets, b.mask, return_logits=False)
+    with pytest.raises(RuntimeError, match="expected call 1"), backend.step(2):
+        gen(b.tokens, x, torch.zeros(2), b.offsets, b.mask, return_logits=False)
+
+
+def test_logits_request_is_refused(tiny_model) -> None:
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    from flashu_fx.layout import build_gen_batch
+
+    b = build_gen_batch(tiny_model.config, [[1, 2]])
+    backend.begin_image(1, 2.0)
+    with pytest.raises(RuntimeError, match="return_logits=False"), backend.step(0):
+        gen(b.tokens, torch.randn(2, 16, 8, 8), torch.zeros(2), b.offsets, b.mask)
+
+
+def test_non_showo2_graph_falls_back_exactly() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(net, backend=flashu_backend("gen"))(x)
+    assert any("not a Show-o2 forward" in str(w.message) for w in caught)
+    torch.testing.assert_close(out, net(x))
+
+
+def test_bad_backend_arguments() -> None:
+    with pytest.raises(ValueError, match="task must be"):
+        flashu_backend("video")
+    with pytest.raises(ValueError, match="does not match the backend task"):
+        flashu_backend("gen", FlashUConfig.for_task("und"))
+    with pytest.raises(ValueError, match="needs an FFN layout"):
+        from flashu_fx.compiled.gen_runtime import GenRuntime
+        from flashu_fx.compiled.piece_compiler import make_piece_compiler
+        from flashu_fx.model import Showo2
+
+        GenRuntime(Showo2(dataclasses.replace(get_config("tiny"), num_layers=1)), TINY_GEN, None,
+                   make_piece_compiler("eager"))
