@@ -68,9 +68,12 @@ class Showo2Config:
     specials: SpecialTokens = QWEN_SPECIALS
 
     def __post_init__(self) -> None:
-        for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+        # Every integer size (a zero would otherwise surface later as a ZeroDivisionError or an empty layer).
+        for field in (f.name for f in dataclasses.fields(self) if f.type == "int"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"Showo2Config.{field} must be positive, got {getattr(self, field)}")
+        if min(self.image_grid) <= 0:
+            raise ValueError(f"Showo2Config.image_grid must be positive, got {self.image_grid}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_num_heads % self.head_num_kv_heads:
@@ -82,6 +85,11 @@ class Showo2Config:
         if self.hidden_size == self.head_hidden_size:
             # Upstream drops time_embed_proj / diff_proj in that case: a different key set we do not support.
             raise ValueError("hidden_size == head_hidden_size is not a Show-o2 layout (no diff_proj/time_embed_proj)")
+        if self.max_text_len < 0:
+            raise ValueError(
+                f"Showo2Config.max_seq_len={self.max_seq_len} cannot hold the image slot ({self.image_slot_len}) "
+                "plus bos, boi, eoi, eos"
+            )
         side = math.isqrt(self.und_num_positions)
         if side * side != self.und_num_positions:
             raise ValueError(f"und_num_positions={self.und_num_positions} is not a square grid")

@@ -59,8 +59,10 @@ def compiled_gen_row(config: FlashUConfig | None):
                 eager = FlashUGenVelocity(model, batch, config, layout, points - 1, ctx.guidance)
                 twin = euler_sample(eager, noise, grid, eager.guidance_schedule)
         cos = latent_cosine(out, twin)
-        note = (f"{points - 1} calls; first image (compile) {first:.1f} s; {backend.compiles} capture(s); "
-                f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}")
+        note = (
+            f"{points - 1} calls; first image (compile) {first:.1f} s; {backend.compiles} capture(s); "
+            f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}"
+        )
         return PreparedRow(run=run, count=lambda _: points - 1, note=note)
 
     return row

@@ -1,0 +1,54 @@
+"""``python -m harness <command> [options]``: one entry point, each command's module imported only when run.
+
+python -m harness demo                     # tiny model, CPU, < 30 s: t2i for 2 prompts, one question
+python -m harness bench --task gen --preset showo2-1.5b
+python -m harness kernels ...              # harness.kernels
+python -m harness calibrate ...            # harness.calibrate_cli
+python -m harness analyze ...              # harness.analyze_cli
+python -m harness <command> --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, what it does); each module has main(argv).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("harness.demo", "run t2i and understanding once per registered row, write a PNG"),
+    "bench": ("harness.bench", "time the registered rows of a task at the real shapes, write JSON"),
+    "kernels": ("harness.kernels", "benchmark and check the Triton kernels"),
+    "calibrate": ("harness.calibrate_cli", "calibrate FlashU (FFN pruning scores) and save the result"),
+    "analyze": ("harness.analyze_cli", "analyse FlashU decisions and errors"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="flashu-fx harness",
+        epilog="\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), help="what to run; '<command> --help' for its options")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv[:1])  # the command's own parser sees everything after it
+    module_name = COMMANDS[ns.command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(
+            f"error: 'python -m harness {ns.command}' needs {module_name}, which is not in this checkout yet",
+            file=sys.stderr,
+        )
+        return 2
+    result = module.main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

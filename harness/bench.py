@@ -1,0 +1,376 @@
+"""``python -m harness bench``: time every registered row of a task at the real shapes, random weights.
+
+    python -m harness bench --task gen --preset showo2-1.5b --repeats 3 --warmup 1 --out bench.json
+    python -m harness bench --task und --preset showo2-7b --rows eager-kv
+    python -m harness bench --task gen --preset tiny --device cpu --repeats 1      # smoke test
+
+Weight values do not change the time of a dense step, so the model is built on the meta device and filled
+with random, non-degenerate values on the target device (seconds at 7B). Timed region, as anchors.md:
+gen = the whole denoising loop for one prompt (50-point grid = 49 calls, CFG batch 2, guidance 10);
+und = ``answer_question`` end to end (image features, prefill, exactly 32 new tokens: the eos stop is off)
+for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs with
+``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flashu_fx.config import PRESETS, Showo2Config, get_config
+from flashu_fx.layers import RMSNorm
+from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.model import Showo2
+from flashu_fx.tokenizer import TextTokenizer
+from harness.rows import (
+    BASELINES,
+    TASKS,
+    GenContext,
+    RowResult,
+    UndContext,
+    compare,
+    load_optional_rows,
+    select_rows,
+    summarize,
+    synchronize,
+    time_row,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# A DPG-Bench-like prompt (its length does not change the eager time: all 1024 positions always run).
+GEN_PROMPT = (
+    "A red vintage bicycle leaning against a weathered brick wall covered in ivy, warm late-afternoon light, "
+    "a small white dog sitting beside the front wheel."
+)
+UND_QUESTION = "Describe this image in detail. "
+# Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (anchors.md),
+# H100 80GB HBM3 798 TFLOP/s (the device notes). Used only for "% of peak".
+MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
+
+
+# ---- random model on the device ------------------------------------------------------------------------
+@torch.no_grad()
+def init_random_weights_fast(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Non-degenerate random weights drawn on each parameter's own device (a 7B model in about a second on
+    a GPU; ``flashu_fx.init_random_weights`` draws on the CPU and copies, minutes at 7B).
+
+    Norm scales (RMSNorm, LayerNorm) ~ N(1, 0.1), norm biases ~ N(0, 0.1), everything else ~ N(0, std):
+    unlike upstream's training init nothing is zero, so every path (adaLN, FinalLayer) carries signal.
+    """
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def gen(p: torch.Tensor) -> torch.Generator:
+        if p.device not in gens:
+            gens[p.device] = torch.Generator(p.device).manual_seed(seed)
+        return gens[p.device]
+
+    norm_params = set()
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.weight.normal_(1.0, 0.1, generator=gen(module.weight))
+            norm_params.add(id(module.weight))
+            if getattr(module, "bias", None) is not None:
+                module.bias.normal_(0.0, 0.1, generator=gen(module.bias))
+                norm_params.add(id(module.bias))
+    for p in model.parameters():  # tied parameters are yielded once
+        if id(p) not in norm_params:
+            p.normal_(0.0, std, generator=gen(p))
+    return model
+
+
+def build_random_model(cfg: Showo2Config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Showo2:
+    """Showo2 built on the meta device, materialised directly in ``dtype`` on ``device``, random weights.
+
+    >>> build_random_model(get_config("tiny"), torch.device("cpu"), torch.float32).showo.lm_head.weight.shape
+    torch.Size([256, 64])
+    """
+    with torch.device("meta"):
+        model = Showo2(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty re-creates the parameters, which unties them
+        model.showo.lm_head.weight = model.showo.model.embed_tokens.weight
+    model.reset_rope_buffers()  # fp32 tables on the device (the cast above made them bf16 garbage)
+    return init_random_weights_fast(model, seed).eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op CPU threads set to ``n`` inside the block and restored after; None changes nothing."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def auto_threads(threads: int | None, device: torch.device, cfg: Showo2Config) -> int | None:
+    """``--threads`` if given; else 1 for a tiny model on the CPU, where each op is microseconds of work and
+    OpenMP synchronisation costs more than it saves (a 96x64 @ 64x256 linear on a loaded 2-core machine: 33 us
+    on 1 thread, 0.5-2.7 ms on 2; the tiny demo went from 50 s to 8 s); else torch's default (None)."""
+    if threads is not None:
+        return threads
+    return 1 if device.type == "cpu" and cfg.hidden_size <= 256 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---- request contents ----------------------------------------------------------------------------------
+class ChunkTokenizer:
+    """One id per 4 UTF-8 bytes (about Qwen's rate on English text), folded below the special-token ids.
+
+    Random weights need no vocabulary, but the layouts should have realistic lengths: the understanding
+    template takes 22 positions here (Qwen: about 20), where one id per byte would take 60.
+    """
+
+    def __init__(self, config: Showo2Config, chunk: int = 4) -> None:
+        self.modulus, self.chunk = min(vars(config.specials).values()), chunk
+
+    def encode(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        return [
+            int.from_bytes(data[i : i + self.chunk], "little") % self.modulus for i in range(0, len(data), self.chunk)
+        ]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def und_question_ids(cfg: Showo2Config, tok: TextTokenizer, prompt_len: int) -> list[int]:
+    """Question ids padded (by repeating ``UND_QUESTION``) so the whole prompt has ``prompt_len`` positions."""
+    base = build_mmu_prompt(cfg, tok, []).tokens.shape[1]
+    n = max(1, prompt_len - base)
+    unit = tok.encode(UND_QUESTION)
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def upstream_gen_call_flops(cfg: Showo2Config, batch_rows: int) -> dict[str, float]:
+    """FLOPs of one upstream generation call (2 per multiply-add; dense attention over all L x L).
+
+    At 1.5B, CFG batch 2: 10.0 TFLOP in Linear layers + 0.6 in attention (anchors.md: 10.0 + 0.66).
+    """
+    seq, n_img, h = cfg.max_seq_len, cfg.num_image_tokens, cfg.hidden_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    llm = cfg.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size) + h * cfg.vocab_size
+    d, hq = cfg.head_hidden_size, cfg.head_num_heads * cfg.head_dim_head
+    hkv = cfg.head_num_kv_heads * cfg.head_dim_head
+    head = h * d + d * d + cfg.head_num_layers * (d * (hq + 2 * hkv) + hq * d + 3 * d * cfg.head_intermediate_size)
+    head += d * cfg.patch_dim
+    e = cfg.und_hidden_size
+    siglip = cfg.und_num_layers * (4 * e * e + 2 * e * cfg.und_intermediate_size)
+    image = siglip + cfg.patch_dim * (e + h) + (e + h) * h + h * h  # + patch embeds and fusion_proj
+    linear = 2 * batch_rows * (seq * (llm + head) + n_img * image)
+    attention = 4 * batch_rows * (seq * seq * (cfg.num_layers * q + cfg.head_num_layers * hq))
+    attention += 4 * batch_rows * n_img * n_img * cfg.und_num_layers * e
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in MEASURED_BF16_TFLOPS.items() if k in name), None)
+
+
+# ---- profiling and reporting ---------------------------------------------------------------------------
+def profile_table(run, device: torch.device, row_limit: int = 30) -> str:
+    """One run under torch.profiler: the ops and kernels with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70)
+
+
+def profile_row(fn, ctx, device: torch.device) -> str:
+    """Prepare the row again, run it once untimed, then profile one run."""
+    with torch.no_grad():
+        prepared = fn(ctx)
+        prepared.run()
+    return profile_table(prepared.run, device)
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float | None, peak: float | None) -> dict:
+    rec = {
+        "name": r.name,
+        "note": r.note,
+        "seconds": r.seconds,
+        "times": r.times,
+        "count": r.count,
+        "unit": r.unit,
+        "ms_per_unit": r.ms_per_unit,
+        "speedup": base.seconds / r.seconds,
+        "peak_mem_gb": r.peak_mem_gb,
+        "check": compare(task, r.output, base.output),
+        "summary": summarize(task, r.output),
+    }
+    if flops_per_call is not None and r.name == BASELINES[task]:  # the work of other rows is not upstream's
+        rec["tflop_per_s"] = flops_per_call * r.count / r.seconds / 1e12
+        rec["pct_of_peak"] = None if peak is None else 100 * rec["tflop_per_s"] / peak
+    return rec
+
+
+def report_table(records: list[dict]) -> str:
+    headers = ["row", "seconds", "count", "ms/unit", "speedup", "peak GB", "check", "note"]
+    rows = []
+    for rec in records:
+        check = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rec["check"].items())
+        mem = "-" if rec["peak_mem_gb"] is None else f"{rec['peak_mem_gb']:.2f}"
+        count, ms = f"{rec['count']} {rec['unit']}", f"{rec['ms_per_unit']:.2f}"
+        rows.append(
+            [rec["name"], f"{rec['seconds']:.3f}", count, ms, f"{rec['speedup']:.2f}x", mem, check, rec["note"]]
+        )
+    return format_table(headers, rows)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=TASKS, default="gen", help="gen: text-to-image; und: understanding")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="showo2-1.5b", help="model shapes")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
+    p.add_argument(
+        "--rows",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="comma-separated row names (default: every registered row of the task; the baseline always runs)",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights and activations")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="weights, noise and image latents")
+    p.add_argument("--steps", type=int, default=50, help="gen: grid points (model calls = steps - 1)")
+    p.add_argument("--guidance", type=float, default=10.0, help="gen: CFG scale (0 = no CFG, batch 1)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="und: tokens generated (eos stop off)")
+    p.add_argument(
+        "--prompt-len", type=int, default=None, help="und: prompt positions incl. the image slot (default: slot + 50)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for tiny models on CPU)")
+    p.add_argument(
+        "--profile", action="store_true", help="after all timings, profile one run per row; tables go in the JSON"
+    )
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name, low in (("repeats", 1), ("warmup", 0), ("steps", 2), ("max_new_tokens", 1), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+
+
+def make_context(args: argparse.Namespace, model: Showo2, device: torch.device):
+    cfg, tok = model.config, ChunkTokenizer(model.config)
+    if args.task == "gen":
+        return GenContext(model, [tok.encode(GEN_PROMPT)], args.steps, args.guidance, args.seed, tok)
+    gen = torch.Generator().manual_seed(args.seed)
+    latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=gen).to(device)
+    prompt_len = args.prompt_len or cfg.image_slot_len + 50
+    question = und_question_ids(cfg, tok, prompt_len)
+    return UndContext(model, latents, question, tok, args.max_new_tokens, stop_at_eos=False)
+
+
+def measure(args: argparse.Namespace, rows: dict, model: Showo2, ctx) -> tuple[list[RowResult], dict[str, str]]:
+    """Time every row, then (with --profile) profile each: profiles come after all timings because
+    torch.profiler leaves CUPTI attached (pytorch/pytorch#144455) and that slows later kernel launches in
+    the process; in one H200 run a launch-bound 1.5B generation call took 56.7 ms after a profiler session
+    against 43.9 ms before."""
+    device = next(model.parameters()).device
+    results: list[RowResult] = []
+    for row_name, fn in tqdm(rows.items(), desc="rows", leave=False):
+        r = time_row(args.task, row_name, fn, ctx, args.warmup, args.repeats)
+        results.append(r)
+        print(f"  {row_name}: {r.seconds:.3f} s median of {r.times}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    profiles = {name: profile_row(fn, ctx, device) for name, fn in rows.items()} if args.profile else {}
+    return results, profiles
+
+
+def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:
+    cfg, name = model.config, device_name(next(model.parameters()).device)
+    flops = upstream_gen_call_flops(cfg, 2 if args.guidance != 0 else 1) if args.task == "gen" else None
+    records = [row_record(args.task, r, results[0], flops and flops["total"], peak_tflops(name)) for r in results]
+    for rec in records:
+        if rec["name"] in profiles:
+            rec["profile"] = profiles[rec["name"]]
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "task": args.task,
+        "command": "python -m harness " + shlex.join(argv),
+        "baseline": BASELINES[args.task],
+        "settings": {**vars(args), "out": str(args.out)},
+        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+        "upstream_flop_per_call": flops,
+        "rows": records,
+    }
+    if args.task == "und":  # the positions actually prefilled
+        report["settings"]["prompt_len"] = build_mmu_prompt(cfg, ctx.tokenizer, ctx.question).tokens.shape[1]
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+    argv = sys.argv[1:] if argv is None else ["bench", *argv]
+    device, dtype, cfg = resolve_device(args.device), DTYPES[args.dtype], get_config(args.preset)
+    load_optional_rows()
+    try:
+        rows = select_rows(args.task, args.rows)
+    except ValueError as err:
+        parser.error(str(err))
+    with intra_op_threads(auto_threads(args.threads, device, cfg)):
+        model = build_random_model(cfg, device, dtype, args.seed)
+        ctx = make_context(args, model, device)
+        print(f"bench {args.task} {args.preset} {args.dtype} on {device_name(device)}: rows {list(rows)}", flush=True)
+        results, profiles = measure(args, rows, model, ctx)
+    report = build_report(args, argv, model, ctx, results, profiles)
+    print(report_table(report["rows"]))
+    flops, base = report["upstream_flop_per_call"], report["rows"][0]
+    if flops is not None:
+        pct = "" if base.get("pct_of_peak") is None else f" ({base['pct_of_peak']:.0f}% of the measured peak)"
+        print(f"{base['name']}: {flops['total'] / 1e12:.3g} TFLOP per call, {base['tflop_per_s']:.3g} TFLOP/s{pct}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

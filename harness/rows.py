@@ -1,0 +1,261 @@
+"""The registry of benchmark rows: one named way of running a task, shared by ``demo`` and ``bench``.
+
+A row is a function ``fn(ctx) -> PreparedRow`` for a task's context. Everything that must not be timed
+(batch building, noise, calibration, compiling, CUDA-graph capture) happens inside ``fn``; the returned
+``run()`` is the timed region and returns the task's output:
+
+    task  context       run() returns                   counted unit
+    gen   GenContext    latents (B, C, h, w) fp32        model calls (denoising evaluations)
+    und   UndContext    flashu_fx.Answer                 new tokens
+
+Baseline rows live here. Later rows register themselves from their own module,
+
+    from harness.rows import register_row
+    register_row("gen", "flashu-eager", my_row_fn)
+
+and ``load_optional_rows()`` imports the known row modules that exist (nothing heavy at import time).
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flashu_fx.layout import GenBatch, build_gen_batch
+from flashu_fx.mmu import Answer, answer_question
+from flashu_fx.model import Showo2
+from flashu_fx.sampler import draw_noise, euler_sample, time_grid
+from flashu_fx.t2i import eager_velocity
+from flashu_fx.tokenizer import TextTokenizer
+
+TASKS = ("gen", "und")
+UNITS = {"gen": "calls", "und": "tokens"}
+# The row every other row of the task is compared with: upstream's computation (gen: every position and
+# lm_head at every call; und: upstream's mmu_generate, no KV cache).
+BASELINES = {"gen": "eager", "und": "eager-nokv"}
+# Modules that register more rows when they exist (FlashU eager, compiled backend); extend to add more.
+OPTIONAL_ROW_MODULES: list[str] = ["harness.flashu_rows", "harness.compiled_rows"]
+
+
+@dataclass
+class GenContext:
+    """One text-to-image request: ``prompts`` as token ids; guidance 0 = no CFG."""
+
+    model: Showo2
+    prompts: list[list[int]]
+    steps: int = 50  # grid points; model calls = steps - 1
+    guidance: float = 10.0
+    seed: int = 0
+    tokenizer: TextTokenizer | None = None
+    progress: bool = False
+
+
+@dataclass
+class UndContext:
+    """One understanding request: an image as latents (1, C, h, w) and a question (text or ids)."""
+
+    model: Showo2
+    latents: Tensor
+    question: str | list[int]
+    tokenizer: TextTokenizer | None = None
+    max_new_tokens: int = 32
+    stop_at_eos: bool = True
+    progress: bool = False
+
+
+@dataclass
+class PreparedRow:
+    """``run()`` is the timed region; ``count(output)`` its model calls (gen) or new tokens (und)."""
+
+    run: Callable[[], Any]
+    count: Callable[[Any], int]
+    note: str = ""  # shown in reports (e.g. "49 calls, lm_head on")
+
+
+RowFn = Callable[[Any], PreparedRow]
+_ROWS: dict[str, dict[str, RowFn]] = {task: {} for task in TASKS}
+_LOADED: set[str] = set()
+
+
+def register_row(task: str, name: str, fn: RowFn, replace: bool = False) -> RowFn:
+    """Add row ``name`` to ``task``; a second registration of a name raises unless ``replace``."""
+    if task not in _ROWS:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    if name in _ROWS[task] and not replace:
+        raise ValueError(f"row {name!r} is already registered for task {task!r}")
+    _ROWS[task][name] = fn
+    return fn
+
+
+def rows_for(task: str) -> dict[str, RowFn]:
+    """Registered rows of ``task``, the baseline first, then in registration order."""
+    rows = _ROWS[task]
+    return {BASELINES[task]: rows[BASELINES[task]], **{k: v for k, v in rows.items() if k != BASELINES[task]}}
+
+
+def load_optional_rows(modules: list[str] | None = None) -> list[str]:
+    """Import the row modules that exist; returns the names imported. A missing module is skipped silently;
+    one that exists but fails to import is reported on stderr and skipped (the baseline rows still run)."""
+    loaded = []
+    for name in OPTIONAL_ROW_MODULES if modules is None else modules:
+        if name in _LOADED:
+            loaded.append(name)
+            continue
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                print(f"warning: rows of {name} not loaded: {err}", file=sys.stderr)
+            continue
+        except Exception as err:  # a broken optional row must not take the baseline down
+            print(f"warning: rows of {name} not loaded: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        _LOADED.add(name)
+        loaded.append(name)
+    return loaded
+
+
+def select_rows(task: str, names: list[str] | None) -> dict[str, RowFn]:
+    """The rows named (all when None), always with the task's baseline first; unknown names raise."""
+    available = rows_for(task)
+    if names is None:
+        return available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown {task} row(s) {unknown}; registered: {sorted(available)}")
+    base = BASELINES[task]
+    return {base: available[base], **{n: available[n] for n in names if n != base}}
+
+
+# ---- baseline rows -----------------------------------------------------------------------------------
+def model_device(model: Showo2) -> torch.device:
+    return next(model.parameters()).device
+
+
+def gen_inputs(ctx: GenContext) -> tuple[GenBatch, Tensor, Tensor]:
+    """The model batch, the initial noise (B, C, h, w) and the time grid of a request, on the model's device."""
+    model, device = ctx.model, model_device(ctx.model)
+    batch = build_gen_batch(model.config, ctx.prompts, guided=ctx.guidance != 0).to(device)
+    h, w = model.config.latent_size
+    noise = draw_noise((len(ctx.prompts), model.config.latent_channels, h, w), ctx.seed).to(device)
+    return batch, noise, time_grid(ctx.steps)
+
+
+def eager_gen(ctx: GenContext) -> PreparedRow:
+    """Upstream's computation: every call runs all L positions, lm_head included; CFG batch 2B."""
+    batch, noise, grid = gen_inputs(ctx)
+    velocity = eager_velocity(ctx.model, batch, return_logits=True)
+    guidance = ctx.guidance if ctx.guidance != 0 else None
+    calls = ctx.steps - 1
+    return PreparedRow(
+        run=lambda: euler_sample(velocity, noise, grid, guidance, ctx.progress),
+        count=lambda _: calls,
+        note=f"{calls} full calls, batch {batch.tokens.shape[0]}, lm_head on",
+    )
+
+
+def eager_und(kv_cache: bool) -> RowFn:
+    def row(ctx: UndContext) -> PreparedRow:
+        def run() -> Answer:
+            return answer_question(
+                ctx.model,
+                ctx.latents,
+                ctx.question,
+                ctx.tokenizer,
+                max_new_tokens=ctx.max_new_tokens,
+                kv_cache=kv_cache,
+                stop_at_eos=ctx.stop_at_eos,
+                progress=ctx.progress,
+            )
+
+        note = "static KV cache" if kv_cache else "upstream mmu_generate: whole sequence per token"
+        return PreparedRow(run=run, count=lambda answer: len(answer.ids), note=note)
+
+    return row
+
+
+register_row("gen", "eager", eager_gen)
+register_row("und", "eager-kv", eager_und(kv_cache=True))
+register_row("und", "eager-nokv", eager_und(kv_cache=False))
+
+
+# ---- running a row -----------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class RowResult:
+    name: str
+    seconds: float  # median over the timed repeats
+    times: list[float]
+    count: int  # model calls (gen) or new tokens (und) of one run
+    unit: str
+    peak_mem_gb: float | None  # torch.cuda.max_memory_allocated over the timed runs (weights included)
+    output: Any = field(repr=False, default=None)
+    note: str = ""
+
+    @property
+    def ms_per_unit(self) -> float:
+        return 1e3 * self.seconds / max(self.count, 1)
+
+
+def time_row(task: str, name: str, fn: RowFn, ctx, warmup: int = 1, repeats: int = 3) -> RowResult:
+    """Prepare the row (untimed), run it ``warmup`` times, then time ``repeats`` runs with a device
+    synchronisation on both sides of each."""
+    device = model_device(ctx.model)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with torch.no_grad():
+        prepared = fn(ctx)
+        output = None
+        for _ in range(warmup):
+            output = prepared.run()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            output = prepared.run()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return RowResult(
+        name, statistics.median(times), times, prepared.count(output), UNITS[task], peak, output, prepared.note
+    )
+
+
+# ---- describing outputs ------------------------------------------------------------------------------
+def summarize(task: str, output: Any) -> str:
+    """One line about a row's output, for tables."""
+    if task == "gen":
+        x = output.float()
+        finite = "" if torch.isfinite(x).all() else " NON-FINITE"
+        return f"latents {tuple(x.shape)} mean {x.mean():+.3f} std {x.std():.3f}{finite}"
+    ids = output.ids
+    shown = ",".join(map(str, ids[:6])) + (",..." if len(ids) > 6 else "")
+    return f"ids [{shown}] text {output.text[:24]!r}"
+
+
+def compare(task: str, output: Any, baseline: Any) -> dict[str, float | int]:
+    """How a row's output relates to the baseline's: gen relative L2 error; und the shared id prefix."""
+    if task == "gen":
+        x, ref = output.float(), baseline.float()
+        return {"rel_err": float((x - ref).norm() / ref.norm().clamp_min(1e-12))}
+    same = 0
+    for a, b in zip(output.ids, baseline.ids, strict=False):
+        if a != b:
+            break
+        same += 1
+    return {"same_prefix": same, "of": len(baseline.ids)}

@@ -1,0 +1,121 @@
+"""Token layouts (facts doc 1.8 and 4.6-4.7): the generation rows and the understanding prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashu_fx.config import get_config
+from flashu_fx.layout import build_gen_batch, build_mmu_prompt, gen_row
+from flashu_fx.masks import omni_mask
+from flashu_fx.tokenizer import ByteTokenizer
+
+CFG = get_config("showo2-1.5b")
+SP = CFG.specials
+
+
+def documented_row(prompt: list[int]) -> list[int]:
+    """Facts doc 1.8, index by index (432 numbers): bos, prompt, boi, 730 img_pad, eoi, eos, 290 - n pads."""
+    n = len(prompt)
+    row = [None] * 1024
+    row[0] = 151644
+    row[1 : n + 1] = prompt
+    row[n + 1] = 151652
+    row[n + 2 : n + 732] = [151655] * 730
+    row[n + 732] = 151653
+    row[n + 733] = 151645
+    row[n + 734 : 1024] = [151665] * (290 - n)
+    assert len(row) == 1024 and None not in row
+    return row
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 290])
+def test_gen_row_matches_documented_layout(n):
+    prompt = [(7 * i + 3) % 151643 for i in range(n)]
+    assert gen_row(CFG, prompt) == documented_row(prompt)
+
+
+def test_gen_batch_rows_offsets_and_mask():
+    prompts = [[11, 12, 13], list(range(40, 80))]
+    batch = build_gen_batch(CFG, prompts)
+    assert batch.tokens.shape == (4, 1024) and batch.tokens.dtype == torch.int64
+    assert batch.guided and batch.num_prompts == 2 and batch.prompt_lens == [3, 40]
+    assert batch.tokens[0].tolist() == documented_row(prompts[0])
+    assert batch.tokens[1].tolist() == documented_row(prompts[1])
+    null = documented_row([])
+    assert batch.tokens[2].tolist() == null and batch.tokens[3].tolist() == null
+    assert batch.offsets.tolist() == [5, 42, 2, 2]  # n + 2 for cond rows, 2 for null rows
+    for row, off in enumerate(batch.offsets.tolist()):  # the offset is the time token: right after boi
+        assert int(batch.tokens[row, off - 1]) == SP.boi and int(batch.tokens[row, off + 730]) == SP.eoi
+    assert torch.equal(batch.mask, omni_mask(batch.offsets, 1024, 730))
+
+
+def test_unguided_batch_has_no_null_rows():
+    batch = build_gen_batch(CFG, [[1, 2]], guided=False)
+    assert batch.tokens.shape == (1, 1024) and not batch.guided and batch.offsets.tolist() == [4]
+
+
+def test_prompt_truncated_to_max_text_len():
+    long = list(range(1000, 1400))
+    batch = build_gen_batch(CFG, [long])
+    assert batch.prompt_lens == [290]
+    assert batch.tokens[0].tolist() == documented_row(long[:290])
+    assert int((batch.tokens[0] == SP.pad).sum()) == 0
+    assert batch.offsets.tolist() == [292, 2]
+
+
+@pytest.mark.parametrize("bad", [-1, 151669, 10**9])
+def test_out_of_vocab_ids_raise(bad):
+    with pytest.raises(ValueError, match="151669"):
+        build_gen_batch(CFG, [[5, bad, 6]])
+
+
+def test_empty_prompt_list_raises():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        build_gen_batch(CFG, [])
+
+
+def test_gen_batch_to_device_keeps_everything():
+    batch = build_gen_batch(CFG, [[1]]).to("cpu")
+    assert batch.num_prompts == 1 and batch.prompt_lens == [1] and batch.mask.dtype == torch.bool
+
+
+def test_tiny_row_uses_tiny_specials():
+    cfg = get_config("tiny")
+    row = gen_row(cfg, [1, 2])
+    sp = cfg.specials
+    assert len(row) == cfg.max_seq_len
+    assert row[:4] == [sp.bos, 1, 2, sp.boi] and row[4 : 4 + cfg.image_slot_len] == [sp.img_pad] * 17
+    assert row[21:23] == [sp.eoi, sp.eos] and set(row[23:]) == {sp.pad}
+
+
+# ---- understanding prompt ----------------------------------------------------------------------------------
+def test_mmu_prompt_layout_demo_and_training():
+    tok = ByteTokenizer(CFG)  # bytes are ids below the specials, so the text is readable back
+    enc = tok.encode
+    head = [SP.bos, *enc("system\nYou are a helpful assistant."), SP.eos, *enc("\n"), SP.bos, *enc("user\n")]
+    question = "What is in the image?"
+    expected = [*head, SP.boi, *[SP.img_pad] * 730, SP.eoi, *enc(question), *enc("\n"), SP.bos, *enc("assistant\n")]
+
+    demo = build_mmu_prompt(CFG, tok, question)
+    assert demo.tokens.shape == (1, len(expected)) and demo.tokens[0].tolist() == expected
+    assert demo.offset == len(head) + 1  # the time token, right after boi
+    assert demo.block_offset == len(head) + 2  # upstream's demo: modality_positions = [[len(A) + 2, 730]]
+    train = build_mmu_prompt(CFG, tok, question, training_layout=True)
+    assert train.tokens[0].tolist() == expected and train.offset == train.block_offset == len(head) + 1
+    assert build_mmu_prompt(CFG, tok, enc(question)).tokens[0].tolist() == expected  # ids accepted as well
+
+
+def test_mmu_masks_demo_block_is_shifted_by_one():
+    tok = ByteTokenizer(CFG)
+    demo, train = build_mmu_prompt(CFG, tok, "Hi?"), build_mmu_prompt(CFG, tok, "Hi?", training_layout=True)
+    off = demo.offset
+    eoi = off + 730
+    assert int(demo.tokens[0, eoi]) == SP.eoi
+    m_demo, m_train = demo.mask(CFG)[0, 0], train.mask(CFG)[0, 0]
+    assert m_demo.shape == (demo.tokens.shape[1],) * 2
+    # demo: the time token sees no image token; image tokens see eoi
+    assert not bool(m_demo[off, off + 1]) and bool(m_demo[off + 1, eoi])
+    # training: the time token is in the block; eoi is not
+    assert bool(m_train[off, off + 5]) and not bool(m_train[off + 1, eoi])
+    assert torch.equal(m_demo, omni_mask(torch.tensor([off + 1]), demo.tokens.shape[1], 730)[0, 0])

@@ -1,0 +1,164 @@
+"""The harness on the tiny preset, CPU only: demo, bench, the row registry, the PNG writer, the latent preview."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+
+from flashu_fx.config import get_config
+from harness import __main__ as cli
+from harness import bench, demo, rows
+from harness.images import PNG_SIGNATURE, encode_png, image_grid, latent_preview, latent_projection
+
+
+def decode_png(data: bytes) -> tuple[int, int, torch.Tensor]:
+    """(width, height, uint8 (H, W, 3)) of an 8-bit RGB PNG with filter 0 rows; checks every chunk's CRC."""
+    assert data[:8] == PNG_SIGNATURE
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, colour, compression, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour, compression, filt, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    rows_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(h, 1 + 3 * w)
+    assert (rows_[:, 0] == 0).all()  # filter type 0 on every row
+    return w, h, rows_[:, 1:].reshape(h, w, 3)
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# ---- images -------------------------------------------------------------------------------------------
+def test_png_round_trip():
+    rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    w, h, back = decode_png(encode_png(rgb))
+    assert (w, h) == (7, 5)
+    assert torch.equal(back, rgb)
+
+
+def test_png_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(torch.zeros(4, 4, 3))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(torch.zeros(4, 4, dtype=torch.uint8))
+
+
+def test_latent_preview_shape_and_grid():
+    latents = torch.randn(3, 16, 4, 5)
+    rgb = latent_preview(latents)
+    assert rgb.shape == (3, 32, 40, 3) and rgb.dtype == torch.uint8
+    assert rgb.max() == 255 and rgb.min() == 0  # stretched per image
+    assert torch.equal(rgb[:, ::8, ::8], latent_preview(latents, scale=1))  # nearest up-sampling
+    assert image_grid(rgb, gap=4).shape == (32, 3 * 40 + 2 * 4, 3)
+    assert latent_preview(torch.zeros(1, 16, 2, 2)).shape == (1, 16, 16, 3)  # flat input: no division by 0
+    assert latent_projection(16).shape == (3, 16)
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+def test_registry():
+    assert list(rows.rows_for("gen"))[0] == "eager"
+    assert {"eager-kv", "eager-nokv"} <= set(rows.rows_for("und"))
+    with pytest.raises(ValueError, match="already registered"):
+        rows.register_row("gen", "eager", rows.eager_gen)
+    with pytest.raises(ValueError, match="unknown task"):
+        rows.register_row("video", "x", rows.eager_gen)
+    with pytest.raises(ValueError, match="unknown und row"):
+        rows.select_rows("und", ["nope"])
+    assert list(rows.select_rows("und", ["eager-kv"])) == ["eager-nokv", "eager-kv"]  # baseline always first
+    assert rows.load_optional_rows(["harness.no_such_rows_module"]) == []
+
+
+def test_random_model_is_tied_and_non_degenerate():
+    model = bench.build_random_model(get_config("tiny-tied"), torch.device("cpu"), torch.float32)
+    assert model.showo.lm_head.weight is model.showo.model.embed_tokens.weight
+    assert model.llm_inv_freq.dtype == torch.float32 and torch.isfinite(model.llm_inv_freq).all()
+    assert all(p.std() > 0 for p in model.parameters() if p.numel() > 1)
+    tok = bench.ChunkTokenizer(model.config)
+    ctx = rows.GenContext(model, [tok.encode("a cube")], steps=3, guidance=5.0)
+    with torch.no_grad():
+        out = rows.eager_gen(ctx).run()
+    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
+
+
+def test_threads_are_scoped():
+    before = torch.get_num_threads()
+    with bench.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.auto_threads(None, cpu, get_config("tiny")) == 1
+    assert bench.auto_threads(None, cpu, get_config("showo2-1.5b")) is None
+    assert (
+        bench.auto_threads(None, cuda, get_config("tiny")) is None
+        and bench.auto_threads(3, cpu, get_config("tiny")) == 3
+    )
+
+
+@pytest.mark.parametrize(("preset", "tflop"), [("showo2-1.5b", 10.7), ("showo2-7b", 33.9)])
+def test_upstream_flops_match_anchors(preset, tflop):
+    assert bench.upstream_gen_call_flops(get_config(preset), 2)["total"] / 1e12 == pytest.approx(tflop, rel=0.03)
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+def test_demo_tiny(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--steps", "3", "--max-new-tokens", "3", "--rows", "eager,eager-kv,eager-nokv"]
+    report = demo.main(argv)
+    png = tmp_path / "t2i_eager.png"
+    assert png.exists() and png_size(png) == (2 * 64 + 4, 64)  # two 8x8 latents, 8x nearest, 4-px gap
+    out = capsys.readouterr().out
+    assert "calls / tokens" in out and "eager-kv" in out and "eager-nokv" in out and str(png) in out
+    assert [(r["task"], r["row"]) for r in report["rows"]] == [
+        ("gen", "eager"),
+        ("und", "eager-nokv"),
+        ("und", "eager-kv"),
+    ]
+    assert (tmp_path / "demo.json").exists()
+
+
+@pytest.mark.parametrize("task", ["gen", "und"])
+def test_bench_tiny_cpu(tmp_path, task, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--task", task, "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    argv += ["--steps", "3", "--max-new-tokens", "3", "--out", str(out), "--rows", rows.BASELINES[task]]
+    bench.main(argv)
+    report = json.loads(out.read_text())
+    for key in ("device", "torch", "preset", "dtype", "task", "command", "settings", "weights_gb", "rows"):
+        assert key in report
+    assert report["preset"] == "tiny" and report["dtype"] == "bf16" and report["command"].startswith("python -m")
+    base = report["rows"][0]
+    assert base["name"] == rows.BASELINES[task] and base["speedup"] == 1.0 and base["peak_mem_gb"] is None
+    for key in ("seconds", "times", "count", "unit", "ms_per_unit", "check", "summary"):
+        assert key in base
+    assert base["count"] == (2 if task == "gen" else 3)
+    if task == "und":
+        assert report["settings"]["prompt_len"] == get_config("tiny").image_slot_len + 50
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "huge"])
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0", "--preset", "tiny"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_dispatch(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["nonsense"])
+    monkeypatch.setitem(cli.COMMANDS, "analyze", ("harness.no_such_module", "missing"))
+    assert cli.main(["analyze"]) == 2
+    assert "harness.no_such_module" in capsys.readouterr().err
