@@ -35,7 +35,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def pruned_model(model, config: FlashUConfig, seed: int = 0):
     work = copy.deepcopy(model)
-    scores = torch.rand(work.config.num_layers, work.config.intermediate_size, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(work.config.num_layers, work.config.intermediate_size, generator=gen)
     layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(work.config.intermediate_size))})
     permute_ffn_weights(work, layout.order)
     return work, layout
