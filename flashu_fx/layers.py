@@ -83,11 +83,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """
     if k.dtype != v.dtype:  # upstream casts q and k to v's dtype before the kernel
         q, k = q.to(v.dtype), k.to(v.dtype)
-    if mask is not None and q.shape[1] != k.shape[1]:
-        # With a mask, only the math kernel takes enable_gqa on CUDA; repeating K/V heads (upstream's
-        # repeat_kv) keeps SDPA on the memory-efficient kernel.
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     b, h, lq, d = out.shape
     return out.transpose(1, 2).reshape(b, lq, h * d)

@@ -61,8 +61,8 @@ MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 # ---- random model on the device ------------------------------------------------------------------------
 @torch.no_grad()
 def init_random_weights_fast(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Non-degenerate random weights drawn on each parameter's own device (a 7B model in about a second on
-    a GPU; ``flashu_fx.init_random_weights`` draws on the CPU and copies, minutes at 7B).
+    """Non-degenerate random weights drawn on each parameter's own device: no CPU generator and no host-to-device
+    copies (``flashu_fx.init_random_weights`` draws every tensor on the CPU and copies it, slow at 7B).
 
     Norm scales (RMSNorm, LayerNorm) ~ N(1, 0.1), norm biases ~ N(0, 0.1), everything else ~ N(0, std):
     unlike upstream's training init nothing is zero, so every path (adaLN, FinalLayer) carries signal.
@@ -99,7 +99,7 @@ def build_random_model(cfg: Showo2Config, device: torch.device, dtype: torch.dty
     model = model.to(dtype=dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty re-creates the parameters, which unties them
         model.showo.lm_head.weight = model.showo.model.embed_tokens.weight
-    model.reset_rope_buffers()  # fp32 tables on the device (the cast above made them bf16 garbage)
+    model.reset_rope_buffers()  # fp32 tables on the device (to_empty left them uninitialised, in dtype)
     return init_random_weights_fast(model, seed).eval()
 
 

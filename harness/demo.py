@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes of the random model")
     p.add_argument("--weights", type=Path, default=None, help="local Show-o2 checkpoint dir (overrides --preset)")
     p.add_argument("--tokenizer", type=Path, default=None, help="local Qwen2.5 tokenizer dir (default: bytes)")
-    p.add_argument("--vae", type=Path, default=None, help="local diffusers-format Wan2.1 VAE dir")
+    p.add_argument(
+        "--vae", type=Path, default=None, help="local diffusers-format Wan2.1 VAE dir (the folder with its config.json)"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, else fp32")
