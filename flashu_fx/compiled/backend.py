@@ -66,7 +66,7 @@ class FlashUBackend:
 
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, cuda_graphs: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -75,7 +75,7 @@ class FlashUBackend:
             raise NotImplementedError("flashu_backend(task='und') is not available yet; use "
                                       "flashu_fx.flashu_und.answer_question_flashu (eager) meanwhile")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
-        self.piece_backend, self.mode = piece_backend, mode
+        self.piece_backend, self.mode, self.cuda_graphs = piece_backend, mode, cuda_graphs
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._num_calls: int | None = None
         self._guidance = 0.0
@@ -147,7 +147,7 @@ class FlashUBackend:
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
             compile_piece = make_piece_compiler(backend, self.mode, self.piece_captures)
-            rt = GenRuntime(model, self.config, self.layout, compile_piece)
+            rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[key] = rt
         return rt
 
@@ -195,6 +195,7 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                   mode: str | None = None) -> FlashUBackend:
-    """The FlashU backend for ``task`` ("gen"). ``config=None``: exact optimizations only."""
-    return FlashUBackend(task, config, layout, model_config, piece_backend, mode)
+                   mode: str | None = None, cuda_graphs: bool = True) -> FlashUBackend:
+    """The FlashU backend for ``task``. ``config=None``: exact optimizations only. ``piece_backend``:
+    "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph."""
+    return FlashUBackend(task, config, layout, model_config, piece_backend, mode, cuda_graphs)

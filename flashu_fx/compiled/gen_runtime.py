@@ -56,18 +56,30 @@ class _Prefix:
 
 
 @dataclass
-class _ImageState:
-    batch: GenBatch
-    plans: list[StepPlan]
-    llm_cos: Tensor
+class _Buffers:
+    """Static tensors of one (rows, prefix length) shape: everything a captured call reads or writes, so a
+    CUDA graph replays on new inputs after ``copy_`` into them. Per image: RoPE, mask, prefix K/V."""
+
+    x: Tensor  # (M, C, h, w) fp32 sampler state
+    t: Tensor  # (M,) fp32
+    llm_cos: Tensor  # (M, S, d)
     llm_sin: Tensor
     head_cos: Tensor
     head_sin: Tensor
     mask: Tensor  # bool (M, 1, S, P + S)
     in_slot: Tensor  # bool (M, S, 1), all True: the block is the slot
-    prefix: dict[tuple, _Prefix] = field(default_factory=dict)
+    head_cache: Tensor  # (M, S, D): the stored 10-block output
+    prefix: dict[tuple, _Prefix] = field(default_factory=dict)  # by (ffn_pruned, skip set)
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = field(default_factory=dict)  # by call kind
+
+
+@dataclass
+class _ImageState:
+    batch: GenBatch
+    plans: list[StepPlan]
+    buf: _Buffers
+    filled: set[tuple] = field(default_factory=set)  # prefix variants computed for this image
     skip_set: tuple[int, ...] = ()
-    head_cache: Tensor | None = None
     next_call: int = 0
     records: list[CallRecord] = field(default_factory=list)
 
@@ -85,8 +97,9 @@ class GenRuntime:
     a ``VelocityFn`` with ``step`` = 0, 1, ... in order (a wrong order raises)."""
 
     def __init__(self, model: Showo2, config: FlashUConfig | None, layout: FFNLayout | None,
-                 compile_piece: PieceCompiler) -> None:
-        self.model, self.config, self.layout = model, config, layout
+                 compile_piece: PieceCompiler, cuda_graphs: bool = True) -> None:
+        self.model, self.config, self.layout, self.cuda_graphs = model, config, layout, cuda_graphs
+        self._buffers: dict[tuple[int, int], _Buffers] = {}  # by (rows, bucketed prefix length)
         if config is not None and config.ffn_prune_ratio > 0 and layout is None:
             raise ValueError("FlashU generation with ffn_prune_ratio > 0 needs an FFN layout (calibrate first)")
         self.pruned_range = None if layout is None or config is None or config.ffn_prune_ratio == 0 else \
@@ -118,7 +131,7 @@ class GenRuntime:
 
     @torch.no_grad()
     def begin(self, batch: GenBatch, num_calls: int, guidance: float) -> list[StepPlan]:
-        """Reset per-image state; returns the plans (their ``guidance`` drives CFG)."""
+        """Reset per-image state and refresh the static buffers; returns the plans (their guidance drives CFG)."""
         m, cfg = self.model, self.model.config
         dtype = m.showo.model.embed_tokens.weight.dtype
         device = batch.tokens.device
@@ -127,25 +140,42 @@ class GenRuntime:
         block_pos = batch.offsets[:, None] + torch.arange(slot, device=device)  # (M, S) true positions
         keys = torch.arange(prefix_len + slot, device=device)
         mask = (keys[None, :] < batch.offsets[:, None]) | (keys[None, :] >= prefix_len)  # (M, P + S)
-        self.state = _ImageState(
-            batch, self.plans_for(self.config, num_calls, guidance),
-            *rope_cos_sin(block_pos, m.llm_inv_freq, dtype), *rope_cos_sin(block_pos, m.head_inv_freq, dtype),
-            mask[:, None, None, :].expand(-1, 1, slot, -1).contiguous(),
-            torch.ones(batch.tokens.shape[0], slot, 1, dtype=torch.bool, device=device),
+        fresh = dict(
+            llm_cos_sin=rope_cos_sin(block_pos, m.llm_inv_freq, dtype),
+            head_cos_sin=rope_cos_sin(block_pos, m.head_inv_freq, dtype),
+            mask=mask[:, None, None, :].expand(-1, 1, slot, -1),
         )
+        rows = batch.tokens.shape[0]
+        buf = self._buffers.get((rows, prefix_len))
+        if buf is None:
+            h, w = cfg.latent_size
+            buf = _Buffers(
+                torch.zeros(rows, cfg.latent_channels, h, w, device=device),
+                torch.zeros(rows, device=device),
+                *(torch.empty_like(v) for v in (*fresh["llm_cos_sin"], *fresh["head_cos_sin"])),
+                torch.empty(fresh["mask"].shape, dtype=torch.bool, device=device),
+                torch.ones(rows, slot, 1, dtype=torch.bool, device=device),
+                torch.zeros(rows, slot, cfg.head_hidden_size, dtype=dtype, device=device),
+            )
+            self._buffers[(rows, prefix_len)] = buf
+        for dst, src in zip((buf.llm_cos, buf.llm_sin, buf.head_cos, buf.head_sin, buf.mask),
+                            (*fresh["llm_cos_sin"], *fresh["head_cos_sin"], fresh["mask"]), strict=True):
+            dst.copy_(src)
+        self.state = _ImageState(batch, self.plans_for(self.config, num_calls, guidance), buf)
         return self.state.plans
 
     def _ffn_ranges(self, pruned: bool):
         return (self.pruned_range,) if pruned and self.pruned_range is not None else None
 
     @torch.no_grad()
-    def _prefix(self, pruned: bool, skip: tuple[int, ...]) -> _Prefix:
-        """Prefix K/V of every kept LLM layer and head block for this variant (eager: a few dozen tokens)."""
+    def _fill_prefix(self, pruned: bool, skip: tuple[int, ...]) -> None:
+        """Prefix K/V of every kept LLM layer and head block for this variant (eager: a few dozen tokens),
+        written into the variant's static buffers."""
         st, m = self.state, self.model
         key = (pruned, skip)
-        if key in st.prefix:
-            return st.prefix[key]
-        n = st.mask.shape[-1] - st.mask.shape[-2]  # the bucketed prefix length P
+        if key in st.filled:
+            return
+        n = st.buf.mask.shape[-1] - st.buf.mask.shape[-2]  # the bucketed prefix length P
         tokens = st.batch.tokens[:, :n]
         x = m.showo.model.embed_tokens(tokens)
         cos, sin, hcos, hsin = m.rope(n, x.dtype, x.device)
@@ -166,8 +196,14 @@ class GenRuntime:
             _, k, v = block.self_attn.qkv(block.input_layernorm(h), hcos, hsin)
             head_kv.append((k, v))
             h = block(h, c, outside, hcos, hsin, causal)
-        st.prefix[key] = _Prefix(llm_kv, head_kv)
-        return st.prefix[key]
+        fresh = _Prefix(llm_kv, head_kv)
+        static = st.buf.prefix.get(key)
+        if static is None:
+            st.buf.prefix[key] = fresh  # these tensors become the variant's static buffers
+        else:
+            for dst, src in zip(_flat(static), _flat(fresh), strict=True):
+                dst.copy_(src)
+        st.filled.add(key)
 
     # ---- per call -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,52 +218,74 @@ class GenRuntime:
             raise RuntimeError(f"GenRuntime: only {len(st.plans)} calls were planned, got step={step}")
         st.next_call += 1
         plan = st.plans[step]
-        m = self.model
-        c = m.time_embeds(t)
         skip = st.skip_set if plan.layers == "skip" else ()
         record = CallRecord(plan.call, skip, plan.head, plan.needs_trunk)
         st.records.append(record)
-        if not plan.needs_trunk:
-            return self._velocity(st.head_cache, c)
-        h = self._trunk(x, c, plan, skip, record)
-        if plan.head == "reuse":
-            return self._velocity(st.head_cache, c)
-        for block, (pk, pv) in zip(m.diffusion_head_a, self._prefix(plan.ffn_pruned, skip).head_kv, strict=True):
-            h = self.head_block(block, h, c, st.in_slot, st.head_cos, st.head_sin, st.mask, pk, pv)
-        if plan.head == "store":
-            st.head_cache = h
-        elif plan.head == "compute":  # before the first store, or the full phase: the cache is cleared
-            st.head_cache = None
-        return self._velocity(h, c)
+        if plan.needs_trunk:
+            self._fill_prefix(plan.ffn_pruned, skip)
+            kind = (True, plan.ffn_pruned and self.pruned_range is not None, skip, plan.layers == "measure", plan.head)
+        else:
+            kind = (False, False, (), False, "reuse")
+        st.buf.x.copy_(x)
+        st.buf.t.copy_(t)
+        velocity, importance = self._run(kind)
+        if importance is not None:
+            record.importance = importance.tolist()  # the one host read of a measuring call
+            st.skip_set = choose_skip_set(record.importance, self.config.num_skipped_layers(len(record.importance)))
+        return velocity
 
-    def _trunk(self, x: Tensor, c: Tensor, plan: StepPlan, skip: tuple[int, ...], record: CallRecord) -> Tensor:
-        """SigLIP, fusion and the LLM over the block; on a measuring call, update the skip set."""
-        st, m = self.state, self.model
-        prefix = self._prefix(plan.ffn_pruned, skip)
-        pruned = plan.ffn_pruned and self.pruned_range is not None
-        h = self.embed(m, x, c)
-        measure = plan.layers == "measure"
+    def _run(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
+        """Run one call kind on the static buffers; on CUDA, replay its CUDA graph (captured on first use)."""
+        buf = self.state.buf
+        if not (self.cuda_graphs and buf.x.is_cuda):
+            return self._call_body(kind)
+        entry = buf.graphs.get(kind)
+        if entry is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles the pieces, settles the allocator
+                self._call_body(kind)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self._call_body(kind)
+            entry = buf.graphs[kind] = (graph, outputs)
+        entry[0].replay()
+        return entry[1]
+
+    def _call_body(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
+        """One model call on the static buffers: (velocity (M, C, h, w), importance (L,) | None)."""
+        trunk, pruned, skip, measure, head = kind
+        buf, m = self.state.buf, self.model
+        c = m.time_embeds(buf.t)
+        if not trunk:
+            return self._velocity(buf.head_cache, c), None
+        prefix = buf.prefix[(pruned, skip)]
         layer_fn = (self.llm_pruned_measured if pruned else self.llm_full_measured) if measure else \
             (self.llm_pruned if pruned else self.llm_full)
+        h = self.embed(m, buf.x, c)
         sims = []
         for i, layer in enumerate(m.showo.model.layers):
             if i in skip:
                 continue
             pk, pv = prefix.llm_kv[i]
             if measure:
-                h, s = layer_fn(layer, h, st.llm_cos, st.llm_sin, st.mask, pk, pv)
+                h, s = layer_fn(layer, h, buf.llm_cos, buf.llm_sin, buf.mask, pk, pv)
                 sims.append(s)
             else:
-                h = layer_fn(layer, h, st.llm_cos, st.llm_sin, st.mask, pk, pv)
-        if measure:
-            positions = h.shape[0] * h.shape[1]
-            importance = (1 - torch.stack(sims) / positions).tolist()  # the one host read of this call
-            st.skip_set = choose_skip_set(importance, self.config.num_skipped_layers(len(importance)))
-            record.importance = importance
-        return self.head_in(m, h)
+                h = layer_fn(layer, h, buf.llm_cos, buf.llm_sin, buf.mask, pk, pv)
+        importance = 1 - torch.stack(sims) / (h.shape[0] * h.shape[1]) if measure else None
+        if head == "reuse":  # a measuring call on a cache hit: the trunk ran only to measure
+            return self._velocity(buf.head_cache, c), importance
+        h = self.head_in(m, h)
+        for block, (pk, pv) in zip(m.diffusion_head_a, prefix.head_kv, strict=True):
+            h = self.head_block(block, h, c, buf.in_slot, buf.head_cos, buf.head_sin, buf.mask, pk, pv)
+        if head == "store":
+            buf.head_cache.copy_(h)
+        return self._velocity(h, c), importance
 
     def _velocity(self, h: Tensor, c: Tensor) -> Tensor:
-        v_tokens = self.final(self.model.diffusion_head_b, h, c, self.state.in_slot)
+        v_tokens = self.final(self.model.diffusion_head_b, h, c, self.state.buf.in_slot)
         cfg = self.model.config
         return unpatchify(v_tokens, cfg.latent_size, cfg.latent_channels)
 
@@ -236,3 +294,5 @@ class GenRuntime:
         return [] if self.state is None else self.state.records
 
 
+def _flat(prefix: _Prefix) -> list[Tensor]:
+    return [t for kv in (*prefix.llm_kv, *prefix.head_kv) if kv is not None for t in kv]
