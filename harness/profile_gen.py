@@ -1,6 +1,6 @@
 """Profile one compiled generation call at real shapes: where the time goes (kernel table, launch count).
 
-    python -m harness.profile_gen --preset showo2-1.5b [--mode reduce-overhead]
+    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu]
 """
 
 from __future__ import annotations
@@ -12,18 +12,28 @@ import torch
 
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
 from flashu_fx.config import get_config
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.flashu_config import FlashUConfig
 from harness.bench import build_random_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.profile_gen")
     parser.add_argument("--preset", default="showo2-1.5b")
-    parser.add_argument("--mode", default=None, choices=[None, "reduce-overhead"])
+    parser.add_argument("--no-graphs", action="store_true", help="run the pieces without CUDA graphs")
+    parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     model = build_random_model(get_config(args.preset), device, torch.bfloat16)
-    backend = flashu_backend("gen", mode=args.mode)
+    config = layout = None
+    if args.flashu:
+        config = FlashUConfig.for_task("gen")
+        cfg = model.config
+        scores = torch.rand(cfg.num_layers, cfg.intermediate_size)
+        layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
+        permute_ffn_weights(model, layout.order)
+    backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs)
     gen = torch.compile(model, backend=backend)
     prompt = [[100 + i for i in range(20)]]
     for _ in range(2):
@@ -35,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        generate_images_compiled(gen, backend, prompt, baseline_steps=4)
+        generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    print(f"{args.preset} mode={args.mode}: {total:.3f} s for {args.steps - 1} calls "
-          f"({1000 * total / (args.steps - 1):.2f} ms/call); piece captures {dict(backend.piece_captures)}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
+    print(f"{args.preset} graphs={not args.no_graphs} flashu={args.flashu}: {total:.3f} s for {calls} calls "
+          f"({1000 * total / calls:.2f} ms/call); piece captures {dict(backend.piece_captures)}")
     return 0
 
 
