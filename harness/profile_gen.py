@@ -43,6 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
+    per_call = []
+    original = backend._run
+
+    def timed_run(match, run_args):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = original(match, run_args)
+        torch.cuda.synchronize()
+        per_call.append(1000 * (time.perf_counter() - start))
+        return out
+
+    backend._run = timed_run
+    generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
+    backend._run = original
+    records = next(iter(backend._runtimes.values())).records
+    for r, ms in zip(records, per_call, strict=True):
+        print(f"call {r.call:2d} head={r.head:7s} trunk={int(r.trunk_ran)} skip={len(r.skip_set)} "
+              f"measure={int(r.importance is not None)}: {ms:6.2f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)

@@ -17,8 +17,8 @@ any other faithful implementation agree bit for bit (ties included).
 Kernel (grid = [num_chunks, B]): each program reads BLOCK_T tokens x C channels once, writes their
 norm bit patterns (non-negative fp32 bits order like int32) to a small workspace and bumps its row's
 arrival counter; the last program of a row selects. Selection holds the row's bits in registers:
-a 4-ary radix search (2 bits per step, three counts packed into one int64 reduction) finds the
-threshold T = the keep-th smallest bits; then one packed int32 scan gives, in index order,
+a radix search (2 bits per step, starting below the bits that the row's min and max share) finds
+the threshold T = the keep-th smallest bits; then one packed int32 scan gives, in index order,
 #(bits < T) and #(bits == T) before each token, which is its output slot. No sort, no second kernel
 (the counters need a 4*B-byte memset when a row spans several programs).
 
@@ -49,17 +49,56 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 def _config(length: int, c: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for a row of `length` tokens of `c` channels."""
+    block_n = triton.next_power_of_2(length)
+    # The selecting program holds block_n keys: 8 per thread keeps the kernel at ~47 registers
+    # (ptxas, sm_90a), so phase 1 still runs 2+ programs per SM (16 keys/thread: 108 registers).
+    num_warps = max(4, min(32, block_n // 256))
     block_d = min(triton.next_power_of_2(c), 512)
-    # ~8K elements per tile (16 KB of bf16): 16 tokens x 512 channels (7B) or 32 x 256 (1.5B).
-    block_t = max(1, min(8192 // block_d, triton.next_power_of_2(length)))
-    # The selecting program holds next_pow2(length) int32s: keep it at <= 16 per thread.
-    num_warps = max(4, min(16, triton.next_power_of_2(length) // 512))
+    # Phase 1: ~32 elements per thread (4 16-byte loads in flight for bf16); small rows -> small tiles,
+    # so that one 729-token row still spreads over 46-92 programs.
+    block_t = max(1, min(1024 * num_warps // block_d, block_n))
     return block_t, block_d, num_warps
 
 
 if triton is not None:
     _NAN_BITS = tl.constexpr(0x7FC00000)  # canonical NaN: NaN norms tie (torch.sort: last, stable)
     _PAD_BITS = tl.constexpr(0x7FFFFFFF)  # above any canonical norm: padding is never kept
+
+    @triton.jit
+    def _add2(a0, b0, a1, b1):
+        return a0 + a1, b0 + b1
+
+    @triton.jit
+    def _min_max(lo0, hi0, lo1, hi1):
+        return tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
+
+    @triton.jit
+    def _threshold(key, real, keep):
+        """(T, #(key < T)) for T = the smallest key with #(key <= T) >= keep.
+
+        Radix search on the bits, 2 per step: three counts per step, packed into two int32s (16-bit
+        fields, as #keys <= 16384) and summed in one reduction. It starts below the highest bit where
+        min and max differ (norms of one row share their top bits: ~12 steps instead of 16).
+        """
+        lo, hi = tl.reduce((key, tl.where(real, key, 0)), 0, _min_max)
+        top = ((lo ^ hi).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # >= highest set bit
+        s0 = tl.maximum(tl.minimum(top | 1, 29), -1)  # odd: 2-bit steps at s0, s0 - 2, ..., 1, then bit 0
+        prefix = lo & ~tl.where(s0 >= 29, 0x7FFFFFFF, (1 << (s0 + 2)) - 1)  # bits above s0 + 1: shared
+        n_lt = lo * 0  # #(key < prefix), tracked so that no extra reduction is needed at the end
+        for i in range((s0 + 1) // 2):
+            s = s0 - 2 * i
+            low = (1 << s) - 1
+            le0 = (key <= (prefix | low)).to(tl.int32)
+            le1 = (key <= (prefix | (1 << s) | low)).to(tl.int32)
+            le2 = (key <= (prefix | (2 << s) | low)).to(tl.int32)
+            c01, c2 = tl.reduce((le0 | (le1 << 16), le2), 0, _add2)
+            c0, c1 = c01 & 0xFFFF, c01 >> 16
+            digit = (c0 < keep).to(tl.int32) + (c1 < keep).to(tl.int32) + (c2 < keep).to(tl.int32)
+            n_lt = tl.where(digit == 1, c0, tl.where(digit == 2, c1, tl.where(digit == 3, c2, n_lt)))
+            prefix = prefix | (digit << s)
+        c = tl.sum((key <= prefix).to(tl.int32), axis=0)
+        n_lt = tl.where(c < keep, c, n_lt)
+        return prefix | (c < keep).to(tl.int32), n_lt
 
     # Values that vary per call are not specialized (no recompiles); the strides are (alignment).
     @triton.jit(do_not_specialize=["start", "seq_len", "length", "keep"])
@@ -117,25 +156,10 @@ if triton is not None:
             n = tl.arange(0, BLOCK_N)
             key = tl.load(ws_row + n, cache_modifier=".cg")  # unmasked: 16 B loads; row is BLOCK_N
             key = tl.where(n < length, key, _PAD_BITS)
-            # Radix search, 2 bits/step over bits 30..1, then bit 0: the smallest T with
-            # #(key <= T) >= keep. Counts for digits 0..2 share one int64 reduction.
-            prefix = 0
-            for s in tl.static_range(29, 0, -2):
-                low = (1 << s) - 1
-                le0 = (key <= (prefix | low)).to(tl.int64)
-                le1 = (key <= (prefix | (1 << s) | low)).to(tl.int64)
-                le2 = (key <= (prefix | (2 << s) | low)).to(tl.int64)
-                packed = tl.sum(le0 | (le1 << 21) | (le2 << 42), axis=0)
-                digit = (
-                    ((packed & 0x1FFFFF) < keep).to(tl.int32)
-                    + (((packed >> 21) & 0x1FFFFF) < keep).to(tl.int32)
-                    + ((packed >> 42) < keep).to(tl.int32)
-                )
-                prefix = prefix | (digit << s)
-            prefix = prefix | (tl.sum((key <= prefix).to(tl.int32), axis=0) < keep).to(tl.int32)
+            prefix, n_lt = _threshold(key, n < length, keep)
             lt = key < prefix
             eq = key == prefix
-            n_tie = keep - tl.sum(lt.to(tl.int32), axis=0)  # ties kept, lowest index first
+            n_tie = keep - n_lt  # ties kept, lowest index first
             scan = tl.cumsum(lt.to(tl.int32) | (eq.to(tl.int32) << 16), axis=0)
             lt_before = (scan & 0xFFFF) - lt.to(tl.int32)
             eq_before = (scan >> 16) - eq.to(tl.int32)
@@ -153,10 +177,13 @@ def _launch(
     keep: int,
     block_t: int | None = None,
     num_warps: int | None = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """Allocate and launch the Triton kernel (any device Triton drives, or the interpreter).
 
     block_t / num_warps override the shape-keyed config (tests, `harness kernels --sweep`).
+    traceable: launch through wrap_triton (inside the op, so torch.compile sees the kernel); called
+    directly that goes through a higher-order op (~100 us of host time) and rejects the interpreter.
     """
     batch, seq_len, c = v.shape
     out = torch.empty((batch, keep), dtype=torch.int64, device=v.device)
@@ -169,7 +196,8 @@ def _launch(
     ws = torch.empty((batch, block_n), dtype=torch.int32, device=v.device)
     # Arrival counters must start at zero; a single-program row needs none (one launch, no memset).
     count = torch.zeros(batch, dtype=torch.int32, device=v.device) if num_chunks > 1 else ws
-    torch.library.wrap_triton(_vnorm_topk_kernel)[(num_chunks, batch)](
+    kernel = torch.library.wrap_triton(_vnorm_topk_kernel) if traceable else _vnorm_topk_kernel
+    kernel[(num_chunks, batch)](
         v,
         v if start_rows is None else start_rows,
         ws,
@@ -217,7 +245,7 @@ def _vnorm_topk_impl(
 ) -> torch.Tensor:
     if v.device.type == "cpu" or triton is None:
         return _reference(v, start_rows, start, length, keep)
-    return _launch(v, start_rows, start, length, keep)
+    return _launch(v, start_rows, start, length, keep, traceable=True)
 
 
 # The op takes an int start and an optional per-row tensor rather than always a tensor: building a

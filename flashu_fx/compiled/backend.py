@@ -15,6 +15,10 @@ rebuilds a module view over the graph's own weight tensors, and returns a callab
 generation runtime (compiled pieces chosen per call on the host). A model call outside
 ``backend.step(k)``, or out of order, raises. A graph that is not a Show-o2 forward is compiled
 unchanged (inductor), with a warning. ``config=None`` gives the exact optimizations only.
+
+``task="und"``: understanding does not run Show-o2's forward, so nothing is traced through the compiled
+module; ``answer_question_compiled(und, backend, ...)`` builds the understanding runtime from
+``und._orig_mod`` on first use (``und_runtime``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor, fx
 
 from flashu_fx.compiled.gen_runtime import GenRuntime
 from flashu_fx.compiled.piece_compiler import make_piece_compiler
+from flashu_fx.compiled.und_runtime import UndRuntime
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
@@ -71,15 +76,14 @@ class FlashUBackend:
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
-        if task == "und":
-            raise NotImplementedError("flashu_backend(task='und') is not available yet; use "
-                                      "flashu_fx.flashu_und.answer_question_flashu (eager) meanwhile")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.mode, self.cuda_graphs = piece_backend, mode, cuda_graphs
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
+        self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
         self._guidance = 0.0
         self._step: int | None = None
+        self._image_runtime: GenRuntime | None = None
         self.compiles = 0  # whole-graph captures handed to this backend
         self.piece_captures: Counter = Counter()  # per compiled piece: captures (after warm-up: recompiles)
 
@@ -88,6 +92,7 @@ class FlashUBackend:
         """Start a new image of ``num_calls`` model calls; returns every call's plan (guidance included)."""
         self._num_calls, self._guidance = num_calls, guidance
         self._step = None
+        self._image_runtime = None
         for rt in self._runtimes.values():
             rt.state = None
         return GenRuntime.plans_for(self.config, num_calls, guidance)
@@ -106,6 +111,8 @@ class FlashUBackend:
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
         self.compiles += 1
+        if self.task == "und":
+            return _refuse_und_forward
         expected = self._expected_keys(example_inputs, gm)
         match, why = match_showo2_graph(gm, expected) if expected else (None, "no Show-o2 embedding input found")
         if match is None:
@@ -113,6 +120,22 @@ class FlashUBackend:
                           stacklevel=2)
             return self._exact_fallback(gm, example_inputs)
         return self._runner(match, example_inputs)
+
+    def und_runtime(self, compiled: torch.nn.Module) -> UndRuntime:
+        """The understanding runtime of ``compiled = torch.compile(model, backend=self)``, built on first use."""
+        if self.task != "und":
+            raise RuntimeError(f"flashu_backend(task={self.task!r}) has no understanding runtime; use task='und'")
+        model = getattr(compiled, "_orig_mod", compiled)
+        if not isinstance(model, Showo2):
+            raise TypeError(f"expected torch.compile(<Showo2>, backend=...), got {type(model).__name__}")
+        rt = self._und_runtimes.get(id(model))
+        if rt is None or rt.model is not model:
+            cuda = model.showo.lm_head.weight.is_cuda
+            compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"), None,
+                                                self.piece_captures)  # CUDA graphs are the runtime's own
+            rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
+            self._und_runtimes[id(model)] = rt
+        return rt
 
     def _expected_keys(self, example_inputs: list, gm: fx.GraphModule) -> list[str]:
         """Checkpoint keys of a Show-o2 with the graph's depths (key names do not depend on widths)."""
@@ -173,12 +196,20 @@ class FlashUBackend:
         if match.num_outputs != 1:
             raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
                                "return_logits=False")
-        rt = self._runtime_for(match, args)
         u = {name: args[i] for name, i in match.user_inputs.items()}
-        if self._step == 0:
+        if self._step == 0:  # a new image: find the runtime of these weights once, not per call
+            self._image_runtime = rt = self._runtime_for(match, args)
             batch = GenBatch(u["tokens"], u["offsets"], u["mask"], u["tokens"].shape[0] // 2, [])
             rt.begin(batch, self._num_calls, self._guidance)
+        rt = self._image_runtime
+        if rt is None:
+            raise RuntimeError("flashu_backend: the first call of an image must be step 0")
         return (rt(u["latents"].float(), u["t"], self._step),)
+
+
+def _refuse_und_forward(*args):
+    raise RuntimeError("flashu_backend(task='und') runs understanding through answer_question_compiled(compiled, "
+                       "backend, latents, question); the model's forward is a generation call: use task='gen'")
 
 
 def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
@@ -196,6 +227,6 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    mode: str | None = None, cuda_graphs: bool = True) -> FlashUBackend:
-    """The FlashU backend for ``task``. ``config=None``: exact optimizations only. ``piece_backend``:
+    """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, mode, cuda_graphs)
