@@ -69,8 +69,9 @@ class _Buffers:
     mask: Tensor  # bool (M, 1, S, P + S)
     in_slot: Tensor  # bool (M, S, 1), all True: the block is the slot
     head_cache: Tensor  # (M, S, D): the stored 10-block output
+    prefix_tokens: Tensor  # (M, P) ids of the bucketed text prefix
     prefix: dict[tuple, _Prefix] = field(default_factory=dict)  # by (ffn_pruned, skip set)
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = field(default_factory=dict)  # by call kind
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = field(default_factory=dict)  # by kind
 
 
 @dataclass
@@ -115,6 +116,12 @@ class GenRuntime:
             self.llm_pruned = compile_piece(pieces.llm_layer, f"llm_layer_ffn_{lo}_{hi}", sliced)
             self.llm_pruned_measured = compile_piece(pieces.llm_layer_measured, f"llm_layer_measured_ffn_{lo}_{hi}",
                                                      sliced)
+        self.llm_prefix_full = compile_piece(pieces.llm_prefix_layer, "llm_prefix_layer", [])
+        self.llm_prefix_pruned = self.llm_prefix_full
+        if self.pruned_range is not None:
+            self.llm_prefix_pruned = compile_piece(pieces.llm_prefix_layer, f"llm_prefix_layer_ffn_{lo}_{hi}", sliced)
+        self.head_prefix = compile_piece(pieces.head_prefix_block, "head_prefix_block", [])
+        self.head_in_prefix = compile_piece(pieces.head_input, "head_input_prefix", [])
         self.embed = compile_piece(pieces.block_embeddings, "block_embeddings", [])
         self.head_in = compile_piece(pieces.head_input, "head_input", [])
         self.head_block = compile_piece(pieces.head_block, "head_block", [])
@@ -156,11 +163,13 @@ class GenRuntime:
                 torch.empty(fresh["mask"].shape, dtype=torch.bool, device=device),
                 torch.ones(rows, slot, 1, dtype=torch.bool, device=device),
                 torch.zeros(rows, slot, cfg.head_hidden_size, dtype=dtype, device=device),
+                torch.zeros(rows, prefix_len, dtype=batch.tokens.dtype, device=device),
             )
             self._buffers[(rows, prefix_len)] = buf
         for dst, src in zip((buf.llm_cos, buf.llm_sin, buf.head_cos, buf.head_sin, buf.mask),
                             (*fresh["llm_cos_sin"], *fresh["head_cos_sin"], fresh["mask"]), strict=True):
             dst.copy_(src)
+        buf.prefix_tokens.copy_(batch.tokens[:, :prefix_len])
         self.state = _ImageState(batch, self.plans_for(self.config, num_calls, guidance), buf)
         return self.state.plans
 
@@ -169,41 +178,36 @@ class GenRuntime:
 
     @torch.no_grad()
     def _fill_prefix(self, pruned: bool, skip: tuple[int, ...]) -> None:
-        """Prefix K/V of every kept LLM layer and head block for this variant (eager: a few dozen tokens),
-        written into the variant's static buffers."""
-        st, m = self.state, self.model
+        """Prefix K/V of every kept LLM layer and head block for this variant, once per image: a captured
+        graph whose outputs are the static prefix buffers the call graphs read."""
+        st = self.state
         key = (pruned, skip)
-        if key in st.filled:
-            return
-        n = st.buf.mask.shape[-1] - st.buf.mask.shape[-2]  # the bucketed prefix length P
-        tokens = st.batch.tokens[:, :n]
-        x = m.showo.model.embed_tokens(tokens)
+        if key not in st.filled:
+            st.buf.prefix[key] = self._graphed(("prefix", *key), lambda: self._prefix_body(pruned, skip))
+            st.filled.add(key)
+
+    def _prefix_body(self, pruned: bool, skip: tuple[int, ...]) -> _Prefix:
+        buf, m = self.state.buf, self.model
+        n = buf.prefix_tokens.shape[1]
+        x = m.showo.model.embed_tokens(buf.prefix_tokens)
         cos, sin, hcos, hsin = m.rope(n, x.dtype, x.device)
-        causal = omni_mask(torch.full((tokens.shape[0],), n, device=x.device), n, 0)
+        causal = omni_mask(torch.full((x.shape[0],), n, device=x.device), n, 0)
+        layer_fn = self.llm_prefix_pruned if pruned else self.llm_prefix_full
         llm_kv: list = []
         for i, layer in enumerate(m.showo.model.layers):
             if i in skip:
                 llm_kv.append(None)
                 continue
-            _, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            x, k, v = layer_fn(layer, x, cos, sin, causal)
             llm_kv.append((k, v))
-            x = layer(x, cos, sin, causal, ffn_ranges=self._ffn_ranges(pruned))
-        h = m.diff_proj(m.showo.model.norm(x))
+        h = self.head_in_prefix(m, x)
         outside = torch.zeros(h.shape[0], n, 1, dtype=torch.bool, device=h.device)  # prefix: no modulation
         c = torch.zeros(h.shape[0], h.shape[-1], dtype=h.dtype, device=h.device)
         head_kv = []
         for block in m.diffusion_head_a:
-            _, k, v = block.self_attn.qkv(block.input_layernorm(h), hcos, hsin)
+            h, k, v = self.head_prefix(block, h, c, outside, hcos, hsin, causal)
             head_kv.append((k, v))
-            h = block(h, c, outside, hcos, hsin, causal)
-        fresh = _Prefix(llm_kv, head_kv)
-        static = st.buf.prefix.get(key)
-        if static is None:
-            st.buf.prefix[key] = fresh  # these tensors become the variant's static buffers
-        else:
-            for dst, src in zip(_flat(static), _flat(fresh), strict=True):
-                dst.copy_(src)
-        st.filled.add(key)
+        return _Prefix(llm_kv, head_kv)
 
     # ---- per call -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,27 +232,28 @@ class GenRuntime:
             kind = (False, False, (), False, "reuse")
         st.buf.x.copy_(x)
         st.buf.t.copy_(t)
-        velocity, importance = self._run(kind)
+        velocity, importance = self._graphed(kind, lambda: self._call_body(kind))
         if importance is not None:
             record.importance = importance.tolist()  # the one host read of a measuring call
             st.skip_set = choose_skip_set(record.importance, self.config.num_skipped_layers(len(record.importance)))
         return velocity
 
-    def _run(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
-        """Run one call kind on the static buffers; on CUDA, replay its CUDA graph (captured on first use)."""
+    def _graphed(self, kind: tuple, body):
+        """Run ``body`` on the static buffers; on CUDA, replay its CUDA graph (captured on first use: after a
+        warm-up on a side stream, which compiles the pieces). Returns the body's (static) outputs."""
         buf = self.state.buf
         if not (self.cuda_graphs and buf.x.is_cuda):
-            return self._call_body(kind)
+            return body()
         entry = buf.graphs.get(kind)
         if entry is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles the pieces, settles the allocator
-                self._call_body(kind)
+            with torch.cuda.stream(side):
+                body()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outputs = self._call_body(kind)
+                outputs = body()
             entry = buf.graphs[kind] = (graph, outputs)
         entry[0].replay()
         return entry[1]
@@ -292,7 +297,3 @@ class GenRuntime:
     @property
     def records(self) -> list[CallRecord]:
         return [] if self.state is None else self.state.records
-
-
-def _flat(prefix: _Prefix) -> list[Tensor]:
-    return [t for kv in (*prefix.llm_kv, *prefix.head_kv) if kv is not None for t in kv]

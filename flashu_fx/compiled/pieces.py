@@ -51,3 +51,16 @@ def head_block(block: ModulatedAttentionBlock, h: Tensor, c: Tensor, in_slot: Te
 def final_velocity(final: FinalLayer, h: Tensor, c: Tensor, in_slot: Tensor) -> Tensor:
     """FinalLayer with the current time: (M, S, D) -> velocity tokens of the image (M, S - 1, p*p*C)."""
     return final(h, c, in_slot)[:, 1:]
+
+
+def llm_prefix_layer(layer: Qwen2DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
+    """One decoder layer over the text prefix (M, P, H), causal; also returns its K/V (M, kv_heads, P, d)."""
+    _, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+    return layer(x, cos, sin, mask), k, v
+
+
+def head_prefix_block(block: ModulatedAttentionBlock, h: Tensor, c: Tensor, outside: Tensor, cos: Tensor,
+                      sin: Tensor, mask: Tensor):
+    """One head block over the prefix (unmodulated: ``outside`` is all False); also returns its K/V."""
+    _, k, v = block.self_attn.qkv(block.input_layernorm(h), cos, sin)
+    return block(h, c, outside, cos, sin, mask), k, v
