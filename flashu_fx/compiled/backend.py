@@ -83,6 +83,7 @@ class FlashUBackend:
         self._num_calls: int | None = None
         self._guidance = 0.0
         self._step: int | None = None
+        self._cfg_shared = False
         self._image_runtime: GenRuntime | None = None
         self.compiles = 0  # whole-graph captures handed to this backend
         self.piece_captures: Counter = Counter()  # per compiled piece: captures (after warm-up: recompiles)
@@ -98,15 +99,20 @@ class FlashUBackend:
         return GenRuntime.plans_for(self.config, num_calls, guidance)
 
     @contextlib.contextmanager
-    def step(self, k: int) -> Iterator[None]:
-        """The model call inside this block is call ``k`` (0-based) of the current image."""
+    def step(self, k: int, cfg_shared_latents: bool = False) -> Iterator[None]:
+        """The model call inside this block is call ``k`` (0-based) of the current image.
+
+        ``cfg_shared_latents``: the caller promises the latents' cond and null halves are equal (true for the
+        CFG sampler, which updates both halves with the same guided velocity), so SigLIP and fusion run on
+        one half. Leave it False when in doubt: the result is the same, only slower.
+        """
         if self._num_calls is None:
             raise RuntimeError("flashu_backend: call begin_image(num_calls, guidance) before step(k)")
-        self._step = k
+        self._step, self._cfg_shared = k, cfg_shared_latents
         try:
             yield
         finally:
-            self._step = None
+            self._step, self._cfg_shared = None, False
 
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
@@ -204,7 +210,7 @@ class FlashUBackend:
         rt = self._image_runtime
         if rt is None:
             raise RuntimeError("flashu_backend: the first call of an image must be step 0")
-        return (rt(u["latents"].float(), u["t"], self._step),)
+        return (rt(u["latents"].float(), u["t"], self._step, self._cfg_shared),)
 
 
 def _refuse_und_forward(*args):

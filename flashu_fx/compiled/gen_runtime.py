@@ -123,6 +123,7 @@ class GenRuntime:
         self.head_prefix = compile_piece(pieces.head_prefix_block, "head_prefix_block", [])
         self.head_in_prefix = compile_piece(pieces.head_input, "head_input_prefix", [])
         self.embed = compile_piece(pieces.block_embeddings, "block_embeddings", [])
+        self.embed_shared = compile_piece(pieces.block_embeddings_cfg_shared, "block_embeddings_cfg_shared", [])
         self.head_in = compile_piece(pieces.head_input, "head_input", [])
         self.head_block = compile_piece(pieces.head_block, "head_block", [])
         self.final = compile_piece(pieces.final_velocity, "final_velocity", [])
@@ -211,7 +212,8 @@ class GenRuntime:
 
     # ---- per call -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, step: int, cfg_shared_latents: bool = False) -> Tensor:
+        """One model call. ``cfg_shared_latents``: x's cond and null halves are equal (see the backend's step)."""
         st = self.state
         if st is None:
             raise RuntimeError("GenRuntime: call begin(batch, num_calls, guidance) before the first model call")
@@ -227,9 +229,11 @@ class GenRuntime:
         st.records.append(record)
         if plan.needs_trunk:
             self._fill_prefix(plan.ffn_pruned, skip)
-            kind = (True, plan.ffn_pruned and self.pruned_range is not None, skip, plan.layers == "measure", plan.head)
+            pruned = plan.ffn_pruned and self.pruned_range is not None
+            shared = cfg_shared_latents and st.batch.guided
+            kind = (True, pruned, skip, plan.layers == "measure", plan.head, shared)
         else:
-            kind = (False, False, (), False, "reuse")
+            kind = (False, False, (), False, "reuse", False)
         st.buf.x.copy_(x)
         st.buf.t.copy_(t)
         velocity, importance = self._graphed(kind, lambda: self._call_body(kind))
@@ -260,7 +264,7 @@ class GenRuntime:
 
     def _call_body(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
         """One model call on the static buffers: (velocity (M, C, h, w), importance (L,) | None)."""
-        trunk, pruned, skip, measure, head = kind
+        trunk, pruned, skip, measure, head, shared = kind
         buf, m = self.state.buf, self.model
         c = m.time_embeds(buf.t)
         if not trunk:
@@ -268,7 +272,7 @@ class GenRuntime:
         prefix = buf.prefix[(pruned, skip)]
         layer_fn = (self.llm_pruned_measured if pruned else self.llm_full_measured) if measure else \
             (self.llm_pruned if pruned else self.llm_full)
-        h = self.embed(m, buf.x, c)
+        h = self.embed_shared(m, buf.x, c) if shared else self.embed(m, buf.x, c)
         sims = []
         for i, layer in enumerate(m.showo.model.layers):
             if i in skip:

@@ -25,6 +25,13 @@ def block_embeddings(model: Showo2, latents: Tensor, c: Tensor) -> Tensor:
     return torch.cat([model.time_embed_proj(c)[:, None].to(image.dtype), image], dim=1)
 
 
+def block_embeddings_cfg_shared(model: Showo2, latents: Tensor, c: Tensor) -> Tensor:
+    """``block_embeddings`` when the latents' cond and null halves are equal: SigLIP and fusion on one half."""
+    half = latents.shape[0] // 2
+    image = model.image_embeds(latents[:half]).repeat(2, 1, 1)
+    return torch.cat([model.time_embed_proj(c)[:, None].to(image.dtype), image], dim=1)
+
+
 def llm_layer(layer: Qwen2DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pk: Tensor, pv: Tensor):
     """One decoder layer over the block, attending to the cached prefix. (The pruned variant is this graph
     after ``passes.ffn_slicing``.)"""

@@ -26,10 +26,11 @@ from flashu_fx.tokenizer import TextTokenizer
 
 
 def stepped_velocity(compiled: torch.nn.Module, backend: FlashUBackend, batch: GenBatch) -> VelocityFn:
-    """The compiled model as a VelocityFn: call ``step`` runs inside ``backend.step(step)``."""
+    """The compiled model as a VelocityFn for ``euler_sample``: call ``step`` runs inside ``backend.step``.
+    The CFG sampler feeds equal cond/null latents, so the image features are computed once."""
 
     def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
-        with backend.step(step):
+        with backend.step(step, cfg_shared_latents=batch.guided):
             return compiled(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
 
     return velocity

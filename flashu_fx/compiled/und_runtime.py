@@ -1,0 +1,260 @@
+"""Understanding runtime: one compiled prefill per request, then one CUDA-graph replay per new token.
+
+    prefill (step 0), rows padded to a multiple of PROMPT_BUCKET (pad keys are never attended: causal):
+      prompt_embeddings (SigLIP + fusion, once) ─ prefill_layer 0..p over all rows
+        ─ prune_compact at p: vnorm_topk on p's input, rows/RoPE/mask compacted (original positions kept)
+        ─ prefill_layer p+1.. over the kept rows ─ next_token on the last prompt position only
+    decode step d (one token): embed(token) ─ decode_layer for every layer not skipped (a skipped layer is
+      the identity: no K/V, its slot stays invalid) ─ decode_finish (norm, lm_head on one row, argmax,
+      position and slots + 1). On the GPU the whole step is one CUDA graph per (skip set, measure).
+
+Static state per cache capacity C (a multiple of CACHE_BUCKET, shared by all requests and graphs): per-layer
+K/V caches, per-layer validity masks, RoPE tables, and (1,)-sized buffers the graphs read and advance
+themselves: the token to feed, its RoPE position, and the next slot of each layer group (layers <= p have
+slot base L0, layers > p base K0). The host touches them once per request (after the prefill) and reads
+one id per token (the stop check), plus the importances on a measuring step.
+
+Every rule (which steps measure, which layers skip, which tokens stay, slot bases, positions) is the eager
+twin's: the host-side plan is a ``flashu_fx.flashu_und.FlashUUndDecoder`` (used for its rules, not run) and
+the skip set comes from ``choose_skip_set``; docs/SEMANTICS.md section 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashu_fx.compiled import und_pieces
+from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer
+from flashu_fx.flashu_und import FlashUUndDecoder, UndStepRecord
+from flashu_fx.layout import MmuPrompt
+from flashu_fx.masks import omni_mask
+from flashu_fx.model import Showo2
+from flashu_fx.schedule import LayerMode
+
+log = logging.getLogger(__name__)
+
+PROMPT_BUCKET = 64  # prefill rows are padded to a multiple of this, so prompt lengths share compiled pieces
+CACHE_BUCKET = 256  # cache slots (and decode shapes) are a multiple of this
+MAX_GRAPHS = 64  # captured decode variants kept per capacity (a skip set is one of C(L, int(L * r_LS)))
+
+# compile_piece(fn, name, graph_passes) -> the compiled callable of one piece
+PieceCompiler = Callable[[Callable, str, list[Callable]], Callable]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class _Static:
+    """Buffers of one cache capacity C; every captured graph reads and writes exactly these."""
+
+    k: list[Tensor]  # per layer (1, KV, C, d)
+    v: list[Tensor]
+    valid: Tensor  # bool (L, C): slots each layer has written
+    cos: Tensor  # (C, d) RoPE of positions 0..C-1
+    sin: Tensor
+    token: Tensor  # (1, 1) int64: the token the next decode step feeds (the greedy id of the last step)
+    pos: Tensor  # (1,) int64: RoPE position of the next decode token
+    slot_a: Tensor  # (1,) int64: its cache slot in layers <= p
+    slot_b: Tensor  # (1,) int64: its cache slot in layers > p
+    logits: Tensor  # (V,) of the last step
+    importance: Tensor  # (L,) fp32 of the last measuring decode step
+    graphs: dict = field(default_factory=dict)  # (skip set, measure) -> torch.cuda.CUDAGraph
+
+
+class UndRuntime:
+    """Compiled pieces and static buffers for FlashU understanding on one model (``config=None``: exact only).
+
+    ``answer(latents, prompt, max_new_tokens, stop_at_eos)`` -> (ids, kept positions, step records).
+    ``graph_captures`` counts CUDA-graph captures per variant; ``keep_logits`` keeps every step's logits.
+    """
+
+    def __init__(self, model: Showo2, config: FlashUConfig | None, layout: FFNLayout | None,
+                 compile_piece: PieceCompiler, cuda_graphs: bool) -> None:
+        self.model, self.layout, self.cuda_graphs = model, layout, cuda_graphs
+        self.config = FlashUConfig.off("und") if config is None else config
+        if self.config.task != "und":
+            raise ValueError(f"FlashUConfig.task={self.config.task!r} is invalid here: understanding needs 'und'")
+        cfg = model.config
+        self.layers = list(model.showo.model.layers)
+        self.ffn = [self._ffn_weights(layer.mlp, r)
+                    for layer, r in zip(self.layers, ffn_ranges_per_layer(model, self.config, layout, "und"),
+                                        strict=True)]
+        prune = self.config.token_prune_ratio > 0
+        self.first_kept_layer = self.config.token_prune_layer + 1 if prune else cfg.num_layers  # layer group b
+        self.embed = compile_piece(und_pieces.prompt_embeddings, "und_prompt_embeddings", [])
+        self.prefill_full = compile_piece(und_pieces.prefill_layer, "und_prefill_layer", [])
+        self.prefill_kept = compile_piece(und_pieces.prefill_layer, "und_prefill_layer_kept", [])
+        self.compact = compile_piece(und_pieces.prune_compact, "und_prune_compact", [])
+        self.first_token = compile_piece(und_pieces.next_token, "und_next_token", [])
+        self.decode_layer = compile_piece(und_pieces.decode_layer, "und_decode_layer", [])
+        self.decode_measured = compile_piece(und_pieces.decode_layer_measured, "und_decode_layer_measured", [])
+        self.decode_finish = compile_piece(und_pieces.decode_finish, "und_decode_finish", [])
+        self.states: dict[int, _Static] = {}
+        self.graph_captures: Counter = Counter()
+        self.keep_logits = False
+        self.logits: list[Tensor] = []  # every step's logits of the last answer, when keep_logits
+        self._stream = self._pool = None
+
+    @staticmethod
+    def _ffn_weights(mlp: torch.nn.Module, ranges) -> tuple[Tensor, Tensor, Tensor]:
+        """(w_gate, w_up, w_down) of the layer's "und" FFN: views of the permuted storage, no copy."""
+        if ranges is None:
+            return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        ((lo, hi),) = ranges
+        down = mlp.down_proj.weight[:, lo:hi]
+        if down.is_cuda and (down.data_ptr() % 16):
+            log.warning("und FFN range starts at neuron %d: its down_proj slice is not 16-byte aligned, so "
+                        "inductor copies it every call (a layout whose range starts are multiples of 8 avoids it)",
+                        lo)
+        return mlp.gate_proj.weight[lo:hi], mlp.up_proj.weight[lo:hi], down
+
+    def _static(self, capacity: int, device: torch.device) -> _Static:
+        st = self.states.get(capacity)
+        if st is None:
+            cfg, head = self.model.config, self.model.showo.lm_head.weight
+            shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
+            cos, sin, _, _ = self.model.rope(capacity, head.dtype, device)
+            index = lambda: torch.zeros(1, dtype=torch.int64, device=device)
+            st = _Static(
+                k=[torch.zeros(shape, dtype=head.dtype, device=device) for _ in self.layers],
+                v=[torch.zeros(shape, dtype=head.dtype, device=device) for _ in self.layers],
+                valid=torch.zeros(len(self.layers), capacity, dtype=torch.bool, device=device),
+                cos=cos, sin=sin, token=torch.zeros(1, 1, dtype=torch.int64, device=device),
+                pos=index(), slot_a=index(), slot_b=index(),
+                logits=torch.zeros(head.shape[0], dtype=head.dtype, device=device),
+                importance=torch.zeros(len(self.layers), dtype=torch.float32, device=device),
+            )
+            self.states[capacity] = st
+        return st
+
+    # ---- one request ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, latents: Tensor, prompt: MmuPrompt, max_new_tokens: int,
+               stop_at_eos: bool) -> tuple[list[int], tuple[int, ...] | None, list[UndStepRecord]]:
+        """Greedy ids (the stop token included when reached), kept image positions, one record per step."""
+        plan = FlashUUndDecoder(self.model, self.config, self.layout, prompt, max_new_tokens)  # the twin's rules
+        self.logits = []
+        st, kept, importance = self._prefill(plan, latents)
+        ids = [int(st.token)]  # the host read of step 0 (the GPU finished the prefill)
+        skip_set: tuple[int, ...] = ()
+        layers: LayerMode = "all"
+        if plan.skipping:
+            layers, importance = "measure", tuple(importance.tolist())
+            skip_set = choose_skip_set(importance, plan.num_skipped)
+        kept_positions = None if kept is None else \
+            tuple(kept[plan.image_start : plan.image_start + plan.keep].tolist())
+        steps = [UndStepRecord(0, plan.prompt_len - 1, layers, (), importance, skip_set)]
+        self._keep(st)
+        eos = self.model.config.specials.eos
+        for d in range(1, max_new_tokens):
+            if stop_at_eos and ids[-1] == eos:
+                break
+            if plan.skipping:
+                layers = "measure" if d % self.config.skip_interval == 0 else "skip"
+            skipped = skip_set if layers == "skip" else ()
+            self._decode(st, skipped, layers == "measure")
+            ids.append(int(st.token))  # the one host read of a decode step: the stop check
+            measured = None
+            if layers == "measure":
+                measured = tuple(st.importance.tolist())
+                skip_set = choose_skip_set(measured, plan.num_skipped)
+            steps.append(UndStepRecord(d, plan.prompt_len - 1 + d, layers, skipped, measured, skip_set))
+            self._keep(st)
+        return ids, kept_positions, steps
+
+    def _keep(self, st: _Static) -> None:
+        if self.keep_logits:
+            self.logits.append(st.logits.clone())
+
+    def _prefill(self, plan: FlashUUndDecoder, latents: Tensor) -> tuple[_Static, Tensor | None, Tensor | None]:
+        """Step 0 into the static buffers; -> (state, kept rows (K,) or None, importance (L,) or None)."""
+        m, cfg, device = self.model, self.model.config, latents.device
+        prompt_len, n = plan.prompt_len, cfg.num_image_tokens
+        kept_len = prompt_len - n + plan.keep if plan.prune else prompt_len  # K0: slot base of layers > p
+        rows = round_up(prompt_len, PROMPT_BUCKET)
+        st = self._static(round_up(max(rows, prompt_len + plan.max_new_tokens), CACHE_BUCKET), device)
+        st.valid.zero_()
+        st.valid[: self.first_kept_layer, :prompt_len] = True
+        st.valid[self.first_kept_layer :, :kept_len] = True
+        tokens = F.pad(plan.prompt.tokens, (0, rows - prompt_len), value=cfg.specials.pad).to(device)
+        h = self.embed(m, latents, tokens, torch.tensor([plan.prompt.offset], device=device))
+        mask = omni_mask(torch.tensor([plan.prompt.block_offset], device=device), rows, cfg.image_slot_len)
+        cos, sin = st.cos[:rows], st.sin[:rows]
+        last, kept, inputs, outputs = prompt_len - 1, None, [], []
+        for i, layer in enumerate(self.layers):
+            piece = self.prefill_kept if i >= self.first_kept_layer else self.prefill_full
+            out = piece(layer, h, cos, sin, mask, st.k[i], st.v[i], *self.ffn[i])
+            if plan.skipping:  # measured on the last prompt position, before any compaction
+                inputs.append(h[0, last])
+                outputs.append(out[0, last])
+            if plan.prune and i == plan.prune_layer:
+                out, cos, sin, mask, kept = self.compact(layer, h, out, cos, sin, mask, plan.image_start, n,
+                                                         plan.keep)
+                last = kept_len - 1
+            h = out
+        self.first_token(m.showo.model.norm, m.showo.lm_head, h[:, last : last + 1], st.token, st.logits)
+        st.pos.fill_(prompt_len)
+        st.slot_a.fill_(prompt_len)
+        st.slot_b.fill_(kept_len)
+        importance = None
+        if plan.skipping:  # layer_importance of each layer's (input, output) pair, all layers at once
+            importance = 1.0 - F.cosine_similarity(torch.stack(inputs).float(), torch.stack(outputs).float(), dim=-1)
+        return st, kept, importance
+
+    def _decode_step(self, st: _Static, skip: tuple[int, ...], measure: bool) -> None:
+        """One decode token over the static buffers (this is what a CUDA graph captures)."""
+        m = self.model
+        x = m.showo.model.embed_tokens(st.token)  # (1, 1, H)
+        importance = []
+        for i, layer in enumerate(self.layers):
+            if i in skip:
+                continue
+            slot = st.slot_b if i >= self.first_kept_layer else st.slot_a
+            args = (layer, x, st.cos, st.sin, st.pos, slot, st.k[i], st.v[i], st.valid[i], *self.ffn[i])
+            if measure:
+                x, imp = self.decode_measured(*args)
+                importance.append(imp)
+            else:
+                x = self.decode_layer(*args)
+        self.decode_finish(m.showo.model.norm, m.showo.lm_head, x, st.token, st.logits, st.pos, st.slot_a,
+                           st.slot_b)
+        if measure:
+            torch.stack(importance, out=st.importance)
+
+    def _decode(self, st: _Static, skip: tuple[int, ...], measure: bool) -> None:
+        """Run one decode step: on the GPU replay its graph, capturing it on first use (never a compile)."""
+        if not self.cuda_graphs:
+            self._decode_step(st, skip, measure)
+            return
+        key = (skip, measure)
+        graph = st.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if self._stream is None:
+            self._stream, self._pool = torch.cuda.Stream(st.token.device), torch.cuda.graph_pool_handle()
+        # First use of this variant: run the step for real on the capture stream (it warms, or compiles, the
+        # pieces there), then capture the same step for later uses. Capturing executes nothing, so the state
+        # advances once. The graphs share one memory pool: they never run concurrently.
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            self._decode_step(st, skip, measure)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            self._decode_step(st, skip, measure)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        if len(st.graphs) >= MAX_GRAPHS:
+            st.graphs.pop(next(iter(st.graphs)))
+        st.graphs[key] = graph
+        self.graph_captures["measure" if measure else f"skip{list(skip)}"] += 1
