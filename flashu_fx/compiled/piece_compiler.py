@@ -40,6 +40,7 @@ def make_piece_compiler(backend: str = "inductor", mode: str | None = None,
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         fresh.__qualname__ = f"{fn.__qualname__}[{name}]"
-        return torch.compile(fresh, backend=piece_backend, fullgraph=True, dynamic=False)
+        # dynamic=None: a second prefix bucket recompiles once with a symbolic prefix length, then never again.
+        return torch.compile(fresh, backend=piece_backend, fullgraph=True, dynamic=None)
 
     return compile_piece

@@ -143,3 +143,21 @@ def test_bad_backend_arguments() -> None:
 
         GenRuntime(Showo2(dataclasses.replace(get_config("tiny"), num_layers=1)), TINY_GEN, None,
                    make_piece_compiler("eager"))
+
+
+def test_prefix_buckets_stop_recompiling_after_the_second(tiny_model, monkeypatch) -> None:
+    """A new prefix bucket recompiles the attention pieces once (symbolic prefix length), then never."""
+    from flashu_fx.compiled import gen_runtime
+
+    monkeypatch.setattr(gen_runtime, "PREFIX_BUCKET", 8)
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    outputs = {}
+    for n in (2, 9):  # prefix buckets 8 and 16: the warm-up
+        outputs[n] = generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
+    warm = dict(backend.piece_captures)
+    for n in (3, 12, 17, 20, 25, 1):  # buckets 8, 16, 24, 24, 31, 8
+        out = generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
+        ref = generate_images(tiny_model, [list(range(1, n + 1))], steps=3, guidance=3.0)
+        assert rel_err(out, ref) < 1e-5
+    assert dict(backend.piece_captures) == warm
