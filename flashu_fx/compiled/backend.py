@@ -236,3 +236,40 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, mode, cuda_graphs)
+
+
+def backend_from_options(options: dict) -> FlashUBackend:
+    """The backend behind ``torch.compile(model, backend="flashu", options=options)``.
+
+    ``options`` holds ``flashu_backend``'s keyword arguments (``task``, ``config``, ``layout``, ...). The
+    backend is created once and kept in the dict, so the caller and the compiler share it:
+
+    >>> opts = {"task": "gen"}
+    >>> backend_from_options(opts) is backend_from_options(opts)
+    True
+    """
+    backend = options.get(_OPTIONS_KEY)
+    if backend is None:
+        unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "mode", "cuda_graphs"}
+        if unknown:
+            raise ValueError(f"unknown flashu options {sorted(unknown)}")
+        backend = options[_OPTIONS_KEY] = flashu_backend(**options)
+    return backend
+
+
+_OPTIONS_KEY = "_flashu_backend"
+
+
+def _registered_flashu(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+    if options is None:
+        raise ValueError('torch.compile(model, backend="flashu") needs options={"task": "gen", ...}; '
+                         "drive the steps through backend_from_options(options)")
+    return backend_from_options(options)(gm, example_inputs)
+
+
+def register_flashu_backend() -> None:
+    """Make ``torch.compile(model, backend="flashu", options={...})`` available (idempotent)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "flashu" not in _COMPILER_FNS:
+        register_backend(_registered_flashu, name="flashu")

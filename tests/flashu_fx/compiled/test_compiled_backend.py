@@ -161,3 +161,16 @@ def test_prefix_buckets_stop_recompiling_after_the_second(tiny_model, monkeypatc
         ref = generate_images(tiny_model, [list(range(1, n + 1))], steps=3, guidance=3.0)
         assert rel_err(out, ref) < 1e-5
     assert dict(backend.piece_captures) == warm
+
+
+def test_registered_backend_name_with_options(tiny_model) -> None:
+    from flashu_fx.compiled import backend_from_options
+
+    opts = {"task": "gen"}
+    gen = torch.compile(tiny_model, backend="flashu", options=opts)
+    backend = backend_from_options(opts)
+    out = generate_images_compiled(gen, backend, [[3, 4]], baseline_steps=4, guidance=4.0)
+    ref = generate_images(tiny_model, [[3, 4]], steps=4, guidance=4.0)
+    assert rel_err(out, ref) < 1e-5 and backend.compiles == 1
+    with pytest.raises(ValueError, match="unknown flashu options"):
+        backend_from_options({"task": "gen", "speed": "max"})
