@@ -1,4 +1,4 @@
-"""Understanding runtime: one compiled prefill per request, then one CUDA-graph replay per new token.
+"""Understanding runtime: a request is one prefill and one decode step per new token, each a CUDA-graph replay.
 
     prefill (step 0), rows padded to a multiple of PROMPT_BUCKET (pad keys are never attended: causal):
       prompt_embeddings (SigLIP + fusion, once) ─ prefill_layer 0..p over all rows
@@ -6,13 +6,16 @@
         ─ prefill_layer p+1.. over the kept rows ─ next_token on the last prompt position only
     decode step d (one token): embed(token) ─ decode_layer for every layer not skipped (a skipped layer is
       the identity: no K/V, its slot stays invalid) ─ decode_finish (norm, lm_head on one row, argmax,
-      position and slots + 1). On the GPU the whole step is one CUDA graph per (skip set, measure).
+      position and slots + 1).
 
-Static state per cache capacity C (a multiple of CACHE_BUCKET, shared by all requests and graphs): per-layer
-K/V caches, per-layer validity masks, RoPE tables, and (1,)-sized buffers the graphs read and advance
-themselves: the token to feed, its RoPE position, and the next slot of each layer group (layers <= p have
-slot base L0, layers > p base K0). The host touches them once per request (after the prefill) and reads
-one id per token (the stop check), plus the importances on a measuring step.
+On the GPU the prefill is one CUDA graph per row bucket and each decode step one per (skip set, measure):
+a new skip set costs one capture, never a compile. Static state per cache capacity C (a multiple of
+CACHE_BUCKET, shared by all requests and graphs): per-layer K/V caches and validity masks, RoPE tables, the
+prefill's inputs (latents, padded ids, L0 and the slot offsets as device scalars, so one graph serves every
+prompt of its bucket) and (1,)-sized buffers the decode graphs read and advance themselves: the token to
+feed, its RoPE position, and the next slot of each layer group (layers <= p have slot base L0, layers > p
+base K0). Per request the host writes the prefill inputs, then reads one id per step (the stop check),
+plus the importances on a measuring step and the kept positions once.
 
 Every rule (which steps measure, which layers skip, which tokens stay, slot bases, positions) is the eager
 twin's: the host-side plan is a ``flashu_fx.flashu_und.FlashUUndDecoder`` (used for its rules, not run) and
@@ -21,6 +24,7 @@ the skip set comes from ``choose_skip_set``; docs/SEMANTICS.md section 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 64  # prefill rows are padded to a multiple of this, so prompt lengths share compiled pieces
 CACHE_BUCKET = 256  # cache slots (and decode shapes) are a multiple of this
-MAX_GRAPHS = 64  # captured decode variants kept per capacity (a skip set is one of C(L, int(L * r_LS)))
+MAX_GRAPHS = 64  # captured variants kept per capacity, least recently used dropped (skip sets: C(L, L * r_LS))
 
 # compile_piece(fn, name, graph_passes) -> the compiled callable of one piece
 PieceCompiler = Callable[[Callable, str, list[Callable]], Callable]
@@ -68,8 +72,21 @@ class _Static:
     slot_a: Tensor  # (1,) int64: its cache slot in layers <= p
     slot_b: Tensor  # (1,) int64: its cache slot in layers > p
     logits: Tensor  # (V,) of the last step
-    importance: Tensor  # (L,) fp32 of the last measuring decode step
-    graphs: dict = field(default_factory=dict)  # (skip set, measure) -> torch.cuda.CUDAGraph
+    importance: Tensor  # (L,) fp32 of the last measuring step
+    prefills: dict = field(default_factory=dict)  # prefill key -> _PrefillInputs
+    graphs: dict = field(default_factory=dict)  # prefill key | (skip set, measure) -> torch.cuda.CUDAGraph
+
+
+@dataclass
+class _PrefillInputs:
+    """What one prefill graph reads: everything that varies between prompts of one row bucket P."""
+
+    latents: Tensor  # (1, C, h, w) as the caller gives them
+    tokens: Tensor  # (1, P) int64, padded with [PAD]
+    offset: Tensor  # (1,) int64: the time token's position
+    block: Tensor  # (1,) int64: where the bidirectional block starts
+    prompt_len: Tensor  # (1,) int64: L0
+    kept: Tensor  # (P - n + keep,) int64 out: rows kept after layer p (prompt positions)
 
 
 class UndRuntime:
@@ -145,15 +162,17 @@ class UndRuntime:
         """Greedy ids (the stop token included when reached), kept image positions, one record per step."""
         plan = FlashUUndDecoder(self.model, self.config, self.layout, prompt, max_new_tokens)  # the twin's rules
         self.logits = []
-        st, kept, importance = self._prefill(plan, latents)
+        st, pre = self._prefill(plan, latents)
         ids = [int(st.token)]  # the host read of step 0 (the GPU finished the prefill)
         skip_set: tuple[int, ...] = ()
         layers: LayerMode = "all"
+        importance = None
         if plan.skipping:
-            layers, importance = "measure", tuple(importance.tolist())
+            layers, importance = "measure", tuple(st.importance.tolist())
             skip_set = choose_skip_set(importance, plan.num_skipped)
-        kept_positions = None if kept is None else \
-            tuple(kept[plan.image_start : plan.image_start + plan.keep].tolist())
+        kept_positions = None
+        if plan.prune:
+            kept_positions = tuple(pre.kept[plan.image_start : plan.image_start + plan.keep].tolist())
         steps = [UndStepRecord(0, plan.prompt_len - 1, layers, (), importance, skip_set)]
         self._keep(st)
         eos = self.model.config.specials.eos
@@ -177,40 +196,59 @@ class UndRuntime:
         if self.keep_logits:
             self.logits.append(st.logits.clone())
 
-    def _prefill(self, plan: FlashUUndDecoder, latents: Tensor) -> tuple[_Static, Tensor | None, Tensor | None]:
-        """Step 0 into the static buffers; -> (state, kept rows (K,) or None, importance (L,) or None)."""
-        m, cfg, device = self.model, self.model.config, latents.device
-        prompt_len, n = plan.prompt_len, cfg.num_image_tokens
-        kept_len = prompt_len - n + plan.keep if plan.prune else prompt_len  # K0: slot base of layers > p
-        rows = round_up(prompt_len, PROMPT_BUCKET)
+    def _prefill(self, plan: FlashUUndDecoder, latents: Tensor) -> tuple[_Static, _PrefillInputs]:
+        """Step 0: write this prompt into its bucket's prefill inputs, then run (or replay) the prefill."""
+        cfg, device = self.model.config, latents.device
+        prompt_len, rows = plan.prompt_len, round_up(plan.prompt_len, PROMPT_BUCKET)
         st = self._static(round_up(max(rows, prompt_len + plan.max_new_tokens), CACHE_BUCKET), device)
-        st.valid.zero_()
-        st.valid[: self.first_kept_layer, :prompt_len] = True
-        st.valid[self.first_kept_layer :, :kept_len] = True
-        tokens = F.pad(plan.prompt.tokens, (0, rows - prompt_len), value=cfg.specials.pad).to(device)
-        h = self.embed(m, latents, tokens, torch.tensor([plan.prompt.offset], device=device))
-        mask = omni_mask(torch.tensor([plan.prompt.block_offset], device=device), rows, cfg.image_slot_len)
+        # The image slot's place is a Dynamo constant of the compaction piece: part of the key.
+        key = ("prefill", rows, plan.image_start, tuple(latents.shape), latents.dtype)
+        pre = st.prefills.get(key)
+        if pre is None:
+            index = lambda: torch.zeros(1, dtype=torch.int64, device=device)
+            pre = st.prefills[key] = _PrefillInputs(
+                torch.zeros_like(latents), torch.zeros(1, rows, dtype=torch.int64, device=device), index(), index(),
+                index(), torch.zeros(rows - cfg.num_image_tokens + plan.keep, dtype=torch.int64, device=device))
+        pre.latents.copy_(latents)
+        pre.tokens.copy_(F.pad(plan.prompt.tokens, (0, rows - prompt_len), value=cfg.specials.pad))
+        pre.offset.fill_(plan.prompt.offset)
+        pre.block.fill_(plan.prompt.block_offset)
+        pre.prompt_len.fill_(prompt_len)
+        self._run(st, key, lambda: self._prefill_step(st, pre, plan), tuned=False)
+        return st, pre
+
+    def _prefill_step(self, st: _Static, pre: _PrefillInputs, plan: FlashUUndDecoder) -> None:
+        """The prefill over the static buffers (what its CUDA graph captures): only ``pre`` varies by prompt."""
+        m, cfg = self.model, self.model.config
+        n, rows = cfg.num_image_tokens, pre.tokens.shape[1]
+        prompt_len = pre.prompt_len
+        kept_len = prompt_len - n + plan.keep if plan.prune else prompt_len  # K0: slot base of layers > p
+        slots = torch.arange(st.valid.shape[1], device=prompt_len.device)
+        st.valid[: self.first_kept_layer] = slots < prompt_len  # every prompt slot of its group, nothing after
+        st.valid[self.first_kept_layer :] = slots < kept_len
+        h = self.embed(m, pre.latents, pre.tokens, pre.offset)
+        mask = omni_mask(pre.block, rows, cfg.image_slot_len)
         cos, sin = st.cos[:rows], st.sin[:rows]
-        last, kept, inputs, outputs = prompt_len - 1, None, [], []
+        last, inputs, outputs = prompt_len - 1, [], []  # the last prompt position's row
         for i, layer in enumerate(self.layers):
             piece = self.prefill_kept if i >= self.first_kept_layer else self.prefill_full
             out = piece(layer, h, cos, sin, mask, st.k[i], st.v[i], *self.ffn[i])
             if plan.skipping:  # measured on the last prompt position, before any compaction
-                inputs.append(h[0, last])
-                outputs.append(out[0, last])
+                inputs.append(h.index_select(1, last))
+                outputs.append(out.index_select(1, last))
             if plan.prune and i == plan.prune_layer:
                 out, cos, sin, mask, kept = self.compact(layer, h, out, cos, sin, mask, plan.image_start, n,
                                                          plan.keep)
+                pre.kept.copy_(kept)
                 last = kept_len - 1
             h = out
-        self.first_token(m.showo.model.norm, m.showo.lm_head, h[:, last : last + 1], st.token, st.logits)
-        st.pos.fill_(prompt_len)
-        st.slot_a.fill_(prompt_len)
-        st.slot_b.fill_(kept_len)
-        importance = None
+        self.first_token(m.showo.model.norm, m.showo.lm_head, h.index_select(1, last), st.token, st.logits)
+        st.pos.copy_(prompt_len)
+        st.slot_a.copy_(prompt_len)
+        st.slot_b.copy_(kept_len)
         if plan.skipping:  # layer_importance of each layer's (input, output) pair, all layers at once
-            importance = 1.0 - F.cosine_similarity(torch.stack(inputs).float(), torch.stack(outputs).float(), dim=-1)
-        return st, kept, importance
+            cos_io = F.cosine_similarity(torch.cat(inputs).float(), torch.cat(outputs).float(), dim=-1)
+            st.importance.copy_(1.0 - cos_io.flatten())
 
     def _decode_step(self, st: _Static, skip: tuple[int, ...], measure: bool) -> None:
         """One decode token over the static buffers (this is what a CUDA graph captures)."""
@@ -233,28 +271,42 @@ class UndRuntime:
             torch.stack(importance, out=st.importance)
 
     def _decode(self, st: _Static, skip: tuple[int, ...], measure: bool) -> None:
-        """Run one decode step: on the GPU replay its graph, capturing it on first use (never a compile)."""
+        self._run(st, (skip, measure), lambda: self._decode_step(st, skip, measure), tuned=True)
+
+    def _tuning(self, tuned: bool):
+        """Inductor's coordinate descent tuning, scoped to compiling the decode pieces on the GPU: with it a
+        one-row product becomes a Triton reduction (GEMV at memory speed, norms and epilogues fused) instead
+        of a cuBLAS call (gpt-fast's setting)."""
+        if not (tuned and self.model.showo.lm_head.weight.is_cuda):
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(coordinate_descent_tuning=True)
+
+    def _run(self, st: _Static, key: tuple, step: Callable[[], None], tuned: bool) -> None:
+        """Run one step on the static buffers: on the GPU replay its graph, captured on first use."""
         if not self.cuda_graphs:
-            self._decode_step(st, skip, measure)
+            with self._tuning(tuned):
+                step()
             return
-        key = (skip, measure)
-        graph = st.graphs.get(key)
+        graph = st.graphs.pop(key, None)
         if graph is not None:
+            st.graphs[key] = graph  # most recently used last
             graph.replay()
             return
         if self._stream is None:
             self._stream, self._pool = torch.cuda.Stream(st.token.device), torch.cuda.graph_pool_handle()
-        # First use of this variant: run the step for real on the capture stream (it warms, or compiles, the
-        # pieces there), then capture the same step for later uses. Capturing executes nothing, so the state
-        # advances once. The graphs share one memory pool: they never run concurrently.
+        # First use: run the step for real on the capture stream (compiling or warming its pieces there), then
+        # capture the same step for later uses. Capturing executes nothing, so the state advances once. The
+        # graphs share one memory pool: they never run concurrently.
         self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            self._decode_step(st, skip, measure)
+        with torch.cuda.stream(self._stream), self._tuning(tuned):
+            step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-            self._decode_step(st, skip, measure)
+            step()
         torch.cuda.current_stream().wait_stream(self._stream)
         if len(st.graphs) >= MAX_GRAPHS:
             st.graphs.pop(next(iter(st.graphs)))
         st.graphs[key] = graph
-        self.graph_captures["measure" if measure else f"skip{list(skip)}"] += 1
+        self.graph_captures[key[0] if key[0] == "prefill" else "measure" if key[1] else f"skip{list(key[0])}"] += 1

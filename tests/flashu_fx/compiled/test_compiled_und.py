@@ -1,0 +1,187 @@
+"""The compiled understanding path against its eager twins: FlashU vs ``FlashUUndDecoder`` (identical kept
+tokens, skip sets and ids; logits within fp32 rel 1e-4), exact-only vs ``answer_question(kv_cache=True)``,
+no recompiles across prompt lengths and skip sets, clear errors. CPU: pieces run through the "eager" piece
+backend and no CUDA graphs; the ``gpu`` test replays CUDA graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashu_fx import FlashUConfig
+from flashu_fx.compiled import answer_question_compiled, flashu_backend
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.flashu_und import FlashUUndDecoder
+from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.mmu import decode_cached, next_token, prompt_embeddings
+from flashu_fx.tokenizer import get_tokenizer
+
+# Tiny-model FlashU settings under which every technique acts: 8 of 16 image tokens kept after layer 1, a
+# 224-of-256 FFN, 2 of 4 layers skipped, re-measured every 3 decode steps.
+TINY_UND = FlashUConfig.for_task("und", skip_ratio=0.5, skip_interval=3, ffn_width_multiple=8)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles anew: Dynamo's per-code cache holds 8 entries, then silently runs eager."""
+    torch._dynamo.reset()
+    yield
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def pruned_model(model, config: FlashUConfig, seed: int, two_tasks: bool):
+    """A permuted copy with random "und" scores; ``two_tasks`` adds "gen" ranges so und's range start varies."""
+    work = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    layers, inter = work.config.num_layers, work.config.intermediate_size
+    tasks = ("gen", "und") if two_tasks else ("und",)
+    keep = {t: top_k_mask(torch.rand(layers, inter, generator=gen), config.kept_ffn_width(inter)) for t in tasks}
+    layout = build_ffn_layout(keep)
+    permute_ffn_weights(work, layout.order)
+    return work, layout
+
+
+def eager_flashu(model, config, layout, latents, question, budget: int, stop_at_eos: bool):
+    """``answer_question_flashu``'s loop (greedy), keeping every step's logits: (decoder, ids, logits)."""
+    prompt = build_mmu_prompt(model.config, get_tokenizer(model.config), question)
+    decoder = FlashUUndDecoder(model, config, layout, prompt, budget)
+    logits = [decoder.prefill(prompt_embeddings(model, latents, prompt))]
+    ids = [next_token(logits[-1], 0.0, 1, None)]
+    while len(ids) < budget and not (stop_at_eos and ids[-1] == model.config.specials.eos):
+        logits.append(decoder.step(ids[-1]))
+        ids.append(next_token(logits[-1], 0.0, 1, None))
+    return decoder, ids, logits
+
+
+def compiled_answer(model, backend, latents, question, budget: int, stop_at_eos: bool = False):
+    und = torch.compile(model, backend=backend)
+    backend.und_runtime(und).keep_logits = True
+    answer = answer_question_compiled(und, backend, latents, question, max_new_tokens=budget, stop_at_eos=stop_at_eos)
+    return answer, backend.und_runtime(und).logits
+
+
+@settings(deadline=None, max_examples=5)
+@given(seed=st.integers(0, 1000), question_len=st.integers(1, 30), two_tasks=st.booleans(),
+       prune_layer=st.integers(0, 3), stop_at_eos=st.booleans())
+@torch.no_grad()
+def test_flashu_compiled_matches_eager_twin(tiny_model, seed, question_len, two_tasks, prune_layer, stop_at_eos):
+    torch._dynamo.reset()
+    config = FlashUConfig.from_dict({**TINY_UND.to_dict(), "token_prune_layer": prune_layer})
+    model, layout = pruned_model(tiny_model, config, seed, two_tasks)
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 16, 8, 8, generator=gen)
+    question = torch.randint(0, 200, (question_len,), generator=gen).tolist()
+    decoder, ids, logits = eager_flashu(model, config, layout, latents, question, 11, stop_at_eos)
+    backend = flashu_backend("und", config, layout)
+    answer, got = compiled_answer(model, backend, latents, question, 11, stop_at_eos)
+    assert answer.ids == ids
+    assert answer.kept_positions == decoder.kept_positions and len(answer.kept_positions) == 8
+    assert answer.prompt_len == decoder.prompt_len
+    for mine, twin in zip(answer.steps, decoder.steps, strict=True):
+        assert (mine.step, mine.position, mine.layers) == (twin.step, twin.position, twin.layers)
+        assert (mine.skipped, mine.skip_set) == (twin.skipped, twin.skip_set)
+        assert (mine.importance is None) == (twin.importance is None)
+        if mine.importance is not None:
+            torch.testing.assert_close(torch.tensor(mine.importance), torch.tensor(twin.importance),
+                                       rtol=1e-4, atol=1e-5)
+    assert len(answer.steps) < 4 or any(s.skipped for s in answer.steps), "layer skipping must act"
+    assert len(got) == len(logits)
+    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
+
+
+@settings(deadline=None, max_examples=4)
+@given(seed=st.integers(0, 1000), question_len=st.integers(0, 40), budget=st.integers(1, 9))
+@torch.no_grad()
+def test_exact_only_equals_eager_kv_cache(tiny_model, seed, question_len, budget):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 16, 8, 8, generator=gen)
+    question = torch.randint(0, 200, (question_len,), generator=gen).tolist()
+    prompt = build_mmu_prompt(tiny_model.config, get_tokenizer(tiny_model.config), question)
+    logits: list[torch.Tensor] = []
+
+    def step(row: torch.Tensor) -> int:
+        logits.append(row)
+        return int(row.argmax())
+
+    x = prompt_embeddings(tiny_model, latents, prompt)
+    ids = decode_cached(tiny_model, x, prompt, budget, step, stop_at_eos=False, progress=False)
+    answer, got = compiled_answer(tiny_model, flashu_backend("und"), latents, question, budget)
+    assert answer.ids == ids
+    assert answer.kept_positions is None and {s.layers for s in answer.steps} == {"all"}
+    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
+
+
+@torch.no_grad()
+def test_no_recompiles_across_prompts_and_skip_sets(tiny_model) -> None:
+    model, layout = pruned_model(tiny_model, TINY_UND, 0, two_tasks=True)
+    backend = flashu_backend("und", TINY_UND, layout)
+    und = torch.compile(model, backend=backend)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    answer_question_compiled(und, backend, latents, [1, 2, 3], max_new_tokens=10, stop_at_eos=False)
+    warm = dict(backend.piece_captures)
+    assert set(warm) == {"und_prompt_embeddings", "und_prefill_layer", "und_prune_compact", "und_prefill_layer_kept",
+                         "und_next_token", "und_decode_layer", "und_decode_layer_measured", "und_decode_finish"}
+    assert all(count == 1 for count in warm.values())
+    skip_sets = set()
+    for n in (0, 7, 19, 30, 41):  # prompts of 75..116 positions: one prefill bucket, one cache capacity
+        question = [(5 * i + n) % 200 for i in range(n)]
+        answer = answer_question_compiled(und, backend, latents, question, max_new_tokens=10, stop_at_eos=False)
+        skip_sets.update(s.skip_set for s in answer.steps)
+    assert dict(backend.piece_captures) == warm
+    assert len(skip_sets) > 1, "the prompts must lead to different skip sets"
+    assert backend.compiles == 0  # the compiled module's own forward was never traced
+
+
+def test_errors(tiny_model) -> None:
+    latents = torch.randn(1, 16, 8, 8)
+    backend = flashu_backend("und", TINY_UND)  # pruned FFN but no layout
+    und = torch.compile(tiny_model, backend=backend)
+    with pytest.raises(ValueError, match="needs an FFNLayout"):
+        answer_question_compiled(und, backend, latents, "hi")
+    plain = flashu_backend("und")
+    und = torch.compile(tiny_model, backend=plain)
+    with pytest.raises(ValueError, match=r"latents must be \(1, C, h, w\)"):
+        answer_question_compiled(und, plain, latents.expand(2, -1, -1, -1), "hi")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        answer_question_compiled(und, plain, latents, "hi", max_new_tokens=0)
+    with pytest.raises(TypeError, match="expected torch.compile"):
+        answer_question_compiled(torch.nn.Linear(2, 2), plain, latents, "hi")
+    with pytest.raises(RuntimeError, match="has no understanding runtime"):
+        answer_question_compiled(und, flashu_backend("gen"), latents, "hi")
+    bad_layer = flashu_backend("und", FlashUConfig.for_task("und", ffn_prune_ratio=0.0, token_prune_layer=4))
+    with pytest.raises(ValueError, match="token_prune_layer=4 is invalid"):
+        answer_question_compiled(torch.compile(tiny_model, backend=bad_layer), bad_layer, latents, "hi")
+    from flashu_fx.layout import build_gen_batch
+
+    b = build_gen_batch(tiny_model.config, [[1, 2]])
+    with pytest.raises(Exception, match="answer_question_compiled"):
+        und(b.tokens, torch.randn(2, 16, 8, 8), torch.zeros(2), b.offsets, b.mask, return_logits=False)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graphs_match_eager_twin(tiny_model) -> None:
+    """On the GPU: decode steps replay CUDA graphs (one capture per variant); decisions equal the eager twin's."""
+    model, layout = pruned_model(tiny_model, TINY_UND, 3, two_tasks=True)
+    model = model.cuda()
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3)).cuda()
+    decoder, ids, logits = eager_flashu(model, TINY_UND, layout, latents, [4, 5, 6], 14, False)
+    backend = flashu_backend("und", TINY_UND, layout)
+    answer, got = compiled_answer(model, backend, latents, [4, 5, 6], 14)
+    assert answer.ids == ids and answer.kept_positions == decoder.kept_positions
+    assert [s.skipped for s in answer.steps] == [s.skipped for s in decoder.steps]
+    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-3
+    rt = next(iter(backend._und_runtimes.values()))
+    captures = dict(rt.graph_captures)
+    assert captures and all(count == 1 for count in captures.values())
+    und = torch.compile(model, backend=backend)
+    again = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=14, stop_at_eos=False)
+    assert again.ids == answer.ids and dict(rt.graph_captures) == captures
