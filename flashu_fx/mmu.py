@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
-from flashu_fx.masks import decode_mask, omni_mask, pad_mask_to
+from flashu_fx.masks import additive_mask, decode_mask, omni_mask, pad_mask_to
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import KVCache
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
@@ -79,36 +80,72 @@ def answer_question(
     return Answer(ids, tok.decode(ids))
 
 
+def all_position_logits(lm_head: nn.Linear, hidden: Tensor) -> Tensor:
+    """lm_head over every position, (B, L, H) -> (B, L, V): what upstream's ``mmu_generate`` computes per token.
+
+    On CUDA the vocabulary is split at the largest multiple of 16 (two products and one concatenation; the
+    same logits for the same FLOPs). With Show-o2's V = 151669 one product over all rows has unaligned output
+    rows and cuBLAS falls back to an sm75 kernel (9.98 ms per token at 7B, 780 positions; writing into
+    16-aligned padded rows did not change its choice). The anchors cannot have paid that: their 27.8 ms per
+    token at 7B is less than our other work per token (about 24.8 ms) plus 10 ms. The CPU keeps one product.
+    """
+    weight, vocab = lm_head.weight, lm_head.weight.shape[0]
+    split = vocab // 16 * 16
+    if hidden.device.type != "cuda" or lm_head.bias is not None or split in (0, vocab):
+        return lm_head(hidden)
+    return torch.cat([F.linear(hidden, weight[:split]), F.linear(hidden, weight[split:])], dim=-1)
+
+
 def decode_cached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress) -> list[int]:
+    """Prefill into static caches, then one token per call: a plain eager decode loop.
+
+    Everything a step needs that does not depend on the generated ids is made once per answer: the RoPE
+    tables, the positions, and the masks as additive 0 / -inf tensors in the model dtype (the same softmax as
+    the bool mask; SDPA would convert a bool mask on every call, in every layer). A step passes views of them.
+    """
     cfg, device, n0 = model.config, x.device, x.shape[1]
     max_len = n0 + max_new_tokens
     caches = make_kv_caches(model, 1, max_len, x.dtype, device)
     cos_all, sin_all, _, _ = model.rope(max_len, x.dtype, device)
-    pos = torch.arange(n0, device=device)
-    mask = pad_mask_to(prompt.mask(cfg).to(device), max_len)
-    hidden = model.showo(x, cos_all[:n0], sin_all[:n0], mask, caches, pos)
+    positions = torch.arange(max_len, device=device)
+    block = torch.tensor([prompt.block_offset], device=device)
+    mask = additive_mask(pad_mask_to(omni_mask(block, n0, cfg.image_slot_len), max_len), x.dtype)
+    rows = additive_mask(decode_mask(positions, max_len), x.dtype)  # (1, 1, max_len, max_len): row p = token p
+    hidden = model.showo(x, cos_all[:n0], sin_all[:n0], mask, caches, positions[:n0])
     ids = [step(model.showo.lm_head(hidden[0, -1]))]
+    token = torch.empty(1, 1, dtype=torch.long, device=device)
     for i in tqdm(range(1, max_new_tokens), desc="decoding", disable=not progress, leave=False):
         if stop_at_eos and ids[-1] == cfg.specials.eos:
             break
-        pos = torch.tensor([n0 + i - 1], device=device)
-        emb = model.showo.model.embed_tokens(torch.tensor([[ids[-1]]], device=device))
-        hidden = model.showo(emb, cos_all[pos], sin_all[pos], decode_mask(pos, max_len), caches, pos)
+        p = n0 + i - 1
+        emb = model.showo.model.embed_tokens(token.fill_(ids[-1]))
+        hidden = model.showo(
+            emb, cos_all[p : p + 1], sin_all[p : p + 1], rows[:, :, p : p + 1], caches, positions[p : p + 1]
+        )
         ids.append(step(model.showo.lm_head(hidden[0, -1])))
     return ids
 
 
 def decode_uncached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress) -> list[int]:
-    cfg, device = model.config, x.device
+    """Upstream's ``mmu_generate``: every token re-runs the whole LLM over the whole sequence and computes the
+    logits of every position (only the last is used).
+
+    Upstream's growing mask equals the omni mask of the longer sequence (the new rows are causal), so every
+    step's mask is the top-left corner of one additive mask made once for the longest sequence; the RoPE tables
+    likewise. Upstream grows its mask with a few concatenations per token; either is a few microseconds.
+    """
+    cfg, device, n0 = model.config, x.device, x.shape[1]
+    n_max = n0 + max_new_tokens - 1  # the longest sequence a step runs over
+    cos_all, sin_all, _, _ = model.rope(n_max, x.dtype, device)
     block = torch.tensor([prompt.block_offset], device=device)
+    mask = additive_mask(omni_mask(block, n_max, cfg.image_slot_len), x.dtype)
+    token = torch.empty(1, 1, dtype=torch.long, device=device)
     ids: list[int] = []
-    for _ in tqdm(range(max_new_tokens), desc="decoding", disable=not progress, leave=False):
+    for i in tqdm(range(max_new_tokens), desc="decoding", disable=not progress, leave=False):
         n = x.shape[1]
-        cos, sin, _, _ = model.rope(n, x.dtype, device)
-        # Upstream's growing mask equals the omni mask of the longer sequence (new rows are causal).
-        hidden = model.showo(x, cos, sin, omni_mask(block, n, cfg.image_slot_len))
-        ids.append(step(model.showo.lm_head(hidden)[0, -1]))  # logits of every position, as upstream
-        if stop_at_eos and ids[-1] == cfg.specials.eos:
+        hidden = model.showo(x, cos_all[:n], sin_all[:n], mask[:, :, :n, :n])
+        ids.append(step(all_position_logits(model.showo.lm_head, hidden)[0, -1]))
+        if (stop_at_eos and ids[-1] == cfg.specials.eos) or i + 1 == max_new_tokens:
             break
-        x = torch.cat([x, model.showo.model.embed_tokens(torch.tensor([[ids[-1]]], device=device))], dim=1)
+        x = torch.cat([x, model.showo.model.embed_tokens(token.fill_(ids[-1]))], dim=1)
     return ids

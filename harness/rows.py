@@ -42,7 +42,7 @@ UNITS = {"gen": "calls", "und": "tokens"}
 # lm_head at every call; und: upstream's mmu_generate, no KV cache).
 BASELINES = {"gen": "eager", "und": "eager-nokv"}
 # Modules that register more rows when they exist (FlashU eager, compiled backend); extend to add more.
-OPTIONAL_ROW_MODULES: list[str] = ["harness.flashu_rows", "harness.compiled_rows"]
+OPTIONAL_ROW_MODULES: list[str] = ["harness.flashu_rows", "harness.compiled_rows", "harness.compiled_und_rows"]
 
 
 @dataclass
@@ -60,7 +60,15 @@ class GenContext:
 
 @dataclass
 class UndContext:
-    """One understanding request: an image as latents (1, C, h, w) and a question (text or ids)."""
+    """One understanding request: an image as latents (1, C, h, w) and a question (text or ids).
+
+    Timed region of every und row: the whole request from the latents, i.e. the image features (SigLIP stack,
+    fusion: 12.5 ms at 1.5B, 10.0 ms at 7B on an H200), the prompt embeddings, the prefill and every new
+    token. Upstream computes the features once before ``mmu_generate`` and the anchors (anchors.md) time
+    ``mmu_generate`` alone, so against an anchor our numbers carry those milliseconds extra (BENCHMARKS.md
+    says so beside each). They stay in because every und row (eager, flashu-eager, compiled-*) starts from the
+    latents and the speedup column needs one region for all; FlashU does not change the features.
+    """
 
     model: Showo2
     latents: Tensor
@@ -163,6 +171,10 @@ def eager_gen(ctx: GenContext) -> PreparedRow:
 
 
 def eager_und(kv_cache: bool) -> RowFn:
+    """The eager baselines. ``eager-nokv`` computes what upstream's ``mmu_generate`` computes per token (the
+    whole LLM over the whole sequence, logits of every position); ``eager-kv`` is a plain eager decode loop over
+    a static KV cache. Both keep no per-token work that upstream does not do (flashu_fx.mmu, decode_*)."""
+
     def row(ctx: UndContext) -> PreparedRow:
         def run() -> Answer:
             return answer_question(
