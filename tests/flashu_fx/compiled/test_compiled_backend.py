@@ -174,3 +174,21 @@ def test_registered_backend_name_with_options(tiny_model) -> None:
     assert rel_err(out, ref) < 1e-5 and backend.compiles == 1
     with pytest.raises(ValueError, match="unknown flashu options"):
         backend_from_options({"task": "gen", "speed": "max"})
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_inductor_match_eager_flashu_on_gpu(tiny_model) -> None:
+    """On the GPU: inductor pieces replayed as CUDA graphs give eager FlashU's decisions and latents (fp32),
+    and a second image with a new prompt length compiles nothing new."""
+    model, layout = pruned_model(tiny_model, TINY_GEN)
+    model = model.cuda()
+    eager = generate_images_flashu(model, [[4, 5, 6]], TINY_GEN, layout, baseline_steps=12, guidance=5.0)
+    backend = flashu_backend("gen", TINY_GEN, layout)
+    gen = torch.compile(model, backend=backend)
+    out = generate_images_compiled(gen, backend, [[4, 5, 6]], baseline_steps=12, guidance=5.0)
+    records = next(iter(backend._runtimes.values())).records
+    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
+    assert rel_err(out, eager.latents) < 1e-3  # inductor's fp32 matmuls may use TF32-free but reordered sums
+    warm = dict(backend.piece_captures)
+    generate_images_compiled(gen, backend, [[7] * 9], baseline_steps=12, guidance=5.0, seed=1)
+    assert dict(backend.piece_captures) == warm
