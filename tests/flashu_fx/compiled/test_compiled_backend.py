@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from compiled_oracles import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,17 +21,6 @@ from flashu_fx.flashu_gen import generate_images_flashu
 # Tiny-model FlashU settings under which every technique acts within a few calls: 2 of 4 layers skipped,
 # re-measured every 3 calls, the head stored every 2nd call, widths in multiples of 8.
 TINY_GEN = FlashUConfig.for_task("gen", skip_ratio=0.5, skip_interval=3, head_cache_interval=2, ffn_width_multiple=8)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles anew: Dynamo's per-code cache holds 8 entries, then silently runs eager."""
-    torch._dynamo.reset()
-    yield
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def pruned_model(model, config: FlashUConfig, seed: int = 0):

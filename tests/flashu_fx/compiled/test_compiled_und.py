@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from compiled_oracles import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,17 +24,6 @@ from flashu_fx.tokenizer import get_tokenizer
 # Tiny-model FlashU settings under which every technique acts: 8 of 16 image tokens kept after layer 1, a
 # 224-of-256 FFN, 2 of 4 layers skipped, re-measured every 3 decode steps.
 TINY_UND = FlashUConfig.for_task("und", skip_ratio=0.5, skip_interval=3, ffn_width_multiple=8)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles anew: Dynamo's per-code cache holds 8 entries, then silently runs eager."""
-    torch._dynamo.reset()
-    yield
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def pruned_model(model, config: FlashUConfig, seed: int, two_tasks: bool):
