@@ -9,7 +9,6 @@ compiled-exact against the eager baseline, compiled-flashu against eager FlashU 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
 from flashu_fx.t2i import eager_velocity
 from harness.flashu_rows import pruned_copy
-from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, synchronize
+from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, timed
 
 
 def latent_cosine(a: Tensor, b: Tensor) -> float:
@@ -45,13 +44,7 @@ def compiled_gen_row(config: FlashUConfig | None):
             plans = backend.begin_image(points - 1, ctx.guidance)
             return euler_sample(velocity, noise, grid, [p.guidance for p in plans], ctx.progress)
 
-        device = noise.device
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = run()
-        synchronize(device)
-        first = time.perf_counter() - start
+        out, first = timed(run, noise.device)
         with torch.no_grad():
             if config is None:
                 twin = euler_sample(eager_velocity(model, batch, return_logits=False), noise, grid, ctx.guidance)

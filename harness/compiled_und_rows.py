@@ -11,7 +11,6 @@ pruned copy (shared id prefix; kept image tokens and per-step skip sets equal).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -20,7 +19,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.mmu import Answer, answer_question
 from harness.flashu_rows import pruned_copy
-from harness.rows import PreparedRow, UndContext, model_device, register_row, synchronize
+from harness.rows import PreparedRow, UndContext, model_device, register_row, timed
 
 TIMING_REPEATS = 3  # answers per split timing (prefill only / whole answer) in the row note
 
@@ -49,21 +48,9 @@ def compiled_und_row(config: FlashUConfig | None):
                                             max_new_tokens=new_tokens, stop_at_eos=ctx.stop_at_eos)
 
         def seconds(new_tokens: int) -> float:
-            times = []
-            for _ in range(TIMING_REPEATS):
-                synchronize(device)
-                start = time.perf_counter()
-                run(new_tokens)
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
+            return statistics.median(timed(lambda: run(new_tokens), device)[1] for _ in range(TIMING_REPEATS))
 
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = run()
-        synchronize(device)
-        first = time.perf_counter() - start
+        out, first = timed(run, device)
         prefill, whole = seconds(1), seconds(ctx.max_new_tokens)
         per_token = (whole - prefill) / max(len(out.ids) - 1, 1)
         with torch.no_grad():

@@ -205,6 +205,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(fn(), wall seconds) with the device synchronised on both sides, under no_grad."""
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
 @dataclass
 class RowResult:
     name: str
