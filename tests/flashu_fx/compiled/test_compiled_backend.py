@@ -182,3 +182,57 @@ def test_cuda_graphs_and_inductor_match_eager_flashu_on_gpu(tiny_model) -> None:
     warm = dict(backend.piece_captures)
     generate_images_compiled(gen, backend, [[7] * 9], baseline_steps=12, guidance=5.0, seed=1)
     assert dict(backend.piece_captures) == warm
+
+
+@st.composite
+def tiny_configs(draw):
+    """Random small Show-o2 shapes: GQA groups, head sizes, depths and FFN widths vary."""
+    base = get_config("tiny")
+    kv = draw(st.sampled_from([1, 2]))
+    heads = kv * draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    return dataclasses.replace(
+        base,
+        name="tiny-random",
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        num_layers=draw(st.integers(2, 5)),
+        intermediate_size=8 * draw(st.integers(4, 24)),
+        head_num_layers=draw(st.integers(1, 3)),
+    )
+
+
+@settings(deadline=None, max_examples=3)
+@given(cfg=tiny_configs(), seed=st.integers(0, 100))
+def test_backend_matches_eager_flashu_on_random_configs(cfg, seed: int) -> None:
+    from flashu_fx import Showo2, init_random_weights
+
+    torch._dynamo.reset()
+    model = init_random_weights(Showo2(cfg), seed=seed).eval()
+    config = dataclasses.replace(TINY_GEN, skip_ratio=0.4)
+    model, layout = pruned_model(model, config, seed)
+    prompt = [(3 * i + seed) % 200 for i in range(1 + seed % 20)]
+    eager = generate_images_flashu(model, [prompt], config, layout, baseline_steps=12, guidance=5.0, seed=seed)
+    backend = flashu_backend("gen", config, layout, model_config=cfg)
+    gen = torch.compile(model, backend=backend)
+    out = generate_images_compiled(gen, backend, [prompt], baseline_steps=12, guidance=5.0, seed=seed)
+    records = next(iter(backend._runtimes.values())).records
+    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
+    assert [r.head for r in records] == [r.head for r in eager.records]
+    assert rel_err(out, eager.latents) < 1e-4
+
+
+def test_unknown_model_size_needs_model_config() -> None:
+    from flashu_fx import Showo2, init_random_weights
+    from flashu_fx.layout import build_gen_batch
+
+    cfg = dataclasses.replace(get_config("tiny"), hidden_size=48, num_heads=3, num_kv_heads=1, head_dim=16)
+    model = init_random_weights(Showo2(cfg)).eval()
+    backend = flashu_backend("gen")
+    gen = torch.compile(model, backend=backend)
+    b = build_gen_batch(cfg, [[1, 2]])
+    backend.begin_image(2, 3.0)
+    with pytest.raises(ValueError, match="unsupported Show-o2 model: hidden_size=48"), backend.step(0):
+        gen(b.tokens, torch.randn(2, 16, 8, 8), torch.zeros(2), b.offsets, b.mask, return_logits=False)
