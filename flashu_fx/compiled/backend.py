@@ -71,13 +71,13 @@ class FlashUBackend:
 
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                 mode: str | None = None, cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
-        self.piece_backend, self.mode, self.cuda_graphs = piece_backend, mode, cuda_graphs
+        self.piece_backend, self.cuda_graphs = piece_backend, cuda_graphs
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -137,7 +137,7 @@ class FlashUBackend:
         rt = self._und_runtimes.get(id(model))
         if rt is None or rt.model is not model:
             cuda = model.showo.lm_head.weight.is_cuda
-            compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"), None,
+            compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
                                                 self.piece_captures)  # CUDA graphs are the runtime's own
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
             self._und_runtimes[id(model)] = rt
@@ -175,7 +175,7 @@ class FlashUBackend:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.mode, self.piece_captures)
+            compile_piece = make_piece_compiler(backend, self.piece_captures)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[key] = rt
         return rt
@@ -232,10 +232,10 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                   mode: str | None = None, cuda_graphs: bool = True) -> FlashUBackend:
+                   cuda_graphs: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph."""
-    return FlashUBackend(task, config, layout, model_config, piece_backend, mode, cuda_graphs)
+    return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs)
 
 
 def backend_from_options(options: dict) -> FlashUBackend:
@@ -250,7 +250,7 @@ def backend_from_options(options: dict) -> FlashUBackend:
     """
     backend = options.get(_OPTIONS_KEY)
     if backend is None:
-        unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "mode", "cuda_graphs"}
+        unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "cuda_graphs"}
         if unknown:
             raise ValueError(f"unknown flashu options {sorted(unknown)}")
         backend = options[_OPTIONS_KEY] = flashu_backend(**options)

@@ -18,8 +18,7 @@ from torch import fx
 log = logging.getLogger(__name__)
 
 
-def make_piece_compiler(backend: str = "inductor", mode: str | None = None,
-                        captures: Counter | None = None) -> Callable:
+def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
     ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile)."""
     if backend not in ("inductor", "eager"):
@@ -36,7 +35,8 @@ def make_piece_compiler(backend: str = "inductor", mode: str | None = None,
                 return gm.forward
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": mode == "reduce-overhead"})
+            # No inductor CUDA graphs: the runtimes capture whole calls, pieces included.
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": False})
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         fresh.__qualname__ = f"{fn.__qualname__}[{name}]"
