@@ -10,11 +10,38 @@ import time
 
 import torch
 
-from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx.compiled import flashu_backend, generate_images_compiled, stepped_velocity
 from flashu_fx.config import get_config
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layout import build_gen_batch
+from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from harness.bench import build_random_model
+from harness.rows import synchronize
+
+
+def timed_calls(gen, backend, prompt: list[list[int]], steps: int) -> list[float]:
+    """One image through the sampler with the device synchronised around every model call: ms per call."""
+    model = gen._orig_mod
+    device = next(model.parameters()).device
+    batch = build_gen_batch(model.config, prompt).to(device)
+    points = steps if backend.config is None else backend.config.num_points(steps)
+    plans = backend.begin_image(points - 1, 10.0)
+    velocity = stepped_velocity(gen, backend, batch)
+    per_call: list[float] = []
+
+    def timed(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        synchronize(device)
+        start = time.perf_counter()
+        v = velocity(x, t, step)
+        synchronize(device)
+        per_call.append(1000 * (time.perf_counter() - start))
+        return v
+
+    noise = draw_noise((1, model.config.latent_channels, *model.config.latent_size), 0).to(device)
+    with torch.no_grad():
+        euler_sample(timed, noise, time_grid(points), [p.guidance for p in plans])
+    return per_call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,20 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    per_call = []
-    original = backend._run
-
-    def timed_run(match, run_args):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = original(match, run_args)
-        torch.cuda.synchronize()
-        per_call.append(1000 * (time.perf_counter() - start))
-        return out
-
-    backend._run = timed_run
-    generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
-    backend._run = original
+    per_call = timed_calls(gen, backend, prompt, args.steps)
     records = next(iter(backend._runtimes.values())).records
     for r, ms in zip(records, per_call, strict=True):
         print(f"call {r.call:2d} head={r.head:7s} trunk={int(r.trunk_ran)} skip={len(r.skip_set)} "

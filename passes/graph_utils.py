@@ -1,4 +1,4 @@
-"""Helpers shared by the passes: where a node comes from (its module path), and region lookups."""
+"""Helpers shared by the passes: where a node comes from (its module path)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,3 @@ def module_path(node: fx.Node) -> str | None:
     path = _SELF_PREFIX.sub("", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules", "")
 
-
-def nodes_under(gm: fx.GraphModule, prefix: str) -> list[fx.Node]:
-    """Nodes created inside the module ``prefix`` (or below it)."""
-    out = []
-    for node in gm.graph.nodes:
-        path = module_path(node)
-        if path is not None and (path == prefix or path.startswith(prefix + ".")):
-            out.append(node)
-    return out
