@@ -14,6 +14,7 @@ import argparse
 import copy
 
 import torch
+import torch._inductor.config
 
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
 from flashu_fx.config import get_config
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.check_equivalence")
     parser.add_argument("--preset", default="showo2-1.5b")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--emulate-precision-casts", action="store_true",
+                        help="inductor rounds fused intermediates to the model dtype, as eager does")
     args = parser.parse_args(argv)
+    if args.emulate_precision_casts:
+        torch._inductor.config.emulate_precision_casts = True
     device = torch.device("cuda")
     model = build_random_model(get_config(args.preset), device, torch.bfloat16)
     fp32 = copy.deepcopy(model).float()

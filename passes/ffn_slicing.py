@@ -56,7 +56,7 @@ def slice_ffn(gm: fx.GraphModule, lo: int, hi: int) -> int:
             index = slice(lo, hi) if leaf != "down_proj" else (slice(None), slice(lo, hi))
             with gm.graph.inserting_before(node):
                 sliced = gm.graph.call_function(operator.getitem, (weight, index))
-            sliced.meta = dict(weight.meta)
+            sliced.meta = {k: v for k, v in weight.meta.items() if k != "example_value"}
             node.replace_input_with(weight, sliced)
         rewritten += 1
     gm.graph.lint()

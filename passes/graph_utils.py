@@ -1,10 +1,11 @@
-"""Helpers shared by the passes: where a node comes from (its module path)."""
+"""Helpers shared by the passes: where a node comes from (its module path), what tensor it stands for."""
 
 from __future__ import annotations
 
+import operator
 import re
 
-from torch import fx
+from torch import Tensor, fx
 
 _SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
 
@@ -18,3 +19,16 @@ def module_path(node: fx.Node) -> str | None:
     path = _SELF_PREFIX.sub("", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules", "")
 
+
+
+def fake_value(node: object) -> Tensor | None:
+    """The example (fake) tensor a node stands for: a placeholder's ``example_value``, or a getitem of one."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        value = node.meta.get("example_value")
+        return value if isinstance(value, Tensor) else None
+    if node.op == "call_function" and node.target is operator.getitem:
+        base = fake_value(node.args[0])
+        return None if base is None else base[node.args[1]]
+    return None

@@ -71,17 +71,16 @@ if triton is not None:
         return a0 + a1, b0 + b1
 
     @triton.jit
+    def _add4(a0, b0, c0, d0, a1, b1, c1, d1):
+        return a0 + a1, b0 + b1, c0 + c1, d0 + d1
+
+    @triton.jit
     def _min_max(lo0, hi0, lo1, hi1):
         return tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
 
     @triton.jit
-    def _threshold(key, real, keep):
-        """(T, #(key < T)) for T = the smallest key with #(key <= T) >= keep.
-
-        Radix search on the bits, 2 per step: three counts per step, packed into two int32s (16-bit
-        fields, as #keys <= 16384) and summed in one reduction. It starts below the highest bit where
-        min and max differ (norms of one row share their top bits: ~12 steps instead of 16).
-        """
+    def _threshold2(key, real, keep):
+        """OLD (measurement only): radix 2 bits/step by comparisons."""
         lo, hi = tl.reduce((key, tl.where(real, key, 0)), 0, _min_max)
         top = ((lo ^ hi).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # >= highest set bit
         s0 = tl.maximum(tl.minimum(top | 1, 29), -1)  # odd: 2-bit steps at s0, s0 - 2, ..., 1, then bit 0
@@ -103,13 +102,55 @@ if triton is not None:
         n_lt = tl.where(c < keep, c, n_lt)
         return prefix | (c < keep).to(tl.int32), n_lt
 
+    @triton.jit
+    def _threshold(key, real, keep, BLOCK_N: tl.constexpr):
+        """(T, #(key < T)) for T = the smallest key with #(key <= T) >= keep.
+
+        Radix search, 3 bits per step, on the offsets key - min (real keys span [0, max - min], so
+        ceil(bits(max - min) / 3) steps: 7 for a row of norms, whose offsets span ~21 bits). Each step
+        counts, for the 7 inner bounds of the current range, #(offset <= bound) in ONE reduction:
+        per key a one-hot nibble 1 << 4 * digit, summed over groups of 8 keys (a nibble holds <= 8),
+        turned into cumulative counts by one multiply (* 0x11111111), then widened to 16-bit fields
+        (two counts per int32, as counts <= 16384) and summed over the row as 4 int32s.
+        Invariant: #(off < prefix) = n_lt < keep <= #(off < prefix + (8 << s)).
+        """
+        GS: tl.constexpr = 8 if BLOCK_N >= 8 else BLOCK_N
+        lo, hi = tl.reduce((key, tl.where(real, key, 0)), 0, _min_max)
+        off = key - lo  # >= 0 (keys are non-negative int32), padding above every real key
+        # bits(max - min): the float's exponent (int -> float may round up: one spare step at most).
+        nbits = tl.maximum((((hi - lo).to(tl.float32).to(tl.int32, bitcast=True)) >> 23) - 126, 0)
+        s = (nbits + 2) // 3 * 3 - 3
+        prefix = lo * 0
+        n_lt = lo * 0
+        while s >= 0:  # not `for i in range(tensor)`: triton 3.6's interpreter rejects it
+            digit = tl.minimum(tl.maximum((off - prefix) >> s, 0), 7)  # below the range: 0, above: 7
+            onehot = 1 << (digit * 4)
+            # digit 7 (nibble 7, bits 28-31) is never counted: masked off before the prefix multiply,
+            # which then cannot carry (each nibble <= 8); int32 wrap-around above bit 28 is harmless.
+            h = tl.sum(tl.reshape(onehot, [BLOCK_N // GS, GS]), axis=1) & 0x0FFFFFFF
+            cum = h * 0x11111111  # nibble k: #(digit <= k) in the group
+            w0 = (cum & 0xF) | ((cum << 12) & 0xF0000)  # c0 | c1 << 16
+            w1 = ((cum >> 8) & 0xF) | ((cum << 4) & 0xF0000)  # c2 | c3 << 16
+            w2 = ((cum >> 16) & 0xF) | ((cum >> 4) & 0xF0000)  # c4 | c5 << 16
+            w3 = (cum >> 24) & 0xF  # c6
+            c01, c23, c45, c6 = tl.reduce((w0, w1, w2, w3), 0, _add4)
+            c0, c1, c2, c3, c4, c5 = c01 & 0xFFFF, c01 >> 16, c23 & 0xFFFF, c23 >> 16, c45 & 0xFFFF, c45 >> 16
+            d = (c0 < keep).to(tl.int32) + (c1 < keep).to(tl.int32) + (c2 < keep).to(tl.int32)
+            d += (c3 < keep).to(tl.int32) + (c4 < keep).to(tl.int32) + (c5 < keep).to(tl.int32)
+            d += (c6 < keep).to(tl.int32)
+            n_lt = tl.where(d == 1, c0, tl.where(d == 2, c1, tl.where(d == 3, c2, tl.where(d == 4, c3, n_lt))))
+            n_lt = tl.where(d == 5, c4, tl.where(d == 6, c5, tl.where(d == 7, c6, n_lt)))
+            prefix += d << s
+            s -= 3
+        return prefix + lo, n_lt
+
     # Values that vary per call are not specialized (no recompiles); the strides are (alignment).
     @triton.jit(do_not_specialize=["start", "seq_len", "length", "keep"])
     def _vnorm_topk_kernel(
         v_ptr,  # [B, L, C], last dim contiguous
         start_rows_ptr,  # [B] int64, read only when HAS_START_ROWS
         ws_ptr,  # [B, BLOCK_N] int32 scratch: fp32 norm bits (row stride BLOCK_N: 16 B loads)
-        count_ptr,  # [B] int32 arrival counters, zeroed; read only when SPLIT
+        count_ptr,  # [B] int32 arrival counters, zero on entry and on exit; used only when SPLIT
         out_ptr,  # [B, keep] int64
         start,
         seq_len,
@@ -123,6 +164,9 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        SELECT: tl.constexpr = 3,
+        ACC64: tl.constexpr = True,
+        ACC2D: tl.constexpr = False,
     ):
         chunk = tl.program_id(0)
         b = tl.program_id(1)
@@ -134,15 +178,24 @@ if triton is not None:
         j = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
         tok_ok = tl.where(valid, j < length, False)  # where: `valid` may be a python bool
         rows = v_ptr + b.to(tl.int64) * stride_b + (start + j).to(tl.int64) * stride_l
-        acc = tl.zeros([BLOCK_T], dtype=tl.float64)
+        ACC_T: tl.constexpr = tl.float64 if ACC64 else tl.float32
+        if ACC2D:
+            acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_T)
+        else:
+            acc = tl.zeros([BLOCK_T], dtype=ACC_T)
         for d0 in tl.static_range(0, C, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             if C % BLOCK_D == 0:
                 mask = tok_ok[:, None]
             else:
                 mask = tok_ok[:, None] & (d < C)[None, :]
-            x = tl.load(rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float64)
-            acc += tl.sum(x * x, axis=1)
+            x = tl.load(rows[:, None] + d[None, :], mask=mask, other=0.0).to(ACC_T)
+            if ACC2D:
+                acc2 += x * x
+            else:
+                acc += tl.sum(x * x, axis=1)
+        if ACC2D:
+            acc = tl.sum(acc2, axis=1)
         norm = tl.sqrt(acc).to(tl.float32)  # fp64 sqrt is IEEE round-to-nearest
         bits = norm.to(tl.int32, bitcast=True)
         bits = tl.where(norm != norm, _NAN_BITS, bits)
@@ -155,21 +208,57 @@ if triton is not None:
             arrived = tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu")
             is_last = arrived == tl.num_programs(0) - 1
         if is_last:
-            # Phase 2: select. .cg reads L2, where the other programs' norms are visible.
-            n = tl.arange(0, BLOCK_N)
-            key = tl.load(ws_row + n, cache_modifier=".cg")  # unmasked: 16 B loads; row is BLOCK_N
-            key = tl.where(n < length, key, _PAD_BITS)
-            prefix, n_lt = _threshold(key, n < length, keep)
-            lt = key < prefix
-            eq = key == prefix
-            n_tie = keep - n_lt  # ties kept, lowest index first
-            scan = tl.cumsum(lt.to(tl.int32) | (eq.to(tl.int32) << 16), axis=0)
-            lt_before = (scan & 0xFFFF) - lt.to(tl.int32)
-            eq_before = (scan >> 16) - eq.to(tl.int32)
-            kept = lt | (eq & (eq_before < n_tie))
-            slot = lt_before + tl.minimum(eq_before, n_tie)
-            pos = tl.where(valid, start + n.to(tl.int64), -1)
-            tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
+            if SPLIT:
+                # Every program of the row has arrived: reset for the next launch (stream order makes
+                # it visible there), so the counters never need a memset.
+                tl.store(count_ptr + b, 0)
+            if SELECT != 0:
+                # Phase 2: select. .cg reads L2, where the other programs' norms are visible.
+                n = tl.arange(0, BLOCK_N)
+                key = tl.load(ws_row + n, cache_modifier=".cg")  # unmasked: 16 B loads; row is BLOCK_N
+                key = tl.where(n < length, key, _PAD_BITS)
+                if SELECT == 2:
+                    prefix, n_lt = _threshold2(key, n < length, keep)
+                else:
+                    prefix, n_lt = _threshold(key, n < length, keep, BLOCK_N)
+                lt = key < prefix
+                eq = key == prefix
+                n_tie = keep - n_lt  # ties kept, lowest index first
+                scan = tl.cumsum(lt.to(tl.int32) | (eq.to(tl.int32) << 16), axis=0)
+                lt_before = (scan & 0xFFFF) - lt.to(tl.int32)
+                eq_before = (scan >> 16) - eq.to(tl.int32)
+                kept = lt | (eq & (eq_before < n_tie))
+                slot = lt_before + tl.minimum(eq_before, n_tie)
+                pos = tl.where(valid, start + n.to(tl.int64), -1)
+                tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
+
+
+# Arrival counters per device, zero between launches: the last program of each row stores 0 back.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, batch: int, tracing: bool) -> torch.Tensor:
+    """Zeroed int32 arrival counters for `batch` rows: a cached buffer (no memset launch) when possible.
+
+    The cache is filled outside CUDA-graph capture only (a buffer zeroed inside a capture would be zero
+    only once the graph replays). While tracing (torch.compile) or capturing with no buffer large enough
+    yet, fresh zeros are returned: correct, at the cost of one memset per call.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= batch and not tracing:
+        return buf
+    if tracing or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(batch, 64, 2 * (0 if buf is None else buf.numel())), dtype=torch.int32, device=device)
+    _COUNTERS[device] = buf
+    return buf
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """True while torch.compile / export traces the op (fake or functional tensors, no real storage)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def _launch(
@@ -181,6 +270,9 @@ def _launch(
     block_t: int | None = None,
     num_warps: int | None = None,
     traceable: bool = False,
+    block_d: int | None = None,
+    memset: bool = False,
+    **knobs: object,
 ) -> torch.Tensor:
     """Allocate and launch the Triton kernel (any device Triton drives, or the interpreter).
 
@@ -193,13 +285,17 @@ def _launch(
     out = torch.empty((batch, keep), dtype=torch.int64, device=v.device)
     if batch == 0:
         return out
-    cfg_t, block_d, cfg_warps = _config(length, c)
-    block_t, num_warps = block_t or cfg_t, num_warps or cfg_warps
+    cfg_t, cfg_d, cfg_warps = _config(length, c)
+    block_t, num_warps, block_d = block_t or cfg_t, num_warps or cfg_warps, block_d or cfg_d
     num_chunks = triton.cdiv(length, block_t)
     block_n = triton.next_power_of_2(length)
     ws = torch.empty((batch, block_n), dtype=torch.int32, device=v.device)
-    # Arrival counters must start at zero; a single-program row needs none (one launch, no memset).
-    count = torch.zeros(batch, dtype=torch.int32, device=v.device) if num_chunks > 1 else ws
+    if num_chunks == 1:  # a single-program row needs no counter
+        count = ws
+    elif memset:
+        count = torch.zeros(batch, dtype=torch.int32, device=v.device)
+    else:
+        count = _counters(v.device, batch, tracing=traceable and _is_fake(v))
     kernel = torch.library.wrap_triton(_vnorm_topk_kernel) if traceable else _vnorm_topk_kernel
     kernel[(num_chunks, batch)](
         v,
@@ -220,6 +316,7 @@ def _launch(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         num_warps=num_warps,
+        **knobs,
     )
     return out
 

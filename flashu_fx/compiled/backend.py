@@ -42,6 +42,7 @@ from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
+from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
@@ -71,13 +72,13 @@ class FlashUBackend:
 
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, merge_projections: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
-        self.piece_backend, self.cuda_graphs = piece_backend, cuda_graphs
+        self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -137,8 +138,10 @@ class FlashUBackend:
         rt = self._und_runtimes.get(id(model))
         if rt is None or rt.model is not model:
             cuda = model.showo.lm_head.weight.is_cuda
+            if self.merge_projections:
+                colocate_projections(model)
             compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                                self.piece_captures)  # CUDA graphs are the runtime's own
+                                                self.piece_captures, self.merge_projections)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
             self._und_runtimes[id(model)] = rt
         return rt
@@ -169,15 +172,22 @@ class FlashUBackend:
         return run
 
     def _runtime_for(self, match: Showo2GraphMatch, args) -> GenRuntime:
-        key = tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
-        rt = self._runtimes.get(key)
+        def weights_key() -> tuple[int, ...]:
+            return tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
+
+        rt = self._runtimes.get(weights_key())
+        if rt is None and self.merge_projections:
+            # args hold the user's own Parameters: colocating them lays out the user's model (values, shapes and
+            # strides unchanged) once, so later calls find this runtime under the new addresses.
+            colocate_projections({k: args[i] for k, i in match.param_inputs.items()})
+            rt = self._runtimes.get(weights_key())
         if rt is None:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.piece_captures)
+            compile_piece = make_piece_compiler(backend, self.piece_captures, self.merge_projections)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
-            self._runtimes[key] = rt
+            self._runtimes[weights_key()] = rt
         return rt
 
     def _model_view(self, match: Showo2GraphMatch, args) -> Showo2:
@@ -232,10 +242,12 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                   cuda_graphs: bool = True) -> FlashUBackend:
+                   cuda_graphs: bool = True, merge_projections: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
-    "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph."""
-    return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs)
+    "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
+    ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
+    shared buffers, in place: values, shapes and strides unchanged, no memory added)."""
+    return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections)
 
 
 def backend_from_options(options: dict) -> FlashUBackend:
@@ -250,7 +262,8 @@ def backend_from_options(options: dict) -> FlashUBackend:
     """
     backend = options.get(_OPTIONS_KEY)
     if backend is None:
-        unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "cuda_graphs"}
+        unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "cuda_graphs",
+                                   "merge_projections"}
         if unknown:
             raise ValueError(f"unknown flashu options {sorted(unknown)}")
         backend = options[_OPTIONS_KEY] = flashu_backend(**options)

@@ -202,11 +202,9 @@ class GenRuntime:
             x, k, v = layer_fn(layer, x, cos, sin, causal)
             llm_kv.append((k, v))
         h = self.head_in_prefix(m, x)
-        outside = torch.zeros(h.shape[0], n, 1, dtype=torch.bool, device=h.device)  # prefix: no modulation
-        c = torch.zeros(h.shape[0], h.shape[-1], dtype=h.dtype, device=h.device)
         head_kv = []
         for block in m.diffusion_head_a:
-            h, k, v = self.head_prefix(block, h, c, outside, hcos, hsin, causal)
+            h, k, v = self.head_prefix(block, h, hcos, hsin, causal)
             head_kv.append((k, v))
         return _Prefix(llm_kv, head_kv)
 

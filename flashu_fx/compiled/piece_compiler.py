@@ -15,12 +15,16 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
+from passes.merge_projections import merge_projections
+
 log = logging.getLogger(__name__)
 
 
-def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None) -> Callable:
+def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
+                        merge: bool = True) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
-    ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile)."""
+    ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile).
+    ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights)."""
     if backend not in ("inductor", "eager"):
         raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
 
@@ -28,7 +32,7 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
         def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
             if captures is not None:
                 captures[name] += 1
-            for graph_pass in graph_passes:
+            for graph_pass in [*graph_passes, merge_projections] if merge else graph_passes:
                 result = graph_pass(gm)
                 log.debug("piece %s: %s -> %s", name, getattr(graph_pass, "func", graph_pass).__name__, result)
             if backend == "eager":

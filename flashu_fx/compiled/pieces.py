@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashu_fx.diffusion_head import FinalLayer, ModulatedAttentionBlock
+from flashu_fx.layers import attention
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import Qwen2DecoderLayer
 
@@ -61,13 +62,18 @@ def final_velocity(final: FinalLayer, h: Tensor, c: Tensor, in_slot: Tensor) -> 
 
 
 def llm_prefix_layer(layer: Qwen2DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
-    """One decoder layer over the text prefix (M, P, H), causal; also returns its K/V (M, kv_heads, P, d)."""
-    _, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-    return layer(x, cos, sin, mask), k, v
+    """One decoder layer over the text prefix (M, P, H), causal; also returns its K/V (M, kv_heads, P, d).
+    ``Qwen2DecoderLayer.forward`` spelled out so that q/k/v are projected once (and merge into one matmul)."""
+    attn = layer.self_attn
+    q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
+    x = x + attn.o_proj(attention(q, k, v, mask))
+    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
 
-def head_prefix_block(block: ModulatedAttentionBlock, h: Tensor, c: Tensor, outside: Tensor, cos: Tensor,
-                      sin: Tensor, mask: Tensor):
-    """One head block over the prefix (unmodulated: ``outside`` is all False); also returns its K/V."""
-    _, k, v = block.self_attn.qkv(block.input_layernorm(h), cos, sin)
-    return block(h, c, outside, cos, sin, mask), k, v
+def head_prefix_block(block: ModulatedAttentionBlock, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
+    """One head block over the prefix, which is outside the slot: no modulation (shift 0, scale 0, gate 1, so
+    ``ModulatedAttentionBlock.forward`` is the plain pre-norm block spelled out here); also returns its K/V."""
+    attn = block.self_attn
+    q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)
+    h = h + attn.o_proj(attention(q, k, v, mask))
+    return h + block.mlp(block.post_attention_layernorm(h)), k, v

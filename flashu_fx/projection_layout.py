@@ -1,0 +1,80 @@
+"""Zero-copy weight layout that lets sibling projections run as one matmul.
+
+Per attention module the q/k/v weights (and biases) are moved into one buffer, in that order; per
+SwiGLU, gate then up:
+
+    qkv buffer:     [ W_q (Nq, H) | W_k (Nk, H) | W_v (Nv, H) ]    -> one (Nq + Nk + Nv, H) matrix
+    gate_up buffer: [ W_gate (I, H) | W_up (I, H) ]                 -> one (2I, H) matrix
+
+Every parameter keeps its shape, strides and values (it becomes a view of the shared buffer) and its
+old storage is freed, so no weight memory is added and eager code is unaffected. ``passes.merge_projections``
+then rewrites the sibling linears of a compiled graph into one linear over the spanning view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+# Sibling projections that read the same input, in buffer order.
+PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def adjacent(tensors: Sequence[Tensor]) -> bool:
+    """True if the tensors are contiguous, of one dtype and device, and follow each other in one storage.
+    Works on fake tensors too (a graph's example values keep their inputs' storage sharing and offsets)."""
+    first = tensors[0]
+    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
+        return False
+    storage = StorageWeakRef(first.untyped_storage())
+    offset = first.storage_offset()
+    for t in tensors:
+        if StorageWeakRef(t.untyped_storage()) != storage or t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
+
+@torch.no_grad()
+def colocate(params: Sequence[Tensor]) -> bool:
+    """Move ``params`` into one new buffer, in order (values, shapes and strides unchanged).
+    Returns False (and changes nothing) when they are already adjacent."""
+    if adjacent(params):
+        return False
+    first = params[0]
+    buffer = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    offset = 0
+    for p in params:
+        view = buffer[offset : offset + p.numel()].view(p.shape)
+        view.copy_(p)
+        p.data = view  # the Parameter object stays: modules, optimizers and state dicts keep pointing at it
+        offset += p.numel()
+    return True
+
+
+def projection_groups(named: Mapping[str, Tensor]) -> list[list[Tensor]]:
+    """Groups of sibling tensors to colocate, from state-dict style names: for each module path holding all
+    of a group's projections, the weights, and (separately) the biases when every sibling has one."""
+    groups: list[list[Tensor]] = []
+    for leaves in PROJECTION_GROUPS:
+        suffix = f".{leaves[0]}.weight"
+        for key in named:
+            if not key.endswith(suffix):
+                continue
+            parent = key[: -len(suffix)]
+            for kind in ("weight", "bias"):
+                members = [named.get(f"{parent}.{leaf}.{kind}") for leaf in leaves]
+                if all(m is not None for m in members):
+                    groups.append(members)
+    return groups
+
+
+def colocate_projections(named: Mapping[str, Tensor] | nn.Module) -> int:
+    """Lay out every q/k/v and gate/up group of a model (or of a name -> Parameter mapping) in shared
+    buffers, in place. Idempotent; returns the number of groups moved."""
+    if isinstance(named, nn.Module):
+        named = dict(named.named_parameters(remove_duplicate=False))
+    return sum(colocate(group) for group in projection_groups(named))

@@ -1,0 +1,142 @@
+"""passes.merge_projections against its eager twin (the separate projections), on Dynamo-captured layers."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx
+
+from flashu_fx.layers import rope_cos_sin, rope_inv_freq
+from flashu_fx.masks import omni_mask
+from flashu_fx.projection_layout import adjacent, colocate_projections
+from passes.ffn_slicing import slice_ffn
+from passes.merge_projections import merge_projections
+
+
+def capture(fn, *args) -> tuple[fx.GraphModule, list]:
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"], seen["inputs"] = gm, example_inputs
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen["gm"], seen["inputs"]
+
+
+def num_linears(gm: fx.GraphModule) -> int:
+    return sum(n.op == "call_function" and n.target is F.linear for n in gm.graph.nodes)
+
+
+def llm_layer_inputs(model, seq: int):
+    cfg = model.config
+    x = torch.randn(2, seq, cfg.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(seq), rope_inv_freq(cfg.head_dim, cfg.rope_theta), x.dtype)
+    return x, cos, sin, omni_mask(torch.tensor([0, 1]), seq, 0)
+
+
+def test_colocation_keeps_values_shapes_and_strides(tiny_model) -> None:
+    model = copy.deepcopy(tiny_model)
+    before = {k: (v.clone(), v.shape, v.stride()) for k, v in model.state_dict().items()}
+    moved = colocate_projections(model)
+    cfg = model.config
+    # LLM layer: q/k/v weights, q/k/v biases, gate/up; SigLIP: q/k/v weights and biases; head: q/k/v, gate/up
+    assert moved == 3 * cfg.num_layers + 2 * cfg.und_num_layers + 2 * cfg.head_num_layers
+    assert colocate_projections(model) == 0  # idempotent
+    for k, v in model.state_dict().items():
+        value, shape, stride = before[k]
+        assert v.shape == shape and v.stride() == stride
+        assert torch.equal(v, value), k
+    attn = model.showo.model.layers[0].self_attn
+    assert adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert adjacent([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+
+
+@settings(deadline=None, max_examples=5)
+@given(seq=st.integers(1, 9), layer_index=st.integers(0, 1))
+def test_merged_llm_layer_equals_eager(tiny_model, seq: int, layer_index: int) -> None:
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    layer = model.showo.model.layers[layer_index]
+    args = llm_layer_inputs(model, seq)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    linears = num_linears(gm)
+    assert merge_projections(gm) == 2  # q/k/v and gate/up
+    assert num_linears(gm) == linears - 3
+    torch.testing.assert_close(gm(*inputs)[0], layer(*args), rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=4)
+@given(seq=st.integers(1, 7))
+def test_merged_head_block_equals_eager(tiny_model, seq: int) -> None:
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    block = model.diffusion_head_a[0]
+    cfg = model.config
+    x = torch.randn(2, seq, cfg.head_hidden_size)
+    c = torch.randn(2, cfg.head_hidden_size)
+    in_slot = torch.rand(2, seq, 1) > 0.3
+    cos, sin = rope_cos_sin(torch.arange(seq), rope_inv_freq(cfg.head_dim, cfg.rope_theta), x.dtype)
+    mask = omni_mask(torch.tensor([0, 0]), seq, 0)
+    gm, inputs = capture(lambda mod, *a: mod(*a), block, x, c, in_slot, cos, sin, mask)
+    assert merge_projections(gm) == 2
+    torch.testing.assert_close(gm(*inputs)[0], block(x, c, in_slot, cos, sin, mask), rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=4)
+@given(lo=st.integers(0, 100), width=st.integers(1, 40))
+def test_sliced_ffn_keeps_gate_up_separate_and_merges_qkv(tiny_model, lo: int, width: int) -> None:
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    layer = model.showo.model.layers[0]
+    args = llm_layer_inputs(model, 4)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    assert slice_ffn(gm, lo, lo + width) == 1
+    assert merge_projections(gm) == 1  # gate[lo:hi] and up[lo:hi] are not adjacent: only q/k/v merge
+    ref = layer(*args, ffn_ranges=((lo, lo + width),))
+    torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_not_colocated_are_left_separate_with_a_warning(tiny_model, caplog) -> None:
+    layer = copy.deepcopy(tiny_model.showo.model.layers[0])  # separate storages per parameter
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *llm_layer_inputs(tiny_model, 3))
+    before = gm.code
+    with caplog.at_level(logging.WARNING):
+        assert merge_projections(gm) == 0
+    assert gm.code == before
+    assert "not adjacent" in caplog.text
+
+
+def _has_cpp_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+])
+def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str) -> None:
+    """One inductor artifact, traced on layer 0, run on layer 1: the as_strided view must follow the inputs."""
+    from torch._inductor.compile_fx import compile_fx
+
+    model = copy.deepcopy(tiny_model).to(device)
+    colocate_projections(model)
+    args = [a.to(device) for a in llm_layer_inputs(model, 5)]
+
+    def backend(gm, example_inputs):
+        assert merge_projections(gm) == 2
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda mod, *a: mod(*a), backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for layer in model.showo.model.layers:
+            torch.testing.assert_close(compiled(layer, *args), layer(*args), rtol=1e-4, atol=1e-5)
