@@ -14,13 +14,16 @@ An fp32 sum depends on the reduction order; an fp64 sum of bf16/fp16/fp32 square
 within ~2^-44 relative, so its fp32 rounding is order-independent: the kernel, the CPU reference and
 any other faithful implementation agree bit for bit (ties included).
 
-Kernel (grid = [num_chunks, B]): each program reads BLOCK_T tokens x C channels once, writes their
-norm bit patterns (non-negative fp32 bits order like int32) to a small workspace and bumps its row's
-arrival counter; the last program of a row selects. Selection holds the row's bits in registers:
-a radix search (2 bits per step, starting below the bits that the row's min and max share) finds
-the threshold T = the keep-th smallest bits; then one packed int32 scan gives, in index order,
-#(bits < T) and #(bits == T) before each token, which is its output slot. No sort, no second kernel
-(the counters need a 4*B-byte memset when a row spans several programs).
+Kernel (grid = [num_chunks, B]): each program reads BLOCK_T tokens x C channels once (fp64 squares
+summed elementwise over 128-channel chunks, one cross-lane reduction per tile), writes their norm bit
+patterns (non-negative fp32 bits order like int32) to a small workspace and bumps its row's arrival
+counter; the last program of a row stores the counter back to 0 and selects. Selection holds the row's
+keys in registers as offsets from the row's min: a radix search (3 bits per step, ~7 steps for a row
+of norms; 7 counts per step from one-hot nibbles in one reduction) finds the threshold T = the
+keep-th smallest key; then one packed int32 scan gives, in index order, #(bits < T) and #(bits == T)
+before each token, which is its output slot. No sort, no second kernel, and no memset: the counters
+are a cached per-device buffer that every launch leaves zeroed (see _counters; launches on one
+device must be stream-ordered, as on one stream or inside one graph).
 
 Bytes moved: B*length*C*itemsize read of v, + B*length*4 written and re-read (workspace, L2) + B*keep*8
 written. Measured numbers: docs/KERNELS.md.
@@ -50,25 +53,21 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _config(length: int, c: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for a row of `length` tokens of `c` channels."""
     block_n = triton.next_power_of_2(length)
-    # The selecting program holds block_n keys: 8 per thread keeps the kernel at ~47 registers
-    # (ptxas, sm_90a), so phase 1 still runs 2+ programs per SM (16 keys/thread: 108 registers).
-    num_warps = max(4, min(32, block_n // 256))
-    block_d = min(triton.next_power_of_2(c), 512)
-    # Phase 1: ~32 elements per thread (4 16-byte loads in flight for bf16); small rows -> small tiles,
-    # so that one 729-token row still spreads over 46-92 programs. H200 sweep (graph replay, bf16,
-    # 7B layout), this config vs the best of BLOCK_T {8..64} x warps {4, 8, 16}: 1x729 9.1 vs 8.9 us,
-    # 8x729 11.8 vs 11.7 us, 1x4096 15.2 vs 14.2 us, 8x4096 28.9 vs 26.9 us (BLOCK_T=64, 8 warps).
-    block_t = max(1, min(1024 * num_warps // block_d, block_n))
-    return block_t, block_d, num_warps
+    # The selecting program is issue-bound (one SM for the whole row): fewer warps mean fewer
+    # per-thread reduction shuffles per radix step. 16 keys per thread: 118 registers (ptxas sm_90a),
+    # still the fastest at 4096 tokens; 32 per thread (4 warps) spills into 220 registers.
+    num_warps = max(4, min(32, block_n // 512))
+    # Phase 1 reads 128-channel chunks (16 lanes x 8 bf16 per token row) and sums squares elementwise
+    # over the chunks: 64 tokens x 128 channels per 8 warps = 32 elements per thread per chunk. Rows of
+    # <= 1024 tokens use 8-token tiles, so that one row still spreads over ~90 programs.
+    block_d = min(triton.next_power_of_2(c), 128)
+    block_t = 8 if block_n <= 1024 else 1024 * num_warps // block_d
+    return min(block_t, block_n), block_d, num_warps
 
 
 if triton is not None:
     _NAN_BITS = tl.constexpr(0x7FC00000)  # canonical NaN: NaN norms tie (torch.sort: last, stable)
     _PAD_BITS = tl.constexpr(0x7FFFFFFF)  # above any canonical norm: padding is never kept
-
-    @triton.jit
-    def _add2(a0, b0, a1, b1):
-        return a0 + a1, b0 + b1
 
     @triton.jit
     def _add4(a0, b0, c0, d0, a1, b1, c1, d1):
@@ -79,54 +78,27 @@ if triton is not None:
         return tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
 
     @triton.jit
-    def _threshold2(key, real, keep):
-        """OLD (measurement only): radix 2 bits/step by comparisons."""
-        lo, hi = tl.reduce((key, tl.where(real, key, 0)), 0, _min_max)
-        top = ((lo ^ hi).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # >= highest set bit
-        s0 = tl.maximum(tl.minimum(top | 1, 29), -1)  # odd: 2-bit steps at s0, s0 - 2, ..., 1, then bit 0
-        prefix = lo & ~tl.where(s0 >= 29, 0x7FFFFFFF, (1 << (s0 + 2)) - 1)  # bits above s0 + 1: shared
-        n_lt = lo * 0  # #(key < prefix), tracked so that no extra reduction is needed at the end
-        s = s0
-        while s >= 1:  # not `for i in range(tensor)`: triton 3.6's interpreter rejects it
-            low = (1 << s) - 1
-            le0 = (key <= (prefix | low)).to(tl.int32)
-            le1 = (key <= (prefix | (1 << s) | low)).to(tl.int32)
-            le2 = (key <= (prefix | (2 << s) | low)).to(tl.int32)
-            c01, c2 = tl.reduce((le0 | (le1 << 16), le2), 0, _add2)
-            c0, c1 = c01 & 0xFFFF, c01 >> 16
-            digit = (c0 < keep).to(tl.int32) + (c1 < keep).to(tl.int32) + (c2 < keep).to(tl.int32)
-            n_lt = tl.where(digit == 1, c0, tl.where(digit == 2, c1, tl.where(digit == 3, c2, n_lt)))
-            prefix = prefix | (digit << s)
-            s -= 2
-        c = tl.sum((key <= prefix).to(tl.int32), axis=0)
-        n_lt = tl.where(c < keep, c, n_lt)
-        return prefix | (c < keep).to(tl.int32), n_lt
+    def _threshold(off, span, keep, BLOCK_N: tl.constexpr):
+        """(T, #(off < T)) for T = the smallest offset with #(off <= T) >= keep; off = key - min >= 0.
 
-    @triton.jit
-    def _threshold(key, real, keep, BLOCK_N: tl.constexpr):
-        """(T, #(key < T)) for T = the smallest key with #(key <= T) >= keep.
-
-        Radix search, 3 bits per step, on the offsets key - min (real keys span [0, max - min], so
-        ceil(bits(max - min) / 3) steps: 7 for a row of norms, whose offsets span ~21 bits). Each step
-        counts, for the 7 inner bounds of the current range, #(offset <= bound) in ONE reduction:
-        per key a one-hot nibble 1 << 4 * digit, summed over groups of 8 keys (a nibble holds <= 8),
-        turned into cumulative counts by one multiply (* 0x11111111), then widened to 16-bit fields
-        (two counts per int32, as counts <= 16384) and summed over the row as 4 int32s.
-        Invariant: #(off < prefix) = n_lt < keep <= #(off < prefix + (8 << s)).
+        Radix search, 3 bits per step: real offsets lie in [0, span], so ceil(bits(span) / 3) steps
+        (7 for a row of norms, whose offsets span ~21 bits). Each step counts, for the 7 inner bounds
+        of the current range, #(off <= bound) in ONE reduction: per key a one-hot nibble 1 << 4 * digit,
+        summed over groups of 8 keys (a nibble holds <= 8), made cumulative by one multiply
+        (* 0x11111111), widened to 16-bit fields (two counts per int32: counts <= 16384) and summed
+        over the row as 4 int32s. Invariant: #(off < prefix) = n_lt < keep <= #(off < prefix + (8 << s)).
         """
         GS: tl.constexpr = 8 if BLOCK_N >= 8 else BLOCK_N
-        lo, hi = tl.reduce((key, tl.where(real, key, 0)), 0, _min_max)
-        off = key - lo  # >= 0 (keys are non-negative int32), padding above every real key
-        # bits(max - min): the float's exponent (int -> float may round up: one spare step at most).
-        nbits = tl.maximum((((hi - lo).to(tl.float32).to(tl.int32, bitcast=True)) >> 23) - 126, 0)
+        # bits(span) from the float's exponent (int -> float may round up: one spare step at most).
+        nbits = tl.maximum(((span.to(tl.float32).to(tl.int32, bitcast=True)) >> 23) - 126, 0)
         s = (nbits + 2) // 3 * 3 - 3
-        prefix = lo * 0
-        n_lt = lo * 0
+        prefix = span * 0
+        n_lt = span * 0
         while s >= 0:  # not `for i in range(tensor)`: triton 3.6's interpreter rejects it
             digit = tl.minimum(tl.maximum((off - prefix) >> s, 0), 7)  # below the range: 0, above: 7
             onehot = 1 << (digit * 4)
-            # digit 7 (nibble 7, bits 28-31) is never counted: masked off before the prefix multiply,
-            # which then cannot carry (each nibble <= 8); int32 wrap-around above bit 28 is harmless.
+            # Nibble 7 (bits 28-31) is never needed: masked off before the prefix multiply, which then
+            # cannot carry (each nibble <= 8); int32 wrap-around above bit 28 is harmless.
             h = tl.sum(tl.reshape(onehot, [BLOCK_N // GS, GS]), axis=1) & 0x0FFFFFFF
             cum = h * 0x11111111  # nibble k: #(digit <= k) in the group
             w0 = (cum & 0xF) | ((cum << 12) & 0xF0000)  # c0 | c1 << 16
@@ -142,7 +114,7 @@ if triton is not None:
             n_lt = tl.where(d == 5, c4, tl.where(d == 6, c5, tl.where(d == 7, c6, n_lt)))
             prefix += d << s
             s -= 3
-        return prefix + lo, n_lt
+        return prefix, n_lt
 
     # Values that vary per call are not specialized (no recompiles); the strides are (alignment).
     @triton.jit(do_not_specialize=["start", "seq_len", "length", "keep"])
@@ -164,9 +136,6 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        SELECT: tl.constexpr = 3,
-        ACC64: tl.constexpr = True,
-        ACC2D: tl.constexpr = False,
     ):
         chunk = tl.program_id(0)
         b = tl.program_id(1)
@@ -178,25 +147,18 @@ if triton is not None:
         j = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
         tok_ok = tl.where(valid, j < length, False)  # where: `valid` may be a python bool
         rows = v_ptr + b.to(tl.int64) * stride_b + (start + j).to(tl.int64) * stride_l
-        ACC_T: tl.constexpr = tl.float64 if ACC64 else tl.float32
-        if ACC2D:
-            acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC_T)
-        else:
-            acc = tl.zeros([BLOCK_T], dtype=ACC_T)
+        # Squares accumulate elementwise over the C / BLOCK_D chunks, then ONE reduction over the row:
+        # the cross-lane fp64 shuffles are paid once per tile, not once per chunk.
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
         for d0 in tl.static_range(0, C, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             if C % BLOCK_D == 0:
                 mask = tok_ok[:, None]
             else:
                 mask = tok_ok[:, None] & (d < C)[None, :]
-            x = tl.load(rows[:, None] + d[None, :], mask=mask, other=0.0).to(ACC_T)
-            if ACC2D:
-                acc2 += x * x
-            else:
-                acc += tl.sum(x * x, axis=1)
-        if ACC2D:
-            acc = tl.sum(acc2, axis=1)
-        norm = tl.sqrt(acc).to(tl.float32)  # fp64 sqrt is IEEE round-to-nearest
+            x = tl.load(rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float64)
+            acc += x * x
+        norm = tl.sqrt(tl.sum(acc, axis=1)).to(tl.float32)  # fp64 sqrt is IEEE round-to-nearest
         bits = norm.to(tl.int32, bitcast=True)
         bits = tl.where(norm != norm, _NAN_BITS, bits)
         ws_row = ws_ptr + b.to(tl.int64) * BLOCK_N
@@ -212,25 +174,23 @@ if triton is not None:
                 # Every program of the row has arrived: reset for the next launch (stream order makes
                 # it visible there), so the counters never need a memset.
                 tl.store(count_ptr + b, 0)
-            if SELECT != 0:
-                # Phase 2: select. .cg reads L2, where the other programs' norms are visible.
-                n = tl.arange(0, BLOCK_N)
-                key = tl.load(ws_row + n, cache_modifier=".cg")  # unmasked: 16 B loads; row is BLOCK_N
-                key = tl.where(n < length, key, _PAD_BITS)
-                if SELECT == 2:
-                    prefix, n_lt = _threshold2(key, n < length, keep)
-                else:
-                    prefix, n_lt = _threshold(key, n < length, keep, BLOCK_N)
-                lt = key < prefix
-                eq = key == prefix
-                n_tie = keep - n_lt  # ties kept, lowest index first
-                scan = tl.cumsum(lt.to(tl.int32) | (eq.to(tl.int32) << 16), axis=0)
-                lt_before = (scan & 0xFFFF) - lt.to(tl.int32)
-                eq_before = (scan >> 16) - eq.to(tl.int32)
-                kept = lt | (eq & (eq_before < n_tie))
-                slot = lt_before + tl.minimum(eq_before, n_tie)
-                pos = tl.where(valid, start + n.to(tl.int64), -1)
-                tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
+            # Phase 2: select. .cg reads L2, where the other programs' norms are visible.
+            n = tl.arange(0, BLOCK_N)
+            key = tl.load(ws_row + n, cache_modifier=".cg")  # unmasked: 16 B loads; row is BLOCK_N
+            key = tl.where(n < length, key, _PAD_BITS)
+            lo, hi = tl.reduce((key, tl.where(n < length, key, 0)), 0, _min_max)
+            off = key - lo  # >= 0 (keys are non-negative), padding above every real key
+            t_off, n_lt = _threshold(off, hi - lo, keep, BLOCK_N)
+            lt = off < t_off
+            eq = off == t_off
+            n_tie = keep - n_lt  # ties kept, lowest index first
+            scan = tl.cumsum(lt.to(tl.int32) | (eq.to(tl.int32) << 16), axis=0)
+            lt_before = (scan & 0xFFFF) - lt.to(tl.int32)
+            eq_before = (scan >> 16) - eq.to(tl.int32)
+            kept = lt | (eq & (eq_before < n_tie))
+            slot = lt_before + tl.minimum(eq_before, n_tie)
+            pos = tl.where(valid, start + n.to(tl.int64), -1)
+            tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
 
 
 # Arrival counters per device, zero between launches: the last program of each row stores 0 back.
@@ -271,12 +231,10 @@ def _launch(
     num_warps: int | None = None,
     traceable: bool = False,
     block_d: int | None = None,
-    memset: bool = False,
-    **knobs: object,
 ) -> torch.Tensor:
     """Allocate and launch the Triton kernel (any device Triton drives, or the interpreter).
 
-    block_t / num_warps override the shape-keyed config (tests, `harness kernels --sweep`).
+    block_t / num_warps / block_d override the shape-keyed config (tests, `harness kernels --sweep`).
     traceable: launch through wrap_triton (inside the op, so torch.compile sees the kernel); called
     directly that goes through a higher-order op (100+ us of host time on an H200 machine) and
     rejects the interpreter.
@@ -290,12 +248,8 @@ def _launch(
     num_chunks = triton.cdiv(length, block_t)
     block_n = triton.next_power_of_2(length)
     ws = torch.empty((batch, block_n), dtype=torch.int32, device=v.device)
-    if num_chunks == 1:  # a single-program row needs no counter
-        count = ws
-    elif memset:
-        count = torch.zeros(batch, dtype=torch.int32, device=v.device)
-    else:
-        count = _counters(v.device, batch, tracing=traceable and _is_fake(v))
+    # A single-program row needs no counter.
+    count = ws if num_chunks == 1 else _counters(v.device, batch, tracing=traceable and _is_fake(v))
     kernel = torch.library.wrap_triton(_vnorm_topk_kernel) if traceable else _vnorm_topk_kernel
     kernel[(num_chunks, batch)](
         v,
@@ -316,7 +270,6 @@ def _launch(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         num_warps=num_warps,
-        **knobs,
     )
     return out
 

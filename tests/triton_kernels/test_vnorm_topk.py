@@ -182,6 +182,10 @@ def test_triton_kernel_under_interpreter() -> None:
                     want = _reference(v, rows, 0, length, keep)
                     assert torch.equal(_launch(v, rows, 0, length, keep, block_t=block_t), want)
                     n_cases += 2
+        # The cached arrival counters served every multi-program row above (batches 2, 1, 3 in turn)
+        # and were reset to zero by each row's last program.
+        from triton_kernels.vnorm_topk import _COUNTERS
+        assert len(_COUNTERS) == 1 and not _COUNTERS[torch.device("cpu")].any()
         print(n_cases)
         """,
         TRITON_INTERPRET="1",
@@ -250,6 +254,52 @@ def test_cuda_matches_reference(dtype: torch.dtype, batch: int, length: int, c: 
         assert torch.equal(vnorm_topk(v, 37, length, keep), want)
     rows = torch.arange(batch, device="cuda") * 3 + 37
     assert torch.equal(vnorm_topk(v, rows, length, length // 2), vnorm_topk_reference(v, rows, length, length // 2))
+
+
+@cuda
+@settings(deadline=None, max_examples=25)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 9), st.integers(1, 5000), st.sampled_from([64, 256, 512])), min_size=1, max_size=4
+    ),
+    st.integers(0, 2**31 - 1),
+)
+def test_cuda_counters_reused_across_calls(calls: list[tuple[int, int, int]], seed: int) -> None:
+    """Calls of any batch and length in turn share the cached counters; each leaves them at zero."""
+    from triton_kernels.vnorm_topk import _COUNTERS
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for batch, length, c in calls:
+        v = torch.randn(batch, length + 3, c, device="cuda", dtype=torch.bfloat16, generator=gen)
+        keep = int(torch.randint(1, length + 1, (1,), generator=gen, device="cuda"))
+        assert torch.equal(vnorm_topk(v, 3, length, keep), vnorm_topk_reference(v, 3, length, keep))
+    assert all(not buf.any() for buf in _COUNTERS.values())
+
+
+@cuda
+@pytest.mark.parametrize("cached", [True, False])
+def test_cuda_graph_replay_counters(cached: bool) -> None:
+    """Graph replay with the counters cached before capture (no memset node), or not cached (a captured
+    memset): replays interleaved with eager calls stay exact."""
+    from triton_kernels.vnorm_topk import _COUNTERS
+
+    v = torch.randn(3, 4200, 256, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        vnorm_topk(v, 50, 4096, 1000)  # warm up: JIT (and the counter cache)
+    torch.cuda.current_stream().wait_stream(side)
+    if not cached:
+        _COUNTERS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = vnorm_topk(v, 50, 4096, 1000)
+    assert (torch.device("cuda", v.device.index) in _COUNTERS) == cached
+    for _ in range(3):
+        v.copy_(torch.randn_like(v))
+        graph.replay()
+        assert torch.equal(out, vnorm_topk_reference(v, 50, 4096, 1000))
+        assert torch.equal(vnorm_topk(v[:2], 7, 4000, 99), vnorm_topk_reference(v[:2], 7, 4000, 99))
 
 
 @cuda
