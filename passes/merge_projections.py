@@ -3,7 +3,8 @@
 Eager twin: the separate ``q_proj`` / ``k_proj`` / ``v_proj`` (and ``gate_proj`` / ``up_proj``) linears.
 
     before:  q = linear(x, W_q, b_q)   k = linear(x, W_k, b_k)   v = linear(x, W_v, b_v)
-    after:   qkv = linear(x, as_strided(W_q, (Nq + Nk + Nv, H)), as_strided(b_q, ...));  q, k, v = split(qkv)
+    after:   qkv = linear(x, as_strided(W_q, (Nq + Nk + Nv, H))) + as_strided(b_q, (Nq + Nk + Nv,))
+             q, k, v = split(qkv)
 
 Exact (the same dot products), and no weight is copied: it needs the siblings' weights to follow each
 other in one storage, which ``flashu_fx.projection_layout.colocate_projections`` arranges. Adjacency is
@@ -78,14 +79,17 @@ def merge_projections(gm: fx.GraphModule) -> int:
         graph = gm.graph
         with graph.inserting_before(first):
             weight = graph.call_function(torch.as_strided, (weights[0], (sum(sizes), hidden), (hidden, 1)))
+            fused = product = graph.call_function(F.linear, (inputs[0], weight))
             bias = None
             if biases[0] is not None:
+                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies), and at one row
+                # (decode) the product stays a Triton reduction instead of cuBLAS addmm plus a bias copy.
                 bias = graph.call_function(torch.as_strided, (biases[0], (sum(sizes),), (1,)))
-            fused = graph.call_function(F.linear, (inputs[0], weight, bias))
+                fused = graph.call_function(operator.add, (product, bias))
             parts = graph.call_function(torch.split, (fused, sizes, -1))
             outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))]
         stack = list(first.meta.get("nn_module_stack", {}).items())[:-1]  # the parent: not a projection any more
-        for new in (weight, bias, fused, parts, *outs):
+        for new in (weight, product, bias, fused, parts, *outs):
             if new is not None:
                 new.meta["nn_module_stack"] = dict(stack)
         for old, out in zip(linears, outs, strict=True):

@@ -72,13 +72,14 @@ class FlashUBackend:
 
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                 cuda_graphs: bool = True, merge_projections: bool = True) -> None:
+                 cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
+        self.eager_numerics = eager_numerics
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -140,8 +141,10 @@ class FlashUBackend:
             cuda = model.showo.lm_head.weight.is_cuda
             if self.merge_projections:
                 colocate_projections(model)
+            # No eager_numerics here: at one row inductor turns each product into a mul + sum reduction, where
+            # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
             compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                                self.piece_captures, self.merge_projections)
+                                                self.piece_captures, self.merge_projections, eager_numerics=False)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
             self._und_runtimes[id(model)] = rt
         return rt
@@ -185,7 +188,8 @@ class FlashUBackend:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.piece_captures, self.merge_projections)
+            compile_piece = make_piece_compiler(backend, self.piece_captures, self.merge_projections,
+                                                self.eager_numerics)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[weights_key()] = rt
         return rt
@@ -242,12 +246,16 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                   cuda_graphs: bool = True, merge_projections: bool = True) -> FlashUBackend:
+                   cuda_graphs: bool = True, merge_projections: bool = True,
+                   eager_numerics: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
     ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
-    shared buffers, in place: values, shapes and strides unchanged, no memory added)."""
-    return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections)
+    shared buffers, in place: values, shapes and strides unchanged, no memory added); ``eager_numerics``: fused
+    kernels of the generation pieces round intermediates to the model dtype as eager does (bf16 results stay
+    close to eager's)."""
+    return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
+                         eager_numerics)
 
 
 def backend_from_options(options: dict) -> FlashUBackend:
@@ -263,7 +271,7 @@ def backend_from_options(options: dict) -> FlashUBackend:
     backend = options.get(_OPTIONS_KEY)
     if backend is None:
         unknown = set(options) - {"task", "config", "layout", "model_config", "piece_backend", "cuda_graphs",
-                                   "merge_projections"}
+                                   "merge_projections", "eager_numerics"}
         if unknown:
             raise ValueError(f"unknown flashu options {sorted(unknown)}")
         backend = options[_OPTIONS_KEY] = flashu_backend(**options)

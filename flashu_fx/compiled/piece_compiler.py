@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
-                        merge: bool = True) -> Callable:
+                        merge: bool = True, eager_numerics: bool = True) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
     ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile).
-    ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights)."""
+    ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights).
+    ``eager_numerics``: fused kernels round every intermediate to the model dtype where eager does (inductor's
+    ``emulate_precision_casts``), so bf16 results track the eager model's instead of drifting from it."""
     if backend not in ("inductor", "eager"):
         raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
 
@@ -40,7 +42,8 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
             from torch._inductor.compile_fx import compile_fx
 
             # No inductor CUDA graphs: the runtimes capture whole calls, pieces included.
-            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": False})
+            patches = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         fresh.__qualname__ = f"{fn.__qualname__}[{name}]"

@@ -59,14 +59,6 @@ def prune_compact(layer: Qwen2DecoderLayer, h_in: Tensor, h_out: Tensor, cos: Te
     return h_out[:, kept], cos[kept], sin[kept], mask[:, :, kept][:, :, :, kept], kept
 
 
-def project(x: Tensor, linear: nn.Linear) -> Tensor:
-    """``linear(x)`` with the bias added as its own op. At one row inductor (coordinate descent tuning on) turns
-    the product into a Triton reduction with the add fused in; ``linear(x)`` itself lowers to addmm, which
-    stays a cuBLAS call plus a bias copy kernel at M = 1."""
-    out = F.linear(x, linear.weight)
-    return out if linear.bias is None else out + linear.bias
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
     """One query token over the cache, grouped K/V, scores and weights in fp32 (as fused kernels keep them).
 
@@ -89,9 +81,11 @@ def decode_layer(layer: Qwen2DecoderLayer, x: Tensor, cos_table: Tensor, sin_tab
     valid, attends to every valid slot (its own included)."""
     attn, h = layer.self_attn, layer.input_layernorm(x)
     cos, sin = cos_table[pos], sin_table[pos]  # (1, d): the same position in every layer
-    q = project(h, attn.q_proj).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # as attn.qkv
-    k = project(h, attn.k_proj).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v = project(h, attn.v_proj).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    # Module calls, so passes.merge_projections finds them: one product of the colocated q/k/v weights plus a
+    # bias add, which inductor turns into one Triton reduction at one row (a lone addmm would stay cuBLAS).
+    q = attn.q_proj(h).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # as attn.qkv
+    k = attn.k_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache[:, :, slot] = k
     v_cache[:, :, slot] = v
