@@ -54,8 +54,11 @@ def merge_projections(gm: fx.GraphModule) -> int:
     """Merge every adjacent q/k/v and gate/up group of ``gm``. Returns the number of groups merged."""
     merged = 0
     for (parent, leaves), nodes in find_sibling_linears(gm).items():
-        if set(nodes) != set(leaves) or any(n is None for n in nodes.values()):
-            log.warning("merge_projections: %s lacks a single %s linear each; left separate", parent, "/".join(leaves))
+        if any(n is None for n in nodes.values()):
+            log.warning("merge_projections: %s calls a projection of %s twice; left separate", parent, "/".join(leaves))
+            continue
+        if set(nodes) != set(leaves):  # e.g. V-norm pruning reads v_proj alone: nothing to merge
+            log.debug("merge_projections: %s uses only %s of %s", parent, sorted(nodes), "/".join(leaves))
             continue
         linears = [nodes[leaf] for leaf in leaves]
         inputs, weights, biases = zip(*(_linear_args(n) for n in linears), strict=True)

@@ -1,0 +1,102 @@
+"""First-compile time and recompiles at real shapes: one compiled FlashU model, prompts of many lengths.
+
+    python -m harness.check_recompiles --preset showo2-1.5b --task gen
+    python -m harness.check_recompiles --preset showo2-1.5b --task und
+
+Warm-up: the shortest and the longest prompt (two prompt buckets, so the pieces have met a second bucket and
+gone symbolic where they will). Then one request per length; every Dynamo capture of a piece after the
+warm-up is a recompile. CUDA-graph captures (no compilation: a new bucket or skip set) are counted apart.
+FFN layouts are random (timing and compilation do not depend on which neurons are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import torch
+
+from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled
+from flashu_fx.config import get_config
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.model import Showo2
+from harness.bench import build_random_model, resolve_device
+
+GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
+UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
+
+
+def random_layout(model: Showo2, config: FlashUConfig, seed: int = 0):
+    cfg = model.config
+    scores = torch.rand(cfg.num_layers, cfg.intermediate_size, generator=torch.Generator().manual_seed(seed))
+    layout = build_ffn_layout({config.task: top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
+    permute_ffn_weights(model, layout.order)
+    return layout
+
+
+def graph_captures(backend) -> int:
+    """CUDA graphs captured so far by the backend's runtimes (a graph per call kind and buffer shape)."""
+    gen = sum(len(buf.graphs) for rt in backend._runtimes.values() for buf in rt._buffers.values())
+    und = sum(sum(rt.graph_captures.values()) for rt in backend._und_runtimes.values())
+    return gen + und
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m harness.check_recompiles")
+    parser.add_argument("--preset", default="showo2-1.5b")
+    parser.add_argument("--task", choices=["gen", "und"], default="gen")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--steps", type=int, default=50, help="gen: baseline grid points")
+    parser.add_argument("--new-tokens", type=int, default=8, help="und: tokens per answer")
+    parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                        help="prompt (gen) or question (und) lengths, comma-separated; first and last warm up")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_random_model(get_config(args.preset), device, dtype)
+    config = FlashUConfig.for_task(args.task)
+    layout = random_layout(model, config)
+    backend = flashu_backend(args.task, config, layout)
+    compiled = torch.compile(model, backend=backend)
+    cfg = model.config
+    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
+    latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device, dtype)
+
+    def request(n: int) -> None:
+        ids = [100 + i % 1000 for i in range(n)]
+        if args.task == "gen":
+            generate_images_compiled(compiled, backend, [ids], baseline_steps=args.steps)
+        else:
+            answer_question_compiled(compiled, backend, latents, ids, max_new_tokens=args.new_tokens,
+                                     stop_at_eos=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    request(lengths[0])
+    first = time.perf_counter() - start
+    request(lengths[-1])
+    warm, warm_graphs = Counter(backend.piece_captures), graph_captures(backend)
+    seconds = []
+    for n in lengths:
+        start = time.perf_counter()
+        request(n)
+        seconds.append(time.perf_counter() - start)
+    recompiles = sum((Counter(backend.piece_captures) - warm).values())
+    report = {
+        "preset": args.preset, "task": args.task, "device": str(device), "lengths": list(lengths),
+        "first_request_s": round(first, 1), "warm_piece_captures": sum(warm.values()),
+        "recompiles_after_warmup": recompiles, "whole_graph_captures": backend.compiles,
+        "cuda_graph_captures_after_warmup": graph_captures(backend) - warm_graphs,
+        "seconds_per_request": [round(s, 3) for s in seconds],
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
