@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import operator
 
-import torch.nn.functional as F
 from torch import fx
 
-from passes.graph_utils import module_path
+from passes.graph_utils import linear_calls
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 def find_ffn_linears(gm: fx.GraphModule) -> dict[str, dict[str, fx.Node]]:
     """MLP module path -> {"gate_proj": node, "up_proj": node, "down_proj": node} of its F.linear calls."""
     found: dict[str, dict[str, fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not F.linear:
-            continue
-        path = module_path(node)
-        if path is None:
-            continue
-        parent, _, leaf = path.rpartition(".")
+    for parent, leaf, node in linear_calls(gm):
         if leaf in PROJECTIONS:
             if leaf in found.setdefault(parent, {}):
                 found[parent][leaf] = None  # called twice: ambiguous, refuse below

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Iterator
 
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 _SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
@@ -19,6 +21,17 @@ def module_path(node: fx.Node) -> str | None:
     path = _SELF_PREFIX.sub("", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules", "")
 
+
+
+def linear_calls(gm: fx.GraphModule) -> Iterator[tuple[str, str, fx.Node]]:
+    """(parent module path, module name, node) of every ``F.linear`` call made by a module, in graph order."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not F.linear:
+            continue
+        path = module_path(node)
+        if path is not None:
+            parent, _, leaf = path.rpartition(".")
+            yield parent, leaf, node
 
 
 def fake_value(node: object) -> Tensor | None:

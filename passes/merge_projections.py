@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from flashu_fx.projection_layout import PROJECTION_GROUPS, adjacent
-from passes.graph_utils import fake_value, module_path
+from passes.graph_utils import fake_value, linear_calls
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,7 @@ def find_sibling_linears(gm: fx.GraphModule) -> dict[tuple[str, tuple[str, ...]]
     """(module path, group) -> {projection name: its F.linear node} (None where a projection is called twice)."""
     group_of = {leaf: group for group in PROJECTION_GROUPS for leaf in group}
     found: dict[tuple[str, tuple[str, ...]], dict[str, fx.Node | None]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not F.linear:
-            continue
-        path = module_path(node)
-        if path is None:
-            continue
-        parent, _, leaf = path.rpartition(".")
+    for parent, leaf, node in linear_calls(gm):
         if leaf in group_of:
             members = found.setdefault((parent, group_of[leaf]), {})
             members[leaf] = None if leaf in members else node

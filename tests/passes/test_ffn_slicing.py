@@ -5,26 +5,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from captured import capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import fx
 
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
 from flashu_fx.masks import omni_mask
 from flashu_fx.qwen2 import Qwen2DecoderLayer
 from passes.ffn_slicing import find_ffn_linears, slice_ffn
-
-
-def capture(fn, *args) -> tuple[fx.GraphModule, list]:
-    seen = {}
-
-    def backend(gm, example_inputs):
-        seen["gm"], seen["inputs"] = gm, example_inputs
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return seen["gm"], seen["inputs"]
 
 
 @settings(deadline=None, max_examples=6)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from captured import capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx
@@ -18,18 +19,6 @@ from flashu_fx.masks import omni_mask
 from flashu_fx.projection_layout import adjacent, colocate_projections
 from passes.ffn_slicing import slice_ffn
 from passes.merge_projections import merge_projections
-
-
-def capture(fn, *args) -> tuple[fx.GraphModule, list]:
-    seen = {}
-
-    def backend(gm, example_inputs):
-        seen["gm"], seen["inputs"] = gm, example_inputs
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return seen["gm"], seen["inputs"]
 
 
 def num_linears(gm: fx.GraphModule) -> int:
