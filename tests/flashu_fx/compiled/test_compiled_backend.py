@@ -17,6 +17,7 @@ from flashu_fx import FlashUConfig, generate_images, get_config
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_gen import generate_images_flashu
+from flashu_fx.projection_layout import adjacent
 
 # Tiny-model FlashU settings under which every technique acts within a few calls: 2 of 4 layers skipped,
 # re-measured every 3 calls, the head stored every 2nd call, widths in multiples of 8.
@@ -237,3 +238,30 @@ def test_unknown_model_size_needs_model_config() -> None:
     backend.begin_image(2, 3.0)
     with pytest.raises(ValueError, match="unsupported Show-o2 model: hidden_size=48"), backend.step(0):
         gen(b.tokens, torch.randn(2, 16, 8, 8), torch.zeros(2), b.offsets, b.mask, return_logits=False)
+
+
+def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> None:
+    """The backend moves q/k/v and gate/up into shared buffers once: same Parameter objects, same values, one
+    runtime across images; with merging off the weights are untouched and the latents agree."""
+    model = copy.deepcopy(tiny_model)
+    values = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    backend = flashu_backend("gen")
+    gen = torch.compile(model, backend=backend)
+    merged = generate_images_compiled(gen, backend, [[3, 4, 5]], baseline_steps=4, guidance=3.0)
+    generate_images_compiled(gen, backend, [[6, 7]], baseline_steps=4, guidance=3.0)
+    attn, mlp = model.showo.model.layers[0].self_attn, model.diffusion_head_a[1].mlp
+    assert adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert adjacent([mlp.gate_proj.weight, mlp.up_proj.weight])
+    assert all(model.get_parameter(k) is p for k, p in params.items())
+    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
+    assert len(backend._runtimes) == 1 and backend.compiles == 1
+
+    torch._dynamo.reset()
+    plain = copy.deepcopy(tiny_model)
+    backend = flashu_backend("gen", merge_projections=False)
+    gen = torch.compile(plain, backend=backend)
+    separate = generate_images_compiled(gen, backend, [[3, 4, 5]], baseline_steps=4, guidance=3.0)
+    attn = plain.showo.model.layers[0].self_attn
+    assert not adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert rel_err(merged, separate) < 1e-5
