@@ -5,7 +5,7 @@ bf16 trajectory itself (random-weight velocity fields amplify rounding over the 
 
 Prints, for one model call (t = 0.5) and for whole trajectories, relative errors and latent cosines of:
 eager bf16 vs eager fp32 (the intrinsic bf16 noise), compiled exact vs eager bf16 and vs fp32, and compiled
-FlashU vs eager FlashU (with their per-call decisions compared).
+FlashU vs eager FlashU (with their per-call decisions compared), and both FlashU runs vs eager FlashU in fp32.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
-from harness.bench import build_random_model
+from harness.bench import build_random_model, resolve_device
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.check_equivalence")
     parser.add_argument("--preset", default="showo2-1.5b")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--emulate-precision-casts", action="store_true",
                         help="inductor rounds fused intermediates to the model dtype, as eager does")
     args = parser.parse_args(argv)
     if args.emulate_precision_casts:
         torch._inductor.config.emulate_precision_casts = True
-    device = torch.device("cuda")
+    device = resolve_device(args.device)
     model = build_random_model(get_config(args.preset), device, torch.bfloat16)
     fp32 = copy.deepcopy(model).float()
     prompt = [[100 + i for i in range(20)]]
@@ -65,21 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     c16 = generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps, guidance=10.0)
     print(f"trajectory ({args.steps - 1} calls): cos eager bf16 vs fp32 {cos(e16, e32):.5f}; "
           f"compiled vs eager bf16 {cos(c16, e16):.5f}; compiled vs fp32 {cos(c16, e32):.5f}")
-    del fp32
     config = FlashUConfig.for_task("gen")
     cfg = model.config
     scores = torch.rand(cfg.num_layers, cfg.intermediate_size, generator=torch.Generator().manual_seed(0))
     layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
     permute_ffn_weights(model, layout.order)
+    permute_ffn_weights(fp32, layout.order)
     eager = generate_images_flashu(model, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
+    exact = generate_images_flashu(fp32, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
+    del fp32
     fbackend = flashu_backend("gen", config, layout)
     fgen = torch.compile(model, backend=fbackend)
     fout = generate_images_compiled(fgen, fbackend, prompt, baseline_steps=args.steps, guidance=10.0)
     records = next(iter(fbackend._runtimes.values())).records
     same = [r.skip_set for r in records] == [r.skipped for r in eager.records] and \
         [r.head for r in records] == [r.head for r in eager.records]
+    same32 = [r.skipped for r in exact.records] == [r.skipped for r in eager.records]
     print(f"FlashU: decisions identical {same}; skip sets {sorted({r.skip_set for r in records})}; "
           f"latent cos compiled vs eager FlashU {cos(fout, eager.latents):.5f}")
+    # How far each bf16 run is from the fp32 eager FlashU twin (same decisions?): the bf16 noise floor.
+    print(f"FlashU vs fp32 eager FlashU (fp32 decisions equal bf16's: {same32}): eager bf16 "
+          f"{cos(eager.latents, exact.latents):.5f}; compiled bf16 {cos(fout, exact.latents):.5f}")
     return 0
 
 
