@@ -8,8 +8,8 @@ Weight values do not change the time of a dense step, so the model is built on t
 with random, non-degenerate values on the target device (seconds at 7B). Timed region, as anchors.md:
 gen = the whole denoising loop for one prompt (50-point grid = 49 calls, CFG batch 2, guidance 10);
 und = ``answer_question`` end to end (image features, prefill, exactly 32 new tokens: the eos stop is off)
-for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs (the baseline row:
-at least ``--baseline-repeats``, 5, as host-bound eager loops are the noisiest) with
+for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs (eager rows: at
+least ``--eager-repeats``, 5, as host-bound eager loops are the noisiest) with
 ``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run.
 """
 
@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="gen", help="gen: text-to-image; und: understanding")
     p.add_argument("--preset", choices=sorted(PRESETS), default="showo2-1.5b", help="model shapes")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
-    p.add_argument("--baseline-repeats", type=int, default=5,
-                   help="timed runs of the eager baseline row (at least --repeats): eager loops are host-bound, "
-                        "and single runs on a shared host varied by up to 1.5x where compiled rows varied 0.3%%")
+    p.add_argument("--eager-repeats", type=int, default=5,
+                   help="timed runs of each eager row (at least --repeats): eager loops are host-bound, and single "
+                        "runs on a shared host varied by up to 1.5x where compiled rows (CUDA graphs) varied 0.3%%")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
     p.add_argument(
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for name, low in (("repeats", 1), ("baseline_repeats", 1), ("warmup", 0), ("steps", 2), ("max_new_tokens", 1),
+    for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", 2), ("max_new_tokens", 1),
                       ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -313,8 +313,9 @@ def measure(args: argparse.Namespace, rows: dict, model: Showo2, ctx) -> tuple[l
     against 43.9 ms before."""
     device = next(model.parameters()).device
     results: list[RowResult] = []
-    for i, (row_name, fn) in enumerate(tqdm(rows.items(), desc="rows", leave=False)):
-        repeats = max(args.repeats, args.baseline_repeats) if i == 0 else args.repeats  # row 0: the baseline
+    for row_name, fn in tqdm(rows.items(), desc="rows", leave=False):
+        eager = not row_name.startswith("compiled")  # eager loops: host-bound, the noisiest rows
+        repeats = max(args.repeats, args.eager_repeats) if eager else args.repeats
         r = time_row(args.task, row_name, fn, ctx, args.warmup, repeats)
         results.append(r)
         print(f"  {row_name}: {r.seconds:.3f} s median of {r.times}", flush=True)
