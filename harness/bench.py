@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shlex
 import sys
@@ -342,6 +343,9 @@ def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profi
         "command": "python -m harness " + shlex.join(argv),
         "baseline": BASELINES[args.task],
         "settings": {**vars(args), "out": str(args.out)},
+        # Launch-path settings that change how far the host can run ahead of the GPU (CUDA graphs of ~1000
+        # kernels fill the default launch queue: the host then waits, and its per-call work shows as GPU idle).
+        "env": {k: os.environ.get(k) for k in ("CUDA_SCALE_LAUNCH_QUEUES", "CUDA_LAUNCH_BLOCKING")},
         "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
         "upstream_flop_per_call": flops,
         "rows": records,
