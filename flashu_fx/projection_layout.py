@@ -41,10 +41,10 @@ def adjacent(tensors: Sequence[Tensor]) -> bool:
 @torch.no_grad()
 def colocate(params: Sequence[Tensor]) -> bool:
     """Move ``params`` into one new buffer, in order (values, shapes and strides unchanged).
-    Returns False (and changes nothing) when they are already adjacent."""
-    if adjacent(params):
-        return False
+    Returns False (and changes nothing) when they are already adjacent or cannot share a buffer."""
     first = params[0]
+    if adjacent(params) or any(p.dtype != first.dtype or p.device != first.device for p in params):
+        return False  # mixed dtypes or devices cannot share a buffer: left as they are
     buffer = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
     offset = 0
     for p in params:
@@ -72,9 +72,13 @@ def projection_groups(named: Mapping[str, Tensor]) -> list[list[Tensor]]:
     return groups
 
 
-def colocate_projections(named: Mapping[str, Tensor] | nn.Module) -> int:
+def colocate_projections(named: Mapping[str, Tensor] | nn.Module) -> bool:
     """Lay out every q/k/v and gate/up group of a model (or of a name -> Parameter mapping) in shared
-    buffers, in place. Idempotent; returns the number of groups moved."""
+    buffers, in place (idempotent). Returns True when every group is adjacent afterwards: only then may one
+    merged artifact serve all layers (``passes.merge_projections`` checks the layer it traces)."""
     if isinstance(named, nn.Module):
         named = dict(named.named_parameters(remove_duplicate=False))
-    return sum(colocate(group) for group in projection_groups(named))
+    groups = projection_groups(named)
+    for group in groups:
+        colocate(group)
+    return all(adjacent(group) for group in groups)

@@ -139,12 +139,11 @@ class FlashUBackend:
         rt = self._und_runtimes.get(id(model))
         if rt is None or rt.model is not model:
             cuda = model.showo.lm_head.weight.is_cuda
-            if self.merge_projections:
-                colocate_projections(model)
+            merge = self.merge_projections and self._colocated(model)
             # No eager_numerics here: at one row inductor turns each product into a mul + sum reduction, where
             # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
             compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                                self.piece_captures, self.merge_projections, eager_numerics=False)
+                                                self.piece_captures, merge, eager_numerics=False)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
             self._und_runtimes[id(model)] = rt
         return rt
@@ -174,22 +173,32 @@ class FlashUBackend:
 
         return run
 
+    @staticmethod
+    def _colocated(named) -> bool:
+        """Colocate the projections; True if every group is adjacent (one merged artifact serves every layer, so
+        a single layer left apart would read the wrong rows: then nothing is merged)."""
+        if colocate_projections(named):
+            return True
+        warnings.warn("flashu_backend: some q/k/v or gate/up weights cannot share a buffer (mixed dtypes or "
+                      "devices); projections stay separate matmuls", stacklevel=3)
+        return False
+
     def _runtime_for(self, match: Showo2GraphMatch, args) -> GenRuntime:
         def weights_key() -> tuple[int, ...]:
             return tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
 
         rt = self._runtimes.get(weights_key())
+        merge = False
         if rt is None and self.merge_projections:
             # args hold the user's own Parameters: colocating them lays out the user's model (values, shapes and
             # strides unchanged) once, so later calls find this runtime under the new addresses.
-            colocate_projections({k: args[i] for k, i in match.param_inputs.items()})
+            merge = self._colocated({k: args[i] for k, i in match.param_inputs.items()})
             rt = self._runtimes.get(weights_key())
         if rt is None:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.piece_captures, self.merge_projections,
-                                                self.eager_numerics)
+            compile_piece = make_piece_compiler(backend, self.piece_captures, merge, self.eager_numerics)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[weights_key()] = rt
         return rt

@@ -35,11 +35,14 @@ def llm_layer_inputs(model, seq: int):
 def test_colocation_keeps_values_shapes_and_strides(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
     before = {k: (v.clone(), v.shape, v.stride()) for k, v in model.state_dict().items()}
-    moved = colocate_projections(model)
+    separate = len({p.untyped_storage().data_ptr() for p in model.parameters()})
+    assert colocate_projections(model)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # Storages saved per LLM layer: q/k/v weights 2, biases 2, gate/up 1; SigLIP layer 2 + 2; head block 2 + 1.
     cfg = model.config
-    # LLM layer: q/k/v weights, q/k/v biases, gate/up; SigLIP: q/k/v weights and biases; head: q/k/v, gate/up
-    assert moved == 3 * cfg.num_layers + 2 * cfg.und_num_layers + 2 * cfg.head_num_layers
-    assert colocate_projections(model) == 0  # idempotent
+    assert separate - len(storages) == 5 * cfg.num_layers + 4 * cfg.und_num_layers + 3 * cfg.head_num_layers
+    assert colocate_projections(model)  # idempotent: nothing moves again
+    assert {p.untyped_storage().data_ptr() for p in model.parameters()} == storages
     for k, v in model.state_dict().items():
         value, shape, stride = before[k]
         assert v.shape == shape and v.stride() == stride
@@ -92,6 +95,17 @@ def test_sliced_ffn_keeps_gate_up_separate_and_merges_qkv(tiny_model, lo: int, w
     assert merge_projections(gm) == 1  # gate[lo:hi] and up[lo:hi] are not adjacent: only q/k/v merge
     ref = layer(*args, ffn_ranges=((lo, lo + width),))
     torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_that_cannot_share_a_buffer_are_reported(tiny_model) -> None:
+    model = copy.deepcopy(tiny_model)
+    attn = model.showo.model.layers[1].self_attn
+    attn.k_proj.weight.data = attn.k_proj.weight.data.double()  # a sibling of another dtype
+    assert not colocate_projections(model)
+    assert not adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert attn.k_proj.weight.dtype == torch.float64  # left as it was
+    other = model.showo.model.layers[0].self_attn
+    assert adjacent([other.q_proj.weight, other.k_proj.weight, other.v_proj.weight])
 
 
 def test_weights_not_colocated_are_left_separate_with_a_warning(tiny_model, caplog) -> None:
