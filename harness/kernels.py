@@ -8,6 +8,8 @@ time the op and the natural eager torch version (slice -> float -> norm -> topk 
 - wall: host time per call of back-to-back eager calls (launch and dispatch overheads included).
 Bandwidth counts the bytes of V read (B * length * KV*D * itemsize) against the device's copy
 bandwidth, measured here (1 GiB device-to-device copy, bytes read + written).
+--sweep also times launch configs and every threshold search (`SELECTS`: the default radix search and the
+tl.histogram variants) at each shape, and prints which search is fastest there.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from collections.abc import Callable
 
 import torch
 
-from triton_kernels.vnorm_topk import _launch, vnorm_topk, vnorm_topk_reference
+from triton_kernels.vnorm_topk import SELECTS, _config, _launch, vnorm_topk, vnorm_topk_reference
 
 LAYOUTS = {"1.5B": (2, 128), "7B": (4, 128)}  # Show-o2 v_proj: (n_kv_heads, head_dim)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = 37  # text tokens before the image span
 ROTATE_BYTES = 256 * 2**20  # input copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
-SWEEP = [(t, w) for t in (8, 16, 32, 64) for w in (4, 8, 16)]
+SWEEP = [(t, w) for t in (8, 16, 32, 64) for w in (4, 8, 16)]  # (BLOCK_T, num_warps) of the radix search
+SELECT_WARPS = (4, 8, 16)  # every search (SELECTS): at the shape's default BLOCK_T, each num_warps
 
 
 def eager_topk(v: torch.Tensor, start: int, length: int, keep: int) -> torch.Tensor:
@@ -83,6 +86,22 @@ def copy_gbps() -> float:
     return 2 * src.nbytes / ms / 1e6
 
 
+def select_summary(rows: list[dict], default_warps: int) -> dict:
+    """Sweep rows of one shape at one BLOCK_T -> each search's best exact time over num_warps, the default
+    config's (radix, default num_warps) and the fastest search."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["exact"] and (r["select"] not in best or r["gpu_us"] < best[r["select"]]["gpu_us"]):
+            best[r["select"]] = r
+    default = next(r for r in rows if r["select"] == "radix" and r["num_warps"] == default_warps)
+    fastest = min(best.values(), key=lambda r: r["gpu_us"])
+    return {
+        "default_us": default["gpu_us"], "fastest": fastest["select"], "fastest_warps": fastest["num_warps"],
+        "fastest_us": fastest["gpu_us"], "speedup_vs_default": default["gpu_us"] / fastest["gpu_us"],
+        "best": {k: {"gpu_us": r["gpu_us"], "num_warps": r["num_warps"]} for k, r in best.items()},
+    }  # fmt: skip
+
+
 def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, copy: float) -> tuple[dict, list[dict]]:
     kv, head_dim = LAYOUTS[layout]
     c = kv * head_dim
@@ -116,12 +135,20 @@ def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, c
     sweep = []
     if args.sweep:
         want = vnorm_topk_reference(v, PREFIX, length, keep)
-        for block_t, warps in SWEEP:
-            calls = [functools.partial(_launch, x, None, PREFIX, length, keep, block_t, warps) for x in copies]
+        cfg_t, _, cfg_warps = _config(length, c)
+        # SWEEP for the radix search, then every search at cfg_t with each SELECT_WARPS and the default
+        # num_warps (configs SWEEP has are not repeated): the rows select_summary compares.
+        grid = [("radix", t, w) for t, w in SWEEP]
+        grid += [(select, cfg_t, w) for select in SELECTS for w in sorted({*SELECT_WARPS, cfg_warps})
+                 if (select, cfg_t, w) not in grid]  # fmt: skip
+        for select, block_t, warps in grid:
+            calls = [functools.partial(_launch, x, None, PREFIX, length, keep, block_t, warps, select=select)
+                     for x in copies]  # fmt: skip
             ok = torch.equal(calls[0](), want)
             us = graph_us(calls, replays=5)
-            sweep.append({"batch": batch, "length": length, "layout": layout, "BLOCK_T": block_t,
+            sweep.append({"batch": batch, "length": length, "layout": layout, "select": select, "BLOCK_T": block_t,
                           "num_warps": warps, "exact": ok, "gpu_us": us, "GBps": bytes_v / us / 1e3})  # fmt: skip
+        row["select"] = select_summary([s for s in sweep if s["BLOCK_T"] == cfg_t], cfg_warps)
     return row, sweep
 
 
@@ -132,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="v_proj layout")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--keep-ratio", type=float, default=0.5, help="kept fraction (FlashU und: 0.5)")
-    p.add_argument("--sweep", action="store_true", help="also time every (BLOCK_T, num_warps) config")
+    p.add_argument(
+        "--sweep", action="store_true", help="also time every (BLOCK_T, num_warps) config and threshold search"
+    )
     p.add_argument("--out", default="kernels.json", help="JSON output path")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,8 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['exact_vs_reference']!s:>5} {row['rows_agreeing_with_eager_fp32']:>5.2f}"
                 )
     for s in sweeps:
-        print(f"sweep B={s['batch']} len={s['length']} {s['layout']} BLOCK_T={s['BLOCK_T']:>2} "
+        print(f"sweep B={s['batch']} len={s['length']} {s['layout']} {s['select']:>5} BLOCK_T={s['BLOCK_T']:>2} "
               f"warps={s['num_warps']:>2}: {s['gpu_us']:7.1f} us {s['GBps']:6.0f} GB/s exact={s['exact']}")  # fmt: skip
+    if args.sweep:
+        print(f"threshold search: gpu us at the default BLOCK_T, best over num_warps {SELECT_WARPS} + default")
+        print(" B   len layout | default | " + " ".join(f"{name:>6}" for name in SELECTS) + " | fastest")
+        for r in rows:
+            sel = r["select"]
+            times = " ".join(f"{sel['best'][k]['gpu_us']:>6.1f}" if k in sel["best"] else "   n/a" for k in SELECTS)
+            print(f"{r['batch']:>2} {r['length']:>5} {r['layout']:>6} | {sel['default_us']:>7.1f} | {times} | "
+                  f"{sel['fastest']} warps={sel['fastest_warps']} {sel['speedup_vs_default']:.2f}x")  # fmt: skip
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "dtype": args.dtype, "copy_GBps": copy, "vnorm_topk": rows, "vnorm_topk_sweep": sweeps,

@@ -21,7 +21,9 @@ counter; the last program of a row stores the counter back to 0 and selects. Sel
 keys in registers as offsets from the row's min: a radix search (3 bits per step, ~7 steps for a row
 of norms; 7 counts per step from one-hot nibbles in one reduction) finds the threshold T = the
 keep-th smallest key; then one packed int32 scan gives, in index order, #(bits < T) and #(bits == T)
-before each token, which is its output slot. No sort, no second kernel, and no memset: the counters
+before each token, which is its output slot. An alternative threshold search (`_launch(select="hist8")`
+etc., not the default until measured: docs/KERNELS.md) counts 5- to 8-bit digits per step with
+tl.histogram instead. No sort, no second kernel, and no memset: the counters
 are a cached per-device buffer that every launch leaves zeroed (see _counters; launches on one
 device must be stream-ordered, as on one stream or inside one graph).
 
@@ -78,6 +80,11 @@ if triton is not None:
         return tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
 
     @triton.jit
+    def _bit_length(span):
+        """bits(span) for span >= 0, from the float's exponent (int -> float may round up: one extra bit)."""
+        return tl.maximum(((span.to(tl.float32).to(tl.int32, bitcast=True)) >> 23) - 126, 0)
+
+    @triton.jit
     def _threshold(off, span, keep, BLOCK_N: tl.constexpr):
         """(T, #(off < T)) for T = the smallest offset with #(off <= T) >= keep; off = key - min >= 0.
 
@@ -89,9 +96,7 @@ if triton is not None:
         over the row as 4 int32s. Invariant: #(off < prefix) = n_lt < keep <= #(off < prefix + (8 << s)).
         """
         GS: tl.constexpr = 8 if BLOCK_N >= 8 else BLOCK_N
-        # bits(span) from the float's exponent (int -> float may round up: one spare step at most).
-        nbits = tl.maximum(((span.to(tl.float32).to(tl.int32, bitcast=True)) >> 23) - 126, 0)
-        s = (nbits + 2) // 3 * 3 - 3
+        s = (_bit_length(span) + 2) // 3 * 3 - 3  # at most one spare step (see _bit_length)
         prefix = span * 0
         n_lt = span * 0
         while s >= 0:  # not `for i in range(tensor)`: triton 3.6's interpreter rejects it
@@ -116,6 +121,35 @@ if triton is not None:
             s -= 3
         return prefix, n_lt
 
+    @triton.jit
+    def _threshold_hist(off, span, keep, DIGIT_BITS: tl.constexpr):
+        """_threshold's (T, #(off < T)), searched DIGIT_BITS bits per step with one tl.histogram per step.
+
+        Digits are clamped, not masked: keys below the current range [prefix, prefix + (NUM_BINS << s))
+        count in bin 0 and keys above it (padding included) in the top bin. The running sum of bin k is
+        then #(off < prefix + ((k + 1) << s)) over the whole row, the count _threshold's invariant needs,
+        and the top bin's is the row's BLOCK_N >= keep, so the chosen digit stays in range. (A mask, which
+        tl.histogram has in triton 3.6, costs a compare and, in 3.6's ballot lowering, one more ballot
+        per key, and its counts would be relative to the prefix.)
+        """
+        NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+        s = (_bit_length(span) + DIGIT_BITS - 1) // DIGIT_BITS * DIGIT_BITS - DIGIT_BITS
+        prefix = span * 0
+        n_lt = span * 0
+        bins = tl.arange(0, NUM_BINS)
+        while s >= 0:
+            digit = tl.minimum(tl.maximum((off - prefix) >> s, 0), NUM_BINS - 1)
+            cum = tl.cumsum(tl.histogram(digit, NUM_BINS), axis=0)
+            # cum is non-decreasing: ONE max-reduction over (cum << 9 | k + 1) where cum < keep gives both
+            # the digit d (= #bins with cum < keep) and #(off < prefix + (d << s)) = cum[d - 1]
+            # (counts <= 16384 and d <= 256 fit in 24 bits).
+            found = tl.max(tl.where(cum < keep, (cum << 9) | (bins + 1), 0), axis=0)
+            d = found & 0x1FF
+            n_lt = tl.where(d > 0, found >> 9, n_lt)
+            prefix += d << s
+            s -= DIGIT_BITS
+        return prefix, n_lt
+
     # Values that vary per call are not specialized (no recompiles); the strides are (alignment).
     @triton.jit(do_not_specialize=["start", "seq_len", "length", "keep"])
     def _vnorm_topk_kernel(
@@ -136,6 +170,7 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        HIST_BITS: tl.constexpr,  # 0: _threshold (radix, the default); else _threshold_hist's digit bits
     ):
         chunk = tl.program_id(0)
         b = tl.program_id(1)
@@ -180,7 +215,10 @@ if triton is not None:
             key = tl.where(n < length, key, _PAD_BITS)
             lo, hi = tl.reduce((key, tl.where(n < length, key, 0)), 0, _min_max)
             off = key - lo  # >= 0 (keys are non-negative), padding above every real key
-            t_off, n_lt = _threshold(off, hi - lo, keep, BLOCK_N)
+            if HIST_BITS == 0:
+                t_off, n_lt = _threshold(off, hi - lo, keep, BLOCK_N)
+            else:
+                t_off, n_lt = _threshold_hist(off, hi - lo, keep, HIST_BITS)
             lt = off < t_off
             eq = off == t_off
             n_tie = keep - n_lt  # ties kept, lowest index first
@@ -192,6 +230,10 @@ if triton is not None:
             pos = tl.where(valid, start + n.to(tl.int64), -1)
             tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
 
+
+# Threshold searches `_launch(select=...)` offers -> the kernel's HIST_BITS. The radix search is the
+# default until a GPU run of `harness kernels --sweep` shows a histogram variant faster (docs/KERNELS.md).
+SELECTS: dict[str, int] = {"radix": 0, "hist5": 5, "hist6": 6, "hist7": 7, "hist8": 8}
 
 # Arrival counters per device, zero between launches: the last program of each row stores 0 back.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -231,10 +273,12 @@ def _launch(
     num_warps: int | None = None,
     traceable: bool = False,
     block_d: int | None = None,
+    select: str = "radix",
 ) -> torch.Tensor:
     """Allocate and launch the Triton kernel (any device Triton drives, or the interpreter).
 
-    block_t / num_warps / block_d override the shape-keyed config (tests, `harness kernels --sweep`).
+    block_t / num_warps / block_d override the shape-keyed config, and select (a key of SELECTS) the
+    threshold search (tests, `harness kernels --sweep`).
     traceable: launch through wrap_triton (inside the op, so torch.compile sees the kernel); called
     directly that goes through a higher-order op (100+ us of host time on an H200 machine) and
     rejects the interpreter.
@@ -269,6 +313,7 @@ def _launch(
         BLOCK_T=block_t,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        HIST_BITS=SELECTS[select],
         num_warps=num_warps,
     )
     return out

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triton_kernels import vnorm_topk, vnorm_topk_reference
-from triton_kernels.vnorm_topk import MAX_LENGTH
+from triton_kernels.vnorm_topk import MAX_LENGTH, SELECTS
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -194,6 +194,63 @@ def test_triton_kernel_under_interpreter() -> None:
     assert proc.stdout.strip() == "54"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_histogram_select_under_interpreter() -> None:
+    """The tl.histogram threshold searches (every digit size in SELECTS) equal the reference on random rows
+    of up to 4096 tokens: key spans of 0 to 31 bits (every step count), long runs of ties at the cut, NaN /
+    inf / zero norms. A hypothesis property inside the subprocess, as the interpreter is chosen at
+    import. (The radix default is the kernel test above; interpreted, it is ~7x slower per 4096-key row.)"""
+    proc = _run_python(
+        """
+        import torch
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+        from triton_kernels.vnorm_topk import SELECTS, _launch, _reference
+
+        HIST = sorted(s for s in SELECTS if s != "radix")
+
+        @st.composite
+        def rows(draw):
+            batch = draw(st.integers(1, 2))
+            length = draw(st.one_of(st.integers(1, 64), st.integers(65, 4096)))
+            seq_len = length + draw(st.integers(0, 5))
+            c = draw(st.integers(1, 24))
+            dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+            gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+            e = draw(st.sampled_from([0, 2, 12, 40]))
+            scale = 2.0 ** torch.randint(-e, e + 1, (batch, seq_len, 1), generator=gen)
+            mode = draw(st.sampled_from(["randn", "ints", "pow2"]))
+            if mode == "randn":  # per-token scales 2^-e..2^e: key spans of up to 23 + log2(2e + 1) bits
+                x = torch.randn(batch, seq_len, c, generator=gen) * scale
+            elif mode == "ints":  # few distinct norms: long runs of ties at the cut
+                x = torch.randint(0, draw(st.integers(1, 4)), (batch, seq_len, c), generator=gen).float()
+            else:  # power-of-two norms: the threshold's low digits are 0 (the count must carry over them)
+                x = torch.zeros(batch, seq_len, c)
+                x[..., :1] = scale
+            v = x.to(dtype)
+            for value in draw(st.lists(st.sampled_from([0.0, float("inf"), float("nan")]), max_size=3)):
+                v[:, draw(st.integers(0, seq_len - 1)), 0] = value
+            start = draw(st.integers(0, seq_len - length))
+            keeps = draw(st.lists(st.integers(1, length), min_size=1, max_size=3))
+            return v, start, length, keeps, draw(st.sampled_from(HIST))
+
+        @settings(deadline=None, max_examples=100, database=None)
+        @given(rows())
+        def histogram_select_matches_reference(case):
+            v, start, length, keeps, select = case
+            for keep in keeps:
+                want = _reference(v, None, start, length, keep)
+                assert torch.equal(_launch(v, None, start, length, keep, select=select), want), (select, keep)
+
+        histogram_select_matches_reference()
+        print(HIST)
+        """,
+        TRITON_INTERPRET="1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['hist5', 'hist6', 'hist7', 'hist8']"
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors: each names the argument, the value and the allowed range.
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +311,25 @@ def test_cuda_matches_reference(dtype: torch.dtype, batch: int, length: int, c: 
         assert torch.equal(vnorm_topk(v, 37, length, keep), want)
     rows = torch.arange(batch, device="cuda") * 3 + 37
     assert torch.equal(vnorm_topk(v, rows, length, length // 2), vnorm_topk_reference(v, rows, length, length // 2))
+
+
+@cuda
+@pytest.mark.parametrize("select", list(SELECTS))
+@pytest.mark.parametrize(("batch", "length", "c"), [(1, 729, 512), (8, 4096, 256), (1, 16384, 256)])
+def test_cuda_every_select_matches_reference(select: str, batch: int, length: int, c: int) -> None:
+    """Each threshold search, compiled, at realistic sizes: ties, a ~28-bit key span (5 tokens scaled by 2^-10
+    to 2^10) and power-of-two norms (thresholds whose low digits are 0)."""
+    from triton_kernels.vnorm_topk import _launch
+
+    gen = torch.Generator(device="cuda").manual_seed(length + c)
+    v = torch.randn(batch, length + 40, c, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v[:, 40:50] = v[:, 60:70]  # ties
+    v[:, 80:85] *= 2.0 ** torch.arange(-10, 15, 5, device="cuda")[:, None]
+    v[:, 100:140] = 0
+    v[:, 100:140, 0] = 2.0 ** torch.randint(-3, 6, (40,), device="cuda", generator=gen)
+    for keep in (1, 30, length // 2, length):
+        want = vnorm_topk_reference(v, 37, length, keep)
+        assert torch.equal(_launch(v, None, 37, length, keep, select=select), want), keep
 
 
 @cuda
