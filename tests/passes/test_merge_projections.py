@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 
@@ -14,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx
 
+from flashu_fx.config import get_config
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
 from flashu_fx.masks import omni_mask
 from flashu_fx.projection_layout import adjacent, colocate_projections
+from flashu_fx.qwen2 import Qwen2DecoderLayer
 from passes.ffn_slicing import slice_ffn
 from passes.merge_projections import merge_projections
 
@@ -26,7 +29,10 @@ def num_linears(gm: fx.GraphModule) -> int:
 
 
 def llm_layer_inputs(model, seq: int):
-    cfg = model.config
+    return llm_layer_inputs_for(model.config, seq)
+
+
+def llm_layer_inputs_for(cfg, seq: int):
     x = torch.randn(2, seq, cfg.hidden_size)
     cos, sin = rope_cos_sin(torch.arange(seq), rope_inv_freq(cfg.head_dim, cfg.rope_theta), x.dtype)
     return x, cos, sin, omni_mask(torch.tensor([0, 1]), seq, 0)
@@ -143,3 +149,25 @@ def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str
     with torch.no_grad():
         for layer in model.showo.model.layers:
             torch.testing.assert_close(compiled(layer, *args), layer(*args), rtol=1e-4, atol=1e-5)
+
+
+@settings(deadline=None, max_examples=6)
+@given(kv=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 3]), head_dim=st.sampled_from([4, 8, 16]),
+       inter=st.integers(3, 40), seq=st.integers(1, 6), ffn_range=st.booleans())
+def test_merge_on_random_layer_shapes(kv: int, groups: int, head_dim: int, inter: int, seq: int,
+                                      ffn_range: bool) -> None:
+    """Random GQA layouts and widths: the merged (and, for a range, sliced) layer equals the eager layer."""
+    cfg = dataclasses.replace(get_config("tiny"), hidden_size=kv * groups * head_dim, num_heads=kv * groups,
+                              num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter)
+    layer = Qwen2DecoderLayer(cfg).eval()
+    for p in layer.parameters():  # non-degenerate: RMSNorm weights away from 1, every bias non-zero
+        torch.nn.init.normal_(p, std=0.3)
+    assert colocate_projections(layer)
+    args = llm_layer_inputs_for(cfg, seq)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    lo, hi = (inter // 3, inter // 3 + max(1, inter // 2)) if ffn_range else (0, inter)
+    if ffn_range:
+        assert slice_ffn(gm, lo, hi) == 1
+    assert merge_projections(gm) == (1 if ffn_range else 2)
+    ref = layer(*args, ffn_ranges=((lo, hi),) if ffn_range else None)
+    torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-5)
