@@ -19,7 +19,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
 from flashu_fx.t2i import eager_velocity
-from harness.flashu_rows import pruned_copy
+from harness.flashu_rows import prepare_flashu
 from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, timed
 
 
@@ -33,7 +33,7 @@ def compiled_gen_row(config: FlashUConfig | None):
             model, layout, how = ctx.model, None, "exact optimizations only"
             points = ctx.steps
         else:
-            model, layout, how = pruned_copy(ctx.model, config, ctx.prompts[0], ctx.tokenizer, ctx.seed)
+            model, layout, how = prepare_flashu(ctx, config)
             points = config.num_points(ctx.steps)
         batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
         backend = flashu_backend("gen", config, layout)

@@ -18,7 +18,7 @@ from flashu_fx.compiled import answer_question_compiled, flashu_backend
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.mmu import Answer, answer_question
-from harness.flashu_rows import pruned_copy
+from harness.flashu_rows import prepare_flashu
 from harness.rows import PreparedRow, UndContext, model_device, register_row, timed
 
 TIMING_REPEATS = 3  # answers per split timing (prefill only / whole answer) in the row note
@@ -38,7 +38,7 @@ def compiled_und_row(config: FlashUConfig | None):
         if config is None:
             model, layout, how = ctx.model, None, "exact optimizations only"
         else:
-            model, layout, how = pruned_copy(ctx.model, config, (ctx.latents, ctx.question), ctx.tokenizer)
+            model, layout, how = prepare_flashu(ctx, config)
         backend = flashu_backend("und", config, layout)
         und = torch.compile(model, backend=backend)
         device = model_device(model)

@@ -1,18 +1,17 @@
 """Rows "flashu-eager" for ``demo`` and ``bench``: the eager FlashU twins (flashu_fx.flashu_gen / flashu_und).
 
-Each row prepares, untimed: a private copy of the context's model (the shared model is never modified),
-per-task FFN scores, the permuted FFN layout, and (gen) the batch, noise and grid of the shorter FlashU grid.
-Scores come from a Wanda calibration on the copy when ``flashu_fx.calibration`` is importable (gen: the
-first prompt, a few denoising steps; und: the request's own image and question), else from random scores;
-the row's note says which.
+Each row prepares, untimed: per-task FFN scores, the permuted FFN layout, and (gen) the batch, noise and grid
+of the shorter FlashU grid. The permutation is exact (the full FFN computes the same function), so it is
+applied to the context's model in place, once per context and task, and the FlashU rows (eager and compiled)
+share it: no model copy, so each row's peak memory is its own. Scores come from a Wanda calibration when
+``flashu_fx.calibration`` is importable (gen: the first prompt, a few denoising steps; und: the request's
+own image and question), else from random scores; the row's note says which.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
-from typing import Any
 
 import torch
 
@@ -22,45 +21,46 @@ from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.flashu_und import FlashUAnswer, answer_question_flashu
 from flashu_fx.model import Showo2
 from flashu_fx.sampler import euler_sample
-from flashu_fx.tokenizer import TextTokenizer
 from harness.rows import GenContext, PreparedRow, UndContext, gen_inputs, register_row
 
 CALIBRATION_STEPS = 4  # gen calibration: grid points of the one calibration generation (few: it is untimed)
 
 
-def pruned_copy(
-    model: Showo2, config: FlashUConfig, sample: Any, tokenizer: TextTokenizer | None, seed: int = 0
-) -> tuple[Showo2, FFNLayout | None, str]:
-    """A copy of ``model`` with its FFNs permuted for ``config.task``; returns (copy, layout, how scored).
-
-    ``sample``: gen, a prompt (ids); und, a (latents, question) pair.
-    """
-    work = copy.deepcopy(model)
+def prepare_flashu(ctx: GenContext | UndContext, config: FlashUConfig) -> tuple[Showo2, FFNLayout | None, str]:
+    """``ctx.model`` with its FFNs permuted for ``config.task`` (in place, once per context and task: later
+    calls return the same layout); returns (model, layout, how scored)."""
+    model = ctx.model
     if config.ffn_prune_ratio == 0:
-        return work, None, "no FFN pruning"
-    try:
-        from flashu_fx.calibration import calibrate
-    except ImportError:
-        calibrate = None
-    if calibrate is not None:
-        kwargs = {"steps": CALIBRATION_STEPS, "seed": seed} if config.task == "gen" else {}
-        scores = calibrate(work, config.task, [sample], config, progress=False, tokenizer=tokenizer, **kwargs).scores
-        how = "Wanda calibration, 1 sample"
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        scores = torch.rand(work.config.num_layers, work.config.intermediate_size, generator=gen)
-        how = "random FFN scores (flashu_fx.calibration not available)"
-    print(f"flashu-eager {config.task}: {how}", file=sys.stderr)
-    keep = top_k_mask(scores, config.kept_ffn_width(work.config.intermediate_size))
-    layout = build_ffn_layout({config.task: keep})
-    permute_ffn_weights(work, layout.order)
-    return work, layout, how
+        return model, None, "no FFN pruning"
+    if config.task not in ctx.flashu_layouts:
+        sample = ctx.prompts[0] if config.task == "gen" else (ctx.latents, ctx.question)
+        seed = getattr(ctx, "seed", 0)
+        try:
+            from flashu_fx.calibration import calibrate
+        except ImportError:
+            calibrate = None
+        if calibrate is not None:
+            kwargs = {"steps": CALIBRATION_STEPS, "seed": seed} if config.task == "gen" else {}
+            scores = calibrate(model, config.task, [sample], config, progress=False, tokenizer=ctx.tokenizer,
+                               **kwargs).scores
+            how = "Wanda calibration, 1 sample"
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            scores = torch.rand(model.config.num_layers, model.config.intermediate_size, generator=gen)
+            how = "random FFN scores (flashu_fx.calibration not available)"
+        print(f"flashu {config.task}: {how}", file=sys.stderr)
+        keep = top_k_mask(scores, config.kept_ffn_width(model.config.intermediate_size))
+        layout = build_ffn_layout({config.task: keep})
+        permute_ffn_weights(model, layout.order)
+        ctx.flashu_layouts[config.task] = (layout, how)
+    layout, how = ctx.flashu_layouts[config.task]
+    return model, layout, how
 
 
 def flashu_eager_gen(ctx: GenContext) -> PreparedRow:
     """FlashU generation (paper Table 7 defaults) on ``config.num_points(ctx.steps)`` grid points."""
     config = FlashUConfig.for_task("gen")
-    model, layout, how = pruned_copy(ctx.model, config, ctx.prompts[0], ctx.tokenizer, ctx.seed)
+    model, layout, how = prepare_flashu(ctx, config)
     points = config.num_points(ctx.steps)
     batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
     velocity = FlashUGenVelocity(model, batch, config, layout, points - 1, ctx.guidance)
@@ -77,7 +77,7 @@ def flashu_eager_gen(ctx: GenContext) -> PreparedRow:
 def flashu_eager_und(ctx: UndContext) -> PreparedRow:
     """FlashU understanding (paper Table 8 defaults): V-norm token pruning, pruned FFN, layer skipping."""
     config = FlashUConfig.for_task("und")
-    model, layout, how = pruned_copy(ctx.model, config, (ctx.latents, ctx.question), ctx.tokenizer)
+    model, layout, how = prepare_flashu(ctx, config)
 
     def run() -> FlashUAnswer:
         return answer_question_flashu(

@@ -56,6 +56,7 @@ class GenContext:
     seed: int = 0
     tokenizer: TextTokenizer | None = None
     progress: bool = False
+    flashu_layouts: dict = field(default_factory=dict)  # task -> (FFN layout, how scored): see flashu_rows
 
 
 @dataclass
@@ -77,6 +78,7 @@ class UndContext:
     max_new_tokens: int = 32
     stop_at_eos: bool = True
     progress: bool = False
+    flashu_layouts: dict = field(default_factory=dict)  # task -> (FFN layout, how scored): see flashu_rows
 
 
 @dataclass
