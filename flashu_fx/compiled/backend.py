@@ -116,6 +116,12 @@ class FlashUBackend:
         finally:
             self._step, self._cfg_shared = None, False
 
+    @property
+    def cuda_graph_captures(self) -> int:
+        """CUDA graphs captured by this backend's runtimes so far (a capture is not a compilation)."""
+        return sum(rt.num_graphs for rt in self._runtimes.values()) + \
+            sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values())
+
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
         self.compiles += 1

@@ -297,5 +297,10 @@ class GenRuntime:
         return unpatchify(v_tokens, cfg.latent_size, cfg.latent_channels)
 
     @property
+    def num_graphs(self) -> int:
+        """CUDA graphs captured so far (one per call kind and buffer shape, plus prefix variants)."""
+        return sum(len(buf.graphs) for buf in self._buffers.values())
+
+    @property
     def records(self) -> list[CallRecord]:
         return [] if self.state is None else self.state.records

@@ -162,3 +162,15 @@ def test_cli_dispatch(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "analyze", ("harness.no_such_module", "missing"))
     assert cli.main(["analyze"]) == 2
     assert "harness.no_such_module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["gen", "und"])
+def test_check_recompiles_tiny(task, capsys):
+    from harness import check_recompiles
+
+    extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2"]
+    report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
+                                    "--lengths", "1,4,9,40", *extra])
+    assert report["recompiles_after_warmup"] == 0
+    assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
