@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     per_call = timed_calls(gen, backend, prompt, args.steps)
-    records = next(iter(backend._runtimes.values())).records
+    records = backend.records
     for r, ms in zip(records, per_call, strict=True):
         print(f"call {r.call:2d} head={r.head:7s} trunk={int(r.trunk_ran)} skip={len(r.skip_set)} "
               f"measure={int(r.importance is not None)}: {ms:6.2f} ms")

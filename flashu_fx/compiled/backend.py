@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, fx
 
-from flashu_fx.compiled.gen_runtime import GenRuntime
+from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
 from flashu_fx.compiled.piece_compiler import make_piece_compiler
 from flashu_fx.compiled.und_runtime import UndRuntime
 from flashu_fx.config import PRESETS, Showo2Config
@@ -115,6 +115,11 @@ class FlashUBackend:
             yield
         finally:
             self._step, self._cfg_shared = None, False
+
+    @property
+    def records(self) -> list[CallRecord]:
+        """What each call of the last (or current) image did: ``CallRecord``s (skip set, head use, measurement)."""
+        return [] if self._image_runtime is None else self._image_runtime.records
 
     @property
     def cuda_graph_captures(self) -> int:
