@@ -16,7 +16,7 @@ import copy
 import torch
 import torch._inductor.config
 
-from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     v16 = model(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
     v32 = fp32(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
     backend = flashu_backend("gen")
-    gen = torch.compile(model, backend=backend)
+    gen = torch.compile(model, backend=backend, options=lean_guard_options())
     backend.begin_image(1, 10.0)
     with backend.step(0, cfg_shared_latents=True):
         vc = gen(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity.clone()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = generate_images_flashu(fp32, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
     del fp32
     fbackend = flashu_backend("gen", config, layout)
-    fgen = torch.compile(model, backend=fbackend)
+    fgen = torch.compile(model, backend=fbackend, options=lean_guard_options())
     fout = generate_images_compiled(fgen, fbackend, prompt, baseline_steps=args.steps, guidance=10.0)
     records = fbackend.records
     same = [r.skip_set for r in records] == [r.skipped for r in eager.records] and \

@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 
-from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled
+from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = FlashUConfig.for_task(args.task)
     layout = random_layout(model, config)
     backend = flashu_backend(args.task, config, layout)
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, options=lean_guard_options())
     cfg = model.config
     lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))

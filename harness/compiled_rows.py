@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashu_fx.compiled import flashu_backend, stepped_velocity
+from flashu_fx.compiled import flashu_backend, lean_guard_options, stepped_velocity
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
@@ -37,7 +37,7 @@ def compiled_gen_row(config: FlashUConfig | None):
             points = config.num_points(ctx.steps)
         batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
         backend = flashu_backend("gen", config, layout)
-        compiled = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, backend=backend, options=lean_guard_options())
         velocity = stepped_velocity(compiled, backend, batch)
 
         def run() -> Tensor:

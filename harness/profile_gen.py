@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from flashu_fx.compiled import flashu_backend, generate_images_compiled, stepped_velocity
+from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options, stepped_velocity
 from flashu_fx.config import get_config
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
         permute_ffn_weights(model, layout.order)
     backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs)
-    gen = torch.compile(model, backend=backend)
+    gen = torch.compile(model, backend=backend, options=lean_guard_options())
     prompt = [[100 + i for i in range(20)]]
     for _ in range(2):
         generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)

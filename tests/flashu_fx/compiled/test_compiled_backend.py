@@ -13,8 +13,8 @@ from compiled_oracles import rel_err
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from flashu_fx import FlashUConfig, generate_images, get_config
-from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx import FlashUConfig, generate_images, get_config, init_random_weights
+from flashu_fx.compiled import backend_from_options, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.projection_layout import adjacent
@@ -155,8 +155,6 @@ def test_prefix_buckets_stop_recompiling_after_the_second(tiny_model, monkeypatc
 
 
 def test_registered_backend_name_with_options(tiny_model) -> None:
-    from flashu_fx.compiled import backend_from_options
-
     opts = {"task": "gen"}
     gen = torch.compile(tiny_model, backend="flashu", options=opts)
     backend = backend_from_options(opts)
@@ -265,3 +263,20 @@ def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> N
     attn = plain.showo.model.layers[0].self_attn
     assert not adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     assert rel_err(merged, separate) < 1e-5
+
+
+def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
+    """With Dynamo's nn-module guards filtered out (the cheap per-call path), swapped weights still take effect:
+    the backend keys its runtime by the weights' addresses at every image start and never runs the traced graph."""
+    model = copy.deepcopy(tiny_model)
+    backend = flashu_backend("gen")
+    gen = torch.compile(model, backend=backend, options=lean_guard_options())
+    first = generate_images_compiled(gen, backend, [[3, 4]], baseline_steps=3, guidance=3.0)
+    assert rel_err(first, generate_images(model, [[3, 4]], steps=3, guidance=3.0)) < 1e-5
+    other = init_random_weights(copy.deepcopy(tiny_model), seed=7)
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors: new addresses
+    second = generate_images_compiled(gen, backend, [[3, 4]], baseline_steps=3, guidance=3.0)
+    assert rel_err(second, generate_images(other, [[3, 4]], steps=3, guidance=3.0)) < 1e-5
+    assert rel_err(second, first) > 1e-3 and backend.compiles == 1 and len(backend._runtimes) == 2
+    opts = {"task": "gen", **lean_guard_options()}  # the string backend: torch.compile's own key is not ours
+    assert backend_from_options(opts).task == "gen"
