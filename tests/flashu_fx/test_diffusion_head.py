@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from random_weights import randomize_
 
 from flashu_fx.config import get_config
 from flashu_fx.diffusion_head import FinalLayer, ModulatedAttentionBlock, TimestepEmbedder, in_slot_mask
@@ -104,15 +105,6 @@ def slot_modulation(vectors: torch.Tensor, offsets, seq_len: int, slot_len: int,
     for i, off in enumerate(offsets.tolist()):
         out[i, off : off + slot_len] = vectors[i]
     return out
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else noise / p.shape[-1] ** 0.5)
-    return module
 
 
 def block_inputs(cfg, seed: int):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_weights import randomize_
 
 from flashu_fx.config import get_config
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
@@ -50,16 +51,6 @@ def hf_config(cfg, attn_implementation: str) -> Qwen2Config:
     return hf_cfg
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere, norm scales near 1 (so a skipped or mis-ordered norm is visible)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.05 * noise)
-    return module
-
-
 def hf_layer_forward(layer, x, additive_mask, cos, sin, position_ids):
     """Call transformers' layer with whatever keywords the installed version accepts; return a tensor."""
     params = inspect.signature(layer.forward).parameters
@@ -83,7 +74,7 @@ def assert_rel_close(ours: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
 @pytest.mark.parametrize("cfg", [CFG, CFG_WIDE_HEADS], ids=["tiny", "1.5b-heads"])
 def test_decoder_layer_matches_transformers(cfg, attn_implementation, device):
     hf_cfg = hf_config(cfg, attn_implementation)
-    ours = randomize_(Qwen2DecoderLayer(cfg), seed=1).to(device)
+    ours = randomize_(Qwen2DecoderLayer(cfg), seed=1, std=0.05).to(device)
     theirs = hf_qwen2.Qwen2DecoderLayer(hf_cfg, layer_idx=0).to(device)
     theirs.load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
     ours.eval(), theirs.eval()
@@ -128,7 +119,7 @@ def neuron_ranges(draw, intermediate: int):
     return pairs
 
 
-MLP = randomize_(Qwen2MLP(CFG.hidden_size, CFG.intermediate_size), seed=3)
+MLP = randomize_(Qwen2MLP(CFG.hidden_size, CFG.intermediate_size), seed=3, std=0.05)
 MLP_X = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(4))
 
 
@@ -153,7 +144,7 @@ def test_mlp_full_range_is_the_dense_mlp():
 
 def test_kv_cache_decode_equals_full_forward(device):
     cfg = CFG
-    llm = randomize_(Qwen2ForCausalLM(cfg), seed=5).to(device).eval()
+    llm = randomize_(Qwen2ForCausalLM(cfg), seed=5, std=0.05).to(device).eval()
     gen = torch.Generator().manual_seed(6)
     prompt_len, new, slot_len, offset = 30, 4, cfg.image_slot_len, 5
     total = prompt_len + new

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from random_weights import randomize_
 
 from flashu_fx.config import get_config
 from flashu_fx.layers import FP32LayerNorm
@@ -30,19 +31,6 @@ def hf_layer(hidden: int, heads: int, intermediate: int, attn_implementation: st
     )
     cfg._attn_implementation = attn_implementation
     return hf_siglip.SiglipEncoderLayer(cfg)
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights; LayerNorm scales near 1 and biases non-zero so both affine terms are exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-            else:
-                p.copy_(noise / p.shape[-1] ** 0.5)  # unit-variance activations: gelu's tanh form matters
-    return module
 
 
 def hf_forward(layer, x):
