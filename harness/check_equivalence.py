@@ -18,12 +18,13 @@ import torch._inductor.config
 
 from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
-from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.ffn_layout import permute_ffn_weights
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
 from harness.bench import build_random_model, resolve_device
+from harness.flashu_rows import permute_for, random_ffn_scores
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trajectory ({args.steps - 1} calls): cos eager bf16 vs fp32 {cos(e16, e32):.5f}; "
           f"compiled vs eager bf16 {cos(c16, e16):.5f}; compiled vs fp32 {cos(c16, e32):.5f}")
     config = FlashUConfig.for_task("gen")
-    cfg = model.config
-    scores = torch.rand(cfg.num_layers, cfg.intermediate_size, generator=torch.Generator().manual_seed(0))
-    layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
-    permute_ffn_weights(model, layout.order)
+    layout = permute_for(model, config, random_ffn_scores(model))
     permute_ffn_weights(fp32, layout.order)
     eager = generate_images_flashu(model, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
     exact = generate_images_flashu(fp32, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)

@@ -20,21 +20,12 @@ import torch
 
 from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
-from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
-from flashu_fx.model import Showo2
 from harness.bench import build_random_model, resolve_device
+from harness.flashu_rows import permute_for, random_ffn_scores
 
 GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
-
-
-def random_layout(model: Showo2, config: FlashUConfig, seed: int = 0):
-    cfg = model.config
-    scores = torch.rand(cfg.num_layers, cfg.intermediate_size, generator=torch.Generator().manual_seed(seed))
-    layout = build_ffn_layout({config.task: top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
-    permute_ffn_weights(model, layout.order)
-    return layout
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_random_model(get_config(args.preset), device, dtype)
     config = FlashUConfig.for_task(args.task)
-    layout = random_layout(model, config)
+    layout = permute_for(model, config, random_ffn_scores(model))
     backend = flashu_backend(args.task, config, layout)
     compiled = torch.compile(model, backend=backend, options=lean_guard_options())
     cfg = model.config

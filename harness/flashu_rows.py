@@ -26,6 +26,22 @@ from harness.rows import GenContext, PreparedRow, UndContext, gen_inputs, regist
 CALIBRATION_STEPS = 4  # gen calibration: grid points of the one calibration generation (few: it is untimed)
 
 
+def random_ffn_scores(model: Showo2, seed: int = 0) -> torch.Tensor:
+    """(layers, I) uniform scores: a layout for timing and compile checks (which neurons are kept does not
+    change either)."""
+    cfg = model.config
+    return torch.rand(cfg.num_layers, cfg.intermediate_size, generator=torch.Generator().manual_seed(seed))
+
+
+def permute_for(model: Showo2, config: FlashUConfig, scores: torch.Tensor) -> FFNLayout:
+    """Keep each layer's top ``config.kept_ffn_width`` neurons by ``scores``: permute ``model``'s FFNs in place
+    (exact) and return the one-task layout."""
+    keep = top_k_mask(scores, config.kept_ffn_width(model.config.intermediate_size))
+    layout = build_ffn_layout({config.task: keep})
+    permute_ffn_weights(model, layout.order)
+    return layout
+
+
 def prepare_flashu(ctx: GenContext | UndContext, config: FlashUConfig) -> tuple[Showo2, FFNLayout | None, str]:
     """``ctx.model`` with its FFNs permuted for ``config.task`` (in place, once per context and task: later
     calls return the same layout); returns (model, layout, how scored)."""
@@ -45,14 +61,10 @@ def prepare_flashu(ctx: GenContext | UndContext, config: FlashUConfig) -> tuple[
                                **kwargs).scores
             how = "Wanda calibration, 1 sample"
         else:
-            gen = torch.Generator().manual_seed(seed)
-            scores = torch.rand(model.config.num_layers, model.config.intermediate_size, generator=gen)
+            scores = random_ffn_scores(model, seed)
             how = "random FFN scores (flashu_fx.calibration not available)"
         print(f"flashu {config.task}: {how}", file=sys.stderr)
-        keep = top_k_mask(scores, config.kept_ffn_width(model.config.intermediate_size))
-        layout = build_ffn_layout({config.task: keep})
-        permute_ffn_weights(model, layout.order)
-        ctx.flashu_layouts[config.task] = (layout, how)
+        ctx.flashu_layouts[config.task] = (permute_for(model, config, scores), how)
     layout, how = ctx.flashu_layouts[config.task]
     return model, layout, how
 

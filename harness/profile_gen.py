@@ -12,11 +12,11 @@ import torch
 
 from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options, stepped_velocity
 from flashu_fx.config import get_config
-from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from harness.bench import build_random_model
+from harness.flashu_rows import permute_for, random_ffn_scores
 from harness.rows import synchronize
 
 
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     config = layout = None
     if args.flashu:
         config = FlashUConfig.for_task("gen")
-        cfg = model.config
-        scores = torch.rand(cfg.num_layers, cfg.intermediate_size)
-        layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(cfg.intermediate_size))})
-        permute_ffn_weights(model, layout.order)
+        layout = permute_for(model, config, random_ffn_scores(model))
     backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs)
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
     prompt = [[100 + i for i in range(20)]]
