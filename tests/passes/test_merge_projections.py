@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captured import capture
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import fx
 
@@ -154,11 +154,14 @@ def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str
 @settings(deadline=None, max_examples=6)
 @given(kv=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 3]), head_dim=st.sampled_from([4, 8, 16]),
        inter=st.integers(3, 40), seq=st.integers(1, 6), ffn_range=st.booleans())
+@example(kv=2, groups=3, head_dim=16, inter=3, seq=1, ffn_range=False)  # hidden_size equals tiny's head width
 def test_merge_on_random_layer_shapes(kv: int, groups: int, head_dim: int, inter: int, seq: int,
                                       ffn_range: bool) -> None:
     """Random GQA layouts and widths: the merged (and, for a range, sliced) layer equals the eager layer."""
-    cfg = dataclasses.replace(get_config("tiny"), hidden_size=kv * groups * head_dim, num_heads=kv * groups,
-                              num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter)
+    hidden = kv * groups * head_dim
+    # The config rejects hidden_size == head_hidden_size (not a Show-o2 layout); only the LLM layer is built here.
+    cfg = dataclasses.replace(get_config("tiny"), hidden_size=hidden, num_heads=kv * groups, num_kv_heads=kv,
+                              head_dim=head_dim, intermediate_size=inter, head_hidden_size=2 * hidden)
     layer = Qwen2DecoderLayer(cfg).eval()
     for p in layer.parameters():  # non-degenerate: RMSNorm weights away from 1, every bias non-zero
         torch.nn.init.normal_(p, std=0.3)
