@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import re
 import warnings
@@ -72,14 +73,15 @@ class FlashUBackend:
 
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
-                 cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True) -> None:
+                 cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
+                 tune_decode: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
-        self.eager_numerics = eager_numerics
+        self.eager_numerics, self.tune_decode = eager_numerics, tune_decode
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -153,9 +155,12 @@ class FlashUBackend:
             merge = self.merge_projections and self._colocated(model)
             # No eager_numerics here: at one row inductor turns each product into a mul + sum reduction, where
             # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
-            compile_piece = make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                                self.piece_captures, merge, eager_numerics=False)
-            rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda)
+            piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
+            compile_piece = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False)
+            compile_one_row = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False,
+                                                  coordinate_descent=self.tune_decode)
+            rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
+                            compile_one_row=compile_one_row)
             self._und_runtimes[id(model)] = rt
         return rt
 
@@ -267,15 +272,20 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
-                   eager_numerics: bool = True) -> FlashUBackend:
+                   eager_numerics: bool = True, tune_decode: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
     ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
     shared buffers, in place: values, shapes and strides unchanged, no memory added); ``eager_numerics``: fused
     kernels of the generation pieces round intermediates to the model dtype as eager does (bf16 results stay
-    close to eager's)."""
+    close to eager's); ``tune_decode``: understanding's one-row pieces (first token, decode) compile with
+    inductor's coordinate-descent tuning, which lowers each one-row product to a tuned Triton reduction instead
+    of a cuBLAS GEMV (longer first compile)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics)
+                         eager_numerics, tune_decode)
+
+
+BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order
 
 
 def backend_from_options(options: dict) -> FlashUBackend:
@@ -291,8 +301,7 @@ def backend_from_options(options: dict) -> FlashUBackend:
     backend = options.get(_OPTIONS_KEY)
     if backend is None:
         ours = {k: v for k, v in options.items() if k not in _TORCH_COMPILE_OPTIONS}
-        unknown = set(ours) - {"task", "config", "layout", "model_config", "piece_backend", "cuda_graphs",
-                               "merge_projections", "eager_numerics"}
+        unknown = set(ours) - set(BACKEND_OPTIONS)
         if unknown:
             raise ValueError(f"unknown flashu options {sorted(unknown)}")
         backend = options[_OPTIONS_KEY] = flashu_backend(**ours)

@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
-                        merge: bool = True, eager_numerics: bool = True) -> Callable:
+                        merge: bool = True, eager_numerics: bool = True,
+                        coordinate_descent: bool = False) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
     ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile).
     ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights).
     ``eager_numerics``: fused kernels round every intermediate to the model dtype where eager does (inductor's
-    ``emulate_precision_casts``), so bf16 results track the eager model's instead of drifting from it."""
+    ``emulate_precision_casts``), so bf16 results track the eager model's instead of drifting from it.
+    ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which also lowers every one-row product
+    (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours, instead of a cuBLAS call
+    (gpt-fast's decode setting). It benchmarks each kernel once at compile time: for one-row pieces only."""
     if backend not in ("inductor", "eager"):
         raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
 
@@ -43,6 +47,8 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
 
             # No inductor CUDA graphs: the runtimes capture whole calls, pieces included.
             patches = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+            if coordinate_descent:
+                patches["coordinate_descent_tuning"] = True
             return compile_fx(gm, example_inputs, config_patches=patches)
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

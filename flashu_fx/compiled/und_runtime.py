@@ -94,10 +94,12 @@ class UndRuntime:
 
     ``answer(latents, prompt, max_new_tokens, stop_at_eos)`` -> (ids, kept positions, step records).
     ``graph_captures`` counts CUDA-graph captures per variant; ``keep_logits`` keeps every step's logits.
+    ``compile_one_row``: the compiler of the one-row pieces (first token, decode); ``compile_piece`` if None.
     """
 
     def __init__(self, model: Showo2, config: FlashUConfig | None, layout: FFNLayout | None,
-                 compile_piece: PieceCompiler, cuda_graphs: bool) -> None:
+                 compile_piece: PieceCompiler, cuda_graphs: bool,
+                 compile_one_row: PieceCompiler | None = None) -> None:
         self.model, self.layout, self.cuda_graphs = model, layout, cuda_graphs
         self.config = FlashUConfig.off("und") if config is None else config
         if self.config.task != "und":
@@ -113,10 +115,11 @@ class UndRuntime:
         self.prefill_full = compile_piece(und_pieces.prefill_layer, "und_prefill_layer", [])
         self.prefill_kept = compile_piece(und_pieces.prefill_layer, "und_prefill_layer_kept", [])
         self.compact = compile_piece(und_pieces.prune_compact, "und_prune_compact", [])
-        self.first_token = compile_piece(und_pieces.next_token, "und_next_token", [])
-        self.decode_layer = compile_piece(und_pieces.decode_layer, "und_decode_layer", [])
-        self.decode_measured = compile_piece(und_pieces.decode_layer_measured, "und_decode_layer_measured", [])
-        self.decode_finish = compile_piece(und_pieces.decode_finish, "und_decode_finish", [])
+        one_row = compile_one_row or compile_piece
+        self.first_token = one_row(und_pieces.next_token, "und_next_token", [])
+        self.decode_layer = one_row(und_pieces.decode_layer, "und_decode_layer", [])
+        self.decode_measured = one_row(und_pieces.decode_layer_measured, "und_decode_layer_measured", [])
+        self.decode_finish = one_row(und_pieces.decode_finish, "und_decode_finish", [])
         self.states: dict[int, _Static] = {}
         self.graph_captures: Counter = Counter()
         self.keep_logits = False

@@ -17,7 +17,8 @@ def scale_and_shift(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("eager_numerics", [True, False])
-def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool) -> None:
+@pytest.mark.parametrize("coordinate_descent", [True, False])
+def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool, coordinate_descent: bool) -> None:
     seen = {}
 
     def fake_compile_fx(gm, example_inputs, config_patches=None):
@@ -26,11 +27,15 @@ def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool) -
 
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
     captures: Counter = Counter()
-    compile_piece = make_piece_compiler("inductor", captures, merge=False, eager_numerics=eager_numerics)
+    compile_piece = make_piece_compiler("inductor", captures, merge=False, eager_numerics=eager_numerics,
+                                        coordinate_descent=coordinate_descent)
     piece = compile_piece(scale_and_shift, "affine", [])
     x, s = torch.randn(3), torch.randn(3)
     torch.testing.assert_close(piece(x, s), x * s + 1)
-    assert seen["patches"] == {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+    expected = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+    if coordinate_descent:
+        expected["coordinate_descent_tuning"] = True
+    assert seen["patches"] == expected
     assert captures == Counter({"affine": 1})
 
 
@@ -79,4 +84,29 @@ def test_numerics_apply_to_generation_pieces_only(monkeypatch, tiny_model) -> No
                              guidance=2.0)
     und_backend = flashu_backend("und", eager_numerics=True)
     und_backend.und_runtime(torch.compile(model, backend=und_backend))
-    assert seen == [True, False]
+    assert seen == [True, False, False]  # gen; und's pieces and its one-row pieces
+
+
+@pytest.mark.parametrize("tune_decode", [True, False])
+def test_decode_tuning_reaches_the_one_row_pieces_only(monkeypatch, tiny_model, tune_decode: bool) -> None:
+    import flashu_fx.compiled.backend as backend_module
+    from flashu_fx.compiled import flashu_backend
+
+    tuned: dict[str, bool] = {}
+    real = backend_module.make_piece_compiler
+
+    def spy(*args, **kwargs):
+        compile_piece = real(*args, **kwargs)
+
+        def recording(fn, name, graph_passes):
+            tuned[name] = kwargs.get("coordinate_descent", False)
+            return compile_piece(fn, name, graph_passes)
+
+        return recording
+
+    monkeypatch.setattr(backend_module, "make_piece_compiler", spy)
+    backend = flashu_backend("und", tune_decode=tune_decode)
+    backend.und_runtime(torch.compile(tiny_model, backend=backend))
+    one_row = {"und_next_token", "und_decode_layer", "und_decode_layer_measured", "und_decode_finish"}
+    assert one_row < set(tuned)
+    assert {name for name, on in tuned.items() if on} == (one_row if tune_decode else set())
