@@ -43,6 +43,7 @@ from harness.rows import (
     compare,
     load_optional_rows,
     select_rows,
+    split_row_names,
     summarize,
     synchronize,
     time_row,
@@ -269,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
     p.add_argument(
         "--rows",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=split_row_names,
         default=None,
-        help="comma-separated row names (default: every registered row of the task; the baseline always runs)",
+        help="comma-separated row names (default: every registered row of the task; the baseline always runs); "
+        "a compiled row takes flashu_backend options as a variant: 'compiled-flashu[tune_decode=on]'",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights and activations")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashu_fx.compiled import flashu_backend, lean_guard_options, stepped_velocity
+from flashu_fx.compiled import BACKEND_OPTIONS, flashu_backend, lean_guard_options, stepped_velocity
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
@@ -22,12 +22,31 @@ from flashu_fx.t2i import eager_velocity
 from harness.flashu_rows import prepare_flashu
 from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, timed
 
+ROW_OWNED_OPTIONS = ("task", "config", "layout", "model_config")  # each compiled row sets these itself
+
+
+def backend_overrides(options: dict | None) -> dict:
+    """Validated ``flashu_backend`` keyword arguments for a row variant (``compiled-flashu[tune_decode=on]``)."""
+    options = dict(options or {})
+    allowed = [k for k in BACKEND_OPTIONS if k not in ROW_OWNED_OPTIONS]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown backend option(s) {unknown} for a compiled row; it takes {allowed}")
+    return options
+
+
+def options_note(options: dict) -> str:
+    return "".join(f"; {k}={v}" for k, v in options.items())
+
 
 def latent_cosine(a: Tensor, b: Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def compiled_gen_row(config: FlashUConfig | None):
+def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
+    """The row's function; ``options``: extra ``flashu_backend`` keyword arguments (a row variant)."""
+    overrides = backend_overrides(options)
+
     def row(ctx: GenContext) -> PreparedRow:
         if config is None:
             model, layout, how = ctx.model, None, "exact optimizations only"
@@ -36,7 +55,7 @@ def compiled_gen_row(config: FlashUConfig | None):
             model, layout, how = prepare_flashu(ctx, config)
             points = config.num_points(ctx.steps)
         batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
-        backend = flashu_backend("gen", config, layout)
+        backend = flashu_backend("gen", config, layout, **overrides)
         compiled = torch.compile(model, backend=backend, options=lean_guard_options())
         velocity = stepped_velocity(compiled, backend, batch)
 
@@ -54,12 +73,14 @@ def compiled_gen_row(config: FlashUConfig | None):
         cos = latent_cosine(out, twin)
         note = (
             f"{points - 1} calls; first image (compile) {first:.1f} s; {backend.compiles} capture(s); "
-            f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}"
+            f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}{options_note(overrides)}"
         )
         return PreparedRow(run=run, count=lambda _: points - 1, note=note)
 
     return row
 
 
-register_row("gen", "compiled-exact", compiled_gen_row(None))
-register_row("gen", "compiled-flashu", compiled_gen_row(FlashUConfig.for_task("gen")))
+register_row("gen", "compiled-exact", compiled_gen_row(None),
+             variants=lambda options: compiled_gen_row(None, options))
+register_row("gen", "compiled-flashu", compiled_gen_row(FlashUConfig.for_task("gen")),
+             variants=lambda options: compiled_gen_row(FlashUConfig.for_task("gen"), options))

@@ -18,6 +18,7 @@ from flashu_fx.compiled import answer_question_compiled, flashu_backend
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.mmu import Answer, answer_question
+from harness.compiled_rows import backend_overrides, options_note
 from harness.flashu_rows import prepare_flashu
 from harness.rows import PreparedRow, UndContext, model_device, register_row, timed
 
@@ -33,13 +34,16 @@ def shared_prefix(a: list, b: list) -> int:
     return n
 
 
-def compiled_und_row(config: FlashUConfig | None):
+def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
+    """The row's function; ``options``: extra ``flashu_backend`` keyword arguments (a row variant)."""
+    overrides = backend_overrides(options)
+
     def row(ctx: UndContext) -> PreparedRow:
         if config is None:
             model, layout, how = ctx.model, None, "exact optimizations only"
         else:
             model, layout, how = prepare_flashu(ctx, config)
-        backend = flashu_backend("und", config, layout)
+        backend = flashu_backend("und", config, layout, **overrides)
         und = torch.compile(model, backend=backend)
         device = model_device(model)
 
@@ -70,12 +74,14 @@ def compiled_und_row(config: FlashUConfig | None):
             f"first answer (compile) {first:.1f} s; {sum(backend.piece_captures.values())} piece captures, "
             f"{sum(rt.graph_captures.values())} CUDA graph captures; prefill {1e3 * prefill:.1f} ms, decode "
             f"{1e3 * per_token:.2f} ms/token; ids vs eager {'KV cache' if config is None else 'FlashU'} "
-            f"{shared_prefix(out.ids, twin.ids)}/{len(twin.ids)}{decisions}; {how}"
+            f"{shared_prefix(out.ids, twin.ids)}/{len(twin.ids)}{decisions}; {how}{options_note(overrides)}"
         )
         return PreparedRow(run=run, count=lambda answer: len(answer.ids), note=note)
 
     return row
 
 
-register_row("und", "compiled-exact", compiled_und_row(None))
-register_row("und", "compiled-flashu", compiled_und_row(FlashUConfig.for_task("und")))
+register_row("und", "compiled-exact", compiled_und_row(None),
+             variants=lambda options: compiled_und_row(None, options))
+register_row("und", "compiled-flashu", compiled_und_row(FlashUConfig.for_task("und")),
+             variants=lambda options: compiled_und_row(FlashUConfig.for_task("und"), options))

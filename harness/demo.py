@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ from harness.rows import (
     GenContext,
     UndContext,
     load_optional_rows,
+    parse_variant,
     rows_for,
     select_rows,
+    split_row_names,
     summarize,
     time_row,
 )
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for tiny models on CPU)")
     p.add_argument(
         "--rows",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=split_row_names,
         default=None,
         help="comma-separated row names of either task (default: every registered row; baselines always run)",
     )
@@ -85,14 +88,20 @@ def load_vae(path: Path | None, device: torch.device):
 
 
 def pick_rows(task: str, names: list[str] | None, parser: argparse.ArgumentParser) -> list[str] | None:
-    """The names of ``task`` among ``names`` (None = all); a name registered for neither task is an error."""
+    """The names of ``task`` among ``names`` (None = all; variants ``row[k=v]`` go with their row); a name
+    registered for neither task is an error."""
     if names is None:
         return None
+
+    def base(name: str) -> str:
+        variant = parse_variant(name)
+        return name if variant is None else variant[0]
+
     known = {n for t in TASKS for n in rows_for(t)}
-    unknown = sorted(set(names) - known)
+    unknown = sorted(n for n in names if base(n) not in known)
     if unknown:
         parser.error(f"unknown row(s) {unknown}; registered: {sorted(known)}")
-    return [n for n in names if n in rows_for(task)]
+    return [n for n in names if base(n) in rows_for(task)]
 
 
 def run_rows(args, rows: dict, model: Showo2, tok, vae) -> tuple[list[list[str]], dict]:
@@ -103,7 +112,8 @@ def run_rows(args, rows: dict, model: Showo2, tok, vae) -> tuple[list[list[str]]
     for name, fn in rows["gen"].items():
         r = time_row("gen", name, fn, gen_ctx, warmup=0, repeats=1)
         gen_out[name] = r.output
-        png = write_png(args.out / f"t2i_{name}.png", image_grid(latents_to_images(r.output, vae)))
+        stem = re.sub(r"[^\w.-]+", "_", name).strip("_")  # a variant's brackets and '=' stay out of file names
+        png = write_png(args.out / f"t2i_{stem}.png", image_grid(latents_to_images(r.output, vae)))
         table.append(["t2i", name, f"{r.count} calls", f"{r.seconds:.2f}", summarize("gen", r.output)])
         report["rows"].append({"task": "gen", "row": name, "seconds": r.seconds, "count": r.count, "png": str(png)})
     # The question is about the first generated image (its latents are the VAE's normalised latents).
@@ -125,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     load_optional_rows()
-    rows = {task: select_rows(task, pick_rows(task, args.rows, parser)) for task in TASKS}
+    try:
+        rows = {task: select_rows(task, pick_rows(task, args.rows, parser)) for task in TASKS}
+    except ValueError as err:  # a malformed variant or an option a row does not take
+        parser.error(str(err))
     model = load_model(args, device, dtype)
     tok = get_tokenizer(model.config, args.tokenizer)
     vae = load_vae(args.vae, device)

@@ -14,11 +14,16 @@ Baseline rows live here. Later rows register themselves from their own module,
     register_row("gen", "flashu-eager", my_row_fn)
 
 and ``load_optional_rows()`` imports the known row modules that exist (nothing heavy at import time).
+
+A row registered with ``variants=factory`` also answers to ``name[key=value,...]``: ``factory(options)``
+builds that variant, so one process can A/B an option against the same baseline, e.g.
+``--rows compiled-flashu,compiled-flashu[tune_decode=on]``.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import statistics
 import sys
 import time
@@ -91,18 +96,69 @@ class PreparedRow:
 
 
 RowFn = Callable[[Any], PreparedRow]
+VariantFactory = Callable[[dict[str, Any]], RowFn]  # options -> the row with them (raises on a bad option)
 _ROWS: dict[str, dict[str, RowFn]] = {task: {} for task in TASKS}
+_VARIANTS: dict[str, dict[str, VariantFactory]] = {task: {} for task in TASKS}
 _LOADED: set[str] = set()
+_VARIANT_NAME = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<options>[^\[\]]*)\]$")
 
 
-def register_row(task: str, name: str, fn: RowFn, replace: bool = False) -> RowFn:
-    """Add row ``name`` to ``task``; a second registration of a name raises unless ``replace``."""
+def register_row(task: str, name: str, fn: RowFn, replace: bool = False,
+                 variants: VariantFactory | None = None) -> RowFn:
+    """Add row ``name`` to ``task``; a second registration of a name raises unless ``replace``.
+    ``variants``: builds ``name[key=value,...]`` from its options (see the module docstring)."""
     if task not in _ROWS:
         raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
     if name in _ROWS[task] and not replace:
         raise ValueError(f"row {name!r} is already registered for task {task!r}")
     _ROWS[task][name] = fn
+    if variants is not None:
+        _VARIANTS[task][name] = variants
     return fn
+
+
+def option_value(text: str) -> Any:
+    """``on/off/true/false/yes/no`` -> bool, ``none`` -> None, numbers -> int/float, anything else as text."""
+    lowered = text.strip().lower()
+    words = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False, "none": None}
+    if lowered in words:
+        return words[lowered]
+    for kind in (int, float):
+        try:
+            return kind(lowered)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def split_row_names(text: str) -> list[str]:
+    """``"a,b[x=1,y=2]"`` -> ``["a", "b[x=1,y=2]"]``: commas inside brackets belong to the variant."""
+    names, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(current.strip())
+            current = ""
+        else:
+            current += char
+    names.append(current.strip())
+    return [n for n in names if n]
+
+
+def parse_variant(name: str) -> tuple[str, dict[str, Any]] | None:
+    """``"row[a=1,b=off]"`` -> ``("row", {"a": 1, "b": False})``; None for a plain row name."""
+    match = _VARIANT_NAME.match(name)
+    if match is None:
+        return None
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in match["options"].split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"row {name!r}: option {item!r} is not key=value")
+        if key.strip() in options:
+            raise ValueError(f"row {name!r}: option {key.strip()!r} given twice")
+        options[key.strip()] = option_value(value)
+    return match["base"].strip(), options
 
 
 def rows_for(task: str) -> dict[str, RowFn]:
@@ -134,15 +190,32 @@ def load_optional_rows(modules: list[str] | None = None) -> list[str]:
 
 
 def select_rows(task: str, names: list[str] | None) -> dict[str, RowFn]:
-    """The rows named (all when None), always with the task's baseline first; unknown names raise."""
+    """The rows named (all when None), always with the task's baseline first; unknown names raise, and so
+    does a variant ``name[key=value,...]`` of a row without variants or with an option it does not take."""
     available = rows_for(task)
     if names is None:
         return available
-    unknown = [n for n in names if n not in available]
+    chosen: dict[str, RowFn] = {}
+    unknown = []
+    for name in names:
+        variant = parse_variant(name)
+        if variant is None:
+            if name in available:
+                chosen[name] = available[name]
+            else:
+                unknown.append(name)
+            continue
+        base, options = variant
+        if base not in available:
+            unknown.append(name)
+        elif base not in _VARIANTS[task]:
+            raise ValueError(f"row {base!r} takes no options (rows with options: {sorted(_VARIANTS[task])})")
+        else:
+            chosen[name] = _VARIANTS[task][base](options)
     if unknown:
         raise ValueError(f"unknown {task} row(s) {unknown}; registered: {sorted(available)}")
-    base = BASELINES[task]
-    return {base: available[base], **{n: available[n] for n in names if n != base}}
+    baseline = BASELINES[task]
+    return {baseline: available[baseline], **{n: fn for n, fn in chosen.items() if n != baseline}}
 
 
 # ---- baseline rows -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The compiled path: ``flashu_backend`` for ``torch.compile`` and the runtime behind it."""
 
 from flashu_fx.compiled.backend import (
+    BACKEND_OPTIONS,
     FlashUBackend,
     backend_from_options,
     flashu_backend,
@@ -14,6 +15,7 @@ from flashu_fx.compiled.und_pipeline import answer_question_compiled
 register_flashu_backend()
 
 __all__ = [
+    "BACKEND_OPTIONS",
     "backend_from_options",
     "lean_guard_options",
     "register_flashu_backend",

@@ -8,6 +8,8 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashu_fx.config import get_config
 from harness import __main__ as cli
@@ -81,6 +83,45 @@ def test_registry():
     assert rows.load_optional_rows(["harness.no_such_rows_module"]) == []
 
 
+def test_row_variants_select_and_validate():
+    rows.load_optional_rows()
+    chosen = rows.select_rows("gen", ["compiled-exact", "compiled-exact[merge_projections=off, cuda_graphs=no]"])
+    assert list(chosen) == ["eager", "compiled-exact", "compiled-exact[merge_projections=off, cuda_graphs=no]"]
+    assert chosen["compiled-exact"] is not chosen["compiled-exact[merge_projections=off, cuda_graphs=no]"]
+    with pytest.raises(ValueError, match=r"unknown backend option\(s\) \['fast'\]"):
+        rows.select_rows("und", ["compiled-flashu[fast=1]"])
+    with pytest.raises(ValueError, match=r"unknown backend option\(s\) \[.task.\]"):
+        rows.select_rows("und", ["compiled-flashu[task=gen]"])  # the row owns its task
+    with pytest.raises(ValueError, match="row 'eager' takes no options"):
+        rows.select_rows("gen", ["eager[seed=1]"])
+    with pytest.raises(ValueError, match="is not key=value"):
+        rows.select_rows("gen", ["compiled-exact[merge_projections]"])
+    with pytest.raises(ValueError, match="unknown gen row"):
+        rows.select_rows("gen", ["nope[a=1]"])
+
+
+option_keys = st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True)
+option_values = st.one_of(st.booleans(), st.none(), st.integers(-10**6, 10**6),
+                          st.from_regex(r"[a-z][a-z_/.-]{0,8}", fullmatch=True).filter(
+                              lambda t: rows.option_value(t) == t))
+
+
+def test_row_names_split_outside_brackets():
+    assert rows.split_row_names("a, b[x=1,y=2],,c[]") == ["a", "b[x=1,y=2]", "c[]"]
+    assert rows.split_row_names("") == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True),
+       options=st.dictionaries(option_keys, option_values, max_size=4))
+def test_variant_names_round_trip(base, options):
+    spelled = {True: "on", False: "off", None: "none"}
+    text = ",".join(f"{k}={spelled.get(v, v) if not isinstance(v, int) or isinstance(v, bool) else v}"
+                    for k, v in options.items())
+    assert rows.parse_variant(f"{base}[{text}]") == (base, options)
+    assert rows.parse_variant(base) is None
+
+
 def test_random_model_is_tied_and_non_degenerate():
     model = bench.build_random_model(get_config("tiny-tied"), torch.device("cpu"), torch.float32)
     assert model.showo.lm_head.weight is model.showo.model.embed_tokens.weight
@@ -146,6 +187,19 @@ def test_bench_tiny_cpu(tmp_path, task, capsys):
     if task == "und":
         assert report["settings"]["prompt_len"] == get_config("tiny").image_slot_len + 50
     assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_runs_a_row_variant_beside_its_row(tmp_path):
+    out = tmp_path / "bench.json"
+    variant = "compiled-exact[merge_projections=off]"
+    argv = ["--task", "gen", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--steps", "3", "--out", str(out), "--rows", f"compiled-exact,{variant}"]
+    bench.main(argv)
+    report = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(report) == ["eager", "compiled-exact", variant]
+    assert "merge_projections=False" in report[variant]["note"]
+    assert "merge_projections" not in report["compiled-exact"]["note"]
+    assert report[variant]["count"] == report["compiled-exact"]["count"] == 2
 
 
 def test_bench_rejects_bad_arguments(capsys):
