@@ -1,7 +1,7 @@
 """First-compile time and recompiles at real shapes: one compiled FlashU model, prompts of many lengths.
 
     python -m harness.check_recompiles --preset showo2-1.5b --task gen
-    python -m harness.check_recompiles --preset showo2-1.5b --task und
+    python -m harness.check_recompiles --preset showo2-1.5b --task und --option tune_decode=on
 
 Warm-up: the shortest and the longest prompt (two prompt buckets, so the pieces have met a second bucket and
 gone symbolic where they will). Then one request per length; every Dynamo capture of a piece after the
@@ -22,10 +22,19 @@ from flashu_fx.compiled import answer_question_compiled, flashu_backend, generat
 from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
 from harness.bench import build_random_model, resolve_device
+from harness.compiled_rows import backend_overrides
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.rows import option_value
 
 GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
+
+
+def parse_option(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option {item!r} is not KEY=VALUE")
+    return key, option_value(value)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,13 +46,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=8, help="und: tokens per answer")
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="prompt (gen) or question (und) lengths, comma-separated; first and last warm up")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a flashu_backend option (repeatable), e.g. tune_decode=on")
     args = parser.parse_args(argv)
+    try:
+        options = backend_overrides(dict(parse_option(item) for item in args.option))
+    except ValueError as err:
+        parser.error(str(err))
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_random_model(get_config(args.preset), device, dtype)
     config = FlashUConfig.for_task(args.task)
     layout = permute_for(model, config, random_ffn_scores(model))
-    backend = flashu_backend(args.task, config, layout)
+    backend = flashu_backend(args.task, config, layout, **options)
     compiled = torch.compile(model, backend=backend, options=lean_guard_options())
     cfg = model.config
     lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
@@ -72,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         seconds.append(time.perf_counter() - start)
     recompiles = sum((Counter(backend.piece_captures) - warm).values())
     report = {
-        "preset": args.preset, "task": args.task, "device": str(device), "lengths": list(lengths),
+        "preset": args.preset, "task": args.task, "device": str(device), "options": options,
+        "lengths": list(lengths),
         "first_request_s": round(first, 1), "warm_piece_captures": sum(warm.values()),
         "recompiles_after_warmup": recompiles, "whole_graph_captures": backend.compiles,
         "cuda_graph_captures_after_warmup": backend.cuda_graph_captures - warm_graphs,

@@ -79,8 +79,8 @@ def merge_projections(gm: fx.GraphModule) -> int:
             fused = product = graph.call_function(F.linear, (inputs[0], weight))
             bias = None
             if biases[0] is not None:
-                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies), and at one row
-                # (decode) the product stays a Triton reduction instead of cuBLAS addmm plus a bias copy.
+                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies) instead of an
+                # addmm epilogue that writes the biased product out first.
                 bias = graph.call_function(torch.as_strided, (biases[0], (sum(sizes),), (1,)))
                 fused = graph.call_function(operator.add, (product, bias))
             parts = graph.call_function(torch.split, (fused, sizes, -1))

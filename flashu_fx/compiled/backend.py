@@ -153,7 +153,7 @@ class FlashUBackend:
         if rt is None or rt.model is not model:
             cuda = model.showo.lm_head.weight.is_cuda
             merge = self.merge_projections and self._colocated(model)
-            # No eager_numerics here: at one row inductor turns each product into a mul + sum reduction, where
+            # No eager_numerics here: decode attention is a multiply-and-sum reduction over the cache, where
             # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
             piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
             compile_piece = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False)
