@@ -9,8 +9,15 @@ Eager twin: the separate ``q_proj`` / ``k_proj`` / ``v_proj`` (and ``gate_proj``
 Exact (the same dot products), and no weight is copied: it needs the siblings' weights to follow each
 other in one storage, which ``flashu_fx.projection_layout.colocate_projections`` arranges. Adjacency is
 checked on the graph's example values; siblings that are not adjacent stay separate matmuls (a warning,
-unless they are FFN slices, which the layout cannot keep adjacent). The caller must give every set of
-weights that runs through the compiled graph the same layout (the runtimes colocate the whole model).
+unless they are FFN slices). The caller must give every set of weights that runs through the compiled graph
+the same layout (the runtimes colocate the whole model).
+
+FFN slices (``passes.ffn_slicing``: gate[lo:hi] and up[lo:hi]) are two row blocks of the gate/up buffer, so
+no 2-D view spans them; with ``ffn_slices=True`` they run as one batched matmul over the (2, hi - lo, H)
+view of both blocks instead (``gate_up_of_slice``), still without copying a weight:
+
+    before:  g = linear(h, W_gate[lo:hi])     u = linear(h, W_up[lo:hi])
+    after:   g, u = bmm(h, as_strided(W_gate, (2, I, H))[:, lo:hi].mT)
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import Tensor, fx
 
 from flashu_fx.projection_layout import PROJECTION_GROUPS, adjacent
 from passes.graph_utils import fake_value, linear_calls
@@ -39,13 +46,67 @@ def find_sibling_linears(gm: fx.GraphModule) -> dict[tuple[str, tuple[str, ...]]
     return found
 
 
+def gate_up_of_slice(x: Tensor, w_gate: Tensor, neurons: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """The gate and up products of FFN neurons [lo, hi) as one batched matmul.
+
+    x: (..., H); w_gate: (I, H) with w_up (I, H) right after it in one storage -> two (..., hi - lo).
+    """
+    hidden = x.shape[-1]
+    both = w_gate.as_strided((2, neurons, hidden), (neurons * hidden, hidden, 1))[:, lo:hi]  # a view
+    rows = x.reshape(1, -1, hidden).expand(2, -1, -1)  # the same activations for both: batch stride 0
+    out = torch.bmm(rows, both.transpose(1, 2))  # (2, M, hi - lo)
+    shape = (*x.shape[:-1], hi - lo)
+    return out[0].view(shape), out[1].view(shape)
+
+
+def _row_slice(weight: object) -> tuple[fx.Node, slice] | None:
+    """(base, rows) when ``weight`` is ``base[lo:hi]`` (what passes.ffn_slicing writes), else None."""
+    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is operator.getitem:
+        base, index = weight.args
+        if isinstance(base, fx.Node) and isinstance(index, slice) and index.step in (None, 1):
+            return base, index
+    return None
+
+
+def _merge_sliced_gate_up(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
+    """Rewrite gate[lo:hi] / up[lo:hi] linears into ``gate_up_of_slice``; False (graph unchanged) if they are
+    not row slices of one range of adjacent gate/up weights."""
+    (x, w_gate, bias_gate), (x_up, w_up, bias_up) = _linear_args(gate), _linear_args(up)
+    gate_slice, up_slice = _row_slice(w_gate), _row_slice(w_up)
+    if x is not x_up or bias_gate is not None or bias_up is not None or gate_slice is None or up_slice is None:
+        return False
+    (gate_base, rows), (up_base, up_rows) = gate_slice, up_slice
+    fakes = [fake_value(gate_base), fake_value(up_base)]
+    if rows != up_rows or any(f is None or f.dim() != 2 for f in fakes) or not adjacent(fakes):
+        return False
+    neurons = fakes[0].shape[0]
+    lo, hi, _ = rows.indices(neurons)
+    if hi <= lo or fakes[1].shape != fakes[0].shape:
+        return False
+    graph = gm.graph
+    with graph.inserting_before(gate):
+        both = graph.call_function(gate_up_of_slice, (x, gate_base, neurons, lo, hi))
+        outs = [graph.call_function(operator.getitem, (both, i)) for i in range(2)]
+    stack = list(gate.meta.get("nn_module_stack", {}).items())[:-1]
+    for new in (both, *outs):
+        new.meta["nn_module_stack"] = dict(stack)
+    for old, out in zip((gate, up), outs, strict=True):
+        old.replace_all_uses_with(out)
+        graph.erase_node(old)
+    for weight in (w_gate, w_up):
+        if not weight.users:
+            graph.erase_node(weight)
+    return True
+
+
 def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     args = list(node.args) + [None] * (3 - len(node.args))
     return args[0], args[1], node.kwargs.get("bias", args[2])
 
 
-def merge_projections(gm: fx.GraphModule) -> int:
-    """Merge every adjacent q/k/v and gate/up group of ``gm``. Returns the number of groups merged."""
+def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
+    """Merge every adjacent q/k/v and gate/up group of ``gm`` (and, with ``ffn_slices``, every gate/up pair of
+    FFN slices). Returns the number of groups merged."""
     merged = 0
     for (parent, leaves), nodes in find_sibling_linears(gm).items():
         if any(n is None for n in nodes.values()):
@@ -64,6 +125,9 @@ def merge_projections(gm: fx.GraphModule) -> int:
         if any(b is not None for b in biases):
             bias_fakes = [fake_value(b) for b in biases]
             ok = ok and all(f is not None for f in bias_fakes) and adjacent(bias_fakes)
+        if not ok and ffn_slices and leaves == ("gate_proj", "up_proj") and _merge_sliced_gate_up(gm, *linears):
+            merged += 1
+            continue
         if not ok:
             sliced = any(isinstance(w, fx.Node) and w.op != "placeholder" for w in weights)
             (log.debug if sliced else log.warning)(

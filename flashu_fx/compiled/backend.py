@@ -74,14 +74,14 @@ class FlashUBackend:
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
-                 tune_decode: bool = False) -> None:
+                 tune_decode: bool = False, merge_ffn_slices: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
-        self.eager_numerics, self.tune_decode = eager_numerics, tune_decode
+        self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -214,7 +214,8 @@ class FlashUBackend:
             model = self._model_view(match, args)
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.piece_captures, merge, self.eager_numerics)
+            compile_piece = make_piece_compiler(backend, self.piece_captures, merge, self.eager_numerics,
+                                                merge_ffn_slices=self.merge_ffn_slices)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[weights_key()] = rt
         return rt
@@ -272,7 +273,8 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
-                   eager_numerics: bool = True, tune_decode: bool = False) -> FlashUBackend:
+                   eager_numerics: bool = True, tune_decode: bool = False,
+                   merge_ffn_slices: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
     ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
@@ -280,9 +282,10 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     kernels of the generation pieces round intermediates to the model dtype as eager does (bf16 results stay
     close to eager's); ``tune_decode``: understanding's one-row pieces (first token, decode) compile with
     inductor's coordinate-descent tuning, which lowers each one-row product to a tuned Triton reduction instead
-    of a cuBLAS GEMV (longer first compile)."""
+    of a cuBLAS GEMV (longer first compile); ``merge_ffn_slices``: with ``merge_projections``, the gate and up
+    of generation's pruned FFN range run as one batched matmul over a view of both (no weight copied)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode)
+                         eager_numerics, tune_decode, merge_ffn_slices)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
                         merge: bool = True, eager_numerics: bool = True,
-                        coordinate_descent: bool = False) -> Callable:
+                        coordinate_descent: bool = False, merge_ffn_slices: bool = False) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
     ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile).
-    ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights).
+    ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights);
+    ``merge_ffn_slices``: there also run each FFN slice's gate and up as one batched matmul.
     ``eager_numerics``: fused kernels round every intermediate to the model dtype where eager does (inductor's
     ``emulate_precision_casts``), so bf16 results track the eager model's instead of drifting from it.
     ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which also lowers every one-row product
@@ -38,9 +39,12 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
         def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
             if captures is not None:
                 captures[name] += 1
-            for graph_pass in [*graph_passes, merge_projections] if merge else graph_passes:
+            for graph_pass in graph_passes:
                 result = graph_pass(gm)
                 log.debug("piece %s: %s -> %s", name, getattr(graph_pass, "func", graph_pass).__name__, result)
+            if merge:
+                log.debug("piece %s: merge_projections -> %s", name,
+                          merge_projections(gm, ffn_slices=merge_ffn_slices))
             if backend == "eager":
                 return gm.forward
             from torch._inductor.compile_fx import compile_fx

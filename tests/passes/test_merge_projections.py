@@ -21,7 +21,7 @@ from flashu_fx.masks import omni_mask
 from flashu_fx.projection_layout import adjacent, colocate_projections
 from flashu_fx.qwen2 import Qwen2DecoderLayer
 from passes.ffn_slicing import slice_ffn
-from passes.merge_projections import merge_projections
+from passes.merge_projections import gate_up_of_slice, merge_projections
 
 
 def num_linears(gm: fx.GraphModule) -> int:
@@ -103,6 +103,47 @@ def test_sliced_ffn_keeps_gate_up_separate_and_merges_qkv(tiny_model, lo: int, w
     torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
 
 
+@settings(deadline=None, max_examples=6)
+@given(lo=st.integers(0, 100), width=st.integers(1, 40), seq=st.integers(1, 6))
+def test_sliced_ffn_gate_up_merge_into_one_batched_matmul(tiny_model, lo: int, width: int, seq: int) -> None:
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    layer = model.showo.model.layers[1]
+    args = llm_layer_inputs(model, seq)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    linears = num_linears(gm)
+    assert slice_ffn(gm, lo, lo + width) == 1
+    assert merge_projections(gm, ffn_slices=True) == 2
+    assert num_linears(gm) == linears - 4  # q/k/v -> one linear; gate and up -> one bmm
+    assert sum(n.target is gate_up_of_slice for n in gm.graph.nodes) == 1
+    ref = layer(*args, ffn_ranges=((lo, lo + width),))
+    torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_ffn_of_separate_weights_stays_two_matmuls(tiny_model) -> None:
+    layer = copy.deepcopy(tiny_model.showo.model.layers[0])  # separate storages per parameter
+    args = llm_layer_inputs(tiny_model, 3)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    assert slice_ffn(gm, 8, 72) == 1
+    assert merge_projections(gm, ffn_slices=True) == 0
+    assert not any(n.target is gate_up_of_slice for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs)[0], layer(*args, ffn_ranges=((8, 72),)), rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=20)
+@given(neurons=st.integers(1, 24), hidden=st.integers(1, 12), lead=st.lists(st.integers(1, 4), min_size=1,
+       max_size=3), data=st.data())
+def test_gate_up_of_slice_equals_two_linears(neurons: int, hidden: int, lead: list[int], data) -> None:
+    lo = data.draw(st.integers(0, neurons - 1))
+    hi = data.draw(st.integers(lo + 1, neurons))
+    buffer = torch.randn(2 * neurons * hidden + 5)[5:]  # a storage offset, as a colocated buffer may have
+    w_gate, w_up = buffer[: neurons * hidden].view(neurons, hidden), buffer[neurons * hidden :].view(neurons, hidden)
+    x = torch.randn(*lead, hidden)
+    gate, up = gate_up_of_slice(x, w_gate, neurons, lo, hi)
+    torch.testing.assert_close(gate, F.linear(x, w_gate[lo:hi]))
+    torch.testing.assert_close(up, F.linear(x, w_up[lo:hi]))
+
+
 def test_groups_that_cannot_share_a_buffer_are_reported(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
     attn = model.showo.model.layers[1].self_attn
@@ -132,8 +173,10 @@ def _has_cpp_compiler() -> bool:
     pytest.param("cpu", marks=pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ])
-def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str) -> None:
-    """One inductor artifact, traced on layer 0, run on layer 1: the as_strided view must follow the inputs."""
+@pytest.mark.parametrize("ffn_range", [None, (37, 201)])
+def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str, ffn_range) -> None:
+    """One inductor artifact, traced on layer 0, run on every layer: the strided views must follow the inputs
+    (for an FFN range, the batched view of both row blocks)."""
     from torch._inductor.compile_fx import compile_fx
 
     model = copy.deepcopy(tiny_model).to(device)
@@ -141,22 +184,25 @@ def test_inductor_reads_the_spanning_view_of_every_layer(tiny_model, device: str
     args = [a.to(device) for a in llm_layer_inputs(model, 5)]
 
     def backend(gm, example_inputs):
-        assert merge_projections(gm) == 2
+        if ffn_range is not None:
+            assert slice_ffn(gm, *ffn_range) == 1
+        assert merge_projections(gm, ffn_slices=True) == 2
         return compile_fx(gm, example_inputs)
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda mod, *a: mod(*a), backend=backend, fullgraph=True)
+    ranges = None if ffn_range is None else (ffn_range,)
     with torch.no_grad():
         for layer in model.showo.model.layers:
-            torch.testing.assert_close(compiled(layer, *args), layer(*args), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled(layer, *args), layer(*args, ffn_ranges=ranges), rtol=1e-4, atol=1e-5)
 
 
 @settings(deadline=None, max_examples=6)
 @given(kv=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 3]), head_dim=st.sampled_from([4, 8, 16]),
-       inter=st.integers(3, 40), seq=st.integers(1, 6), ffn_range=st.booleans())
-@example(kv=2, groups=3, head_dim=16, inter=3, seq=1, ffn_range=False)  # hidden_size equals tiny's head width
+       inter=st.integers(3, 40), seq=st.integers(1, 6), ffn_range=st.booleans(), ffn_slices=st.booleans())
+@example(kv=2, groups=3, head_dim=16, inter=3, seq=1, ffn_range=False, ffn_slices=False)  # hidden = head width
 def test_merge_on_random_layer_shapes(kv: int, groups: int, head_dim: int, inter: int, seq: int,
-                                      ffn_range: bool) -> None:
+                                      ffn_range: bool, ffn_slices: bool) -> None:
     """Random GQA layouts and widths: the merged (and, for a range, sliced) layer equals the eager layer."""
     hidden = kv * groups * head_dim
     # The config rejects hidden_size == head_hidden_size (not a Show-o2 layout); only the LLM layer is built here.
@@ -171,6 +217,6 @@ def test_merge_on_random_layer_shapes(kv: int, groups: int, head_dim: int, inter
     lo, hi = (inter // 3, inter // 3 + max(1, inter // 2)) if ffn_range else (0, inter)
     if ffn_range:
         assert slice_ffn(gm, lo, hi) == 1
-    assert merge_projections(gm) == (1 if ffn_range else 2)
+    assert merge_projections(gm, ffn_slices=ffn_slices) == (1 if ffn_range and not ffn_slices else 2)
     ref = layer(*args, ffn_ranges=((lo, hi),) if ffn_range else None)
     torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-5)

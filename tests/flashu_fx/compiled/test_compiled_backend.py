@@ -63,6 +63,25 @@ def test_flashu_compiled_matches_eager_flashu(tiny_model, seed: int, prompt_len:
     assert rel_err(out, eager.latents) < 1e-4
 
 
+def test_merged_ffn_slices_match_eager_flashu(tiny_model, monkeypatch) -> None:
+    import passes.merge_projections as merge_module
+
+    merged_slices = []
+    real = merge_module._merge_sliced_gate_up
+    monkeypatch.setattr(merge_module, "_merge_sliced_gate_up",
+                        lambda gm, gate, up: merged_slices.append(real(gm, gate, up)) or merged_slices[-1])
+    torch._dynamo.reset()
+    model, layout = pruned_model(tiny_model, TINY_GEN, 4)
+    eager = generate_images_flashu(model, [[7, 8, 9]], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=4)
+    backend = flashu_backend("gen", TINY_GEN, layout, merge_ffn_slices=True)
+    gen = torch.compile(model, backend=backend)
+    out = generate_images_compiled(gen, backend, [[7, 8, 9]], baseline_steps=12, guidance=5.0, seed=4)
+    records = next(iter(backend._runtimes.values())).records
+    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
+    assert merged_slices and all(merged_slices)  # every pruned piece ran its gate/up as one product
+    assert rel_err(out, eager.latents) < 1e-4
+
+
 def test_no_recompiles_across_prompt_lengths(tiny_model) -> None:
     backend = flashu_backend("gen")
     gen = torch.compile(tiny_model, backend=backend)

@@ -48,10 +48,15 @@ def test_passes_run_in_order_then_merge(monkeypatch) -> None:
 
     import flashu_fx.compiled.piece_compiler as piece_compiler
 
-    monkeypatch.setattr(piece_compiler, "merge_projections", lambda gm: calls.append("merge") or 0)
+    monkeypatch.setattr(piece_compiler, "merge_projections",
+                        lambda gm, ffn_slices: calls.append(("merge", ffn_slices)) or 0)
     piece = make_piece_compiler("eager", merge=True)(scale_and_shift, "affine", [first])
     piece(torch.randn(2), torch.randn(2))
-    assert calls == ["first", "merge"]
+    assert calls == ["first", ("merge", False)]
+    calls.clear()
+    make_piece_compiler("eager", merge=True, merge_ffn_slices=True)(scale_and_shift, "affine1", [first])(
+        torch.randn(2), torch.randn(2))
+    assert calls == ["first", ("merge", True)]
     calls.clear()
     make_piece_compiler("eager", merge=False)(scale_and_shift, "affine2", [first])(torch.randn(2), torch.randn(2))
     assert calls == ["first"]
