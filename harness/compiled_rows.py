@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashu_fx.compiled import BACKEND_OPTIONS, flashu_backend, lean_guard_options, stepped_velocity
+from flashu_fx.compiled.piece_compiler import check_inductor_options
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
@@ -26,12 +27,17 @@ ROW_OWNED_OPTIONS = ("task", "config", "layout", "model_config")  # each compile
 
 
 def backend_overrides(options: dict | None) -> dict:
-    """Validated ``flashu_backend`` keyword arguments for a row variant (``compiled-flashu[tune_decode=on]``)."""
+    """Validated ``flashu_backend`` keyword arguments for a row variant (``compiled-flashu[tune_decode=on]``);
+    ``inductor.NAME=value`` items go into ``inductor_options`` (``compiled-flashu[inductor.max_autotune_gemm=on]``)."""
     options = dict(options or {})
+    inductor = {k.removeprefix("inductor."): options.pop(k) for k in list(options) if k.startswith("inductor.")}
+    if inductor:
+        options["inductor_options"] = check_inductor_options({**options.get("inductor_options", {}), **inductor})
     allowed = [k for k in BACKEND_OPTIONS if k not in ROW_OWNED_OPTIONS]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown backend option(s) {unknown} for a compiled row; it takes {allowed}")
+        raise ValueError(f"unknown backend option(s) {unknown} for a compiled row; it takes {allowed} and "
+                         "inductor.NAME=value")
     return options
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, fx
 
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
-from flashu_fx.compiled.piece_compiler import make_piece_compiler
+from flashu_fx.compiled.piece_compiler import check_inductor_options, make_piece_compiler
 from flashu_fx.compiled.und_runtime import UndRuntime
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
@@ -74,7 +74,8 @@ class FlashUBackend:
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
-                 tune_decode: bool = False, merge_ffn_slices: bool = False) -> None:
+                 tune_decode: bool = False, merge_ffn_slices: bool = False,
+                 inductor_options: dict | None = None) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -82,6 +83,7 @@ class FlashUBackend:
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
+        self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -156,9 +158,11 @@ class FlashUBackend:
             # No eager_numerics here: decode attention is a multiply-and-sum reduction over the cache, where
             # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
             piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
-            compile_piece = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False)
+            compile_piece = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False,
+                                                inductor_options=self.inductor_options)
             compile_one_row = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False,
-                                                  coordinate_descent=self.tune_decode)
+                                                  coordinate_descent=self.tune_decode,
+                                                  inductor_options=self.inductor_options)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
                             compile_one_row=compile_one_row)
             self._und_runtimes[id(model)] = rt
@@ -215,7 +219,8 @@ class FlashUBackend:
             device = args[match.user_inputs["latents"]].device
             backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
             compile_piece = make_piece_compiler(backend, self.piece_captures, merge, self.eager_numerics,
-                                                merge_ffn_slices=self.merge_ffn_slices)
+                                                merge_ffn_slices=self.merge_ffn_slices,
+                                                inductor_options=self.inductor_options)
             rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
             self._runtimes[weights_key()] = rt
         return rt
@@ -274,7 +279,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = False,
-                   merge_ffn_slices: bool = False) -> FlashUBackend:
+                   merge_ffn_slices: bool = False, inductor_options: dict | None = None) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
     ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
@@ -283,9 +288,11 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     close to eager's); ``tune_decode``: understanding's one-row pieces (first token, decode) compile with
     inductor's coordinate-descent tuning, which lowers each one-row product to a tuned Triton reduction instead
     of a cuBLAS GEMV (longer first compile); ``merge_ffn_slices``: with ``merge_projections``, the gate and up
-    of generation's pruned FFN range run as one batched matmul over a view of both (no weight copied)."""
+    of generation's pruned FFN range run as one batched matmul over a view of both (no weight copied);
+    ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
+    (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, merge_ffn_slices)
+                         eager_numerics, tune_decode, merge_ffn_slices, inductor_options)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import fx
@@ -19,10 +19,36 @@ from passes.merge_projections import merge_projections
 
 log = logging.getLogger(__name__)
 
+# Inductor settings the piece compiler owns, and what to use instead.
+_OWNED_INDUCTOR_OPTIONS = {
+    "triton.cudagraphs": "the runtimes capture whole calls as CUDA graphs (cuda_graphs=...)",
+    "emulate_precision_casts": "eager_numerics=...",
+    "coordinate_descent_tuning": "tune_decode=... for the one-row pieces",
+}
+
+
+def check_inductor_options(options: Mapping[str, object] | None) -> dict[str, object]:
+    """``options`` as a dict of inductor config patches; raises on a name inductor does not have (the error
+    lists near names) or one the piece compiler sets itself."""
+    import difflib
+
+    import torch._inductor.config as inductor_config
+
+    options = dict(options or {})
+    known = inductor_config.get_config_copy()
+    for key in options:
+        if key in _OWNED_INDUCTOR_OPTIONS:
+            raise ValueError(f"inductor option {key!r} is set by flashu_backend: use {_OWNED_INDUCTOR_OPTIONS[key]}")
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            raise ValueError(f"unknown inductor option {key!r}" + (f"; did you mean {near}?" if near else ""))
+    return options
+
 
 def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
                         merge: bool = True, eager_numerics: bool = True,
-                        coordinate_descent: bool = False, merge_ffn_slices: bool = False) -> Callable:
+                        coordinate_descent: bool = False, merge_ffn_slices: bool = False,
+                        inductor_options: Mapping[str, object] | None = None) -> Callable:
     """``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests).
     ``captures`` counts graph captures per piece name (a capture after warm-up is a recompile).
     ``merge``: finish every piece with ``passes.merge_projections`` (the caller colocates the weights);
@@ -31,9 +57,11 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
     ``emulate_precision_casts``), so bf16 results track the eager model's instead of drifting from it.
     ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which also lowers every one-row product
     (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours, instead of a cuBLAS call
-    (gpt-fast's decode setting). It benchmarks each kernel once at compile time: for one-row pieces only."""
+    (gpt-fast's decode setting). It benchmarks each kernel once at compile time: for one-row pieces only.
+    ``inductor_options``: more inductor config patches for every piece (``check_inductor_options``)."""
     if backend not in ("inductor", "eager"):
         raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
+    extra_patches = check_inductor_options(inductor_options)
 
     def compile_piece(fn: Callable, name: str, graph_passes: list[Callable[[fx.GraphModule], object]]) -> Callable:
         def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -53,6 +81,7 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
             patches = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
             if coordinate_descent:
                 patches["coordinate_descent_tuning"] = True
+            patches.update(extra_patches)
             return compile_fx(gm, example_inputs, config_patches=patches)
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

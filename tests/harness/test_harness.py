@@ -92,6 +92,12 @@ def test_row_variants_select_and_validate():
         rows.select_rows("und", ["compiled-flashu[fast=1]"])
     with pytest.raises(ValueError, match=r"unknown backend option\(s\) \[.task.\]"):
         rows.select_rows("und", ["compiled-flashu[task=gen]"])  # the row owns its task
+    from harness.compiled_rows import backend_overrides
+
+    assert backend_overrides({"inductor.max_autotune_gemm": True, "tune_decode": False}) == {
+        "tune_decode": False, "inductor_options": {"max_autotune_gemm": True}}
+    with pytest.raises(ValueError, match="unknown inductor option 'no_such_knob'"):
+        rows.select_rows("gen", ["compiled-flashu[inductor.no_such_knob=1]"])
     with pytest.raises(ValueError, match="row 'eager' takes no options"):
         rows.select_rows("gen", ["eager[seed=1]"])
     with pytest.raises(ValueError, match="is not key=value"):

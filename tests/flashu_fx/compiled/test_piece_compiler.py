@@ -115,3 +115,22 @@ def test_decode_tuning_reaches_the_one_row_pieces_only(monkeypatch, tiny_model, 
     one_row = {"und_next_token", "und_decode_layer", "und_decode_layer_measured", "und_decode_finish"}
     assert one_row < set(tuned)
     assert {name for name, on in tuned.items() if on} == (one_row if tune_decode else set())
+
+
+def test_inductor_options_reach_every_piece_and_are_checked(monkeypatch) -> None:
+    from flashu_fx.compiled import flashu_backend
+    from flashu_fx.compiled.piece_compiler import check_inductor_options
+
+    seen = {}
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx",
+                        lambda gm, example_inputs, config_patches=None: seen.update(config_patches) or gm.forward)
+    piece = make_piece_compiler("inductor", merge=False, inductor_options={"max_autotune_gemm": True})(
+        scale_and_shift, "affine_tuned", [])
+    piece(torch.randn(2), torch.randn(2))
+    assert seen["max_autotune_gemm"] is True and seen["triton.cudagraphs"] is False
+    with pytest.raises(ValueError, match=r"option 'max_autotune_gem'; did you mean .*'max_autotune_gemm'"):
+        check_inductor_options({"max_autotune_gem": True})
+    with pytest.raises(ValueError, match="is set by flashu_backend: use eager_numerics"):
+        check_inductor_options({"emulate_precision_casts": False})
+    with pytest.raises(ValueError, match="triton.cudagraphs"):
+        flashu_backend("gen", inductor_options={"triton.cudagraphs": True})  # refused when built, not at compile
