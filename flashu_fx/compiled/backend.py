@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import re
@@ -158,11 +159,9 @@ class FlashUBackend:
             # No eager_numerics here: decode attention is a multiply-and-sum reduction over the cache, where
             # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
             piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
-            compile_piece = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False,
-                                                inductor_options=self.inductor_options)
-            compile_one_row = make_piece_compiler(piece_backend, self.piece_captures, merge, eager_numerics=False,
-                                                  coordinate_descent=self.tune_decode,
-                                                  inductor_options=self.inductor_options)
+            make = functools.partial(make_piece_compiler, piece_backend, self.piece_captures, merge,
+                                     eager_numerics=False, inductor_options=self.inductor_options)
+            compile_piece, compile_one_row = make(), make(coordinate_descent=self.tune_decode)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
                             compile_one_row=compile_one_row)
             self._und_runtimes[id(model)] = rt
