@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=split_row_names,
         default=None,
         help="comma-separated row names (default: every registered row of the task; the baseline always runs); "
-        "a compiled row takes flashu_backend options as a variant: 'compiled-flashu[tune_decode=on]'",
+        "a compiled row takes flashu_backend options as a variant: 'compiled-flashu[tune_decode=off]'",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights and activations")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

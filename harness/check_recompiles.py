@@ -1,7 +1,7 @@
 """First-compile time and recompiles at real shapes: one compiled FlashU model, prompts of many lengths.
 
     python -m harness.check_recompiles --preset showo2-1.5b --task gen
-    python -m harness.check_recompiles --preset showo2-1.5b --task und --option tune_decode=on
+    python -m harness.check_recompiles --preset showo2-1.5b --task und --option merge_projections=off
 
 Warm-up: the shortest and the longest prompt (two prompt buckets, so the pieces have met a second bucket and
 gone symbolic where they will). Then one request per length; every Dynamo capture of a piece after the
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="prompt (gen) or question (und) lengths, comma-separated; first and last warm up")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a flashu_backend option (repeatable), e.g. tune_decode=on")
+                        help="a flashu_backend option (repeatable), e.g. tune_decode=off")
     args = parser.parse_args(argv)
     try:
         options = backend_overrides(dict(parse_option(item) for item in args.option))

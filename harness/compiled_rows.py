@@ -27,7 +27,7 @@ ROW_OWNED_OPTIONS = ("task", "config", "layout", "model_config")  # each compile
 
 
 def backend_overrides(options: dict | None) -> dict:
-    """Validated ``flashu_backend`` keyword arguments for a row variant (``compiled-flashu[tune_decode=on]``);
+    """Validated ``flashu_backend`` keyword arguments for a row variant (``compiled-flashu[tune_decode=off]``);
     ``inductor.NAME=value`` items go into ``inductor_options`` (``compiled-flashu[inductor.max_autotune_gemm=on]``)."""
     options = dict(options or {})
     inductor = {k.removeprefix("inductor."): options.pop(k) for k in list(options) if k.startswith("inductor.")}

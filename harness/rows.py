@@ -17,7 +17,7 @@ and ``load_optional_rows()`` imports the known row modules that exist (nothing h
 
 A row registered with ``variants=factory`` also answers to ``name[key=value,...]``: ``factory(options)``
 builds that variant, so one process can A/B an option against the same baseline, e.g.
-``--rows compiled-flashu,compiled-flashu[tune_decode=on]``.
+``--rows compiled-flashu,compiled-flashu[tune_decode=off]``.
 """
 
 from __future__ import annotations

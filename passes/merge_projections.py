@@ -143,8 +143,9 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
             fused = product = graph.call_function(F.linear, (inputs[0], weight))
             bias = None
             if biases[0] is not None:
-                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies) instead of an
-                # addmm epilogue that writes the biased product out first.
+                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies), and at one row
+                # under coordinate-descent tuning (decode) the product becomes a Triton reduction, which an
+                # addmm would not (only mm is lowered that way).
                 bias = graph.call_function(torch.as_strided, (biases[0], (sum(sizes),), (1,)))
                 fused = graph.call_function(operator.add, (product, bias))
             parts = graph.call_function(torch.split, (fused, sizes, -1))

@@ -75,7 +75,7 @@ class FlashUBackend:
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
-                 tune_decode: bool = False, merge_ffn_slices: bool = False,
+                 tune_decode: bool = True, merge_ffn_slices: bool = False,
                  inductor_options: dict | None = None) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
@@ -156,8 +156,9 @@ class FlashUBackend:
         if rt is None or rt.model is not model:
             cuda = model.showo.lm_head.weight.is_cuda
             merge = self.merge_projections and self._colocated(model)
-            # No eager_numerics here: decode attention is a multiply-and-sum reduction over the cache, where
-            # emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94 ms/token, 1.5B).
+            # No eager_numerics here: decode attention, and with tune_decode each one-row product, is a
+            # multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
+            # decode 1.70 -> 1.94 ms/token, 1.5B).
             piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
             make = functools.partial(make_piece_compiler, piece_backend, self.piece_captures, merge,
                                      eager_numerics=False, inductor_options=self.inductor_options)
@@ -277,7 +278,7 @@ def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
-                   eager_numerics: bool = True, tune_decode: bool = False,
+                   eager_numerics: bool = True, tune_decode: bool = True,
                    merge_ffn_slices: bool = False, inductor_options: dict | None = None) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
@@ -286,8 +287,9 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     kernels of the generation pieces round intermediates to the model dtype as eager does (bf16 results stay
     close to eager's); ``tune_decode``: understanding's one-row pieces (first token, decode) compile with
     inductor's coordinate-descent tuning, which lowers each one-row product to a tuned Triton reduction instead
-    of a cuBLAS GEMV (longer first compile); ``merge_ffn_slices``: with ``merge_projections``, the gate and up
-    of generation's pruned FFN range run as one batched matmul over a view of both (no weight copied);
+    of a cuBLAS GEMV (gpt-fast's decode setting; False: cuBLAS); ``merge_ffn_slices``: with
+    ``merge_projections``, the gate and up of generation's pruned FFN range run as one batched matmul over a
+    view of both (no weight copied);
     ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
     (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,

@@ -82,7 +82,7 @@ def decode_layer(layer: Qwen2DecoderLayer, x: Tensor, cos_table: Tensor, sin_tab
     attn, h = layer.self_attn, layer.input_layernorm(x)
     cos, sin = cos_table[pos], sin_table[pos]  # (1, d): the same position in every layer
     # Module calls, so passes.merge_projections finds them: one product of the colocated q/k/v weights plus a
-    # bias add that inductor fuses into RoPE and the cache writes.
+    # bias add; at one row with tune_decode the product is a Triton reduction (an addmm would stay cuBLAS).
     q = attn.q_proj(h).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # as attn.qkv
     k = attn.k_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)

@@ -24,7 +24,6 @@ the skip set comes from ``choose_skip_set``; docs/SEMANTICS.md section 2.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -217,7 +216,7 @@ class UndRuntime:
         pre.offset.fill_(plan.prompt.offset)
         pre.block.fill_(plan.prompt.block_offset)
         pre.prompt_len.fill_(prompt_len)
-        self._run(st, key, lambda: self._prefill_step(st, pre, plan), tuned=False)
+        self._run(st, key, lambda: self._prefill_step(st, pre, plan))
         return st, pre
 
     def _prefill_step(self, st: _Static, pre: _PrefillInputs, plan: FlashUUndDecoder) -> None:
@@ -274,23 +273,12 @@ class UndRuntime:
             torch.stack(importance, out=st.importance)
 
     def _decode(self, st: _Static, skip: tuple[int, ...], measure: bool) -> None:
-        self._run(st, (skip, measure), lambda: self._decode_step(st, skip, measure), tuned=True)
+        self._run(st, (skip, measure), lambda: self._decode_step(st, skip, measure))
 
-    def _tuning(self, tuned: bool):
-        """Inductor's coordinate descent tuning, scoped to compiling the decode pieces on the GPU: with it a
-        one-row product becomes a Triton reduction (GEMV at memory speed, norms and epilogues fused) instead
-        of a cuBLAS call (gpt-fast's setting)."""
-        if not (tuned and self.model.showo.lm_head.weight.is_cuda):
-            return contextlib.nullcontext()
-        import torch._inductor.config as inductor_config
-
-        return inductor_config.patch(coordinate_descent_tuning=True)
-
-    def _run(self, st: _Static, key: tuple, step: Callable[[], None], tuned: bool) -> None:
+    def _run(self, st: _Static, key: tuple, step: Callable[[], None]) -> None:
         """Run one step on the static buffers: on the GPU replay its graph, captured on first use."""
         if not self.cuda_graphs:
-            with self._tuning(tuned):
-                step()
+            step()
             return
         graph = st.graphs.pop(key, None)
         if graph is not None:
@@ -303,7 +291,7 @@ class UndRuntime:
         # capture the same step for later uses. Capturing executes nothing, so the state advances once. The
         # graphs share one memory pool: they never run concurrently.
         self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream), self._tuning(tuned):
+        with torch.cuda.stream(self._stream):
             step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):

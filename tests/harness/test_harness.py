@@ -228,10 +228,10 @@ def test_cli_dispatch(monkeypatch, capsys):
 def test_check_recompiles_tiny(task, capsys):
     from harness import check_recompiles
 
-    extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2", "--option", "tune_decode=on"]
+    extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2", "--option", "tune_decode=off"]
     report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
                                     "--lengths", "1,4,9,40", *extra])
-    assert report["options"] == ({} if task == "gen" else {"tune_decode": True})
+    assert report["options"] == ({} if task == "gen" else {"tune_decode": False})
     assert report["recompiles_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
