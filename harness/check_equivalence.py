@@ -14,7 +14,6 @@ import argparse
 import copy
 
 import torch
-import torch._inductor.config
 
 from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
@@ -24,7 +23,9 @@ from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
 from harness.bench import build_random_model, resolve_device
+from harness.compiled_rows import backend_overrides
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.rows import parse_option
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="showo2-1.5b")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--emulate-precision-casts", action="store_true",
-                        help="inductor rounds fused intermediates to the model dtype, as eager does")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a flashu_backend option for both compiled runs (repeatable), e.g. eager_numerics=off")
     args = parser.parse_args(argv)
-    if args.emulate_precision_casts:
-        torch._inductor.config.emulate_precision_casts = True
+    try:
+        options = backend_overrides(dict(parse_option(item) for item in args.option))
+    except ValueError as err:
+        parser.error(str(err))
     device = resolve_device(args.device)
+    if options:
+        print(f"backend options: {options}")
     model = build_random_model(get_config(args.preset), device, torch.bfloat16)
     fp32 = copy.deepcopy(model).float()
     prompt = [[100 + i for i in range(20)]]
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.full((2,), 0.5, device=device)
     v16 = model(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
     v32 = fp32(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
-    backend = flashu_backend("gen")
+    backend = flashu_backend("gen", **options)
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
     backend.begin_image(1, 10.0)
     with backend.step(0, cfg_shared_latents=True):
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     eager = generate_images_flashu(model, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
     exact = generate_images_flashu(fp32, prompt, config, layout, baseline_steps=args.steps, guidance=10.0)
     del fp32
-    fbackend = flashu_backend("gen", config, layout)
+    fbackend = flashu_backend("gen", config, layout, **options)
     fgen = torch.compile(model, backend=fbackend, options=lean_guard_options())
     fout = generate_images_compiled(fgen, fbackend, prompt, baseline_steps=args.steps, guidance=10.0)
     records = fbackend.records

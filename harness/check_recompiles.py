@@ -24,17 +24,10 @@ from flashu_fx.flashu_config import FlashUConfig
 from harness.bench import build_random_model, resolve_device
 from harness.compiled_rows import backend_overrides
 from harness.flashu_rows import permute_for, random_ffn_scores
-from harness.rows import option_value
+from harness.rows import parse_option
 
 GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
-
-
-def parse_option(item: str) -> tuple[str, object]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--option {item!r} is not KEY=VALUE")
-    return key, option_value(value)
 
 
 def main(argv: list[str] | None = None) -> dict:

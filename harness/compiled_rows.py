@@ -36,7 +36,7 @@ def backend_overrides(options: dict | None) -> dict:
     allowed = [k for k in BACKEND_OPTIONS if k not in ROW_OWNED_OPTIONS]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown backend option(s) {unknown} for a compiled row; it takes {allowed} and "
+        raise ValueError(f"unknown backend option(s) {unknown}; flashu_backend takes {allowed} here, and "
                          "inductor.NAME=value")
     return options
 

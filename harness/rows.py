@@ -131,6 +131,14 @@ def option_value(text: str) -> Any:
     return text.strip()
 
 
+def parse_option(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, option_value(value))``; raises on anything else."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"option {item!r} is not key=value")
+    return key.strip(), option_value(value)
+
+
 def split_row_names(text: str) -> list[str]:
     """``"a,b[x=1,y=2]"`` -> ``["a", "b[x=1,y=2]"]``: commas inside brackets belong to the variant."""
     names, depth, current = [], 0, ""
@@ -152,12 +160,13 @@ def parse_variant(name: str) -> tuple[str, dict[str, Any]] | None:
         return None
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in match["options"].split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"row {name!r}: option {item!r} is not key=value")
-        if key.strip() in options:
-            raise ValueError(f"row {name!r}: option {key.strip()!r} given twice")
-        options[key.strip()] = option_value(value)
+        try:
+            key, value = parse_option(item)
+        except ValueError as err:
+            raise ValueError(f"row {name!r}: {err}") from None
+        if key in options:
+            raise ValueError(f"row {name!r}: option {key!r} given twice")
+        options[key] = value
     return match["base"].strip(), options
 
 

@@ -238,3 +238,16 @@ def test_check_recompiles_tiny(task, capsys):
     with pytest.raises(SystemExit):
         check_recompiles.main(["--preset", "tiny", "--option", "fast=on"])
     assert "unknown backend option(s) ['fast']" in capsys.readouterr().err
+
+
+def test_check_equivalence_tiny(capsys):
+    from harness import check_equivalence
+
+    assert check_equivalence.main(["--preset", "tiny", "--device", "cpu", "--steps", "4",
+                                   "--option", "merge_projections=off"]) == 0
+    out = capsys.readouterr().out
+    assert "backend options: {'merge_projections': False}" in out
+    assert "FlashU: decisions identical True" in out and "trajectory (3 calls)" in out
+    with pytest.raises(SystemExit):
+        check_equivalence.main(["--preset", "tiny", "--option", "merge_projections"])
+    assert "is not key=value" in capsys.readouterr().err
