@@ -23,9 +23,8 @@ from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
 from harness.bench import build_random_model, resolve_device
-from harness.compiled_rows import backend_overrides
+from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.flashu_rows import permute_for, random_ffn_scores
-from harness.rows import parse_option
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="showo2-1.5b")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a flashu_backend option for both compiled runs (repeatable), e.g. eager_numerics=off")
+    add_backend_option_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        options = backend_overrides(dict(parse_option(item) for item in args.option))
-    except ValueError as err:
-        parser.error(str(err))
+    options = parsed_backend_options(args, parser)
     device = resolve_device(args.device)
     if options:
         print(f"backend options: {options}")

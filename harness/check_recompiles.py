@@ -22,9 +22,8 @@ from flashu_fx.compiled import answer_question_compiled, flashu_backend, generat
 from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
 from harness.bench import build_random_model, resolve_device
-from harness.compiled_rows import backend_overrides
+from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.flashu_rows import permute_for, random_ffn_scores
-from harness.rows import parse_option
 
 GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
@@ -39,13 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=8, help="und: tokens per answer")
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="prompt (gen) or question (und) lengths, comma-separated; first and last warm up")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a flashu_backend option (repeatable), e.g. tune_decode=off")
+    add_backend_option_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        options = backend_overrides(dict(parse_option(item) for item in args.option))
-    except ValueError as err:
-        parser.error(str(err))
+    options = parsed_backend_options(args, parser)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_random_model(get_config(args.preset), device, dtype)

@@ -8,6 +8,7 @@ compiled-exact against the eager baseline, compiled-flashu against eager FlashU 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch
@@ -21,7 +22,7 @@ from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
 from flashu_fx.t2i import eager_velocity
 from harness.flashu_rows import prepare_flashu
-from harness.rows import GenContext, PreparedRow, gen_inputs, register_row, timed
+from harness.rows import GenContext, PreparedRow, gen_inputs, parse_option, register_row, timed
 
 ROW_OWNED_OPTIONS = ("task", "config", "layout", "model_config")  # each compiled row sets these itself
 
@@ -39,6 +40,21 @@ def backend_overrides(options: dict | None) -> dict:
         raise ValueError(f"unknown backend option(s) {unknown}; flashu_backend takes {allowed} here, and "
                          "inductor.NAME=value")
     return options
+
+
+def add_backend_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--option KEY=VALUE`` (repeatable): a ``flashu_backend`` option, as in row variants."""
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a flashu_backend option (repeatable), e.g. merge_projections=off or "
+                        "inductor.max_autotune_gemm=on")
+
+
+def parsed_backend_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The validated options of ``add_backend_option_argument``; a bad one exits through ``parser.error``."""
+    try:
+        return backend_overrides(dict(parse_option(item) for item in args.option))
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def options_note(options: dict) -> str:
