@@ -5,6 +5,7 @@ python -m harness bench --task gen --preset showo2-1.5b
 python -m harness kernels ...              # harness.kernels
 python -m harness calibrate ...            # harness.calibrate_cli
 python -m harness analyze ...              # harness.analyze_cli
+python -m harness floors --preset showo2-7b # the floor of each path at the device's measured rates
 python -m harness <command> --help
 """
 
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kernels": ("harness.kernels", "benchmark and check the Triton kernels"),
     "calibrate": ("harness.calibrate_cli", "calibrate FlashU (FFN pruning scores) and save the result"),
     "analyze": ("harness.analyze_cli", "analyse FlashU decisions and errors"),
+    "floors": ("harness.floors", "the physical floor of each benchmarked path, from the shapes (no GPU)"),
 }
 
 

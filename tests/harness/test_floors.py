@@ -1,0 +1,89 @@
+"""harness.floors: the FLOP and byte counts behind the floors, against a FLOP counter and the parameters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flashu_fx import Showo2, get_config
+from flashu_fx.compiled import flashu_backend
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layout import build_gen_batch
+from harness import floors
+
+
+@pytest.mark.parametrize(("kind", "layers", "trunk", "head"), [
+    ((True, False, (), False, "compute", True), 4, True, True),
+    ((True, False, (0, 2), False, "compute", True), 2, True, True),
+    ((False, False, (), False, "reuse", True), 4, False, False),
+])
+def test_call_flops_match_a_flop_count_of_the_runtime(tiny_model, kind, layers: int, trunk: bool, head: bool) -> None:
+    """The runtime's own call body, its pieces run eagerly, counted op by op (FFN slicing is a compiled-graph
+    pass, so the full width is counted here)."""
+    cfg = tiny_model.config
+    backend = flashu_backend("gen", cuda_graphs=False)
+    gen = torch.compile(tiny_model, backend=backend)
+    batch = build_gen_batch(cfg, [[5, 6, 7]], guided=True)
+    x = torch.randn(1, cfg.latent_channels, *cfg.latent_size).repeat(2, 1, 1, 1)
+    backend.begin_image(2, 5.0)
+    with torch.no_grad():
+        with backend.step(0, cfg_shared_latents=True):
+            gen(batch.tokens, x, torch.full((2,), 0.5), batch.offsets, batch.mask, return_logits=False)
+        runtime = next(iter(backend._runtimes.values()))
+        runtime._fill_prefix(False, kind[2])
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+            runtime._call_body(kind)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    expected = floors.gen_call_flops(cfg, runtime.state.buf.prefix_tokens.shape[1], layers, cfg.intermediate_size,
+                                     trunk, head)
+    attention = sum(n for op, n in counts.items() if "attention" in op)
+    assert sum(counts.values()) - attention == expected["linear"]
+    assert attention in (0, expected["attention"])  # the CPU attention kernel may go uncounted
+
+
+@pytest.mark.parametrize("preset", ["tiny", "showo2-1.5b", "showo2-7b"])
+def test_decode_bytes_are_the_parameters_a_token_reads(preset: str) -> None:
+    cfg = get_config(preset)
+    with torch.device("meta"):
+        model = Showo2(cfg)
+    read = sum(p.numel() for p in model.showo.model.layers.parameters()) + model.showo.model.norm.weight.numel()
+    read += model.showo.lm_head.weight.numel()
+    prompt = cfg.image_slot_len + 50
+    kv = cfg.num_kv_heads * cfg.head_dim
+    first = floors.und_decode_bytes(cfg, None, prompt, new_tokens=3)
+    assert first[0] == 2 * (read + 2 * kv * cfg.num_layers * (prompt + 1))
+    assert first[1] - first[0] == 2 * 2 * kv * cfg.num_layers  # one more cached position per layer
+    assert floors.und_decode_bytes(cfg, FlashUConfig.off("und"), prompt, 3) == first
+
+
+@pytest.mark.parametrize("preset", ["showo2-1.5b", "showo2-7b"])
+def test_flashu_floors_sit_below_exact_below_upstream(preset: str) -> None:
+    report = floors.floors(get_config(preset), floors.Rates(784.0, 4245.0), 50, 64, 780, 32,
+                           floors.ANCHOR_SECONDS[preset])
+    gen, und = report["gen_floor_s"], report["und_floor"]
+    assert gen["flashu"] < gen["exact"] < gen["upstream"]
+    assert und["flashu"]["request_s"] < und["exact"]["request_s"]
+    assert und["flashu"]["decode_gb_per_token"] < und["exact"]["decode_gb_per_token"]
+
+
+def test_upstream_call_floor_matches_the_anchor() -> None:
+    """anchors.md: one upstream call at 784 TFLOP/s is 13.6 ms (1.5B) and 42.8 ms (7B)."""
+    for preset, ms in (("showo2-1.5b", 13.6), ("showo2-7b", 42.8)):
+        report = floors.floors(get_config(preset), floors.Rates(784.0, 4245.0), 50, 64, 780, 32,
+                               floors.ANCHOR_SECONDS[preset])
+        assert 1e3 * report["gen_floor_s"]["upstream"] / 49 == pytest.approx(ms, rel=0.03)
+
+
+def test_floors_cli(tmp_path, capsys) -> None:
+    out = tmp_path / "floors.json"
+    report = floors.main(["--preset", "showo2-7b", "--eager-kv", "0.633", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "max vs KV cache" in text and "flashu" in text
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["eager_s"]["kv"] == 0.633 and report["eager_s"]["nokv"] == floors.ANCHOR_SECONDS["showo2-7b"]["nokv"]
+    with pytest.raises(SystemExit):
+        floors.main(["--preset", "tiny"])
+    assert "no anchor for tiny: pass --eager-gen, --eager-nokv, --eager-kv" in capsys.readouterr().err
