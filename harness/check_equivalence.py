@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
+    torch._dynamo.reset()  # this run's compiles start from a clean Dynamo cache (see compiled_rows)
     device = resolve_device(args.device)
     if options:
         print(f"backend options: {options}")

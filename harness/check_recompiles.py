@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
+    torch._dynamo.reset()  # this run's compiles start from a clean Dynamo cache (see compiled_rows)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_random_model(get_config(args.preset), device, dtype)

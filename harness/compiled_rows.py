@@ -78,6 +78,9 @@ def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
             points = config.num_points(ctx.steps)
         batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
         backend = flashu_backend("gen", config, layout, **overrides)
+        # Each torch.compile of Showo2.forward with a new backend adds a Dynamo cache entry; rows (and their
+        # variants) run one after another, so start each from a clean cache, far from the recompile limit.
+        torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, options=lean_guard_options())
         velocity = stepped_velocity(compiled, backend, batch)
 

@@ -91,6 +91,7 @@ class FlashUBackend:
         self._guidance = 0.0
         self._step: int | None = None
         self._cfg_shared = False
+        self._served = False  # whether the current step's model call reached this backend
         self._image_runtime: GenRuntime | None = None
         self.compiles = 0  # whole-graph captures handed to this backend
         self.piece_captures: Counter = Counter()  # per compiled piece: captures (after warm-up: recompiles)
@@ -115,9 +116,16 @@ class FlashUBackend:
         """
         if self._num_calls is None:
             raise RuntimeError("flashu_backend: call begin_image(num_calls, guidance) before step(k)")
-        self._step, self._cfg_shared = k, cfg_shared_latents
+        self._step, self._cfg_shared, self._served = k, cfg_shared_latents, False
         try:
             yield
+            if not self._served:
+                raise RuntimeError(
+                    f"flashu_backend: the model call inside `with backend.step({k}):` never reached the backend, so "
+                    "it ran without FlashU. Either the block called the uncompiled model, or torch.compile ran the "
+                    "model eagerly: most often Dynamo's recompile limit (torch._dynamo.config.recompile_limit), "
+                    "since every torch.compile of one model class with a new backend adds a cache entry to its "
+                    "forward; call torch._dynamo.reset() before compiling again.")
         finally:
             self._step, self._cfg_shared = None, False
 
@@ -182,10 +190,19 @@ class FlashUBackend:
 
     def _exact_fallback(self, gm: fx.GraphModule, example_inputs: list):
         if self.piece_backend == "eager" or not any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs):
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+            compiled = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs)
+
+        def run(*args):
+            self._served = True  # the graph runs unchanged, as the warning said: a served step all the same
+            return compiled(*args)
+
+        # Inductor's callables may take their inputs as one list ("boxed"); keep the convention Dynamo sees.
+        run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
 
     def _runner(self, match: Showo2GraphMatch, example_inputs: list):
         def run(*args: Tensor):
@@ -247,6 +264,7 @@ class FlashUBackend:
         if match.num_outputs != 1:
             raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
                                "return_logits=False")
+        self._served = True
         u = {name: args[i] for name, i in match.user_inputs.items()}
         if self._step == 0:  # a new image: find the runtime of these weights once, not per call
             self._image_runtime = rt = self._runtime_for(match, args)

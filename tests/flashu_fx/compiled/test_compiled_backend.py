@@ -141,6 +141,42 @@ def test_non_showo2_graph_falls_back_exactly() -> None:
     torch.testing.assert_close(out, net(x))
 
 
+def test_non_showo2_graph_inside_a_step_is_served_by_the_fallback() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    backend = flashu_backend("gen")
+    compiled = torch.compile(net, backend=backend)
+    x = torch.randn(3, 4)
+    backend.begin_image(1, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with backend.step(0):  # no error at the block's end: the unchanged graph ran through the backend
+            out = compiled(x)
+    torch.testing.assert_close(out, net(x))
+
+
+def test_a_step_that_never_reaches_the_backend_raises(tiny_model, monkeypatch) -> None:
+    """Past Dynamo's recompile limit torch.compile silently runs the model eagerly: the step says so."""
+    from flashu_fx.layout import build_gen_batch
+
+    batch = build_gen_batch(tiny_model.config, [[1, 2]])
+    x = torch.randn(2, 16, 8, 8)
+    backend = flashu_backend("gen")
+    backend.begin_image(1, 2.0)
+    with pytest.raises(RuntimeError, match=r"step\(0\):` never reached the backend"), backend.step(0):
+        tiny_model(batch.tokens, x, torch.zeros(2), batch.offsets, batch.mask, return_logits=False)  # uncompiled
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    first = flashu_backend("gen")
+    generate_images_compiled(torch.compile(tiny_model, backend=first), first, [[3]], baseline_steps=2, guidance=2.0)
+    second = flashu_backend("gen")  # a second backend on the same forward: over the limit, Dynamo runs eagerly
+    with pytest.raises(RuntimeError, match="recompile limit"):
+        generate_images_compiled(torch.compile(tiny_model, backend=second), second, [[3]], baseline_steps=2,
+                                 guidance=2.0)
+    assert second.compiles == 0
+    torch._dynamo.reset()
+
+
 def test_bad_backend_arguments() -> None:
     with pytest.raises(ValueError, match="task must be"):
         flashu_backend("video")
