@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flashu_fx.compiled.gen_runtime import prefix_bucket
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.layers import RMSNorm
-from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import TextTokenizer
 from harness.rows import (
@@ -245,14 +246,15 @@ def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float |
 
 
 def report_table(records: list[dict]) -> str:
-    headers = ["row", "seconds", "count", "ms/unit", "speedup", "peak GB", "check", "note"]
+    headers = ["row", "seconds", "count", "ms/unit", "speedup", "of floor", "peak GB", "check", "note"]
     rows = []
     for rec in records:
         check = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rec["check"].items())
         mem = "-" if rec["peak_mem_gb"] is None else f"{rec['peak_mem_gb']:.2f}"
         count, ms = f"{rec['count']} {rec['unit']}", f"{rec['ms_per_unit']:.2f}"
+        floor = "-" if rec.get("pct_of_floor") is None else f"{rec['pct_of_floor']:.0f}%"
         rows.append(
-            [rec["name"], f"{rec['seconds']:.3f}", count, ms, f"{rec['speedup']:.2f}x", mem, check, rec["note"]]
+            [rec["name"], f"{rec['seconds']:.3f}", count, ms, f"{rec['speedup']:.2f}x", floor, mem, check, rec["note"]]
         )
     return format_table(headers, rows)
 
@@ -328,6 +330,25 @@ def measure(args: argparse.Namespace, rows: dict, model: Showo2, ctx) -> tuple[l
     return results, profiles
 
 
+def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -> None:
+    """Each row's physical floor (``harness.floors``) and the share of it the row reached; None where the
+    device's rates were never measured or the row's path is not modelled."""
+    from harness.floors import device_rates, row_floor_s  # floors builds on this module's FLOP count
+
+    rates = device_rates(device)
+    prefix = prompt_len = 0
+    if rates is not None and args.task == "gen":
+        offsets = build_gen_batch(cfg, ctx.prompts, guided=args.guidance != 0).offsets
+        prefix = prefix_bucket(int(offsets.max()), cfg.max_seq_len - cfg.image_slot_len)
+    elif rates is not None:
+        prompt_len = build_mmu_prompt(cfg, ctx.tokenizer, ctx.question).tokens.shape[1]
+    for rec in records:
+        floor = None if rates is None else row_floor_s(args.task, rec["name"], cfg, rates, args.steps, prefix,
+                                                        prompt_len, rec["count"])
+        rec["floor_s"] = floor
+        rec["pct_of_floor"] = None if floor is None else 100 * floor / rec["seconds"]
+
+
 def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:
     cfg, name = model.config, device_name(next(model.parameters()).device)
     flops = upstream_gen_call_flops(cfg, 2 if args.guidance != 0 else 1) if args.task == "gen" else None
@@ -335,6 +356,7 @@ def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profi
     for rec in records:
         if rec["name"] in profiles:
             rec["profile"] = profiles[rec["name"]]
+    add_floors(args, cfg, ctx, name, records)
     report = {
         "device": name,
         "torch": torch.__version__,

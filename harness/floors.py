@@ -154,6 +154,36 @@ def und_decode_bytes(cfg: Showo2Config, config: FlashUConfig | None, prompt_len:
     return out
 
 
+# ---- a benchmark row's floor -----------------------------------------------------------------------------
+COPY_GBPS = {"H200": H200_COPY_GBPS}  # measured copy bandwidth by device name fragment (others: not measured)
+
+
+def device_rates(device_name: str) -> Rates | None:
+    """The measured rates of a device (by name), or None where either was never measured."""
+    tflops = next((v for k, v in MEASURED_BF16_TFLOPS.items() if k in device_name), None)
+    gbps = next((v for k, v in COPY_GBPS.items() if k in device_name), None)
+    return None if tflops is None or gbps is None else Rates(tflops, gbps)
+
+
+def row_floor_s(task: str, row: str, cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len: int,
+                new_tokens: int) -> float | None:
+    """The floor of what a bench row computes (gen: one image; und: one request), or None where the row is
+    not one of the counted paths (the no-cache loop re-runs the prompt per token: its floor is not modelled)."""
+    flashu = "flashu" in row
+    if task == "gen":
+        if row == "eager":
+            return rates.compute_s((steps - 1) * upstream_gen_call_flops(cfg, 2)["total"])
+        if row.startswith(("compiled-", "flashu-")):
+            return rates.compute_s(gen_image_flops(cfg, FlashUConfig.for_task("gen") if flashu else None, steps,
+                                                   prefix))
+        return None
+    if row == "eager-nokv" or not (row == "eager-kv" or row.startswith(("compiled-", "flashu-"))):
+        return None
+    config = FlashUConfig.for_task("und") if flashu else None
+    decode = und_decode_bytes(cfg, config, prompt_len, new_tokens)
+    return rates.compute_s(und_prefill_flops(cfg, config, prompt_len)) + sum(rates.read_s(b) for b in decode)
+
+
 # ---- report ---------------------------------------------------------------------------------------------
 def floors(cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len: int, new_tokens: int,
            eager: dict[str, float]) -> dict:

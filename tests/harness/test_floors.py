@@ -87,3 +87,30 @@ def test_floors_cli(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         floors.main(["--preset", "tiny"])
     assert "no anchor for tiny: pass --eager-gen, --eager-nokv, --eager-kv" in capsys.readouterr().err
+
+
+def test_bench_rows_get_their_floor_on_a_measured_device(tiny_model) -> None:
+    import argparse
+
+    from harness import bench, rows
+
+    rates = floors.device_rates("NVIDIA H200")
+    assert rates == floors.Rates(784.0, 4245.0) and floors.device_rates("NVIDIA H100 80GB HBM3") is None
+    cfg = tiny_model.config
+    tok = bench.ChunkTokenizer(cfg)
+    args = argparse.Namespace(task="gen", steps=50, guidance=10.0)
+    ctx = rows.GenContext(tiny_model, [tok.encode("a cube")], steps=50)
+    names = ["eager", "compiled-exact", "compiled-flashu[merge_ffn_slices=on]", "flashu-eager"]
+    records = [{"name": n, "seconds": 1.0, "count": 49} for n in names]
+    bench.add_floors(args, cfg, ctx, "NVIDIA H200", records)
+    by_name = {r["name"]: r["floor_s"] for r in records}
+    assert by_name["compiled-flashu[merge_ffn_slices=on]"] == by_name["flashu-eager"] < by_name["compiled-exact"]
+    assert by_name["compiled-exact"] < by_name["eager"]
+    assert all(r["pct_of_floor"] == pytest.approx(100 * r["floor_s"]) for r in records)
+    und_args = argparse.Namespace(task="und", steps=50, guidance=10.0)
+    und_ctx = rows.UndContext(tiny_model, torch.zeros(1, 16, 8, 8), [5, 6], tok)
+    und = [{"name": n, "seconds": 2.0, "count": 8} for n in ("eager-nokv", "eager-kv", "compiled-flashu")]
+    bench.add_floors(und_args, cfg, und_ctx, "NVIDIA H200", und)
+    assert und[0]["floor_s"] is None and 0 < und[2]["floor_s"] < und[1]["floor_s"]
+    bench.add_floors(und_args, cfg, und_ctx, "cpu", und)
+    assert all(r["floor_s"] is None and r["pct_of_floor"] is None for r in und)
