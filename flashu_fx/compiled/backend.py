@@ -161,7 +161,9 @@ class FlashUBackend:
         if not isinstance(model, Showo2):
             raise TypeError(f"expected torch.compile(<Showo2>, backend=...), got {type(model).__name__}")
         rt = self._und_runtimes.get(id(model))
-        if rt is None or rt.model is not model:
+        if rt is None or rt.model is not model or rt.weights_key != weight_addresses(model):
+            # New weights (load_state_dict(assign=True), .data = ...) get a new runtime: the old one holds views
+            # of (and CUDA graphs over) the old tensors, and its merged projections assume their layout.
             cuda = model.showo.lm_head.weight.is_cuda
             merge = self.merge_projections and self._colocated(model)
             # No eager_numerics here: decode attention, and with tune_decode each one-row product, is a
@@ -173,6 +175,7 @@ class FlashUBackend:
             compile_piece, compile_one_row = make(), make(coordinate_descent=self.tune_decode)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
                             compile_one_row=compile_one_row)
+            rt.weights_key = weight_addresses(model)  # after colocation, which may have moved them
             self._und_runtimes[id(model)] = rt
         return rt
 
@@ -274,6 +277,11 @@ class FlashUBackend:
         if rt is None:
             raise RuntimeError("flashu_backend: the first call of an image must be step 0")
         return (rt(u["latents"].float(), u["t"], self._step, self._cfg_shared),)
+
+
+def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
+    """Where every parameter lives now: a runtime built over other addresses would read stale weights."""
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 def _refuse_und_forward(*args):

@@ -120,6 +120,7 @@ class UndRuntime:
         self.decode_measured = one_row(und_pieces.decode_layer_measured, "und_decode_layer_measured", [])
         self.decode_finish = one_row(und_pieces.decode_finish, "und_decode_finish", [])
         self.states: dict[int, _Static] = {}
+        self.weights_key: tuple[int, ...] = ()  # the parameters' addresses this runtime was built over
         self.graph_captures: Counter = Counter()
         self.keep_logits = False
         self.logits: list[Tensor] = []  # every step's logits of the last answer, when keep_logits

@@ -13,12 +13,12 @@ from compiled_oracles import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashu_fx import FlashUConfig
+from flashu_fx import FlashUConfig, init_random_weights
 from flashu_fx.compiled import answer_question_compiled, flashu_backend
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_und import FlashUUndDecoder
 from flashu_fx.layout import build_mmu_prompt
-from flashu_fx.mmu import decode_cached, next_token, prompt_embeddings
+from flashu_fx.mmu import answer_question, decode_cached, next_token, prompt_embeddings
 from flashu_fx.tokenizer import get_tokenizer
 
 # Tiny-model FlashU settings under which every technique acts: 8 of 16 image tokens kept after layer 1, a
@@ -175,3 +175,22 @@ def test_cuda_graphs_match_eager_twin(tiny_model) -> None:
     und = torch.compile(model, backend=backend)
     again = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=14, stop_at_eos=False)
     assert again.ids == answer.ids and dict(rt.graph_captures) == captures
+
+
+@torch.no_grad()
+def test_new_weights_on_the_same_model_get_a_new_runtime(tiny_model) -> None:
+    """load_state_dict(assign=True) puts new tensors under the same modules: the old runtime's weight views and
+    merged layout would be stale (reading past the new, separate buffers), so the backend rebuilds."""
+    model = copy.deepcopy(tiny_model)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    backend = flashu_backend("und")
+    und = torch.compile(model, backend=backend)
+    first = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=8, stop_at_eos=False)
+    other = init_random_weights(copy.deepcopy(tiny_model), seed=7)
+    model.load_state_dict(other.state_dict(), assign=True)
+    second = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=8, stop_at_eos=False)
+    twin = answer_question(model, latents, [4, 5, 6], max_new_tokens=8, kv_cache=True, stop_at_eos=False)
+    assert second.ids == twin.ids and second.ids != first.ids
+    runtime = backend.und_runtime(und)
+    assert runtime.weights_key == tuple(p.data_ptr() for p in model.parameters())
+    assert backend.und_runtime(und) is runtime  # unchanged weights: the same runtime
