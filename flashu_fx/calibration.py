@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from flashu_fx.ffn_layout import FFNLayout, build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_config import TASKS, FlashUConfig
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
-from flashu_fx.mmu import prompt_embeddings
+from flashu_fx.mmu import check_image_latents, prompt_embeddings
 from flashu_fx.model import Showo2
 from flashu_fx.t2i import eager_velocity, encode_prompts, generate_images
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
@@ -218,8 +218,10 @@ def _und_runner(model: Showo2, tokenizer: TextTokenizer | None) -> Callable[[int
 
     def run(i: int, sample: tuple[Tensor, str | list[int]]) -> None:
         latents, question = sample
-        if latents.dim() != 4 or latents.shape[0] != 1:
-            raise ValueError(f"und sample {i}: latents must be (1, C, h, w), got {tuple(latents.shape)}")
+        try:
+            check_image_latents(model.config, latents)
+        except ValueError as err:
+            raise ValueError(f"und sample {i}: {err}") from None
         prompt = build_mmu_prompt(model.config, tok, question)
         x = prompt_embeddings(model, latents.to(device), prompt)  # (1, L0, H)
         cos, sin, _, _ = model.rope(x.shape[1], x.dtype, device)

@@ -36,7 +36,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer, layer_importance
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
 from flashu_fx.masks import pad_mask_to
-from flashu_fx.mmu import Answer, next_token, prompt_embeddings
+from flashu_fx.mmu import Answer, check_image_latents, next_token, prompt_embeddings
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import KVCache
 from flashu_fx.schedule import LayerMode
@@ -205,8 +205,7 @@ def answer_question_flashu(
     Same prompt, sampling and stopping rule as ``answer_question(kv_cache=True)``; ``max_new_tokens`` defaults
     to ``config.max_new_tokens``. ``layout`` (with "und" ranges) is required when ``config.ffn_prune_ratio > 0``.
     """
-    if latents.dim() != 4 or latents.shape[0] != 1:
-        raise ValueError(f"latents must be (1, C, h, w) for one image, got {tuple(latents.shape)}")
+    check_image_latents(model.config, latents)
     cfg = model.config
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question)

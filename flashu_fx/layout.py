@@ -87,6 +87,8 @@ def build_mmu_prompt(
     sp, enc = cfg.specials, tokenizer.encode
     head = [sp.bos, *enc("system\nYou are a helpful assistant."), sp.eos, *enc("\n"), sp.bos, *enc("user\n")]
     q = enc(question) if isinstance(question, str) else list(question)
+    if q and not 0 <= min(q) <= max(q) < cfg.vocab_size:
+        raise ValueError(f"question ids must lie in [0, {cfg.vocab_size}), got {min(q)}..{max(q)}")
     ids = [*head, sp.boi, *([sp.img_pad] * cfg.image_slot_len), sp.eoi, *q, *enc("\n"), sp.bos, *enc("assistant\n")]
     offset = len(head) + 1
     return MmuPrompt(torch.tensor([ids]), offset, offset if training_layout else offset + 1)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flashu_fx.config import Showo2Config
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
 from flashu_fx.masks import additive_mask, decode_mask, omni_mask, pad_mask_to
 from flashu_fx.model import Showo2
@@ -37,6 +38,16 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def check_image_latents(cfg: Showo2Config, latents: Tensor) -> None:
+    """One image's VAE latents must be (1, C, h, w) with the model's channels and latent grid (its prompt holds
+    exactly ``cfg.num_image_tokens`` image positions); raises naming both shapes."""
+    expected = (1, cfg.latent_channels, *cfg.latent_size)
+    if not isinstance(latents, Tensor) or tuple(latents.shape) != expected:
+        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be {expected} for one image of this model ((1, C, h, w) with C = "
+                         f"latent_channels and (h, w) = latent_size, the {cfg.image_grid} patch grid), got {got}")
 
 
 def prompt_embeddings(model: Showo2, latents: Tensor, prompt: MmuPrompt) -> Tensor:
@@ -67,8 +78,7 @@ def answer_question(
     progress: bool = False,
 ) -> Answer:
     """Answer ``question`` about one image given as VAE latents (1, C, h, w)."""
-    if latents.dim() != 4 or latents.shape[0] != 1:
-        raise ValueError(f"latents must be (1, C, h, w) for one image, got {tuple(latents.shape)}")
+    check_image_latents(model.config, latents)
     cfg = model.config
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question)

@@ -22,6 +22,7 @@ from torch import Tensor
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.flashu_und import FlashUAnswer
 from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.mmu import check_image_latents
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 
 
@@ -41,9 +42,8 @@ def answer_question_compiled(
     ``max_new_tokens`` defaults to ``config.max_new_tokens`` (128; also for ``config=None``). Returns the eager
     twin's ``FlashUAnswer``: ids, text, kept image positions (None without pruning) and one record per step.
     """
-    if latents.dim() != 4 or latents.shape[0] != 1:
-        raise ValueError(f"latents must be (1, C, h, w) for one image, got {tuple(latents.shape)}")
     rt = backend.und_runtime(compiled)
+    check_image_latents(rt.model.config, latents)  # before tracing: Dynamo would bury a shape error
     budget = rt.config.max_new_tokens if max_new_tokens is None else max_new_tokens
     if budget < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {budget}")

@@ -6,6 +6,7 @@ backend and no CUDA graphs; the ``gpu`` test replays CUDA graphs."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_errors(tiny_model) -> None:
         answer_question_compiled(und, backend, latents, "hi")
     plain = flashu_backend("und")
     und = torch.compile(tiny_model, backend=plain)
-    with pytest.raises(ValueError, match=r"latents must be \(1, C, h, w\)"):
+    with pytest.raises(ValueError, match=r"latents must be \(1, 16, 8, 8\) for one image"):
         answer_question_compiled(und, plain, latents.expand(2, -1, -1, -1), "hi")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         answer_question_compiled(und, plain, latents, "hi", max_new_tokens=0)
@@ -194,3 +195,14 @@ def test_new_weights_on_the_same_model_get_a_new_runtime(tiny_model) -> None:
     runtime = backend.und_runtime(und)
     assert runtime.weights_key == tuple(p.data_ptr() for p in model.parameters())
     assert backend.und_runtime(und) is runtime  # unchanged weights: the same runtime
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 8), (1, 16, 6, 6), (2, 16, 8, 8)])
+def test_bad_inputs_get_clear_errors_before_tracing(tiny_model, shape) -> None:
+    backend = flashu_backend("und")
+    und = torch.compile(tiny_model, backend=backend)
+    expected = r"latents must be \(1, 16, 8, 8\) for one image .* got " + re.escape(str(shape))
+    with pytest.raises(ValueError, match=expected):
+        answer_question_compiled(und, backend, torch.zeros(shape), [4, 5], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"question ids must lie in \[0, 256\), got 3..999"):
+        answer_question_compiled(und, backend, torch.zeros(1, 16, 8, 8), [3, 999], max_new_tokens=2)
