@@ -155,6 +155,7 @@ class Showo2(nn.Module):
         tokens: (M, L) int; latents: (M, C, h, w); t: (M,); offsets: (M,) slot starts (time token);
         mask: bool (M, 1, L, L) omni mask -> logits (M, L, V) | None, velocity (M, C, h, w) in the model dtype.
         """
+        check_gen_inputs(self.config, tokens, latents, t, offsets, mask)
         seq_len = tokens.shape[1]
         image = self.image_embeds(latents)
         c = self.time_embeds(t)
@@ -165,6 +166,26 @@ class Showo2(nn.Module):
         in_slot = in_slot_mask(offsets, seq_len, image.shape[1] + 1)
         v_tokens = self.diffusion_head_b(self.head_blocks(hidden, c, in_slot, head_cos, head_sin, mask), c, in_slot)
         return Showo2Output(logits, self.extract_velocity(v_tokens, offsets, tuple(latents.shape[-2:])))
+
+
+def check_gen_inputs(cfg: Showo2Config, tokens: Tensor, latents: Tensor, t: Tensor, offsets: Tensor,
+                     mask: Tensor) -> None:
+    """The shapes ``Showo2.forward`` documents; raises naming the argument, its shape and the expected one
+    (shape checks only: under torch.compile they cost no graph node)."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (M, L) token ids, got shape {tuple(tokens.shape)}")
+    rows, seq_len = tokens.shape
+    expected = {
+        "latents": (rows, cfg.latent_channels, *cfg.latent_size),
+        "t": (rows,),
+        "offsets": (rows,),
+        "mask": (rows, 1, seq_len, seq_len),
+    }
+    for name, value in (("latents", latents), ("t", t), ("offsets", offsets), ("mask", mask)):
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} for {rows} rows of {seq_len} tokens "
+                             f"(latent channels {cfg.latent_channels}, latent size {cfg.latent_size}), "
+                             f"got {tuple(value.shape)}")
 
 
 @torch.no_grad()

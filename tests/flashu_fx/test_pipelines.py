@@ -167,3 +167,30 @@ def test_gpu_matches_cpu(tiny_model):
     latents = latents_for(tiny_model)
     ids = answer_question(model, latents.cuda(), "what?", max_new_tokens=4, stop_at_eos=False).ids
     assert ids == answer_question(tiny_model, latents, "what?", max_new_tokens=4, stop_at_eos=False).ids
+
+
+@pytest.mark.parametrize(("name", "change"), [
+    ("latents", lambda a: {**a, "latents": torch.zeros(2, 16, 6, 6)}),
+    ("latents", lambda a: {**a, "latents": torch.zeros(3, 16, 8, 8)}),
+    ("t", lambda a: {**a, "t": torch.tensor(0.5)}),
+    ("offsets", lambda a: {**a, "offsets": a["offsets"][:1]}),
+    ("mask", lambda a: {**a, "mask": a["mask"][:, :, :-1]}),
+])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bad_generation_inputs_name_the_argument(tiny_model, name, change, compiled: bool) -> None:
+    from flashu_fx.compiled import flashu_backend
+    from flashu_fx.layout import build_gen_batch
+
+    batch = build_gen_batch(tiny_model.config, [[3, 4]], guided=True)
+    args = dict(tokens=batch.tokens, latents=torch.zeros(2, 16, 8, 8), t=torch.full((2,), 0.5),
+                offsets=batch.offsets, mask=batch.mask)
+    bad = change(args)
+    if not compiled:
+        with pytest.raises(ValueError, match=f"^{name} must have shape"):
+            tiny_model(*bad.values(), return_logits=False)
+        return
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    backend.begin_image(1, 2.0)
+    with pytest.raises(ValueError, match=f"^{name} must have shape"), backend.step(0):
+        gen(*bad.values(), return_logits=False)
