@@ -349,14 +349,20 @@ _TORCH_COMPILE_OPTIONS = ("guard_filter_fn",)  # torch.compile takes these out o
 
 
 def lean_guard_options() -> dict:
-    """``torch.compile(model, backend=..., options=lean_guard_options())``: skip Dynamo's guards on the model's
-    modules and parameters, which it would otherwise check on every call (~900 tensors at Show-o2 size:
-    316 -> 69 us of host time per call on a 2-core CPU). torch calls this unsafe in general; with this backend
-    it is safe: the backend never runs the traced graph, and at every image start it looks its runtime up by
-    the weights' current addresses (new or reshaped weights get a new runtime). One limit: Dynamo then cannot
-    tell two Show-o2 instances of different depth apart, so compile models of one depth per process (or call
-    ``torch._dynamo.reset()`` in between). A fresh dict per call, because torch.compile pops the entry."""
-    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    """``torch.compile(model, backend=..., options=lean_guard_options())``: skip Dynamo's per-call guards on the
+    model's modules and parameters (~900 checks at Show-o2 size: 316 -> 69 us of host time per call on a 2-core
+    CPU), keeping the ones on module-container lengths. Safe with this backend: it never runs the traced graph,
+    it rebuilds its runtime from the weights it is handed (new addresses or widths: a new runtime), and the
+    kept length guards make a model of another depth retrace (else its extra layers would be invisible to the
+    graph). A fresh dict per call, because torch.compile pops the entry."""
+    return {"guard_filter_fn": keep_depth_guards_only}
+
+
+def keep_depth_guards_only(guard_entries: list) -> list[bool]:
+    """Dynamo guard filter: drop the guards on nn-module attributes and parameters except the lengths of module
+    containers (layer stacks) and their key sets, which decide which layers the traced graph reads."""
+    return [not entry.orig_guard.source.is_unspecialized_nn_module()
+            or entry.guard_type in ("SEQUENCE_LENGTH", "DICT_KEYS_MATCH") for entry in guard_entries]
 
 
 _OPTIONS_KEY = "_flashu_backend"

@@ -13,7 +13,7 @@ from compiled_oracles import rel_err
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from flashu_fx import FlashUConfig, generate_images, get_config, init_random_weights
+from flashu_fx import FlashUConfig, Showo2, generate_images, get_config, init_random_weights
 from flashu_fx.compiled import backend_from_options, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_gen import generate_images_flashu
@@ -333,5 +333,10 @@ def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
     second = generate_images_compiled(gen, backend, [[3, 4]], baseline_steps=3, guidance=3.0)
     assert rel_err(second, generate_images(other, [[3, 4]], steps=3, guidance=3.0)) < 1e-5
     assert rel_err(second, first) > 1e-3 and backend.compiles == 1 and len(backend._runtimes) == 2
+    deeper = init_random_weights(Showo2(dataclasses.replace(tiny_model.config, num_layers=6)), seed=3).eval()
+    third = generate_images_compiled(torch.compile(deeper, backend=backend, options=lean_guard_options()), backend,
+                                     [[3, 4]], baseline_steps=3, guidance=3.0)  # same backend, another depth
+    assert rel_err(third, generate_images(deeper, [[3, 4]], steps=3, guidance=3.0)) < 1e-5
+    assert backend.compiles == 2  # the kept layer-count guards made Dynamo retrace for the deeper stack
     opts = {"task": "gen", **lean_guard_options()}  # the string backend: torch.compile's own key is not ours
     assert backend_from_options(opts).task == "gen"
