@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flashu_fx.ffn_layout import FFNLayout, build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.ffn_layout import FFNLayout, build_ffn_layout, permute_ffn_weights, top_k_mask, weight_signature
 from flashu_fx.flashu_config import TASKS, FlashUConfig
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.mmu import check_image_latents, prompt_embeddings
@@ -332,7 +332,8 @@ def prepare_pruned_model(
         return FFNLayout(order, {})
     layout = build_ffn_layout(keep)
     permute_ffn_weights(model, layout.order)
-    return layout
+    first = sorted(layout.ranges)[0]
+    return dataclasses.replace(layout, signature=weight_signature(model, layout.ranges[first]))
 
 
 def ffn_weight_bytes(model: Showo2) -> int:

@@ -26,10 +26,15 @@ from flashu_fx.qwen2 import NeuronRanges
 
 @dataclass(frozen=True)
 class FFNLayout:
-    """order: (layers, I) int64 permutation (new position -> old neuron); ranges[task][layer] = (lo, hi)."""
+    """order: (layers, I) int64 permutation (new position -> old neuron); ranges[task][layer] = (lo, hi).
+
+    ``signature``: probes of the permuted weights (``weight_signature``), set by ``prepare_pruned_model`` so that
+    a model that was not permuted this way (another copy, reloaded weights) is refused instead of pruned at the
+    wrong neurons; None skips the check."""
 
     order: Tensor
     ranges: dict[str, tuple[tuple[int, int], ...]]
+    signature: Tensor | None = None
 
     def task_ranges(self, task: str, layer: int) -> NeuronRanges | None:
         """The neuron ranges of ``task`` at ``layer`` for Qwen2MLP.forward; None when the task is unpruned."""
@@ -78,3 +83,35 @@ def permute_ffn_weights(model: Showo2, order: Tensor) -> None:
         for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
             lin.weight.copy_(lin.weight[mlp])
         layer.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, mlp])
+
+
+SIGNATURE_ROWS = 4  # rows of W_down probed per layer
+
+
+@torch.no_grad()
+def weight_signature(model: Showo2, ranges: tuple[tuple[int, int], ...]) -> Tensor:
+    """(layers, SIGNATURE_ROWS, 2) fp64 on the CPU: per layer, for the first rows of W_down[:, lo:hi], a fixed
+    +-1 combination of the entries and the row's L2 norm. The combination depends on which neuron sits in
+    which column, so another order moves it by about the norm; a dtype change moves it by ~2^-9 of it."""
+    probes = []
+    for layer, (lo, hi) in zip(model.showo.model.layers, ranges, strict=True):
+        rows = layer.mlp.down_proj.weight[:SIGNATURE_ROWS, lo:hi].double()
+        signs = torch.randint(0, 2, (hi - lo,), generator=torch.Generator().manual_seed(hi - lo)) * 2 - 1
+        probes.append(torch.stack([rows @ signs.to(rows), rows.norm(dim=-1)], dim=-1))
+    return torch.stack(probes).cpu()
+
+
+def check_layout_matches(model: Showo2, layout: FFNLayout) -> None:
+    """Raise if ``model``'s FFN weights are not the ones ``prepare_pruned_model`` permuted for ``layout``."""
+    if layout.signature is None or not layout.ranges:
+        return
+    task = sorted(layout.ranges)[0]
+    now = weight_signature(model, layout.ranges[task])
+    if now.shape != layout.signature.shape or bool(
+        ((now[..., 0] - layout.signature[..., 0]).abs() > 0.05 * now[..., 1].clamp_min(1e-30)).any()
+    ):
+        raise ValueError(
+            "the FFN layout does not match this model's weights: its FFN neurons are not in the layout's order. "
+            "Call prepare_pruned_model on the model you run (it permutes that model in place), after loading "
+            "its weights, and use the layout it returns"
+        )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashu_fx.diffusion_head import in_slot_mask
-from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.model import Showo2
@@ -81,6 +81,7 @@ def ffn_ranges_per_layer(
                 f"FFNLayout keeps {got} {task!r} neurons in layer {i}, but FlashUConfig(ffn_prune_ratio="
                 f"{config.ffn_prune_ratio}, ffn_width_multiple={config.ffn_width_multiple}) keeps {width} of {inter}"
             )
+    check_layout_matches(model, layout)
     return ranges
 
 

@@ -147,6 +147,14 @@ class FlashUBackend:
             return _refuse_und_forward
         expected = self._expected_keys(example_inputs, gm)
         match, why = match_showo2_graph(gm, expected) if expected else (None, "no Show-o2 embedding input found")
+        if match is None and self._step is not None:
+            # Compiled during a step: the model was supposed to be a Show-o2. A fragment here means Dynamo split
+            # or skipped Showo2.forward, and running it unchanged would quietly drop FlashU.
+            raise RuntimeError(
+                f"flashu_backend: inside backend.step({self._step}) Dynamo handed over a graph that is not a whole "
+                f"Show-o2 forward ({why}). Dynamo skips a forward for good once an exception was raised while "
+                "tracing it (e.g. a call with wrong input shapes) and then compiles its pieces one by one. Call "
+                "torch._dynamo.reset() and compile the model again.")
         if match is None:
             warnings.warn(f"flashu_backend: not a Show-o2 forward ({why}); compiling the graph unchanged",
                           stacklevel=2)

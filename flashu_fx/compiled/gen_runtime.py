@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled import pieces
-from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.layers import rope_cos_sin
@@ -107,6 +107,8 @@ class GenRuntime:
             layout.ranges["gen"][0]
         if self.pruned_range is not None and any(r != self.pruned_range for r in layout.ranges["gen"]):
             raise ValueError("generation's pruned FFN range must be the same in every layer (gen-first layout)")
+        if self.pruned_range is not None:
+            check_layout_matches(model, layout)  # the weights this runtime slices are the permuted ones
         self.llm_full = compile_piece(pieces.llm_layer, "llm_layer", [])
         self.llm_full_measured = compile_piece(pieces.llm_layer_measured, "llm_layer_measured", [])
         if self.pruned_range is not None:

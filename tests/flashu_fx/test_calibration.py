@@ -256,6 +256,33 @@ def test_prepare_pruned_model_is_exact_and_zero_copy() -> None:
             torch.testing.assert_close(layer.mlp(x, layout.task_ranges(task, i)), masked, rtol=1e-5, atol=1e-6)
 
 
+def test_a_layout_refuses_weights_it_did_not_permute() -> None:
+    """The layout carries probes of the permuted weights: a fresh copy (never permuted) or reloaded weights are
+    refused by every FlashU path instead of being pruned at the wrong neurons; a dtype cast is not a mismatch."""
+    from flashu_fx.compiled import flashu_backend, generate_images_compiled
+    from flashu_fx.flashu_gen import ffn_ranges_per_layer
+    from flashu_fx.flashu_und import answer_question_flashu
+
+    original = tiny()
+    model = tiny()
+    config = FlashUConfig.for_task("gen", ffn_width_multiple=8)
+    calib = calibrate(model, "gen", PROMPTS, config, steps=2, progress=False)
+    layout = prepare_pruned_model(model, {"gen": calib}, {"gen": config})
+    assert layout.signature is not None and len(ffn_ranges_per_layer(model, config, layout, "gen")) == 4
+    ffn_ranges_per_layer(model.to(torch.bfloat16), config, layout, "gen")  # rounding is not a mismatch
+    model.float()
+    with pytest.raises(ValueError, match="does not match this model's weights"):
+        ffn_ranges_per_layer(original, config, layout, "gen")
+    with pytest.raises(ValueError, match="call prepare_pruned_model on the model you run|Call prepare_pruned_model"):
+        backend = flashu_backend("gen", config, layout)
+        generate_images_compiled(torch.compile(original, backend=backend), backend, [[3, 4]], baseline_steps=4)
+    und = FlashUConfig.for_task("und", ffn_width_multiple=8)
+    und_layout = prepare_pruned_model(model, {"und": calibrate(model, "und", und_samples(model), und,
+                                                               progress=False)}, {"und": und})
+    with pytest.raises(ValueError, match="does not match this model's weights"):
+        answer_question_flashu(tiny(), torch.zeros(1, 16, 8, 8), [4, 5], und, und_layout, max_new_tokens=2)
+
+
 def test_prepare_single_task_and_unpruned_task() -> None:
     model = tiny()
     calib = calibrate(model, "gen", PROMPTS[:1], gen_source="text_only", progress=False)

@@ -141,16 +141,24 @@ def test_non_showo2_graph_falls_back_exactly() -> None:
     torch.testing.assert_close(out, net(x))
 
 
-def test_non_showo2_graph_inside_a_step_is_served_by_the_fallback() -> None:
+def test_non_showo2_graph_and_steps() -> None:
+    """Compiled during a step a graph must be a whole Show-o2 forward (a fragment would run without FlashU);
+    one compiled unchanged outside any step may then run inside one."""
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    backend = flashu_backend("gen")
-    compiled = torch.compile(net, backend=backend)
     x = torch.randn(3, 4)
+    backend = flashu_backend("gen")
     backend.begin_image(1, 2.0)
+    with pytest.raises(RuntimeError, match="not a whole Show-o2 forward"), backend.step(0):
+        torch.compile(net, backend=backend)(x)
+    torch._dynamo.reset()
+    other = flashu_backend("gen")
+    compiled = torch.compile(net, backend=other)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with backend.step(0):  # no error at the block's end: the unchanged graph ran through the backend
-            out = compiled(x)
+        compiled(x)  # compiled unchanged, with the warning
+    other.begin_image(1, 2.0)
+    with other.step(0):  # no error at the block's end: the unchanged graph ran through the backend
+        out = compiled(x)
     torch.testing.assert_close(out, net(x))
 
 
