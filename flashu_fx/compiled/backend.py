@@ -369,8 +369,14 @@ def lean_guard_options() -> dict:
 def keep_depth_guards_only(guard_entries: list) -> list[bool]:
     """Dynamo guard filter: drop the guards on nn-module attributes and parameters except the lengths of module
     containers (layer stacks) and their key sets, which decide which layers the traced graph reads."""
-    return [not entry.orig_guard.source.is_unspecialized_nn_module()
-            or entry.guard_type in ("SEQUENCE_LENGTH", "DICT_KEYS_MATCH") for entry in guard_entries]
+    def keep(entry) -> bool:
+        source = getattr(getattr(entry, "orig_guard", None), "source", None)
+        if source is None or not source.is_unspecialized_nn_module():
+            return True
+        # A torch without the guard's type name keeps it: slower, never unsafe.
+        return getattr(entry, "guard_type", "SEQUENCE_LENGTH") in ("SEQUENCE_LENGTH", "DICT_KEYS_MATCH")
+
+    return [keep(entry) for entry in guard_entries]
 
 
 _OPTIONS_KEY = "_flashu_backend"
