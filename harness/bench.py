@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", action="store_true", help="after all timings, profile one run per row; tables go in the JSON"
     )
+    p.add_argument("--chart", type=Path, default=None,
+                   help="also draw the rows (seconds, speedup, floor) as a PNG here (needs matplotlib: [plots])")
     return p
 
 
@@ -366,7 +368,7 @@ def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profi
         "task": args.task,
         "command": "python -m harness " + shlex.join(argv),
         "baseline": BASELINES[args.task],
-        "settings": {**vars(args), "out": str(args.out)},
+        "settings": {**vars(args), "out": str(args.out), "chart": args.chart and str(args.chart)},
         # Launch-path settings that change how far the host can run ahead of the GPU (CUDA graphs of ~1000
         # kernels fill the default launch queue: the host then waits, and its per-call work shows as GPU idle).
         "env": {k: os.environ.get(k) for k in ("CUDA_SCALE_LAUNCH_QUEUES", "CUDA_LAUNCH_BLOCKING")},
@@ -404,6 +406,13 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+    if args.chart is not None:
+        try:
+            from harness.charts import save_bench_chart
+
+            print(f"wrote {save_bench_chart(report, args.chart)}")
+        except ImportError:
+            print("matplotlib is not installed: no chart (pip install -e '.[plots]')")
     return report
 
 

@@ -251,3 +251,17 @@ def test_check_equivalence_tiny(capsys):
     with pytest.raises(SystemExit):
         check_equivalence.main(["--preset", "tiny", "--option", "merge_projections"])
     assert "is not key=value" in capsys.readouterr().err
+
+
+def test_bench_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    from harness.charts import save_bench_chart
+
+    rows_ = [{"name": "eager", "seconds": 2.2, "speedup": 1.0, "floor_s": 0.667},
+             {"name": "compiled-flashu[merge_ffn_slices=on]", "seconds": 0.29, "speedup": 7.6, "floor_s": 0.149},
+             {"name": "flashu-eager", "seconds": 0.81, "speedup": 2.7, "floor_s": None}]
+    report = {"rows": rows_, "baseline": "eager", "task": "gen", "preset": "showo2-1.5b", "dtype": "bf16",
+              "device": "NVIDIA H200"}
+    path = save_bench_chart(report, tmp_path / "bench.png")
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and struct.unpack(">II", data[16:24])[0] > 800  # width in pixels
