@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -40,3 +42,10 @@ def device(request) -> torch.device:
 def tiny_model() -> Showo2:
     """The ``tiny`` preset in fp32, every weight random (seed 0). Shared: tests must not modify it."""
     return init_random_weights(Showo2(get_config("tiny")), seed=0).eval()
+
+
+@pytest.fixture
+def cpp_compiler() -> None:
+    """Skips the test where inductor's CPU backend has no C++ compiler to build its kernels with."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("inductor needs a C++ compiler")

@@ -206,3 +206,17 @@ def test_bad_inputs_get_clear_errors_before_tracing(tiny_model, shape) -> None:
         answer_question_compiled(und, backend, torch.zeros(shape), [4, 5], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"question ids must lie in \[0, 256\), got 3..999"):
         answer_question_compiled(und, backend, torch.zeros(1, 16, 8, 8), [3, 999], max_new_tokens=2)
+
+
+@torch.no_grad()
+def test_inductor_pieces_match_the_eager_twin_on_the_cpu(tiny_model, cpp_compiler) -> None:
+    """The piece compiler for real (inductor, merged projections, decode pieces with their tuning setting) on
+    the CPU: the same ids, kept tokens and skip sets as eager FlashU."""
+    model, layout = pruned_model(tiny_model, TINY_UND, 3, two_tasks=True)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    decoder, ids, _ = eager_flashu(model, TINY_UND, layout, latents, [4, 5, 6], 10, False)
+    backend = flashu_backend("und", TINY_UND, layout, piece_backend="inductor")
+    und = torch.compile(model, backend=backend)
+    answer = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=10, stop_at_eos=False)
+    assert answer.ids == ids and answer.kept_positions == decoder.kept_positions
+    assert [s.skipped for s in answer.steps] == [s.skipped for s in decoder.steps]
