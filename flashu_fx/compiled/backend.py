@@ -152,9 +152,10 @@ class FlashUBackend:
             # or skipped Showo2.forward, and running it unchanged would quietly drop FlashU.
             raise RuntimeError(
                 f"flashu_backend: inside backend.step({self._step}) Dynamo handed over a graph that is not a whole "
-                f"Show-o2 forward ({why}). Dynamo skips a forward for good once an exception was raised while "
-                "tracing it (e.g. a call with wrong input shapes) and then compiles its pieces one by one. Call "
-                "torch._dynamo.reset() and compile the model again.")
+                f"Show-o2 forward ({why}). Compile the Show-o2 module itself (not a module around it). If you "
+                "did, Dynamo skips a forward for good once an exception escaped while tracing it (e.g. a call "
+                "with wrong input shapes) and then compiles its pieces one by one: call torch._dynamo.reset() and "
+                "compile the model again.")
         if match is None:
             warnings.warn(f"flashu_backend: not a Show-o2 forward ({why}); compiling the graph unchanged",
                           stacklevel=2)
