@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device: it times and profiles GPU kernels (CPU checks: python -m harness bench)")
     device = torch.device("cuda")
     model = build_random_model(get_config(args.preset), device, torch.bfloat16)
     config = layout = None

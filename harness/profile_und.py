@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA device (pass --device cpu for a CPU run)")
     if args.presets is None:
         args.presets = ["tiny"] if args.mode == "check" else ["showo2-1.5b"]
     if args.mode == "check" and args.new == 32:
