@@ -265,3 +265,15 @@ def test_bench_chart(tmp_path):
     path = save_bench_chart(report, tmp_path / "bench.png")
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and struct.unpack(">II", data[16:24])[0] > 800  # width in pixels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a CUDA device")
+def test_gpu_profilers_say_they_need_a_gpu(capsys):
+    from harness import profile_gen, profile_und
+
+    with pytest.raises(SystemExit):
+        profile_gen.main(["--preset", "tiny"])
+    with pytest.raises(SystemExit):
+        profile_und.main(["check"])
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "--device cpu" in err
