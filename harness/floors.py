@@ -123,17 +123,22 @@ def gen_image_flops(cfg: Showo2Config, config: FlashUConfig | None, baseline_poi
 
 
 # ---- understanding --------------------------------------------------------------------------------------
-def und_prefill_flops(cfg: Showo2Config, config: FlashUConfig | None, prompt_len: int) -> float:
-    """Image features, the prefill over the prompt (causal attention), and the first token's logits."""
-    q = cfg.num_heads * cfg.head_dim
-    flops = 2.0 * cfg.num_image_tokens * image_feature_params(cfg) + 2.0 * cfg.hidden_size * cfg.vocab_size
+def und_prefill_flops(cfg: Showo2Config, config: FlashUConfig | None, prompt_len: int) -> dict[str, float]:
+    """Image features, the prefill over the prompt and the first token's logits: {"linear", "attention"}
+    FLOPs (attention causal, half of the full square)."""
+    q, d = cfg.num_heads * cfg.head_dim, cfg.head_hidden_size
+    time_token = cfg.frequency_embedding_size * d + d * d + d * cfg.hidden_size  # time MLP, time_embed_proj
+    linear = 2.0 * (cfg.num_image_tokens * image_feature_params(cfg) + time_token + cfg.hidden_size * cfg.vocab_size)
+    attention = 0.0
     width = cfg.intermediate_size if config is None else config.kept_ffn_width(cfg.intermediate_size)
     cut = config is not None and config.token_prune_ratio > 0
     kept_len = prompt_len - cfg.num_image_tokens + (config.kept_tokens(cfg.num_image_tokens) if cut else 0)
+    attention += 4.0 * cfg.num_image_tokens**2 * cfg.und_num_layers * cfg.und_hidden_size  # SigLIP
     for i in range(cfg.num_layers):
         n = kept_len if cut and i > config.token_prune_layer else prompt_len
-        flops += 2.0 * n * llm_layer_params(cfg, width) + 2.0 * n * n * q  # causal: half of 4 n^2 q
-    return flops
+        linear += 2.0 * n * llm_layer_params(cfg, width)
+        attention += 2.0 * n * n * q
+    return {"linear": linear, "attention": attention}
 
 
 def und_decode_bytes(cfg: Showo2Config, config: FlashUConfig | None, prompt_len: int, new_tokens: int,
@@ -181,7 +186,8 @@ def row_floor_s(task: str, row: str, cfg: Showo2Config, rates: Rates, steps: int
         return None
     config = FlashUConfig.for_task("und") if flashu else None
     decode = und_decode_bytes(cfg, config, prompt_len, new_tokens)
-    return rates.compute_s(und_prefill_flops(cfg, config, prompt_len)) + sum(rates.read_s(b) for b in decode)
+    prefill = sum(und_prefill_flops(cfg, config, prompt_len).values())
+    return rates.compute_s(prefill) + sum(rates.read_s(b) for b in decode)
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -195,7 +201,7 @@ def floors(cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len:
     und = {}
     for name, config in (("exact", None), ("flashu", und_cfg)):
         decode = und_decode_bytes(cfg, config, prompt_len, new_tokens)
-        prefill_s = rates.compute_s(und_prefill_flops(cfg, config, prompt_len))
+        prefill_s = rates.compute_s(sum(und_prefill_flops(cfg, config, prompt_len).values()))
         decode_s = sum(rates.read_s(b) for b in decode)
         und[name] = {"prefill_s": prefill_s, "decode_gb_per_token": sum(decode) / len(decode) / 1e9 if decode else 0.0,
                      "decode_s_per_token": decode_s / max(len(decode), 1), "request_s": prefill_s + decode_s}

@@ -114,3 +114,22 @@ def test_bench_rows_get_their_floor_on_a_measured_device(tiny_model) -> None:
     assert und[0]["floor_s"] is None and 0 < und[2]["floor_s"] < und[1]["floor_s"]
     bench.add_floors(und_args, cfg, und_ctx, "cpu", und)
     assert all(r["floor_s"] is None and r["pct_of_floor"] is None for r in und)
+
+
+@torch.no_grad()
+def test_prefill_flops_match_a_flop_count_of_the_eager_kv_loop(tiny_model) -> None:
+    """answer_question(kv_cache=True) with one new token is the image features, the prefill and the first
+    logits: its matmul FLOPs, counted op by op, are the floor's linear count."""
+    from flashu_fx.layout import build_mmu_prompt
+    from flashu_fx.mmu import answer_question
+    from flashu_fx.tokenizer import get_tokenizer
+
+    cfg = tiny_model.config
+    latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size)
+    with FlopCounterMode(display=False) as counter:
+        answer_question(tiny_model, latents, [4, 5, 6], max_new_tokens=1, kv_cache=True, stop_at_eos=False)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in counts.items() if "attention" in op)
+    prompt_len = build_mmu_prompt(cfg, get_tokenizer(cfg), [4, 5, 6]).tokens.shape[1]
+    expected = floors.und_prefill_flops(cfg, None, prompt_len)
+    assert sum(counts.values()) - attention == expected["linear"]
