@@ -87,16 +87,41 @@ def _merge_sliced_gate_up(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> boo
     with graph.inserting_before(gate):
         both = graph.call_function(gate_up_of_slice, (x, gate_base, neurons, lo, hi))
         outs = [graph.call_function(operator.getitem, (both, i)) for i in range(2)]
-    stack = list(gate.meta.get("nn_module_stack", {}).items())[:-1]
-    for new in (both, *outs):
-        new.meta["nn_module_stack"] = dict(stack)
-    for old, out in zip((gate, up), outs, strict=True):
-        old.replace_all_uses_with(out)
-        graph.erase_node(old)
+    _replace_linears(graph, [gate, up], outs, [both])
     for weight in (w_gate, w_up):
         if not weight.users:
             graph.erase_node(weight)
     return True
+
+
+def _merge_adjacent(graph: fx.Graph, linears: list[fx.Node], x: fx.Node, weights: tuple, biases: tuple,
+                    sizes: list[int], hidden: int) -> None:
+    """Rewrite adjacent sibling linears into one product over the spanning view (plus bias) and a split."""
+    with graph.inserting_before(linears[0]):
+        weight = graph.call_function(torch.as_strided, (weights[0], (sum(sizes), hidden), (hidden, 1)))
+        fused = product = graph.call_function(F.linear, (x, weight))
+        helpers = [weight, product]
+        if biases[0] is not None:
+            # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies), and at one row
+            # under coordinate-descent tuning (decode) the product becomes a Triton reduction, which an
+            # addmm would not (only mm is lowered that way).
+            bias = graph.call_function(torch.as_strided, (biases[0], (sum(sizes),), (1,)))
+            fused = graph.call_function(operator.add, (product, bias))
+            helpers += [bias, fused]
+        parts = graph.call_function(torch.split, (fused, sizes, -1))
+        outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))]
+    _replace_linears(graph, linears, outs, [*helpers, parts])
+
+
+def _replace_linears(graph: fx.Graph, linears: list[fx.Node], outs: list[fx.Node], helpers: list[fx.Node]) -> None:
+    """Point every use of each linear at its replacement and erase it; the new nodes belong to the linears'
+    parent module (they are not one projection any more)."""
+    stack = dict(list(linears[0].meta.get("nn_module_stack", {}).items())[:-1])
+    for new in (*helpers, *outs):
+        new.meta["nn_module_stack"] = dict(stack)
+    for old, out in zip(linears, outs, strict=True):
+        old.replace_all_uses_with(out)
+        graph.erase_node(old)
 
 
 def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
@@ -134,29 +159,7 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
                 "merge_projections: %s's %s weights are not adjacent in one buffer (colocate_projections lays them "
                 "out); left separate", parent, "/".join(leaves))
             continue
-        sizes = [f.shape[0] for f in fakes]
-        hidden = fakes[0].shape[1]
-        first = linears[0]
-        graph = gm.graph
-        with graph.inserting_before(first):
-            weight = graph.call_function(torch.as_strided, (weights[0], (sum(sizes), hidden), (hidden, 1)))
-            fused = product = graph.call_function(F.linear, (inputs[0], weight))
-            bias = None
-            if biases[0] is not None:
-                # A separate add: inductor fuses it into the consumers (RoPE, the K/V copies), and at one row
-                # under coordinate-descent tuning (decode) the product becomes a Triton reduction, which an
-                # addmm would not (only mm is lowered that way).
-                bias = graph.call_function(torch.as_strided, (biases[0], (sum(sizes),), (1,)))
-                fused = graph.call_function(operator.add, (product, bias))
-            parts = graph.call_function(torch.split, (fused, sizes, -1))
-            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))]
-        stack = list(first.meta.get("nn_module_stack", {}).items())[:-1]  # the parent: not a projection any more
-        for new in (weight, product, bias, fused, parts, *outs):
-            if new is not None:
-                new.meta["nn_module_stack"] = dict(stack)
-        for old, out in zip(linears, outs, strict=True):
-            old.replace_all_uses_with(out)
-            graph.erase_node(old)
+        _merge_adjacent(gm.graph, linears, inputs[0], weights, biases, [f.shape[0] for f in fakes], fakes[0].shape[1])
         merged += 1
     gm.graph.lint()
     gm.recompile()
