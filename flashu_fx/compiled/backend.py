@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import logging
 import re
@@ -178,10 +177,9 @@ class FlashUBackend:
             # No eager_numerics here: decode attention, and with tune_decode each one-row product, is a
             # multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
             # decode 1.70 -> 1.94 ms/token, 1.5B).
-            piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
-            make = functools.partial(make_piece_compiler, piece_backend, self.piece_captures, merge,
-                                     eager_numerics=False, inductor_options=self.inductor_options)
-            compile_piece, compile_one_row = make(), make(coordinate_descent=self.tune_decode)
+            compile_piece = self._piece_compiler(cuda, merge, eager_numerics=False)
+            compile_one_row = self._piece_compiler(cuda, merge, eager_numerics=False,
+                                                   coordinate_descent=self.tune_decode)
             rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
                             compile_one_row=compile_one_row)
             rt.weights_key = weight_addresses(model)  # after colocation, which may have moved them
@@ -232,26 +230,30 @@ class FlashUBackend:
                       "devices); projections stay separate matmuls", stacklevel=3)
         return False
 
+    def _piece_compiler(self, cuda: bool, merge: bool, **settings):
+        """The piece compiler for weights on (or off) the GPU, with this backend's shared settings."""
+        return make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures,
+                                   merge, inductor_options=self.inductor_options, **settings)
+
     def _runtime_for(self, match: Showo2GraphMatch, args) -> GenRuntime:
         def weights_key() -> tuple[int, ...]:
             return tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
 
-        rt = self._runtimes.get(weights_key())
+        key = weights_key()
+        rt = self._runtimes.get(key)
         merge = False
         if rt is None and self.merge_projections:
             # args hold the user's own Parameters: colocating them lays out the user's model (values, shapes and
             # strides unchanged) once, so later calls find this runtime under the new addresses.
             merge = self._colocated({k: args[i] for k, i in match.param_inputs.items()})
-            rt = self._runtimes.get(weights_key())
+            key = weights_key()
+            rt = self._runtimes.get(key)
         if rt is None:
-            model = self._model_view(match, args)
-            device = args[match.user_inputs["latents"]].device
-            backend = self.piece_backend or ("inductor" if device.type == "cuda" else "eager")
-            compile_piece = make_piece_compiler(backend, self.piece_captures, merge, self.eager_numerics,
-                                                merge_ffn_slices=self.merge_ffn_slices,
-                                                inductor_options=self.inductor_options)
-            rt = GenRuntime(model, self.config, self.layout, compile_piece, self.cuda_graphs)
-            self._runtimes[weights_key()] = rt
+            cuda = args[match.user_inputs["latents"]].is_cuda
+            compile_piece = self._piece_compiler(cuda, merge, eager_numerics=self.eager_numerics,
+                                                 merge_ffn_slices=self.merge_ffn_slices)
+            rt = self._runtimes[key] = GenRuntime(self._model_view(match, args), self.config, self.layout,
+                                                  compile_piece, self.cuda_graphs)
         return rt
 
     def _model_view(self, match: Showo2GraphMatch, args) -> Showo2:
@@ -359,7 +361,7 @@ _TORCH_COMPILE_OPTIONS = ("guard_filter_fn",)  # torch.compile takes these out o
 
 def lean_guard_options() -> dict:
     """``torch.compile(model, backend=..., options=lean_guard_options())``: skip Dynamo's per-call guards on the
-    model's modules and parameters (~900 checks at Show-o2 size: 316 -> 69 us of host time per call on a 2-core
+    model's modules and parameters (~900 checks at Show-o2 size: 286 -> 75 us of host time per call on a 2-core
     CPU), keeping the ones on module-container lengths. Safe with this backend: it never runs the traced graph,
     it rebuilds its runtime from the weights it is handed (new addresses or widths: a new runtime), and the
     kept length guards make a model of another depth retrace (else its extra layers would be invisible to the
