@@ -332,8 +332,7 @@ def prepare_pruned_model(
         return FFNLayout(order, {})
     layout = build_ffn_layout(keep)
     permute_ffn_weights(model, layout.order)
-    first = sorted(layout.ranges)[0]
-    return dataclasses.replace(layout, signature=weight_signature(model, layout.ranges[first]))
+    return dataclasses.replace(layout, signature=weight_signature(model, layout))
 
 
 def ffn_weight_bytes(model: Showo2) -> int:

@@ -15,7 +15,7 @@ The eager twin of a range is the FFN with the other neurons' activations masked 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ class FFNLayout:
     order: Tensor
     ranges: dict[str, tuple[tuple[int, int], ...]]
     signature: Tensor | None = None
+    # Weights already found to match, by (address, version) of each W_down: checks run per request.
+    _verified: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def task_ranges(self, task: str, layer: int) -> NeuronRanges | None:
         """The neuron ranges of ``task`` at ``layer`` for Qwen2MLP.forward; None when the task is unpruned."""
@@ -89,12 +91,13 @@ SIGNATURE_ROWS = 4  # rows of W_down probed per layer
 
 
 @torch.no_grad()
-def weight_signature(model: Showo2, ranges: tuple[tuple[int, int], ...]) -> Tensor:
-    """(layers, SIGNATURE_ROWS, 2) fp64 on the CPU: per layer, for the first rows of W_down[:, lo:hi], a fixed
-    +-1 combination of the entries and the row's L2 norm. The combination depends on which neuron sits in
-    which column, so another order moves it by about the norm; a dtype change moves it by ~2^-9 of it."""
+def weight_signature(model: Showo2, layout: FFNLayout) -> Tensor:
+    """(layers, SIGNATURE_ROWS, 2) fp64 on the CPU: per layer, for the first rows of W_down over the layout's
+    first task range, a fixed +-1 combination of the entries and the row's L2 norm. The combination depends on
+    which neuron sits in which column, so another order moves it by about the norm; a dtype change moves it by
+    ~2^-9 of it."""
     probes = []
-    for layer, (lo, hi) in zip(model.showo.model.layers, ranges, strict=True):
+    for layer, (lo, hi) in zip(model.showo.model.layers, layout.ranges[sorted(layout.ranges)[0]], strict=True):
         rows = layer.mlp.down_proj.weight[:SIGNATURE_ROWS, lo:hi].double()
         signs = torch.randint(0, 2, (hi - lo,), generator=torch.Generator().manual_seed(hi - lo)) * 2 - 1
         probes.append(torch.stack([rows @ signs.to(rows), rows.norm(dim=-1)], dim=-1))
@@ -102,11 +105,18 @@ def weight_signature(model: Showo2, ranges: tuple[tuple[int, int], ...]) -> Tens
 
 
 def check_layout_matches(model: Showo2, layout: FFNLayout) -> None:
-    """Raise if ``model``'s FFN weights are not the ones ``prepare_pruned_model`` permuted for ``layout``."""
+    """Raise if ``model``'s FFN weights are not the ones ``prepare_pruned_model`` permuted for ``layout``.
+    Weights checked once are not probed again until they move or change in place (their version counter)."""
     if layout.signature is None or not layout.ranges:
         return
-    task = sorted(layout.ranges)[0]
-    now = weight_signature(model, layout.ranges[task])
+    try:
+        key = tuple((layer.mlp.down_proj.weight.data_ptr(), layer.mlp.down_proj.weight._version)
+                    for layer in model.showo.model.layers)
+    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
+        key = None
+    if key is not None and key in layout._verified:
+        return
+    now = weight_signature(model, layout)
     if now.shape != layout.signature.shape or bool(
         ((now[..., 0] - layout.signature[..., 0]).abs() > 0.05 * now[..., 1].clamp_min(1e-30)).any()
     ):
@@ -115,3 +125,5 @@ def check_layout_matches(model: Showo2, layout: FFNLayout) -> None:
             "Call prepare_pruned_model on the model you run (it permutes that model in place), after loading "
             "its weights, and use the layout it returns"
         )
+    if key is not None:
+        layout._verified.add(key)
