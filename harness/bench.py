@@ -35,6 +35,7 @@ from flashu_fx.layers import RMSNorm
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import TextTokenizer
+from harness.floors import device_rates, peak_tflops, row_floor_s, upstream_gen_call_flops
 from harness.rows import (
     BASELINES,
     TASKS,
@@ -57,9 +58,6 @@ GEN_PROMPT = (
     "a small white dog sitting beside the front wheel."
 )
 UND_QUESTION = "Describe this image in detail. "
-# Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (anchors.md),
-# H100 80GB HBM3 798 TFLOP/s (the device notes). Used only for "% of peak".
-MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 
 
 # ---- random model on the device ------------------------------------------------------------------------
@@ -171,31 +169,6 @@ def und_question_ids(cfg: Showo2Config, tok: TextTokenizer, prompt_len: int) -> 
     n = max(1, prompt_len - base)
     unit = tok.encode(UND_QUESTION)
     return (unit * (n // len(unit) + 1))[:n]
-
-
-def upstream_gen_call_flops(cfg: Showo2Config, batch_rows: int) -> dict[str, float]:
-    """FLOPs of one upstream generation call (2 per multiply-add; dense attention over all L x L).
-
-    At 1.5B, CFG batch 2: 10.0 TFLOP in Linear layers + 0.6 in attention (anchors.md: 10.0 + 0.66).
-    """
-    seq, n_img, h = cfg.max_seq_len, cfg.num_image_tokens, cfg.hidden_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    llm = cfg.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size) + h * cfg.vocab_size
-    d, hq = cfg.head_hidden_size, cfg.head_num_heads * cfg.head_dim_head
-    hkv = cfg.head_num_kv_heads * cfg.head_dim_head
-    head = h * d + d * d + cfg.head_num_layers * (d * (hq + 2 * hkv) + hq * d + 3 * d * cfg.head_intermediate_size)
-    head += d * cfg.patch_dim
-    e = cfg.und_hidden_size
-    siglip = cfg.und_num_layers * (4 * e * e + 2 * e * cfg.und_intermediate_size)
-    image = siglip + cfg.patch_dim * (e + h) + (e + h) * h + h * h  # + patch embeds and fusion_proj
-    linear = 2 * batch_rows * (seq * (llm + head) + n_img * image)
-    attention = 4 * batch_rows * (seq * seq * (cfg.num_layers * q + cfg.head_num_layers * hq))
-    attention += 4 * batch_rows * n_img * n_img * cfg.und_num_layers * e
-    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in MEASURED_BF16_TFLOPS.items() if k in name), None)
 
 
 # ---- profiling and reporting ---------------------------------------------------------------------------
@@ -335,8 +308,6 @@ def measure(args: argparse.Namespace, rows: dict, model: Showo2, ctx) -> tuple[l
 def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -> None:
     """Each row's physical floor (``harness.floors``) and the share of it the row reached; None where the
     device's rates were never measured or the row's path is not modelled."""
-    from harness.floors import device_rates, row_floor_s  # floors builds on this module's FLOP count
-
     rates = device_rates(device)
     prefix = prompt_len = 0
     if rates is not None and args.task == "gen":

@@ -30,8 +30,10 @@ from pathlib import Path
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.schedule import gen_schedule
-from harness.bench import MEASURED_BF16_TFLOPS, format_table, upstream_gen_call_flops
 
+# Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (anchors.md),
+# H100 80GB HBM3 798 TFLOP/s (the device notes).
+MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 H200_COPY_GBPS = 4245.0  # eager 1 GiB device-to-device copy, bytes read + written (docs/KERNELS.md)
 # Anchors (anchors.md, H200): upstream eager gen s/image; und no-cache and KV-cache eager s/request.
 ANCHOR_SECONDS = {
@@ -78,6 +80,31 @@ def image_feature_params(cfg: Showo2Config) -> int:
     return siglip + cfg.patch_dim * (e + h) + (e + h) * h + h * h
 
 
+def siglip_attention_flops(cfg: Showo2Config) -> float:
+    """The SigLIP stack's attention over one image's tokens."""
+    return 4.0 * cfg.num_image_tokens**2 * cfg.und_num_layers * cfg.und_hidden_size
+
+
+def upstream_gen_call_flops(cfg: Showo2Config, batch_rows: int) -> dict[str, float]:
+    """FLOPs of one upstream generation call (2 per multiply-add; dense attention over all L x L).
+
+    At 1.5B, CFG batch 2: 10.0 TFLOP in Linear layers + 0.6 in attention (anchors.md: 10.0 + 0.66).
+    """
+    seq, h, d = cfg.max_seq_len, cfg.hidden_size, cfg.head_hidden_size
+    q, hq = cfg.num_heads * cfg.head_dim, cfg.head_num_heads * cfg.head_dim_head
+    llm = cfg.num_layers * llm_layer_params(cfg) + h * cfg.vocab_size
+    head = h * d + d * d + cfg.head_num_layers * head_block_params(cfg) + d * cfg.patch_dim
+    linear = 2.0 * batch_rows * (seq * (llm + head) + cfg.num_image_tokens * image_feature_params(cfg))
+    attention = 4.0 * batch_rows * seq * seq * (cfg.num_layers * q + cfg.head_num_layers * hq)
+    attention += batch_rows * siglip_attention_flops(cfg)
+    return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The measured bf16 matmul rate of a device (by name), or None."""
+    return next((v for k, v in MEASURED_BF16_TFLOPS.items() if k in device_name), None)
+
+
 def gen_call_flops(cfg: Showo2Config, prefix: int, layers: int, ffn_width: int, trunk: bool,
                    head: bool) -> dict[str, float]:
     """One compiled generation call with CFG (2 rows over the S-position image block, keys prefix + S):
@@ -95,8 +122,7 @@ def gen_call_flops(cfg: Showo2Config, prefix: int, layers: int, ffn_width: int, 
     if trunk:
         linear += 2.0 * cfg.num_image_tokens * image_feature_params(cfg)
         linear += 2.0 * rows * (s * layers * llm_layer_params(cfg, ffn_width) + d * h)  # + time_embed_proj
-        attention += 4.0 * cfg.num_image_tokens**2 * cfg.und_num_layers * cfg.und_hidden_size  # SigLIP
-        attention += 4.0 * rows * s * (prefix + s) * layers * q
+        attention += siglip_attention_flops(cfg) + 4.0 * rows * s * (prefix + s) * layers * q
     if head:
         linear += 2.0 * rows * s * (h * d + d * d + cfg.head_num_layers * head_block_params(cfg))
         linear += 2.0 * rows * cfg.head_num_layers * d * 6 * d  # the blocks' adaLN, per row
@@ -133,7 +159,7 @@ def und_prefill_flops(cfg: Showo2Config, config: FlashUConfig | None, prompt_len
     width = cfg.intermediate_size if config is None else config.kept_ffn_width(cfg.intermediate_size)
     cut = config is not None and config.token_prune_ratio > 0
     kept_len = prompt_len - cfg.num_image_tokens + (config.kept_tokens(cfg.num_image_tokens) if cut else 0)
-    attention += 4.0 * cfg.num_image_tokens**2 * cfg.und_num_layers * cfg.und_hidden_size  # SigLIP
+    attention += siglip_attention_flops(cfg)
     for i in range(cfg.num_layers):
         n = kept_len if cut and i > config.token_prune_layer else prompt_len
         linear += 2.0 * n * llm_layer_params(cfg, width)
@@ -165,7 +191,7 @@ COPY_GBPS = {"H200": H200_COPY_GBPS}  # measured copy bandwidth by device name f
 
 def device_rates(device_name: str) -> Rates | None:
     """The measured rates of a device (by name), or None where either was never measured."""
-    tflops = next((v for k, v in MEASURED_BF16_TFLOPS.items() if k in device_name), None)
+    tflops = peak_tflops(device_name)
     gbps = next((v for k, v in COPY_GBPS.items() if k in device_name), None)
     return None if tflops is None or gbps is None else Rates(tflops, gbps)
 
@@ -211,6 +237,8 @@ def floors(cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len:
 
 
 def report_tables(report: dict) -> str:
+    from harness.bench import format_table  # bench builds on this module: imported here, not at the top
+
     eager = report["eager_s"]
     gen_rows = [[name, f"{1e3 * s:.0f}", f"{eager['gen'] / s:.1f}x"] for name, s in report["gen_floor_s"].items()]
     und_rows = []
