@@ -277,3 +277,11 @@ def test_gpu_profilers_say_they_need_a_gpu(capsys):
         profile_und.main(["check"])
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "--device cpu" in err
+
+
+def test_guard_cost_reports_every_variant(capsys):
+    from harness import guard_cost
+
+    result = guard_cost.main(["--preset", "tiny", "--calls", "5"])
+    assert set(result) == set(guard_cost.VARIANTS) and all(us > 0 for us in result.values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["us_per_call"] == result
