@@ -176,7 +176,7 @@ def test_non_showo2_graph_and_steps() -> None:
     torch.testing.assert_close(out, net(x))
 
 
-def test_a_step_that_never_reaches_the_backend_raises(tiny_model, monkeypatch) -> None:
+def test_a_step_that_never_reaches_the_backend_raises(tiny_model) -> None:
     """Past Dynamo's recompile limit torch.compile silently runs the model eagerly: the step says so."""
     from flashu_fx.layout import build_gen_batch
 
@@ -188,15 +188,19 @@ def test_a_step_that_never_reaches_the_backend_raises(tiny_model, monkeypatch) -
         tiny_model(batch.tokens, x, torch.zeros(2), batch.offsets, batch.mask, return_logits=False)  # uncompiled
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    first = flashu_backend("gen")
-    generate_images_compiled(torch.compile(tiny_model, backend=first), first, [[3]], baseline_steps=2, guidance=2.0)
-    second = flashu_backend("gen")  # a second backend on the same forward: over the limit, Dynamo runs eagerly
-    with pytest.raises(RuntimeError, match="recompile limit"):
-        generate_images_compiled(torch.compile(tiny_model, backend=second), second, [[3]], baseline_steps=2,
-                                 guidance=2.0)
-    assert second.compiles == 0
-    torch._dynamo.reset()
+    # torch's own scoped patch: restores the setting on exit (monkeypatch's undo deletes it on newer pytest).
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            first = flashu_backend("gen")
+            generate_images_compiled(torch.compile(tiny_model, backend=first), first, [[3]], baseline_steps=2,
+                                     guidance=2.0)
+            second = flashu_backend("gen")  # a second backend on the same forward: over the limit, runs eagerly
+            with pytest.raises(RuntimeError, match="recompile limit"):
+                generate_images_compiled(torch.compile(tiny_model, backend=second), second, [[3]],
+                                         baseline_steps=2, guidance=2.0)
+            assert second.compiles == 0
+    finally:
+        torch._dynamo.reset()
 
 
 def test_bad_backend_arguments() -> None:
