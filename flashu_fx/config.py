@@ -185,6 +185,36 @@ PRESETS: dict[str, Showo2Config] = {
     ),
 }
 PRESETS["tiny-tied"] = dataclasses.replace(PRESETS["tiny"], name="tiny-tied", tie_word_embeddings=True)
+# The trained testbed (flashu_fx/testbed): Show-o2's architecture at nano widths, deep enough (12 LLM layers) that
+# skipping 20% of them is a real choice; 48 x 48 world images -> 24 x 24 latents -> a 12 x 12 token grid.
+PRESETS["testbed-nano"] = Showo2Config(
+    name="testbed-nano",
+    vocab_size=128,
+    hidden_size=256,
+    num_layers=12,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=512,
+    tie_word_embeddings=False,
+    rope_theta=10_000.0,
+    und_hidden_size=128,
+    und_num_layers=2,
+    und_num_heads=4,
+    und_intermediate_size=256,
+    und_num_positions=144,
+    head_hidden_size=192,
+    head_num_layers=3,
+    head_num_heads=6,
+    head_num_kv_heads=2,
+    head_dim_head=32,
+    head_intermediate_size=384,
+    head_rope_theta=10_000.0,
+    frequency_embedding_size=128,
+    image_grid=(12, 12),
+    max_seq_len=192,
+    specials=SpecialTokens(bos=120, eos=121, boi=122, eoi=123, img_pad=124, pad=125),
+)
 
 
 def get_config(name: str) -> Showo2Config:

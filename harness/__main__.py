@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("harness.calibrate_cli", "calibrate FlashU (FFN pruning scores) and save the result"),
     "analyze": ("harness.analyze_cli", "analyse FlashU decisions and errors"),
     "floors": ("harness.floors", "the physical floor of each benchmarked path, from the shapes (no GPU)"),
+    "train-testbed": ("harness.train_testbed", "train the nano Show-o2 on the synthetic world and save it"),
 }
 
 

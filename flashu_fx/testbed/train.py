@@ -1,0 +1,179 @@
+"""Train the testbed Show-o2 on its world: Show-o2's joint objective, from scratch, in minutes on one GPU.
+
+One step draws ``batch_gen`` generation rows and ``batch_und`` understanding rows from the pools and runs ONE
+forward of ``Showo2`` over all of them:
+- flow matching on the generation rows (docs/SHOWO2.md §3.3, §3.9): x_t = t x1 + (1 - t) x0, the velocity target
+  x1 - x0, t logit-normal with Show-o2's resolution shift; the caption is dropped (the CFG null row) with
+  probability ``caption_dropout``;
+- next-token cross-entropy on the answers of the understanding rows (clean image, t = 1).
+AdamW with warm-up and cosine decay, bf16 autocast on CUDA, gradient clipping, and an EMA of the weights (the
+weights that ship).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from flashu_fx.masks import omni_mask
+from flashu_fx.model import Showo2
+from flashu_fx.testbed import codec
+from flashu_fx.testbed.data import IGNORE, GenPool, UndPool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a testbed training run (defaults: the run that made the shipped weights)."""
+
+    steps: int = 30_000  # optimizer steps (the run stops earlier at ``time_budget_s``)
+    batch_gen: int = 256  # generation rows per step
+    batch_und: int = 128  # understanding rows per step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    warmup: int = 500  # linear warm-up steps, then cosine decay to 10% of ``lr``
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1  # share of generation rows trained as the CFG null row
+    und_loss_weight: float = 1.0  # weight of the answer cross-entropy against the flow loss
+    ema_decay: float = 0.999  # EMA of the weights, the ones saved
+    pool_gen: int = 300_000  # rendered generation examples
+    pool_und: int = 300_000  # rendered understanding examples
+    seed: int = 0
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = run every step)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout} must lie in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must lie in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def init_for_training(model: Showo2, seed: int = 0) -> Showo2:
+    """A from-scratch init: linears and embeddings N(0, 0.02), biases 0, norms 1, and (as in DiT and upstream)
+    every adaLN modulation and the final projection zero, so the head starts as the identity and v = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or name.startswith("diffusion_head_b.linear"):
+            p.zero_()
+        elif p.dim() == 1 and ("norm" in name or name.startswith("fusion_proj.0")):
+            p.fill_(1.0) if name.endswith("weight") else p.zero_()
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    model.reset_rope_buffers()
+    return model
+
+
+def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -> Tensor:
+    """Show-o2's training t (docs/SHOWO2.md §3.9): sigmoid(N(0, 1)), shifted by mu(seq_len). (n,) fp32 in (0, 1)."""
+    u = torch.randn(n, generator=generator).to(device)
+    t = torch.sigmoid(u).clamp(1e-5, 1 - 1e-5)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
+    return 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
+
+
+def lr_at(step: int, done: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10% by ``done`` = 1 (the share of the run
+    done: of the steps, or of the time budget, whichever is further)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
+
+
+def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, generator: torch.Generator
+                ) -> dict[str, Tensor]:
+    """One step's rows [generation ..., understanding ...] with their inputs and targets, on the pools' device."""
+    mcfg, device = model.config, gen.tokens.device
+    gi = torch.randint(len(gen.tokens), (cfg.batch_gen,), generator=generator).to(device)
+    ui = torch.randint(len(und.tokens), (cfg.batch_und,), generator=generator).to(device)
+    drop = (torch.rand(cfg.batch_gen, generator=generator) < cfg.caption_dropout).to(device)
+    g_tokens = torch.where(drop[:, None], gen.null_tokens[None], gen.tokens[gi])
+    g_offsets = torch.where(drop, torch.full_like(gen.offsets[gi], 2), gen.offsets[gi])
+    x1 = codec.encode(gen.images[gi])
+    x0 = torch.randn(x1.shape, generator=generator).to(device)
+    t = sample_flow_time(cfg.batch_gen, mcfg.image_slot_len, generator, device)
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+    slot = mcfg.image_slot_len
+    mask = torch.cat([omni_mask(g_offsets, mcfg.max_seq_len, slot), omni_mask(und.block_offsets[ui], mcfg.max_seq_len,
+                                                                              slot)])
+    return dict(
+        tokens=torch.cat([g_tokens, und.tokens[ui]]),
+        latents=torch.cat([xt, codec.encode(und.images[ui])]),
+        t=torch.cat([t, torch.ones(cfg.batch_und, device=device)]),
+        offsets=torch.cat([g_offsets, und.offsets[ui]]),
+        mask=mask,
+        velocity_target=x1 - x0,
+        answer_targets=und.targets[ui],
+    )
+
+
+def joint_loss(model: Showo2, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, flow MSE, answer cross-entropy) of one joint batch."""
+    out = model(batch["tokens"], batch["latents"], batch["t"], batch["offsets"], batch["mask"], return_logits=True)
+    n_gen = batch["velocity_target"].shape[0]
+    flow = F.mse_loss(out.velocity[:n_gen].float(), batch["velocity_target"])
+    logits = out.logits[n_gen:].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch["answer_targets"].flatten(), ignore_index=IGNORE)
+    return flow + cfg.und_loss_weight * ce, flow, ce
+
+
+def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress: bool = True
+          ) -> tuple[Showo2, list[dict[str, float]]]:
+    """Train ``model`` in place on the pools (on the model's device); returns the EMA model and the loss log.
+
+    The log holds one entry per 50 steps: step, seconds, lr, total, flow and answer losses.
+    """
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log: list[dict[str, float]] = []
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="training testbed", disable=not progress)
+    for step in bar:
+        elapsed = time.perf_counter() - start
+        done = max(step / cfg.steps, elapsed / cfg.time_budget_s if cfg.time_budget_s else 0.0)
+        if done >= 1.0:
+            break
+        lr = lr_at(step, done, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = joint_batch(model, gen, und, cfg, generator)
+        with autocast:
+            loss, flow, ce = joint_loss(model, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            entry = dict(step=step, seconds=elapsed, lr=lr, loss=float(loss), flow=float(flow), answer=float(ce))
+            log.append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", flow=f"{entry['flow']:.4f}", answer=f"{entry['answer']:.4f}")
+    model.eval()
+    return ema, log

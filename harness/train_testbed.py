@@ -1,0 +1,157 @@
+"""``python -m harness train-testbed``: train the nano Show-o2 on the synthetic world, check it, ship it.
+
+    python -m harness train-testbed --out runs/testbed --time-budget 420          # one GPU, ~8 minutes in all
+    python -m harness train-testbed --out runs/tb-cpu --steps 20 --pool 512 --device cpu   # a smoke run
+
+Steps: render and tokenize the training pools (the world's "train" split), train (flow matching + answer
+cross-entropy, bf16 autocast on CUDA, EMA weights), save the EMA weights in bf16 with the tokenizer, score the
+baseline on held-out prompts over a small guidance sweep and on held-out questions, keep the best guidance as the
+sampling default, calibrate FlashU for both tasks the paper's way (generation: Wanda over real denoising calls of
+training captions; understanding: 20 image + question prefills), and write ``testbed.json`` with the command,
+settings, loss log and scores, plus a grid PNG of held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashu_fx.calibration import calibrate
+from flashu_fx.config import get_config
+from flashu_fx.loading import save_pretrained
+from flashu_fx.mmu import answer_question
+from flashu_fx.model import Showo2
+from flashu_fx.t2i import generate_images
+from flashu_fx.testbed import codec, scorer, world
+from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_config
+from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
+from flashu_fx.testbed.tokenizer import WordTokenizer
+from flashu_fx.testbed.train import TrainConfig, init_for_training, train
+
+PRESET = "testbed-nano"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m harness train-testbed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/testbed", help="directory for the checkpoint and its record")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_s, help="seconds of training (0: no limit)")
+    p.add_argument("--batch-gen", type=int, default=d.batch_gen, help="generation rows per step")
+    p.add_argument("--batch-und", type=int, default=d.batch_und, help="understanding rows per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered examples per task")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts scored after training")
+    p.add_argument("--eval-questions", type=int, default=60, help="held-out questions scored after training")
+    p.add_argument("--guidance-sweep", default="2,3,4,6", help="CFG scales tried on the held-out prompts")
+    p.add_argument("--eval-steps", type=int, default=DEFAULT_STEPS, help="grid points of the evaluation sampler")
+    p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
+    p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
+    return p
+
+
+def score_generation(model: Showo2, tok: WordTokenizer, prompts: list[world.GenPrompt], guidance: float,
+                     steps: int, seed: int = 0) -> tuple[list[bool], np.ndarray]:
+    latents = generate_images(model, [p.caption for p in prompts], tok, steps=steps, guidance=guidance, seed=seed)
+    images = codec.decode(latents).cpu().numpy()
+    return [scorer.score_prompt(p, im) for p, im in zip(prompts, images, strict=True)], images
+
+
+def score_answers(model: Showo2, tok: WordTokenizer, items: list[world.QAItem], device) -> tuple[list[bool], list]:
+    images = torch.from_numpy(world.render_batch([it.scene for it in items]))
+    latents = codec.encode(images).to(device)
+    answers = [answer_question(model, latents[i : i + 1], it.question, tok, max_new_tokens=6).text
+               for i, it in enumerate(items)]
+    return [scorer.score_answer(a, it) for a, it in zip(answers, items, strict=True)], answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    cfg = get_config(PRESET)
+    tok = WordTokenizer(world.vocabulary(), cfg.specials)
+    train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
+                            pool_gen=args.pool, pool_und=args.pool, seed=args.seed, time_budget_s=args.time_budget)
+    rng = world.rng_for("train", args.seed)
+    gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen), device)
+    und_pool = pool_to(build_und_pool(cfg, tok, rng, train_cfg.pool_und), device)
+    pools_s = time.perf_counter() - started
+    print(f"pools: {train_cfg.pool_gen} + {train_cfg.pool_und} examples in {pools_s:.1f} s", flush=True)
+
+    model = init_for_training(Showo2(cfg), seed=args.seed).to(device)
+    ema, log = train(model, gen_pool, und_pool, train_cfg)
+    del gen_pool, und_pool, model
+    train_s = log[-1]["seconds"] if log else 0.0
+    print(f"trained {log[-1]['step'] + 1} steps in {train_s:.1f} s: {log[-1]}", flush=True)
+
+    out = Path(args.out)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shipped = ema.to(torch.bfloat16)
+    save_pretrained(shipped, out)
+    tok.save(out)
+    model = shipped.to(dtype).eval()  # evaluate what ships (bf16 weights; fp32 compute on the CPU)
+
+    prompts = world.heldout_gen_prompts(args.eval_prompts)
+    sweep = {}
+    best = None
+    for g in (float(x) for x in args.guidance_sweep.split(",")):
+        correct, images = score_generation(model, tok, prompts, g, args.eval_steps)
+        sweep[g] = scorer.geneval_summary(prompts, correct)
+        print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']:.3f}", flush=True)
+        if best is None or sweep[g]["overall"] > sweep[best[0]]["overall"]:
+            best = (g, images, correct)
+    items = world.heldout_questions(args.eval_questions)
+    correct_qa, answers = score_answers(model, tok, items, device)
+    qa = scorer.answer_summary(items, correct_qa)
+    print(f"answers: accuracy {qa['overall']:.3f}", flush=True)
+
+    calib = {}
+    crng = world.rng_for("train", args.seed + 1)
+    if args.calib_gen:
+        captions = [world.sample_gen_prompt(crng).caption for _ in range(args.calib_gen)]
+        c = calibrate(model, "gen", captions, flashu_config("gen"), steps=args.eval_steps, guidance=best[0],
+                      tokenizer=tok)
+        c.save(out / "calibration_gen")
+        calib["gen"] = dict(samples=len(captions), guidance=best[0], steps=args.eval_steps)
+    if args.calib_und:
+        qs = [world.sample_question(world.sample_scene(crng), crng) for _ in range(args.calib_und)]
+        lat = codec.encode(torch.from_numpy(world.render_batch([q.scene for q in qs]))).to(device)
+        c = calibrate(model, "und", [(lat[i : i + 1], q.question) for i, q in enumerate(qs)], flashu_config("und"),
+                      tokenizer=tok)
+        c.save(out / "calibration_und")
+        calib["und"] = dict(samples=len(qs))
+
+    record = dict(
+        command="python -m harness train-testbed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        preset=PRESET, train=train_cfg.to_dict(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__, pools_seconds=round(pools_s, 1), train_seconds=round(train_s, 1),
+        steps_done=(log[-1]["step"] + 1) if log else 0, loss_log=log,
+        sampling=dict(guidance=best[0], steps=args.eval_steps),
+        heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
+                     answers=qa),
+        calibration=calib,
+    )
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    try:
+        from harness.grids import captioned_grid
+
+        n = min(12, len(prompts))
+        notes = [["ok" if ok else "wrong" for ok in best[2][:n]]]
+        captioned_grid([(f"baseline g={best[0]}", list(best[1][:n]))], [p.caption for p in prompts[:n]],
+                       out / "heldout_grid.png", title="testbed after training: held-out prompts", notes=notes)
+    except ImportError:
+        print("matplotlib is not installed: no grid PNG (pip install -e '.[plots]')")
+    print(f"wrote {out} in {time.perf_counter() - started:.1f} s", flush=True)
+    return 0
