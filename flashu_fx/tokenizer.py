@@ -34,7 +34,7 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A local Qwen2.5-Instruct tokenizer directory with Show-o2's added tokens (facts doc 1.8)."""
+    """A local Qwen2.5-Instruct tokenizer directory with Show-o2's added tokens (docs/SHOWO2.md §1.8)."""
 
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer

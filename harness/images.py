@@ -1,6 +1,6 @@
 """Latents to something a person can look at: a dependency-free PNG writer, a latent preview, Wan2.1 VAE decoding.
 
-    latents (B, 16, h, w) ─┬─ VAE given and diffusers importable: de-normalise (facts doc 3.6) ─ Wan2.1 decoder ─ uint8
+    latents (B, 16, h, w) ─┬─ VAE given, diffusers installed: denormalise (docs/SHOWO2.md §3.6) ─ Wan2.1 decoder ─ uint8
                            └─ otherwise: fixed 16 -> 3 projection ─ per-image contrast stretch ─ 8x nearest ─ uint8
     images (B, H, W, 3) uint8 ─ image_grid ─ write_png
 
@@ -26,7 +26,7 @@ from torch import Tensor
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Wan2.1 VAE per-channel latent statistics (facts doc 3.6): decode starts with z = z_norm * std + mean.
+# Wan2.1 VAE per-channel latent statistics (docs/SHOWO2.md §3.6): decode starts with z = z_norm * std + mean.
 WAN_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,

@@ -1,5 +1,5 @@
 """Checkpoint I/O: save/load round trips (safetensors and .bin, tied and untied), strict key/shape errors that
-name the key and the shapes, missing files, and upstream config.json mapping (facts doc 1.1, 1.11)."""
+name the key and the shapes, missing files, and upstream config.json mapping (docs/SHOWO2.md §1.1, §1.11)."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def test_upstream_config_mapping(hidden, preset):
         "image_latent_width": 32,
         "num_diffusion_layers": 10,
         "llm_vocab_size": 151669,
-        "add_qk_norm": True,  # stored upstream but never read (facts doc 1.1)
+        "add_qk_norm": True,  # stored upstream but never read (docs/SHOWO2.md §1.1)
     }
     cfg = config_from_upstream(upstream)
     base = get_config(preset)
@@ -158,6 +158,6 @@ def test_upstream_config_mapping(hidden, preset):
 
 @pytest.mark.parametrize(("side", "max_seq_len", "max_text_len"), [(27, 1024, 290), (32, 1280, 251), (64, 4352, 251)])
 def test_upstream_grid_sets_the_documented_token_budget(side, max_seq_len, max_text_len):
-    """Facts doc 1.1 / 1.8: 432 -> 1024 (text 290), 512 -> 1280 (251), 1024 -> 4352 (251)."""
+    """docs/SHOWO2.md §1.1 / §1.8: 432 -> 1024 (text 290), 512 -> 1280 (251), 1024 -> 4352 (251)."""
     cfg = config_from_upstream({"hidden_size": 1536, "image_latent_height": side, "image_latent_width": side})
     assert (cfg.max_seq_len, cfg.max_text_len, cfg.image_slot_len) == (max_seq_len, max_text_len, side * side + 1)
