@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shipped = ema.to(torch.bfloat16)
-    save_pretrained(shipped, out)
+    save_pretrained(shipped, out, max_shard_bytes=12 * 2**20)  # files of at most 12 MiB
     tok.save(out)
     model = shipped.to(dtype).eval()  # evaluate what ships (bf16 weights; fp32 compute on the CPU)
 

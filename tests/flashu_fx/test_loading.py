@@ -46,6 +46,18 @@ def test_round_trip(saved_model, tmp_path, safe):
     assert torch.equal(forward_velocity(loaded), forward_velocity(saved_model))
 
 
+def test_sharded_save_round_trips_and_replaces_an_older_split(saved_model, tmp_path):
+    total = sum(v.numel() * v.element_size() for v in saved_model.state_dict().values())
+    path = save_pretrained(saved_model, tmp_path / "ckpt", max_shard_bytes=total // 3)
+    shards = sorted(p for p in path.glob("*.safetensors"))
+    assert len(shards) >= 3 and all(p.stat().st_size <= total // 3 + 4096 for p in shards)
+    assert torch.equal(forward_velocity(from_pretrained(path, dtype=torch.float32)), forward_velocity(saved_model))
+    save_pretrained(saved_model, path)  # one file now: the old shards must go, or they would be read again
+    assert [p.name for p in path.glob("*.safetensors")] == ["model.safetensors"]
+    with pytest.raises(ValueError, match="max_shard_bytes must be >= 1, got 0"):
+        save_pretrained(saved_model, tmp_path / "other", max_shard_bytes=0)
+
+
 def test_load_casts_to_dtype(saved_model, tmp_path):
     loaded = from_pretrained(save_pretrained(saved_model, tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
