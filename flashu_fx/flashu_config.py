@@ -104,8 +104,21 @@ class FlashUConfig:
         return int(num_layers * self.skip_ratio) if self.skip_interval > 0 else 0
 
     def num_points(self, baseline_points: int) -> int:
-        """Grid points of the shorter FlashU grid: round(0.7 * 50) = 35."""
-        return max(2, round(baseline_points * self.step_fraction))
+        """Grid points of the shorter FlashU grid: round(0.7 * 50) = 35; raises below 2 (no model call)."""
+        points = round(baseline_points * self.step_fraction)
+        if points < 2:
+            raise ValueError(
+                f"baseline_points={baseline_points!r} is invalid: FlashU's grid would have {points} point(s) "
+                f"(round({self.step_fraction} * {baseline_points})); allowed >= {self.min_baseline_points()}"
+            )
+        return points
+
+    def min_baseline_points(self) -> int:
+        """The fewest baseline grid points whose FlashU grid still has 2 points (one model call): 3 at 0.7."""
+        points = 2
+        while round(points * self.step_fraction) < 2:
+            points += 1
+        return points
 
     def kept_tokens(self, num_image_tokens: int) -> int:
         """Image tokens kept by V-norm pruning (at least one)."""

@@ -30,6 +30,7 @@ from torch import Tensor
 from flashu_fx.diffusion_head import in_slot_mask
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import NeuronRanges
@@ -236,6 +237,8 @@ def generate_images_flashu(
     ``config.ffn_prune_ratio > 0`` and the model's FFNs must be permuted by it.
     """
     ids = encode_prompts(model, prompts, tokenizer)
+    check_guidance(guidance, per_call=False)
+    check_baseline_steps(baseline_steps, config)
     guided = guidance != 0
     device = next(model.parameters()).device
     batch = build_gen_batch(model.config, ids, guided=guided).to(device)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from flashu_fx.compiled.gen_runtime import prefix_bucket
 from flashu_fx.config import PRESETS, Showo2Config, get_config
+from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import RMSNorm
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
@@ -43,6 +44,7 @@ from harness.rows import (
     RowResult,
     UndContext,
     compare,
+    fit_prompt,
     load_optional_rows,
     select_rows,
     split_row_names,
@@ -268,9 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def min_gen_steps() -> int:
+    """The fewest --steps every gen row runs with: FlashU rows run round(0.7 * steps) grid points, at least 2."""
+    return FlashUConfig.for_task("gen").min_baseline_points()
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", 2), ("max_new_tokens", 1),
-                      ("threads", 1)):
+    for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", min_gen_steps()),
+                      ("max_new_tokens", 1), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
@@ -278,7 +285,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def make_context(args: argparse.Namespace, model: Showo2, device: torch.device):
     cfg, tok = model.config, ChunkTokenizer(model.config)
     if args.task == "gen":
-        return GenContext(model, [tok.encode(GEN_PROMPT)], args.steps, args.guidance, args.seed, tok)
+        prompt = fit_prompt(cfg, tok.encode(GEN_PROMPT), "the bench prompt")
+        return GenContext(model, [prompt], args.steps, args.guidance, args.seed, tok)
     gen = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=gen).to(device)
     prompt_len = args.prompt_len or cfg.image_slot_len + 50

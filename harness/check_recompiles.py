@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
+    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
+    budget = get_config(args.preset).max_text_len
+    if min(lengths) < 1 or (args.task == "gen" and max(lengths) > budget):
+        allowed = ">= 1" if args.task == "und" else f"1..{budget} (the prompt budget of {args.preset})"
+        parser.error(f"--lengths {','.join(map(str, lengths))} is invalid: allowed lengths {allowed}")
     torch._dynamo.reset()  # this run's compiles start from a clean Dynamo cache (see compiled_rows)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -50,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     backend = flashu_backend(args.task, config, layout, **options)
     compiled = torch.compile(model, backend=backend, options=lean_guard_options())
     cfg = model.config
-    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
     latents = latents.to(device, dtype)
 

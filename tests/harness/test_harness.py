@@ -208,6 +208,35 @@ def test_bench_runs_a_row_variant_beside_its_row(tmp_path):
     assert report[variant]["count"] == report["compiled-exact"]["count"] == 2
 
 
+@pytest.mark.parametrize("option", ["--tokenizer", "--vae", "--weights"])
+def test_demo_names_a_missing_directory_while_parsing(tmp_path, capsys, option):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit):
+        demo.main([option, str(missing)])
+    assert f"argument {option}: directory '{missing}' does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        demo.main([option, str(tmp_path / "a-file")])
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--tokenizer", "--weights"])
+def test_calibrate_names_a_missing_directory_while_parsing(tmp_path, capsys, option):
+    from harness import calibrate_cli
+
+    with pytest.raises(SystemExit):
+        calibrate_cli.main(["--task", "gen", option, str(tmp_path / "nowhere")])
+    assert f"argument {option}: directory '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
+
+
+def test_fit_prompt_cuts_the_harness_prompts_and_says_so(capsys):
+    cfg = get_config("tiny")
+    assert rows.fit_prompt(cfg, [1] * cfg.max_text_len, "p") == [1] * cfg.max_text_len
+    assert capsys.readouterr().err == ""
+    assert rows.fit_prompt(cfg, list(range(40)), "the bench prompt") == list(range(cfg.max_text_len))
+    assert "the bench prompt cut from 40 to 27 tokens" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "huge"])
@@ -230,7 +259,7 @@ def test_check_recompiles_tiny(task, capsys):
 
     extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2", "--option", "tune_decode=off"]
     report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
-                                    "--lengths", "1,4,9,40", *extra])
+                                    "--lengths", "1,4,9,27", *extra])
     assert report["options"] == ({} if task == "gen" else {"tune_decode": False})
     assert report["recompiles_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
@@ -238,6 +267,14 @@ def test_check_recompiles_tiny(task, capsys):
     with pytest.raises(SystemExit):
         check_recompiles.main(["--preset", "tiny", "--option", "fast=on"])
     assert "unknown backend option(s) ['fast']" in capsys.readouterr().err
+
+
+def test_check_recompiles_refuses_prompts_over_the_budget(capsys):
+    from harness import check_recompiles
+
+    with pytest.raises(SystemExit):
+        check_recompiles.main(["--preset", "tiny", "--task", "gen", "--lengths", "1,28"])
+    assert "--lengths 1,28 is invalid: allowed lengths 1..27 (the prompt budget of tiny)" in capsys.readouterr().err
 
 
 def test_check_equivalence_tiny(capsys):
