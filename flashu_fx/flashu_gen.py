@@ -233,8 +233,9 @@ def generate_images_flashu(
     """FlashU text-to-image on the shorter grid: ``config.num_points(baseline_steps)`` points (50 -> 35, 34 calls).
 
     The plain pipeline (``generate_images``: same batch, noise and Euler/CFG loop) with the FlashU velocity and
-    the per-call guidance g_s; ``guidance`` is the full-phase g (0 disables CFG). ``layout`` is required when
-    ``config.ffn_prune_ratio > 0`` and the model's FFNs must be permuted by it.
+    the per-call guidance g_s of the plans; ``guidance`` is g, the scale of the last calls (0 disables CFG;
+    ``config.guidance_schedule``). ``layout`` is required when ``config.ffn_prune_ratio > 0`` and the model's
+    FFNs must be permuted by it.
     """
     ids = encode_prompts(model, prompts, tokenizer)
     check_guidance(guidance, per_call=False)

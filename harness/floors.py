@@ -141,7 +141,7 @@ def gen_image_flops(cfg: Showo2Config, config: FlashUConfig | None, baseline_poi
     flops = 0.0
     kept = config.kept_ffn_width(cfg.intermediate_size)
     skipped = config.num_skipped_layers(cfg.num_layers)
-    for plan in gen_schedule(config, config.num_points(baseline_points) - 1, guidance=1.0):
+    for plan in gen_schedule(config, config.num_points(baseline_points) - 1, guidance=0.0):  # CFG scale: no FLOPs
         layers = cfg.num_layers - (skipped if plan.layers == "skip" else 0)
         width = kept if plan.ffn_pruned else cfg.intermediate_size
         flops += total(gen_call_flops(cfg, prefix, layers, width, plan.needs_trunk, plan.head != "reuse"))
