@@ -24,7 +24,7 @@ from flashu_fx.flashu_config import TASKS, FlashUConfig
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2, init_random_weights
 from flashu_fx.tokenizer import get_tokenizer
-from harness.arguments import existing_directory
+from harness.arguments import command_parser, existing_directory
 from harness.rows import fit_prompt
 
 GEN_PROMPTS = (
@@ -48,7 +48,7 @@ UND_QUESTIONS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness calibrate", description=__doc__.split("\n\n")[0])
+    p = command_parser("python -m harness calibrate", __doc__)
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
     p.add_argument("--weights", type=existing_directory,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="gen denoise: CFG scale (calibrate's default: 7.5)")
     p.add_argument("--ffn-prune-ratio", type=float, help="r_p stored with the calibration; default: the task's")
     p.add_argument("--latents", help="und: safetensors file with 'latents' (N, C, h, w) of real images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random weights and latents")
     p.add_argument("--out", help="output path stem (default: calib/<task>)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on cuda, float32 on cpu")

@@ -24,7 +24,7 @@ from flashu_fx.config import PRESETS, get_config
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import get_tokenizer
-from harness.arguments import existing_directory
+from harness.arguments import command_parser, existing_directory
 from harness.bench import (
     DTYPES,
     auto_threads,
@@ -58,21 +58,22 @@ QUESTION = "What is in this image?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness demo", description=__doc__.split("\n")[0])
+    p = command_parser("python -m harness demo", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes of the random model")
     p.add_argument("--weights", type=existing_directory, default=None,
-                   help="local Show-o2 checkpoint dir (overrides --preset)")
+                   help="local Show-o2 checkpoint dir (default: random weights of --preset's shapes)")
     p.add_argument("--tokenizer", type=existing_directory, default=None,
                    help="local Qwen2.5 tokenizer dir (default: bytes)")
     p.add_argument("--vae", type=existing_directory, default=None,
-                   help="local diffusers-format Wan2.1 VAE dir (the folder with its config.json)")
+                   help="local diffusers-format Wan2.1 VAE dir, the folder with its config.json (default: "
+                   "none, a preview of the latents)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="auto: cuda when available")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--steps", type=int, default=50, help="grid points (model calls = steps - 1)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (upstream demo default)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="understanding: most tokens to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights and noise")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for tiny models on CPU)")
     p.add_argument(
         "--rows",

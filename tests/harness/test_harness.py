@@ -176,15 +176,19 @@ def test_demo_tiny(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task", ["gen", "und"])
-def test_bench_tiny_cpu(tmp_path, task, capsys):
-    out = tmp_path / "bench.json"
+def test_bench_tiny_cpu(tmp_path, task, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default report path is relative: runs/bench/bench_<task>.json
     argv = ["--task", task, "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
-    argv += ["--steps", "3", "--max-new-tokens", "3", "--out", str(out), "--rows", rows.BASELINES[task]]
+    argv += ["--steps", "3", "--max-new-tokens", "3", "--rows", rows.BASELINES[task]]
     bench.main(argv)
+    out = tmp_path / "runs" / "bench" / f"bench_{task}.json"  # one report per task, none in the working dir
+    assert not (tmp_path / "bench.json").exists()
     report = json.loads(out.read_text())
     for key in ("device", "torch", "preset", "dtype", "task", "command", "settings", "weights_gb", "rows"):
         assert key in report
-    assert report["preset"] == "tiny" and report["dtype"] == "bf16" and report["command"].startswith("python -m")
+    assert report["preset"] == "tiny" and report["command"].startswith("python -m")
+    assert report["dtype"] == report["settings"]["dtype"] == "fp32"  # the CPU default; CUDA's is bf16
+    assert report["settings"]["out"] == str(out.relative_to(tmp_path))
     base = report["rows"][0]
     assert base["name"] == rows.BASELINES[task] and base["speedup"] == 1.0 and base["peak_mem_gb"] is None
     for key in ("seconds", "times", "count", "unit", "ms_per_unit", "check", "summary"):
@@ -243,6 +247,58 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0", "--preset", "tiny"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_dtype_follows_the_device_unless_given():
+    args = bench.build_parser().parse_args([])
+    bench.resolve_defaults(args, torch.device("cuda"))
+    assert (args.dtype, str(args.out)) == ("bf16", "runs/bench/bench_gen.json")
+    args = bench.build_parser().parse_args(["--task", "und", "--dtype", "bf16", "--out", "x.json"])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    assert (args.dtype, str(args.out)) == ("bf16", "x.json")
+    args = bench.build_parser().parse_args(["--task", "und"])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    assert (args.dtype, str(args.out)) == ("fp32", "runs/bench/bench_und.json")
+
+
+def test_no_command_prints_the_usage_and_the_commands(capsys):
+    assert cli.main([]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("usage: python -m harness")
+    assert all(f"{name} {text}" in err for name, (_, text) in cli.COMMANDS.items())
+    assert "args" not in err.replace("arguments", "")  # no hidden argument named in the message
+
+
+COMMAND_MODULES = ["demo", "bench", "floors", "kernels", "calibrate_cli", "analyze_cli", "check_recompiles",
+                   "check_equivalence", "guard_cost", "profile_gen", "profile_und"]
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_help_shows_the_whole_description_and_the_defaults(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"harness.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word by word
+    first_paragraph = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert first_paragraph in text and first_paragraph.endswith((".", ")"))
+    assert "(default: " in text
+
+
+def test_help_states_the_values_a_user_gets(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "once per registered row, with a short table and a PNG." in text  # not cut after "once per"
+    for shown in ("(default: 50)", "(default: 7.5)", "(default: runs/demo)", "(default: cpu)", "(default: tiny)"):
+        assert shown in text
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: bf16 on CUDA, fp32 on the CPU)" in text and "runs/bench/bench_<task>.json" in text
+    assert "(default: showo2-1.5b)" in text and "(default: 10.0)" in text
 
 
 def test_cli_dispatch(monkeypatch, capsys):
