@@ -30,6 +30,7 @@ from torch import Tensor
 from flashu_fx.diffusion_head import in_slot_mask
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import NeuronRanges
@@ -232,10 +233,13 @@ def generate_images_flashu(
     """FlashU text-to-image on the shorter grid: ``config.num_points(baseline_steps)`` points (50 -> 35, 34 calls).
 
     The plain pipeline (``generate_images``: same batch, noise and Euler/CFG loop) with the FlashU velocity and
-    the per-call guidance g_s; ``guidance`` is the full-phase g (0 disables CFG). ``layout`` is required when
-    ``config.ffn_prune_ratio > 0`` and the model's FFNs must be permuted by it.
+    the per-call guidance g_s of the plans; ``guidance`` is g, the scale of the last calls (0 disables CFG;
+    ``config.guidance_schedule``). ``layout`` is required when ``config.ffn_prune_ratio > 0`` and the model's
+    FFNs must be permuted by it.
     """
     ids = encode_prompts(model, prompts, tokenizer)
+    check_guidance(guidance, per_call=False)
+    check_baseline_steps(baseline_steps, config)
     guided = guidance != 0
     device = next(model.parameters()).device
     batch = build_gen_batch(model.config, ids, guided=guided).to(device)

@@ -34,6 +34,7 @@ from torch import Tensor
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer, layer_importance
+from flashu_fx.inputs import question_ids
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
 from flashu_fx.masks import pad_mask_to
 from flashu_fx.mmu import Answer, cache_length, check_image_latents, next_token, prompt_embeddings
@@ -209,7 +210,7 @@ def answer_question_flashu(
     check_image_latents(model.config, latents)
     cfg = model.config
     tok = tokenizer or get_tokenizer(cfg)
-    prompt = build_mmu_prompt(cfg, tok, question)
+    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     budget = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     if budget < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {budget}")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.config import Showo2Config
+from flashu_fx.inputs import check_prompt_ids
 from flashu_fx.masks import omni_mask
 from flashu_fx.tokenizer import TextTokenizer
 
@@ -42,21 +43,24 @@ class GenBatch:
 
 
 def gen_row(cfg: Showo2Config, prompt: list[int]) -> list[int]:
-    """One generation row of exactly ``max_seq_len`` ids; prompts longer than the budget are truncated."""
+    """One generation row of exactly ``max_seq_len`` ids; a prompt longer than ``cfg.max_text_len`` raises
+    (cutting it would generate an image of a different prompt)."""
     sp = cfg.specials
-    prompt = list(prompt)[: cfg.max_text_len]
+    if len(prompt) > cfg.max_text_len:
+        raise ValueError(f"prompt has {len(prompt)} tokens, more than the budget config.max_text_len="
+                         f"{cfg.max_text_len}")
     row = [sp.bos, *prompt, sp.boi, *([sp.img_pad] * cfg.image_slot_len), sp.eoi, sp.eos]
     return row + [sp.pad] * (cfg.max_seq_len - len(row))
 
 
 def build_gen_batch(cfg: Showo2Config, prompts: list[list[int]], guided: bool = True) -> GenBatch:
-    """Token ids of B prompts -> the (2B or B)-row batch with offsets and the omni mask."""
+    """Token ids of B prompts -> the (2B or B)-row batch with offsets and the omni mask.
+
+    An empty prompt is allowed here (its row equals the null row); the pipelines refuse it."""
     if not prompts:
         raise ValueError("build_gen_batch needs at least one prompt")
-    for p in prompts:
-        if any(not 0 <= i < cfg.vocab_size for i in p):
-            raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size}), got {min(p)}..{max(p)}")
-    lens = [min(len(p), cfg.max_text_len) for p in prompts]
+    check_prompt_ids(cfg, prompts, allow_empty=True)
+    lens = [len(p) for p in prompts]
     rows = [gen_row(cfg, p) for p in prompts]
     offsets = [n + 2 for n in lens]
     if guided:

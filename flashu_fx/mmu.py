@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flashu_fx.config import Showo2Config
+from flashu_fx.inputs import question_ids
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
 from flashu_fx.masks import additive_mask, decode_mask, omni_mask, pad_mask_to
 from flashu_fx.model import Showo2
@@ -90,7 +91,7 @@ def answer_question(
     check_image_latents(model.config, latents)
     cfg = model.config
     tok = tokenizer or get_tokenizer(cfg)
-    prompt = build_mmu_prompt(cfg, tok, question)
+    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     x = prompt_embeddings(model, latents, prompt)
     gen = torch.Generator().manual_seed(seed)
     step = lambda logits: next_token(logits, temperature, top_k, gen)

@@ -1,10 +1,13 @@
 """The per-call plan of FlashU generation: what each of the denoising calls computes (docs/SHOWO2.md §5.4).
 
 Calls are numbered s = 1..S (S = grid points - 1). Rules, in the reference's order:
-- full phase: the last floor(tau * S) calls run the full FFN, all layers, the head computed, guidance g;
-- pruned phase: pruned FFN, guidance 0.75 g;
+- guidance (its own phases): the last floor(guidance_full_fraction * S) calls at the full scale, the others
+  at the early one: g and 0.75 g ("scaled"), or the reference's fixed 10 and 7.5 ("reference");
+- full phase: the last floor(tau * S) calls run the full FFN, all layers, the head computed;
+- pruned phase: pruned FFN;
   layers: measure on s = 1, 1 + T_LS, ... (skip nothing, record similarities), else skip the current set;
   head: store when s % T_cache == 0, reuse when a stored output exists, else compute.
+With the defaults both fractions are 0.3, so the two phase splits coincide (calls 25..34 of 34).
 The plan is host data: the runtime reads it outside any traced code.
 """
 
@@ -33,17 +36,34 @@ class StepPlan:
         return self.head != "reuse" or self.layers == "measure"
 
 
+def phase_guidance(config: FlashUConfig, guidance: float) -> tuple[float, float]:
+    """(early, full) guidance scales for the caller's ``guidance`` g (0 = no CFG: both 0)."""
+    if config.guidance_schedule == "scaled":
+        return guidance * config.early_guidance_ratio, guidance
+    if guidance == 0:
+        return 0.0, 0.0
+    if guidance != config.reference_full_guidance:
+        raise ValueError(
+            f"guidance={guidance!r} is invalid with FlashUConfig.guidance_schedule='reference', whose scales are "
+            f"fixed ({config.reference_early_guidance}, then {config.reference_full_guidance}): allowed "
+            f"{config.reference_full_guidance} or 0 (no guidance); or use guidance_schedule='scaled'"
+        )
+    return config.reference_early_guidance, config.reference_full_guidance
+
+
 def gen_schedule(config: FlashUConfig, num_calls: int, guidance: float) -> list[StepPlan]:
-    """Plans of calls 1..num_calls for guidance scale ``guidance`` (the full-phase value g)."""
+    """Plans of calls 1..num_calls for guidance scale ``guidance`` (g: the scale of the last calls)."""
     if num_calls < 1:
         raise ValueError(f"num_calls must be >= 1, got {num_calls}")
     full_calls = int(config.hybrid_full_fraction * num_calls + 1e-9)
+    full_guidance_calls = int(config.guidance_full_fraction * num_calls + 1e-9)
+    early_guidance, full_guidance = phase_guidance(config, guidance)
     skipping = config.skip_ratio > 0 and config.skip_interval > 0
     plans, cached = [], False
     for s in range(1, num_calls + 1):
-        full = s > num_calls - full_calls
-        if full:
-            plans.append(StepPlan(s, guidance, False, "all", "compute"))
+        g_s = full_guidance if s > num_calls - full_guidance_calls else early_guidance
+        if s > num_calls - full_calls:
+            plans.append(StepPlan(s, g_s, False, "all", "compute"))
             cached = False
             continue
         layers: LayerMode = "all"
@@ -55,5 +75,5 @@ def gen_schedule(config: FlashUConfig, num_calls: int, guidance: float) -> list[
                 head, cached = "store", True
             elif cached:
                 head = "reuse"
-        plans.append(StepPlan(s, guidance * config.early_guidance_ratio, config.ffn_prune_ratio > 0, layers, head))
+        plans.append(StepPlan(s, g_s, config.ffn_prune_ratio > 0, layers, head))
     return plans

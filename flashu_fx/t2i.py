@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from flashu_fx.inputs import check_baseline_steps, check_guidance, prompt_ids
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.model import Showo2
 from flashu_fx.sampler import VelocityFn, draw_noise, euler_sample, time_grid
-from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
+from flashu_fx.tokenizer import TextTokenizer
 
 
 def eager_velocity(model: Showo2, batch: GenBatch, return_logits: bool = True) -> VelocityFn:
@@ -28,9 +29,11 @@ def eager_velocity(model: Showo2, batch: GenBatch, return_logits: bool = True) -
     return velocity
 
 
-def encode_prompts(model: Showo2, prompts: Sequence[str | Sequence[int]], tokenizer: TextTokenizer | None) -> list:
-    tok = tokenizer or get_tokenizer(model.config)
-    return [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+def encode_prompts(
+    model: Showo2, prompts: Sequence[str | Sequence[int]], tokenizer: TextTokenizer | None
+) -> list[list[int]]:
+    """Checked token ids of every prompt (``flashu_fx.inputs.prompt_ids``): the same errors on every path."""
+    return prompt_ids(model.config, prompts, tokenizer)
 
 
 @torch.no_grad()
@@ -47,11 +50,13 @@ def generate_images(
 ) -> Tensor:
     """Latents (B, C, h, w) fp32 for B prompts. ``steps`` grid points = ``steps - 1`` model calls.
 
-    ``guidance`` 0 disables CFG; a sequence gives one scale per call. ``velocity`` replaces the eager model
-    call (FlashU and compiled models plug in here).
+    ``guidance`` 0 disables CFG; a sequence gives one scale per call; every scale finite and >= 0.
+    ``velocity`` replaces the eager model call (FlashU and compiled models plug in here).
     """
-    device = next(model.parameters()).device
     ids = encode_prompts(model, prompts, tokenizer)
+    check_guidance(guidance, per_call=True)
+    check_baseline_steps(steps, None, name="steps")
+    device = next(model.parameters()).device
     guided = not (isinstance(guidance, (int, float)) and guidance == 0)
     batch = build_gen_batch(model.config, ids, guided=guided).to(device)
     h, w = model.config.latent_size

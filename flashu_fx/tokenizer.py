@@ -104,5 +104,13 @@ class HFTokenizer:
 
 
 def get_tokenizer(config: Showo2Config, path: str | Path | None = None) -> TextTokenizer:
-    """The tokenizer in ``path`` (its ids checked against ``config``) if given, else the byte fallback."""
-    return HFTokenizer(path, config) if path is not None else ByteTokenizer(config)
+    """The tokenizer in directory ``path`` (its ids checked against ``config``) if given, else the byte fallback.
+
+    A missing directory raises FileNotFoundError naming it, before transformers is asked (which would read the
+    path as a model-hub repo id and fail with an unrelated message)."""
+    if path is None:
+        return ByteTokenizer(config)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist (or is not a directory): "
+                                "allowed a local Qwen2.5-Instruct tokenizer directory, or None for the byte fallback")
+    return HFTokenizer(path, config)

@@ -15,6 +15,8 @@ import argparse
 import importlib
 import sys
 
+from harness.arguments import command_parser
+
 # command -> (module, what it does); each module has main(argv).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("harness.demo", "run t2i and understanding once per registered row, write a PNG"),
@@ -27,16 +29,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Further tools, each run as its own module: python -m harness.<name> --help.
+MODULES = ("check_recompiles", "check_equivalence", "guard_cost", "profile_gen", "profile_und")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
+    epilog = (f"commands:\n{commands}\n\n'python -m harness <command> --help' shows a command's options; also "
+              f"'python -m harness.<module> --help' for {', '.join(MODULES)}")
+    parser = command_parser("python -m harness", "flashu-fx harness: one command per run.", epilog)
+    parser.add_argument("command", choices=list(COMMANDS), help="what to run (its options follow it)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m harness",
-        description="flashu-fx harness",
-        epilog="\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("command", choices=list(COMMANDS), help="what to run; '<command> --help' for its options")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser = build_parser()
+    if not argv:  # no command: the usage and the commands, not an error about a missing argument
+        parser.print_help(sys.stderr)
+        return 2
     ns = parser.parse_args(argv[:1])  # the command's own parser sees everything after it
     module_name = COMMANDS[ns.command][0]
     try:

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from flashu_fx.calibration import Calibration, specialization
+from harness.arguments import command_parser
 
 PARTS = (("gen_only", "generation only", "tab:orange"), ("und_only", "understanding only", "tab:blue"))
 PARTS += (("both", "both", "tab:green"),)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness analyze", description=__doc__.split("\n\n")[0])
+    p = command_parser("python -m harness analyze", __doc__)
     p.add_argument("--gen", required=True, help="generation calibration path stem (as written by calibrate)")
     p.add_argument("--und", required=True, help="understanding calibration path stem")
     p.add_argument("--top-fraction", type=float, default=0.5, help="share of each task's highest-scored neurons")

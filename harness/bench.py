@@ -1,6 +1,6 @@
 """``python -m harness bench``: time every registered row of a task at the real shapes, random weights.
 
-    python -m harness bench --task gen --preset showo2-1.5b --repeats 3 --warmup 1 --out bench.json
+    python -m harness bench --task gen --preset showo2-1.5b --repeats 3 --warmup 1   # runs/bench/bench_gen.json
     python -m harness bench --task und --preset showo2-7b --rows eager-kv
     python -m harness bench --task gen --preset tiny --device cpu --repeats 1      # smoke test
 
@@ -31,10 +31,12 @@ from tqdm.auto import tqdm
 
 from flashu_fx.compiled.gen_runtime import prefix_bucket
 from flashu_fx.config import PRESETS, Showo2Config, get_config
+from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import RMSNorm
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import TextTokenizer
+from harness.arguments import command_parser
 from harness.floors import device_rates, peak_tflops, row_floor_s, upstream_gen_call_flops
 from harness.rows import (
     BASELINES,
@@ -43,6 +45,7 @@ from harness.rows import (
     RowResult,
     UndContext,
     compare,
+    fit_prompt,
     load_optional_rows,
     select_rows,
     split_row_names,
@@ -234,7 +237,7 @@ def report_table(records: list[dict]) -> str:
 
 # ---- CLI -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__.split("\n")[0])
+    p = command_parser("python -m harness bench", __doc__)
     p.add_argument("--task", choices=TASKS, default="gen", help="gen: text-to-image; und: understanding")
     p.add_argument("--preset", choices=sorted(PRESETS), default="showo2-1.5b", help="model shapes")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
@@ -242,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs of each eager row (at least --repeats): eager loops are host-bound, and single "
                         "runs on a shared host varied by up to 1.5x where compiled rows (CUDA graphs) varied 0.3%%")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
-    p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON report path (default: runs/bench/bench_<task>.json, one file per task)")
     p.add_argument(
         "--rows",
         type=split_row_names,
@@ -250,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated row names (default: every registered row of the task; the baseline always runs); "
         "a compiled row takes flashu_backend options as a variant: 'compiled-flashu[tune_decode=off]'",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights and activations")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
     p.add_argument("--seed", type=int, default=0, help="weights, noise and image latents")
     p.add_argument("--steps", type=int, default=50, help="gen: grid points (model calls = steps - 1)")
     p.add_argument("--guidance", type=float, default=10.0, help="gen: CFG scale (0 = no CFG, batch 1)")
@@ -268,9 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the defaults that depend on the device or the task: ``--dtype`` (bf16 on CUDA; fp32 on the CPU, where
+    most processors have no fast bf16 matmul) and ``--out`` (runs/bench/bench_<task>.json: the two tasks' reports do
+    not overwrite each other, and runs/ is git-ignored)."""
+    if args.dtype is None:
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if args.out is None:
+        args.out = Path("runs") / "bench" / f"bench_{args.task}.json"
+
+
+def min_gen_steps() -> int:
+    """The fewest --steps every gen row runs with: FlashU rows run round(0.7 * steps) grid points, at least 2."""
+    return FlashUConfig.for_task("gen").min_baseline_points()
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", 2), ("max_new_tokens", 1),
-                      ("threads", 1)):
+    for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", min_gen_steps()),
+                      ("max_new_tokens", 1), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
@@ -278,7 +298,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def make_context(args: argparse.Namespace, model: Showo2, device: torch.device):
     cfg, tok = model.config, ChunkTokenizer(model.config)
     if args.task == "gen":
-        return GenContext(model, [tok.encode(GEN_PROMPT)], args.steps, args.guidance, args.seed, tok)
+        prompt = fit_prompt(cfg, tok.encode(GEN_PROMPT), "the bench prompt")
+        return GenContext(model, [prompt], args.steps, args.guidance, args.seed, tok)
     gen = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=gen).to(device)
     prompt_len = args.prompt_len or cfg.image_slot_len + 50
@@ -357,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     validate(args, parser)
     argv = sys.argv[1:] if argv is None else ["bench", *argv]
-    device, dtype, cfg = resolve_device(args.device), DTYPES[args.dtype], get_config(args.preset)
+    device, cfg = resolve_device(args.device), get_config(args.preset)
+    resolve_defaults(args, device)
+    dtype = DTYPES[args.dtype]
     load_optional_rows()
     try:
         rows = select_rows(args.task, args.rows)

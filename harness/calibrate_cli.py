@@ -24,6 +24,8 @@ from flashu_fx.flashu_config import TASKS, FlashUConfig
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2, init_random_weights
 from flashu_fx.tokenizer import get_tokenizer
+from harness.arguments import command_parser, existing_directory
+from harness.rows import fit_prompt
 
 GEN_PROMPTS = (
     "A red fox sitting in fresh snow at dawn, soft golden light",
@@ -46,11 +48,13 @@ UND_QUESTIONS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness calibrate", description=__doc__.split("\n\n")[0])
+    p = command_parser("python -m harness calibrate", __doc__)
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
-    p.add_argument("--weights", help="checkpoint directory (config.json + weights); default: random weights")
-    p.add_argument("--tokenizer", help="Qwen2.5 tokenizer directory; default: the byte fallback")
+    p.add_argument("--weights", type=existing_directory,
+                   help="checkpoint directory (config.json + weights); default: random weights")
+    p.add_argument("--tokenizer", type=existing_directory,
+                   help="Qwen2.5 tokenizer directory; default: the byte fallback")
     p.add_argument("--samples", type=int, help="calibration inputs; default: the task's calibration_samples")
     p.add_argument("--method", choices=METHODS, default="wanda", help="wanda (shipped) or obd (paper Eq. 1)")
     p.add_argument("--gen-source", choices=("denoise", "text_only"), help="gen: what the activations come from")
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="gen denoise: CFG scale (calibrate's default: 7.5)")
     p.add_argument("--ffn-prune-ratio", type=float, help="r_p stored with the calibration; default: the task's")
     p.add_argument("--latents", help="und: safetensors file with 'latents' (N, C, h, w) of real images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random weights and latents")
     p.add_argument("--out", help="output path stem (default: calib/<task>)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on cuda, float32 on cpu")
@@ -102,8 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.samples or config.calibration_samples
     model, origin = load_model(args, device, dtype)
     print(f"model: {model.config.name} on {device} ({str(dtype).removeprefix('torch.')}), {origin}")
+    tok = get_tokenizer(model.config, args.tokenizer)
     if args.task == "gen":
-        samples: list = [GEN_PROMPTS[i % len(GEN_PROMPTS)] for i in range(n)]
+        samples: list = [fit_prompt(model.config, tok.encode(GEN_PROMPTS[i % len(GEN_PROMPTS)]), f"prompt {i}")
+                         for i in range(n)]
         given = {"gen_source": args.gen_source, "steps": args.steps, "guidance": args.guidance}
         kwargs = {k: v for k, v in given.items() if v is not None}
     else:
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config,
         args.method,
         seed=args.seed,
-        tokenizer=get_tokenizer(model.config, args.tokenizer),
+        tokenizer=tok,
         **kwargs,
     )
     seconds = time.perf_counter() - start

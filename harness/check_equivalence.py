@@ -10,7 +10,6 @@ FlashU vs eager FlashU (with their per-call decisions compared), and both FlashU
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -22,6 +21,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
+from harness.arguments import command_parser
 from harness.bench import build_random_model, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.flashu_rows import permute_for, random_ffn_scores
@@ -37,10 +37,10 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.check_equivalence")
-    parser.add_argument("--preset", default="showo2-1.5b")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser = command_parser("python -m harness.check_equivalence", __doc__)
+    parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
+    parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)

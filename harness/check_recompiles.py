@@ -11,7 +11,6 @@ FFN layouts are random (timing and compilation do not depend on which neurons ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ import torch
 from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
+from harness.arguments import command_parser
 from harness.bench import build_random_model, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.flashu_rows import permute_for, random_ffn_scores
@@ -30,10 +30,10 @@ UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m harness.check_recompiles")
-    parser.add_argument("--preset", default="showo2-1.5b")
-    parser.add_argument("--task", choices=["gen", "und"], default="gen")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser = command_parser("python -m harness.check_recompiles", __doc__)
+    parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
+    parser.add_argument("--task", choices=["gen", "und"], default="gen", help="gen: text-to-image; und: understanding")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
     parser.add_argument("--steps", type=int, default=50, help="gen: baseline grid points")
     parser.add_argument("--new-tokens", type=int, default=8, help="und: tokens per answer")
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
+    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
+    budget = get_config(args.preset).max_text_len
+    if min(lengths) < 1 or (args.task == "gen" and max(lengths) > budget):
+        allowed = ">= 1" if args.task == "und" else f"1..{budget} (the prompt budget of {args.preset})"
+        parser.error(f"--lengths {','.join(map(str, lengths))} is invalid: allowed lengths {allowed}")
     torch._dynamo.reset()  # this run's compiles start from a clean Dynamo cache (see compiled_rows)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -50,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     backend = flashu_backend(args.task, config, layout, **options)
     compiled = torch.compile(model, backend=backend, options=lean_guard_options())
     cfg = model.config
-    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
     latents = latents.to(device, dtype)
 

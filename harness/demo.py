@@ -25,13 +25,23 @@ from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import get_tokenizer
 from flashu_fx.vae import WanLatentCodec, diffusers_available
-from harness.bench import DTYPES, auto_threads, build_random_model, format_table, intra_op_threads, resolve_device
+from harness.arguments import command_parser, existing_directory
+from harness.bench import (
+    DTYPES,
+    auto_threads,
+    build_random_model,
+    format_table,
+    intra_op_threads,
+    min_gen_steps,
+    resolve_device,
+)
 from harness.images import image_grid, latents_to_images, write_png
 from harness.rows import (
     BASELINES,
     TASKS,
     GenContext,
     UndContext,
+    fit_prompt,
     load_optional_rows,
     parse_variant,
     rows_for,
@@ -49,20 +59,22 @@ QUESTION = "What is in this image?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness demo", description=__doc__.split("\n")[0])
+    p = command_parser("python -m harness demo", __doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes of the random model")
-    p.add_argument("--weights", type=Path, default=None, help="local Show-o2 checkpoint dir (overrides --preset)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="local Qwen2.5 tokenizer dir (default: bytes)")
-    p.add_argument(
-        "--vae", type=Path, default=None, help="local diffusers-format Wan2.1 VAE dir (the folder with its config.json)"
-    )
+    p.add_argument("--weights", type=existing_directory, default=None,
+                   help="local Show-o2 checkpoint dir (default: random weights of --preset's shapes)")
+    p.add_argument("--tokenizer", type=existing_directory, default=None,
+                   help="local Qwen2.5 tokenizer dir (default: bytes)")
+    p.add_argument("--vae", type=existing_directory, default=None,
+                   help="local diffusers-format Wan2.1 VAE dir, the folder with its config.json (default: "
+                   "none, a preview of the latents)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="auto: cuda when available")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--steps", type=int, default=50, help="grid points (model calls = steps - 1)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (upstream demo default)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="understanding: most tokens to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights and noise")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for tiny models on CPU)")
     p.add_argument(
         "--rows",
@@ -109,7 +121,8 @@ def pick_rows(task: str, names: list[str] | None, parser: argparse.ArgumentParse
 def run_rows(args, rows: dict, model: Showo2, tok, vae) -> tuple[list[list[str]], dict]:
     """t2i for ``PROMPTS`` with every gen row (one PNG each), then ``QUESTION`` about the first image."""
     table, report = [], {"model": model.config.name, "device": str(next(model.parameters()).device), "rows": []}
-    gen_ctx = GenContext(model, [tok.encode(p) for p in PROMPTS], args.steps, args.guidance, args.seed, tok, True)
+    prompts = [fit_prompt(model.config, tok.encode(p), f"demo prompt {i}") for i, p in enumerate(PROMPTS)]
+    gen_ctx = GenContext(model, prompts, args.steps, args.guidance, args.seed, tok, True)
     gen_out = {}
     for name, fn in rows["gen"].items():
         r = time_row("gen", name, fn, gen_ctx, warmup=0, repeats=1)
@@ -131,7 +144,7 @@ def run_rows(args, rows: dict, model: Showo2, tok, vae) -> tuple[list[list[str]]
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, low in (("steps", 2), ("max_new_tokens", 1), ("threads", 1)):
+    for name, low in (("steps", min_gen_steps()), ("max_new_tokens", 1), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     device = resolve_device(args.device)

@@ -22,19 +22,20 @@ What each path computes (per image / per request):
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.schedule import gen_schedule
+from harness.arguments import command_parser
 
 # Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (docs/REFERENCE_MEASUREMENTS.md),
-# H100 80GB HBM3 798 TFLOP/s (the device notes).
+# H100 80GB HBM3 798 TFLOP/s (measured on a lent H100 in an earlier run of harness.floors --measure).
 MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 H200_COPY_GBPS = 4245.0  # eager 1 GiB device-to-device copy, bytes read + written (docs/KERNELS.md)
+H200 = "NVIDIA H200"  # the device the default rates were measured on (torch.cuda.get_device_name)
 # Anchors (docs/REFERENCE_MEASUREMENTS.md, H200): upstream eager gen s/image; und no-cache and KV-cache eager s/request.
 ANCHOR_SECONDS = {
     "showo2-1.5b": {"gen": 2.98, "nokv": 0.74, "kv": 0.65},
@@ -46,6 +47,7 @@ ANCHOR_SECONDS = {
 class Rates:
     tflops: float  # dense bf16 matmul rate, 1e12 FLOP/s
     gbps: float  # copy bandwidth, 1e9 B/s
+    source: str = field(default="given", compare=False)  # where they come from, e.g. "measured on an NVIDIA H200"
 
     def compute_s(self, flops: float) -> float:
         return flops / (self.tflops * 1e12)
@@ -141,7 +143,7 @@ def gen_image_flops(cfg: Showo2Config, config: FlashUConfig | None, baseline_poi
     flops = 0.0
     kept = config.kept_ffn_width(cfg.intermediate_size)
     skipped = config.num_skipped_layers(cfg.num_layers)
-    for plan in gen_schedule(config, config.num_points(baseline_points) - 1, guidance=1.0):
+    for plan in gen_schedule(config, config.num_points(baseline_points) - 1, guidance=0.0):  # CFG scale: no FLOPs
         layers = cfg.num_layers - (skipped if plan.layers == "skip" else 0)
         width = kept if plan.ffn_pruned else cfg.intermediate_size
         flops += total(gen_call_flops(cfg, prefix, layers, width, plan.needs_trunk, plan.head != "reuse"))
@@ -193,7 +195,7 @@ def device_rates(device_name: str) -> Rates | None:
     """The measured rates of a device (by name), or None where either was never measured."""
     tflops = peak_tflops(device_name)
     gbps = next((v for k, v in COPY_GBPS.items() if k in device_name), None)
-    return None if tflops is None or gbps is None else Rates(tflops, gbps)
+    return None if tflops is None or gbps is None else Rates(tflops, gbps, f"measured on {device_name}")
 
 
 def row_floor_s(task: str, row: str, cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len: int,
@@ -231,7 +233,8 @@ def floors(cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len:
         decode_s = sum(rates.read_s(b) for b in decode)
         und[name] = {"prefill_s": prefill_s, "decode_gb_per_token": sum(decode) / len(decode) / 1e9 if decode else 0.0,
                      "decode_s_per_token": decode_s / max(len(decode), 1), "request_s": prefill_s + decode_s}
-    return {"preset": cfg.name, "rates": {"tflops": rates.tflops, "gbps": rates.gbps}, "steps": steps,
+    return {"preset": cfg.name, "rates": {"tflops": rates.tflops, "gbps": rates.gbps, "source": rates.source},
+            "steps": steps,
             "prefix_len": prefix, "prompt_len": prompt_len, "new_tokens": new_tokens, "eager_s": eager,
             "gen_floor_s": gen, "und_floor": und}
 
@@ -248,7 +251,8 @@ def report_tables(report: dict) -> str:
                          f"{eager['nokv'] / u['request_s']:.1f}x", f"{eager['kv'] / u['request_s']:.1f}x"])
     rates = report["rates"]
     return "\n".join([
-        f"{report['preset']}: floors at {rates['tflops']:.0f} TFLOP/s and {rates['gbps']:.0f} GB/s",
+        f"{report['preset']}: floors at {rates['tflops']:.0f} TFLOP/s and {rates['gbps']:.0f} GB/s "
+        f"({rates['source']})",
         f"generation, one image ({report['steps']}-point baseline grid, CFG, prefix {report['prefix_len']}); "
         f"eager {eager['gen']} s",
         format_table(["path", "floor ms", "max speedup"], gen_rows),
@@ -261,14 +265,16 @@ def report_tables(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m harness floors", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="showo2-7b")
-    parser.add_argument("--tflops", type=float, default=MEASURED_BF16_TFLOPS["H200"], help="bf16 matmul TFLOP/s")
-    parser.add_argument("--bandwidth", type=float, default=H200_COPY_GBPS, help="copy bandwidth, GB/s")
+    parser = command_parser("python -m harness floors", __doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="showo2-7b", help="model shapes")
+    parser.add_argument("--tflops", type=float, default=MEASURED_BF16_TFLOPS["H200"],
+                        help=f"bf16 matmul TFLOP/s (default: {MEASURED_BF16_TFLOPS['H200']}, measured on an {H200})")
+    parser.add_argument("--bandwidth", type=float, default=H200_COPY_GBPS,
+                        help=f"copy bandwidth, GB/s (default: {H200_COPY_GBPS}, measured on an {H200})")
     parser.add_argument("--steps", type=int, default=50, help="gen: baseline grid points")
     parser.add_argument("--prefix-len", type=int, default=64, help="gen: text prefix (bos, prompt, boi), bucketed")
     parser.add_argument("--prompt-len", type=int, default=None, help="und: prompt positions (default: slot + 50)")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="und: tokens per answer")
     for key, what in (("gen", "gen s/image"), ("nokv", "und no-cache s/request"), ("kv", "und KV-cache s/request")):
         parser.add_argument(f"--eager-{key}", type=float, default=None, help=f"eager {what} (default: the anchor)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path")
@@ -282,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [k for k, v in eager.items() if v is None]
     if missing:
         parser.error(f"no anchor for {args.preset}: pass {', '.join(f'--eager-{k}' for k in missing)}")
-    report = floors(cfg, Rates(args.tflops, args.bandwidth), args.steps, args.prefix_len,
+    measured = (args.tflops, args.bandwidth) == (MEASURED_BF16_TFLOPS["H200"], H200_COPY_GBPS)
+    source = f"measured on an {H200}" if measured else "given with --tflops / --bandwidth"
+    report = floors(cfg, Rates(args.tflops, args.bandwidth, source), args.steps, args.prefix_len,
                     args.prompt_len or cfg.image_slot_len + 50, args.new_tokens, eager)
     print(report_tables(report))
     if args.out is not None:

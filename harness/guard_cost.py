@@ -11,7 +11,6 @@ guard dropped (torch's ``skip_guard_on_all_nn_modules_unsafe``, for comparison).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -21,6 +20,7 @@ import torch
 from flashu_fx import Showo2, get_config, init_random_weights
 from flashu_fx.compiled import flashu_backend, lean_guard_options
 from flashu_fx.layout import build_gen_batch
+from harness.arguments import command_parser
 
 VARIANTS = {
     "all guards": dict,
@@ -60,9 +60,9 @@ def guard_cost_us(preset: str, calls: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="python -m harness.guard_cost")
+    parser = command_parser("python -m harness.guard_cost", __doc__)
     parser.add_argument("--preset", default="showo2-1.5b", help="whose depths to use")
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per variant")
     args = parser.parse_args(argv)
     result = guard_cost_us(args.preset, args.calls)
     for name, us in result.items():

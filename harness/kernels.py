@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from harness.arguments import command_parser
 from triton_kernels.vnorm_topk import SELECTS, _config, _launch, vnorm_topk, vnorm_topk_reference
 
 LAYOUTS = {"1.5B": (2, 128), "7B": (4, 128)}  # Show-o2 v_proj: (n_kv_heads, head_dim)
@@ -153,11 +154,11 @@ def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness kernels", description=__doc__.splitlines()[0])
+    p = command_parser("python -m harness kernels", __doc__)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes")
     p.add_argument("--length", type=int, nargs="+", default=[729, 4096], help="image tokens per row")
     p.add_argument("--layout", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="v_proj layout")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="V dtype")
     p.add_argument("--keep-ratio", type=float, default=0.5, help="kept fraction (FlashU und: 0.5)")
     p.add_argument(
         "--sweep", action="store_true", help="also time every (BLOCK_T, num_warps) config and threshold search"

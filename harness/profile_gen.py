@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -15,6 +14,7 @@ from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
+from harness.arguments import command_parser
 from harness.bench import build_random_model
 from harness.flashu_rows import permute_for, random_ffn_scores
 from harness.rows import synchronize
@@ -45,11 +45,11 @@ def timed_calls(gen, backend, prompt: list[list[int]], steps: int) -> list[float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.profile_gen")
-    parser.add_argument("--preset", default="showo2-1.5b")
+    parser = command_parser("python -m harness.profile_gen", __doc__)
+    parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
     parser.add_argument("--no-graphs", action="store_true", help="run the pieces without CUDA graphs")
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: it times and profiles GPU kernels (CPU checks: python -m harness bench)")

@@ -29,7 +29,6 @@ Every loop starts from the prompt embeddings (image features included, computed 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -45,6 +44,7 @@ from flashu_fx.layers import attention as attention_gqa
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.masks import decode_mask, omni_mask, pad_mask_to
 from flashu_fx.mmu import all_position_logits, decode_cached, decode_uncached, make_kv_caches, prompt_embeddings
+from harness.arguments import command_parser
 
 NOKV = ["old", "pre-bool", "pre-add", "pre-add-rep", "step-add-rep", "new"]
 KV = ["old", "pre-bool", "pre-add", "pre-add-rep", "pre-slice", "new"]
@@ -407,15 +407,18 @@ def cmd_profile(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.profile_und", description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["check", "loops", "micro", "lmhead", "profile"])
-    p.add_argument("--preset", dest="presets", action="append", default=None)
-    p.add_argument("--new", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=None)
-    p.add_argument("--nokv", type=lambda s: [x for x in s.split(",") if x], default=NOKV)
-    p.add_argument("--kv", type=lambda s: [x for x in s.split(",") if x], default=KV)
-    p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--device", default="cuda")
+    p = command_parser("python -m harness.profile_und", __doc__)
+    p.add_argument("mode", choices=["check", "loops", "micro", "lmhead", "profile"], help="what to run (see above)")
+    p.add_argument("--preset", dest="presets", action="append", default=None,
+                   help="model shapes, repeatable (default: tiny for check, else showo2-1.5b)")
+    p.add_argument("--new", type=int, default=32, help="new tokens per loop (check: 8 unless given)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt positions (default: slot + 50)")
+    p.add_argument("--nokv", type=lambda s: [x for x in s.split(",") if x], default=NOKV,
+                   help="no-cache variants, comma-separated")
+    p.add_argument("--kv", type=lambda s: [x for x in s.split(",") if x], default=KV,
+                   help="KV-cache variants, comma-separated")
+    p.add_argument("--rows", type=int, default=25, help="profile table rows")
+    p.add_argument("--device", default="cuda", help="where to run")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device (pass --device cpu for a CPU run)")

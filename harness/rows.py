@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flashu_fx.config import Showo2Config
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.mmu import Answer, answer_question
 from flashu_fx.model import Showo2
@@ -225,6 +226,17 @@ def select_rows(task: str, names: list[str] | None) -> dict[str, RowFn]:
         raise ValueError(f"unknown {task} row(s) {unknown}; registered: {sorted(available)}")
     baseline = BASELINES[task]
     return {baseline: available[baseline], **{n: fn for n, fn in chosen.items() if n != baseline}}
+
+
+def fit_prompt(cfg: Showo2Config, ids: list[int], what: str) -> list[int]:
+    """A built-in prompt's ids, cut to the model's text budget ``cfg.max_text_len`` (27 on the tiny preset) with
+    a note on stderr. The pipelines refuse an over-long prompt instead of cutting it; the harness's own
+    prompts are examples, so it cuts them, and says so."""
+    if len(ids) <= cfg.max_text_len:
+        return ids
+    print(f"note: {what} cut from {len(ids)} to {cfg.max_text_len} tokens (config.max_text_len of {cfg.name})",
+          file=sys.stderr)
+    return ids[: cfg.max_text_len]
 
 
 # ---- baseline rows -----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from flashu_fx.compiled.und_runtime import UndRuntime
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.inputs import check_guidance, is_int
 from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
@@ -98,6 +99,9 @@ class FlashUBackend:
     # ---- the step protocol ----------------------------------------------------------------------------
     def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
         """Start a new image of ``num_calls`` model calls; returns every call's plan (guidance included)."""
+        if not is_int(num_calls) or num_calls < 1:
+            raise ValueError(f"num_calls={num_calls!r} is invalid: allowed an integer >= 1")
+        check_guidance(guidance, per_call=False)
         self._num_calls, self._guidance = num_calls, guidance
         self._step = None
         self._image_runtime = None

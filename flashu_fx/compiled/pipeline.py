@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
+from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.sampler import VelocityFn, draw_noise, euler_sample, time_grid
 from flashu_fx.t2i import encode_prompts
@@ -49,10 +50,13 @@ def generate_images_compiled(
     progress: bool = False,
 ) -> Tensor:
     """Latents (B, C, h, w). FlashU runs ``config.num_points(baseline_steps)`` grid points; exact-only all."""
-    if guidance == 0:
-        raise ValueError("generate_images_compiled needs classifier-free guidance (guidance > 0)")
-    cfg = compiled.config
     ids = encode_prompts(compiled, prompts, tokenizer)
+    check_guidance(guidance, per_call=False)
+    check_baseline_steps(baseline_steps, backend.config)
+    if guidance == 0:
+        raise ValueError("guidance=0 is invalid here: generate_images_compiled needs classifier-free guidance "
+                         "(allowed a finite number > 0)")
+    cfg = compiled.config
     device = next(compiled.parameters()).device
     batch = build_gen_batch(cfg, ids, guided=True).to(device)
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)

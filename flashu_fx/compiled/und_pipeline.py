@@ -21,6 +21,7 @@ from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.flashu_und import FlashUAnswer
+from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import check_image_latents
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
@@ -49,6 +50,6 @@ def answer_question_compiled(
         raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
     cfg = rt.model.config
     tok = tokenizer or get_tokenizer(cfg)
-    prompt = build_mmu_prompt(cfg, tok, question)
+    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     ids, kept_positions, steps = rt.answer(latents, prompt, budget, stop_at_eos)
     return FlashUAnswer(ids, tok.decode(ids), kept_positions, steps, prompt.tokens.shape[1])

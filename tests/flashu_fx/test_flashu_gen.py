@@ -23,7 +23,7 @@ from flashu_fx.flashu_gen import (
     image_block,
 )
 from flashu_fx.layout import build_gen_batch
-from flashu_fx.sampler import time_grid
+from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]  # two prompts: four rows with three different slot offsets
 
@@ -93,6 +93,21 @@ def test_records_follow_the_schedule(tiny_model: Showo2) -> None:
     assert [r.ffn_pruned for r in recs] == [False] * 7  # RULES prunes no FFN
     assert [r.trunk for r in recs] == [True, True, True, True, False, True, True]  # s = 4 reuses but measures
     assert [r.head_cached for r in recs] == [False, False, True, True, True, False, False]
+
+
+def test_the_sampler_uses_each_plans_guidance_without_the_hybrid_phase(tiny_model: Showo2) -> None:
+    """The paper's "w/o Hybrid Network": every call pruned and skipping to the end, but guidance keeps its own
+    phases (g in the last int(0.3 * 7) = 2 calls); the latents are the plain sampler's with that list."""
+    config = dataclasses.replace(RULES, hybrid_full_fraction=0.0)
+    out = generate_images_flashu(tiny_model, PROMPTS, config, None, baseline_steps=12, guidance=5.0, seed=2)
+    expected = [3.75] * 5 + [5.0] * 2
+    assert [r.guidance for r in out.records] == expected
+    assert [r.layers for r in out.records] == ["measure", "skip", "skip", "measure", "skip", "skip", "measure"]
+    noise = draw_noise((len(PROMPTS), 16, *tiny_model.config.latent_size), 2)
+    ref = euler_sample(velocity_for(tiny_model, config), noise, time_grid(8), expected)
+    assert torch.equal(out.latents, ref)
+    tied = euler_sample(velocity_for(tiny_model, config), noise, time_grid(8), [3.75] * 7)  # guidance tied to tau
+    assert not torch.allclose(out.latents, tied, atol=1e-3)
 
 
 def test_skip_set_is_the_lowest_importance_and_applies_from_the_next_call(tiny_model: Showo2) -> None:

@@ -55,13 +55,20 @@ def test_unguided_batch_has_no_null_rows():
     assert batch.tokens.shape == (1, 1024) and not batch.guided and batch.offsets.tolist() == [4]
 
 
-def test_prompt_truncated_to_max_text_len():
-    long = list(range(1000, 1400))
-    batch = build_gen_batch(CFG, [long])
+def test_prompt_at_max_text_len_fills_the_row():
+    full = list(range(1000, 1290))
+    batch = build_gen_batch(CFG, [full])
     assert batch.prompt_lens == [290]
-    assert batch.tokens[0].tolist() == documented_row(long[:290])
+    assert batch.tokens[0].tolist() == documented_row(full)
     assert int((batch.tokens[0] == SP.pad).sum()) == 0
     assert batch.offsets.tolist() == [292, 2]
+
+
+def test_prompt_over_max_text_len_raises_instead_of_being_cut():
+    with pytest.raises(ValueError, match=r"^prompts\[1\] has 291 tokens, more than the budget config.max_text_len=290"):
+        build_gen_batch(CFG, [[5], list(range(1000, 1291))])
+    with pytest.raises(ValueError, match="prompt has 400 tokens"):
+        gen_row(CFG, list(range(1000, 1400)))
 
 
 @pytest.mark.parametrize("bad", [-1, 151669, 10**9])

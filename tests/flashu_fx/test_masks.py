@@ -56,7 +56,7 @@ def test_image_block_is_bidirectional_and_rest_causal(case):
 
 def test_pads_never_attended_by_image_tokens():
     cfg = get_config("showo2-1.5b")
-    batch = build_gen_batch(cfg, [[5, 6, 7], list(range(100, 400))])  # a short prompt, one truncated to 290
+    batch = build_gen_batch(cfg, [[5, 6, 7], list(range(100, 390))])  # a short prompt, one filling all 290
     for row in range(batch.tokens.shape[0]):
         tokens, off = batch.tokens[row], int(batch.offsets[row])
         slot = torch.zeros(cfg.max_seq_len, dtype=torch.bool)

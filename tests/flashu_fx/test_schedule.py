@@ -1,12 +1,15 @@
-"""gen_schedule against the 34-call table of docs/SHOWO2.md §5.4, structural properties, and config validation."""
+"""gen_schedule against the 34-call table of docs/SHOWO2.md §5.4, the paper's ablations, structural properties,
+and config validation."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_config import ABLATIONS, FlashUConfig
 from flashu_fx.schedule import gen_schedule
 
 NUM_LAYERS = 28  # Show-o2 1.5B and 7B
@@ -66,9 +69,103 @@ def test_table_totals() -> None:
 
 def test_everything_off_is_the_plain_pipeline() -> None:
     config = FlashUConfig.off("gen")
+    assert config.guidance_schedule == "scaled"  # constant guidance, whatever the reference schedule's values
     assert config.num_points(50) == 50
-    for p in gen_schedule(config, 49, 10.0):
-        assert (p.guidance, p.ffn_pruned, p.layers, p.head, p.needs_trunk) == (10.0, False, "all", "compute", True)
+    for p in gen_schedule(config, 49, 5.0):
+        assert (p.guidance, p.ffn_pruned, p.layers, p.head, p.needs_trunk) == (5.0, False, "all", "compute", True)
+
+
+# ---- the paper's ablations: each call's (guidance, FFN, layers, head), written out by hand ----------------
+Row = tuple[float, str, str, str]
+
+
+def spans(*parts: tuple[int, int, float, str, str, str]) -> list[Row]:
+    """Rows of calls first..last (1-based, inclusive, in order and without gaps) -> one row per call."""
+    rows: list[Row] = []
+    for first, last, guidance, ffn, layers, head in parts:
+        assert first == len(rows) + 1
+        rows += [(guidance, ffn, layers, head)] * (last - first + 1)
+    return rows
+
+
+FULL = spans(  # the defaults: docs/SHOWO2.md §5.4
+    (1, 1, 7.5, "pruned", "measure", "compute"), (2, 4, 7.5, "pruned", "skip", "compute"),
+    (5, 5, 7.5, "pruned", "skip", "store"), (6, 9, 7.5, "pruned", "skip", "reuse"),
+    (10, 10, 7.5, "pruned", "skip", "store"), (11, 11, 7.5, "pruned", "measure", "reuse"),
+    (12, 14, 7.5, "pruned", "skip", "reuse"), (15, 15, 7.5, "pruned", "skip", "store"),
+    (16, 19, 7.5, "pruned", "skip", "reuse"), (20, 20, 7.5, "pruned", "skip", "store"),
+    (21, 21, 7.5, "pruned", "measure", "reuse"), (22, 24, 7.5, "pruned", "skip", "reuse"),
+    (25, 34, 10.0, "full", "all", "compute"),
+)
+NO_HYBRID = spans(  # every call pruned, skipping and caching to the end; guidance still g in the last 10 calls
+    (1, 1, 7.5, "pruned", "measure", "compute"), (2, 4, 7.5, "pruned", "skip", "compute"),
+    (5, 5, 7.5, "pruned", "skip", "store"), (6, 9, 7.5, "pruned", "skip", "reuse"),
+    (10, 10, 7.5, "pruned", "skip", "store"), (11, 11, 7.5, "pruned", "measure", "reuse"),
+    (12, 14, 7.5, "pruned", "skip", "reuse"), (15, 15, 7.5, "pruned", "skip", "store"),
+    (16, 19, 7.5, "pruned", "skip", "reuse"), (20, 20, 7.5, "pruned", "skip", "store"),
+    (21, 21, 7.5, "pruned", "measure", "reuse"), (22, 24, 7.5, "pruned", "skip", "reuse"),
+    (25, 25, 10.0, "pruned", "skip", "store"), (26, 29, 10.0, "pruned", "skip", "reuse"),
+    (30, 30, 10.0, "pruned", "skip", "store"), (31, 31, 10.0, "pruned", "measure", "reuse"),
+    (32, 34, 10.0, "pruned", "skip", "reuse"),
+)
+NO_LAYER_SKIP = spans(
+    (1, 4, 7.5, "pruned", "all", "compute"), (5, 5, 7.5, "pruned", "all", "store"),
+    (6, 9, 7.5, "pruned", "all", "reuse"), (10, 10, 7.5, "pruned", "all", "store"),
+    (11, 14, 7.5, "pruned", "all", "reuse"), (15, 15, 7.5, "pruned", "all", "store"),
+    (16, 19, 7.5, "pruned", "all", "reuse"), (20, 20, 7.5, "pruned", "all", "store"),
+    (21, 24, 7.5, "pruned", "all", "reuse"), (25, 34, 10.0, "full", "all", "compute"),
+)
+NO_ADAPTIVE_GUIDANCE = [(10.0, *row[1:]) for row in FULL]
+FFN_PRUNING_ONLY = spans((1, 49, 10.0, "pruned", "all", "compute"))  # the full 50-point grid
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("full", FULL), ("no_hybrid", NO_HYBRID), ("no_layer_skip", NO_LAYER_SKIP),
+    ("no_adaptive_guidance", NO_ADAPTIVE_GUIDANCE), ("ffn_pruning_only", FFN_PRUNING_ONLY),
+])
+def test_paper_ablations_call_by_call(name: str, expected: list[Row]) -> None:
+    config = FlashUConfig.ablation("gen", name)
+    plans = gen_schedule(config, config.num_points(50) - 1, 10.0)
+    got = [(p.guidance, "pruned" if p.ffn_pruned else "full", p.layers, p.head) for p in plans]
+    assert got == expected
+    assert [p.call for p in plans] == list(range(1, len(expected) + 1))
+
+
+def test_ablation_names_live_in_one_place() -> None:
+    assert list(ABLATIONS["gen"]) == ["full", "no_layer_skip", "no_hybrid", "no_adaptive_guidance",
+                                      "ffn_pruning_only"]
+    assert list(ABLATIONS["und"]) == ["full", "no_token_pruning", "no_layer_skip"]
+    und = FlashUConfig.for_task("und")
+    assert FlashUConfig.ablation("und", "full") == und
+    assert FlashUConfig.ablation("und", "no_token_pruning") == dataclasses.replace(und, token_prune_ratio=0.0)
+    assert FlashUConfig.ablation("und", "no_layer_skip") == dataclasses.replace(und, skip_ratio=0.0)
+    assert FlashUConfig.ablation("gen", "no_hybrid", skip_ratio=0.1).skip_ratio == 0.1  # overrides on top
+    with pytest.raises(ValueError, match=r"ablation name='no_hybrid' is invalid for task 'und': allowed one of"):
+        FlashUConfig.ablation("und", "no_hybrid")
+    with pytest.raises(ValueError, match=r"FlashUConfig.task='edit' is invalid"):
+        FlashUConfig.ablation("edit", "full")
+
+
+# ---- guidance schedules -------------------------------------------------------------------------------
+def test_guidance_has_its_own_phase_split() -> None:
+    config = FlashUConfig.for_task("gen", hybrid_full_fraction=0.5, guidance_full_fraction=0.2)
+    plans = gen_schedule(config, 10, 4.0)
+    assert [p.guidance for p in plans] == [3.0] * 8 + [4.0] * 2
+    assert [p.ffn_pruned for p in plans] == [True] * 5 + [False] * 5
+
+
+def test_reference_schedule_uses_fixed_scales() -> None:
+    reference = FlashUConfig.for_task("gen", guidance_schedule="reference")
+    assert [p.guidance for p in gen_schedule(reference, 34, 10.0)] == [7.5] * 24 + [10.0] * 10
+    assert gen_schedule(reference, 34, 10.0) == gen_schedule(FlashUConfig.for_task("gen"), 34, 10.0)  # agree at 10
+    assert [p.guidance for p in gen_schedule(reference, 34, 0.0)] == [0.0] * 34  # no CFG
+    custom = dataclasses.replace(reference, reference_early_guidance=6.0, reference_full_guidance=8.0)
+    assert [p.guidance for p in gen_schedule(custom, 10, 8.0)] == [6.0] * 7 + [8.0] * 3
+    scaled = [p.guidance for p in gen_schedule(FlashUConfig.for_task("gen"), 10, 5.0)]
+    assert scaled == [3.75] * 7 + [5.0] * 3
+    with pytest.raises(ValueError, match=r"^guidance=5.0 is invalid with FlashUConfig.guidance_schedule='reference'"
+                                         r".*allowed 10.0 or 0"):
+        gen_schedule(reference, 34, 5.0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,8 +178,10 @@ def test_everything_off_is_the_plain_pipeline() -> None:
     cache=st.integers(0, 7),
     tau=st.sampled_from([0.0, 0.1, 0.3, 0.5, 1.0]),
     early=st.sampled_from([0.5, 0.75, 1.0]),
+    guided_fraction=st.sampled_from([0.0, 0.2, 0.3, 1.0]),
 )
-def test_schedule_structure(num_calls, guidance, ffn, skip_ratio, skip_interval, cache, tau, early) -> None:
+def test_schedule_structure(num_calls, guidance, ffn, skip_ratio, skip_interval, cache, tau, early,
+                            guided_fraction) -> None:
     config = FlashUConfig.for_task(
         "gen",
         ffn_prune_ratio=ffn,
@@ -91,18 +190,21 @@ def test_schedule_structure(num_calls, guidance, ffn, skip_ratio, skip_interval,
         head_cache_interval=cache,
         hybrid_full_fraction=tau,
         early_guidance_ratio=early,
+        guidance_full_fraction=guided_fraction,
     )
     plans = gen_schedule(config, num_calls, guidance)
     full = int(tau * num_calls + 1e-9)
+    full_guidance = int(guided_fraction * num_calls + 1e-9)
     assert len(plans) == num_calls
     stored = False
     for s, p in enumerate(plans, start=1):
         assert p.call == s
         assert p.needs_trunk == (p.head != "reuse" or p.layers == "measure")
-        if s > num_calls - full:  # full phase: full FFN, every layer, head computed, guidance g
-            assert (p.guidance, p.ffn_pruned, p.layers, p.head) == (guidance, False, "all", "compute")
+        assert p.guidance == (guidance if s > num_calls - full_guidance else guidance * early)  # its own phases
+        if s > num_calls - full:  # full phase: full FFN, every layer, head computed
+            assert (p.ffn_pruned, p.layers, p.head) == (False, "all", "compute")
             continue
-        assert p.guidance == guidance * early and p.ffn_pruned == (ffn > 0)
+        assert p.ffn_pruned == (ffn > 0)
         skipping = skip_ratio > 0 and skip_interval > 0
         assert p.layers == ("all" if not skipping else "measure" if (s - 1) % skip_interval == 0 else "skip")
         if cache and s % cache == 0:
@@ -130,6 +232,13 @@ def test_num_calls_must_be_positive() -> None:
         ("hybrid_full_fraction", 1.5),
         ("step_fraction", 0.0),
         ("early_guidance_ratio", 0.0),
+        ("guidance_full_fraction", -0.1),
+        ("guidance_full_fraction", 1.5),
+        ("guidance_schedule", "fixed"),
+        ("reference_early_guidance", float("nan")),
+        ("reference_early_guidance", -1.0),
+        ("reference_full_guidance", 0.0),
+        ("reference_full_guidance", float("inf")),
         ("token_prune_layer", -1),
         ("token_prune_ratio", 1.0),
         ("calibration_samples", 0),

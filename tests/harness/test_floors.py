@@ -82,11 +82,15 @@ def test_floors_cli(tmp_path, capsys) -> None:
     report = floors.main(["--preset", "showo2-7b", "--eager-kv", "0.633", "--out", str(out)])
     text = capsys.readouterr().out
     assert "max vs KV cache" in text and "flashu" in text
+    assert text.splitlines()[0] == "showo2-7b: floors at 784 TFLOP/s and 4245 GB/s (measured on an NVIDIA H200)"
+    assert report["rates"]["source"] == "measured on an NVIDIA H200"
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["eager_s"]["kv"] == 0.633 and report["eager_s"]["nokv"] == floors.ANCHOR_SECONDS["showo2-7b"]["nokv"]
     with pytest.raises(SystemExit):
         floors.main(["--preset", "tiny"])
     assert "no anchor for tiny: pass --eager-gen, --eager-nokv, --eager-kv" in capsys.readouterr().err
+    floors.main(["--preset", "showo2-7b", "--tflops", "500"])
+    assert "(given with --tflops / --bandwidth)" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_bench_rows_get_their_floor_on_a_measured_device(tiny_model) -> None:

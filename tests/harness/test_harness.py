@@ -200,15 +200,19 @@ def test_demo_decodes_with_a_local_vae(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("task", ["gen", "und"])
-def test_bench_tiny_cpu(tmp_path, task, capsys):
-    out = tmp_path / "bench.json"
+def test_bench_tiny_cpu(tmp_path, task, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default report path is relative: runs/bench/bench_<task>.json
     argv = ["--task", task, "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
-    argv += ["--steps", "3", "--max-new-tokens", "3", "--out", str(out), "--rows", rows.BASELINES[task]]
+    argv += ["--steps", "3", "--max-new-tokens", "3", "--rows", rows.BASELINES[task]]
     bench.main(argv)
+    out = tmp_path / "runs" / "bench" / f"bench_{task}.json"  # one report per task, none in the working dir
+    assert not (tmp_path / "bench.json").exists()
     report = json.loads(out.read_text())
     for key in ("device", "torch", "preset", "dtype", "task", "command", "settings", "weights_gb", "rows"):
         assert key in report
-    assert report["preset"] == "tiny" and report["dtype"] == "bf16" and report["command"].startswith("python -m")
+    assert report["preset"] == "tiny" and report["command"].startswith("python -m")
+    assert report["dtype"] == report["settings"]["dtype"] == "fp32"  # the CPU default; CUDA's is bf16
+    assert report["settings"]["out"] == str(out.relative_to(tmp_path))
     base = report["rows"][0]
     assert base["name"] == rows.BASELINES[task] and base["speedup"] == 1.0 and base["peak_mem_gb"] is None
     for key in ("seconds", "times", "count", "unit", "ms_per_unit", "check", "summary"):
@@ -232,12 +236,93 @@ def test_bench_runs_a_row_variant_beside_its_row(tmp_path):
     assert report[variant]["count"] == report["compiled-exact"]["count"] == 2
 
 
+@pytest.mark.parametrize("option", ["--tokenizer", "--vae", "--weights"])
+def test_demo_names_a_missing_directory_while_parsing(tmp_path, capsys, option):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit):
+        demo.main([option, str(missing)])
+    assert f"argument {option}: directory '{missing}' does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        demo.main([option, str(tmp_path / "a-file")])
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--tokenizer", "--weights"])
+def test_calibrate_names_a_missing_directory_while_parsing(tmp_path, capsys, option):
+    from harness import calibrate_cli
+
+    with pytest.raises(SystemExit):
+        calibrate_cli.main(["--task", "gen", option, str(tmp_path / "nowhere")])
+    assert f"argument {option}: directory '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
+
+
+def test_fit_prompt_cuts_the_harness_prompts_and_says_so(capsys):
+    cfg = get_config("tiny")
+    assert rows.fit_prompt(cfg, [1] * cfg.max_text_len, "p") == [1] * cfg.max_text_len
+    assert capsys.readouterr().err == ""
+    assert rows.fit_prompt(cfg, list(range(40)), "the bench prompt") == list(range(cfg.max_text_len))
+    assert "the bench prompt cut from 40 to 27 tokens" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "huge"])
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0", "--preset", "tiny"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_dtype_follows_the_device_unless_given():
+    args = bench.build_parser().parse_args([])
+    bench.resolve_defaults(args, torch.device("cuda"))
+    assert (args.dtype, str(args.out)) == ("bf16", "runs/bench/bench_gen.json")
+    args = bench.build_parser().parse_args(["--task", "und", "--dtype", "bf16", "--out", "x.json"])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    assert (args.dtype, str(args.out)) == ("bf16", "x.json")
+    args = bench.build_parser().parse_args(["--task", "und"])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    assert (args.dtype, str(args.out)) == ("fp32", "runs/bench/bench_und.json")
+
+
+def test_no_command_prints_the_usage_and_the_commands(capsys):
+    assert cli.main([]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("usage: python -m harness")
+    assert all(f"{name} {text}" in err for name, (_, text) in cli.COMMANDS.items())
+    assert "args" not in err.replace("arguments", "")  # no hidden argument named in the message
+
+
+COMMAND_MODULES = ["demo", "bench", "floors", "kernels", "calibrate_cli", "analyze_cli", "check_recompiles",
+                   "check_equivalence", "guard_cost", "profile_gen", "profile_und"]
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_help_shows_the_whole_description_and_the_defaults(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"harness.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word by word
+    first_paragraph = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert first_paragraph in text and first_paragraph.endswith((".", ")"))
+    assert "(default: " in text
+
+
+def test_help_states_the_values_a_user_gets(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "once per registered row, with a short table and a PNG." in text  # not cut after "once per"
+    for shown in ("(default: 50)", "(default: 7.5)", "(default: runs/demo)", "(default: cpu)", "(default: tiny)"):
+        assert shown in text
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: bf16 on CUDA, fp32 on the CPU)" in text and "runs/bench/bench_<task>.json" in text
+    assert "(default: showo2-1.5b)" in text and "(default: 10.0)" in text
 
 
 def test_cli_dispatch(monkeypatch, capsys):
@@ -254,7 +339,7 @@ def test_check_recompiles_tiny(task, capsys):
 
     extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2", "--option", "tune_decode=off"]
     report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
-                                    "--lengths", "1,4,9,40", *extra])
+                                    "--lengths", "1,4,9,27", *extra])
     assert report["options"] == ({} if task == "gen" else {"tune_decode": False})
     assert report["recompiles_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
@@ -262,6 +347,14 @@ def test_check_recompiles_tiny(task, capsys):
     with pytest.raises(SystemExit):
         check_recompiles.main(["--preset", "tiny", "--option", "fast=on"])
     assert "unknown backend option(s) ['fast']" in capsys.readouterr().err
+
+
+def test_check_recompiles_refuses_prompts_over_the_budget(capsys):
+    from harness import check_recompiles
+
+    with pytest.raises(SystemExit):
+        check_recompiles.main(["--preset", "tiny", "--task", "gen", "--lengths", "1,28"])
+    assert "--lengths 1,28 is invalid: allowed lengths 1..27 (the prompt budget of tiny)" in capsys.readouterr().err
 
 
 def test_check_equivalence_tiny(capsys):
