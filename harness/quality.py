@@ -30,24 +30,13 @@ import torch
 from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, flashu_config, load_testbed
-from harness.bench import DTYPES, auto_threads, device_name, format_table, intra_op_threads, resolve_device
+from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
-from harness.quality_eval import (
-    GenRowResult,
-    UndRowResult,
-    group_scores,
-    overall_score,
-    question_latents,
-    run_gen_row,
-    run_und_row,
-)
-from harness.quality_fidelity import gen_fidelity, und_fidelity
-from harness.quality_rows import BASELINE, ROWS, TWINS, Env, RowSpec, select_row_specs
+from harness.quality_eval import question_latents, run_gen_row, run_und_row
+from harness.quality_report import task_report, write_grid
+from harness.quality_rows import ROWS, Env, RowSpec, select_row_specs
 
 TASK_CHOICES = {"gen": ("gen",), "und": ("und",), "both": ("gen", "und")}
-GRID_COLUMNS = 12  # prompts shown in the grid
-UNITS = {"gen": "image", "und": "answer"}
-PLURAL = {"prompt": "prompts", "batch": "batches"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,93 +91,6 @@ def pick_rows(text: str | None, tasks: tuple[str, ...], parser: argparse.Argumen
         return {t: select_row_specs(t, None if names is None else [n for n in names if n in ROWS[t]]) for t in tasks}
     except ValueError as err:
         parser.error(f"--rows: {err}")
-
-
-def relative_drop(score: float, baseline: float) -> float | None:
-    """(row - baseline) / baseline in %, None when the baseline scores 0."""
-    return None if baseline == 0 else 100.0 * (score - baseline) / baseline
-
-
-def fmt_interval(interval: tuple[float, float] | None) -> str:
-    return "-" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
-
-
-def row_table(task: str, results: list[GenRowResult] | list[UndRowResult]) -> str:
-    """One line per row: overall, its interval, the change against the baseline, latency, per-group accuracy."""
-    base = overall_score(results[0].summary).accuracy
-    groups = list(group_scores(results[0].summary))
-    lines = []
-    for r in results:
-        overall = overall_score(r.summary)
-        drop = relative_drop(overall.accuracy, base)
-        per_group = group_scores(r.summary)
-        lines.append([r.spec.name, f"{overall.accuracy:.3f}", fmt_interval(overall.interval),
-                      "n/a" if drop is None else f"{drop:+.1f}%", f"{r.seconds_per_item:.3f}",
-                      *(f"{per_group[g].accuracy:.2f}" if g in per_group else "-" for g in groups)])
-    headers = ["row", "overall", "95% CI", "vs baseline", f"s/{UNITS[task]}", *groups]
-    return format_table(headers, lines)
-
-
-def fidelity_lines(task: str, report: dict[str, Any]) -> list[str]:
-    lines = []
-    for f in report.values():
-        score = (f"score {f['score_difference']:+.3f} ("
-                 f"{'inside' if f['within_interval'] else 'OUTSIDE' if f['within_interval'] is not None else 'no'}"
-                 f" the {f['reference']} interval {fmt_interval(f['reference_interval'])})")
-        if task == "gen":
-            c = f["latent_cosine"]
-            lines.append(f"{f['candidate']} vs {f['reference']}: identical decisions on {f['identical_decisions']:.1%} "
-                         f"of {f['batches']} {PLURAL[f['decision_unit']]}; latent cosine median {c['median']:.5f}, min "
-                         f"{c['min']:.5f}; scorer agreement {f['scorer_agreement']:.1%}; {score}")
-        else:
-            lines.append(f"{f['candidate']} vs {f['reference']}: identical decisions on {f['identical_decisions']:.1%} "
-                         f"of {f['questions']} questions (kept tokens {f['same_kept_tokens']:.1%}, skips "
-                         f"{f['same_skip_decisions']:.1%}); same answer {f['same_answer_text']:.1%}; scorer agreement "
-                         f"{f['scorer_agreement']:.1%}; {score}")
-    return lines
-
-
-def fidelity(task: str, results: dict[str, GenRowResult | UndRowResult]) -> dict[str, Any]:
-    compare = gen_fidelity if task == "gen" else und_fidelity
-    return {f"{cand} vs {ref}": compare(results[cand], results[ref])
-            for cand, ref in TWINS if cand in results and ref in results}
-
-
-def row_record(r: GenRowResult | UndRowResult, baseline: float) -> dict[str, Any]:
-    overall = overall_score(r.summary)
-    record = {
-        "config": None if r.spec.config is None else r.spec.config.to_dict(),
-        "compiled": r.spec.compiled,
-        "correct": r.correct,
-        "summary": r.summary,
-        "overall": overall.accuracy,
-        "overall_ci95": overall.interval,
-        "relative_drop_pct": relative_drop(overall.accuracy, baseline),
-        f"seconds_per_{UNITS[r.spec.task]}": r.seconds_per_item,
-        "seconds": r.seconds,
-        "warmup_seconds": r.warmup_seconds,
-    }
-    if isinstance(r, GenRowResult):
-        record.update(batch_sizes=r.batch_sizes, decisions=r.decisions)
-    else:
-        record.update(answers=r.answers, kept_positions=r.kept_positions, skipped=r.skipped)
-    return record
-
-
-def write_grid(results: list[GenRowResult], prompts: list[world.GenPrompt], path: Path, title: str) -> Path | None:
-    try:
-        from harness.grids import captioned_grid
-    except ImportError:
-        return None
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib is not installed: no grid PNG (pip install -e '.[plots]')")
-        return None
-    n = min(GRID_COLUMNS, len(prompts))
-    rows = [(r.spec.name, list(r.images[:n])) for r in results]
-    notes = [["ok" if ok else "wrong" for ok in r.correct[:n]] for r in results]
-    return captioned_grid(rows, [p.caption for p in prompts[:n]], path, title=title, notes=notes)
 
 
 def prepare_env(args: argparse.Namespace, rows: dict[str, list[RowSpec]], device: torch.device,
@@ -262,16 +164,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def task_report(task: str, results: dict[str, GenRowResult | UndRowResult], items: list[dict]) -> dict[str, Any]:
-    """Print the task's table and fidelity lines; the task's part of quality.json."""
-    ordered = list(results.values())
-    base = overall_score(results[BASELINE].summary).accuracy
-    what = "prompts" if task == "gen" else "questions"
-    print(f"\n{'generation' if task == 'gen' else 'understanding'}: {len(items)} held-out {what}")
-    print(row_table(task, ordered))
-    fid = fidelity(task, results)
-    if fid:
-        print("fidelity (compiled vs eager twin):")
-        for line in fidelity_lines(task, fid):
-            print("  " + line)
-    return {what: items, "rows": {name: row_record(r, base) for name, r in results.items()}, "fidelity": fid}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.quality_eval import GenRowResult, UndRowResult, overall_score
+from harness.quality_rows import TWINS
 
 MIN_IDENTICAL_DECISIONS = 0.95  # share of prompts (batches) with the eager twin's decisions
 MIN_MEDIAN_COSINE = 0.999  # latent cosine of the median prompt
@@ -84,3 +85,10 @@ def und_fidelity(candidate: UndRowResult, reference: UndRowResult) -> dict[str, 
         "score": result["within_interval"],
     }
     return result
+
+
+def twin_fidelity(task: str, results: dict[str, GenRowResult | UndRowResult]) -> dict[str, Any]:
+    """Every (compiled row, eager twin) pair of ``TWINS`` that ran, compared."""
+    compare = gen_fidelity if task == "gen" else und_fidelity
+    return {f"{cand} vs {ref}": compare(results[cand], results[ref])
+            for cand, ref in TWINS if cand in results and ref in results}

@@ -32,7 +32,6 @@ from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.mmu import answer_question
 from flashu_fx.model import Showo2
-from flashu_fx.schedule import gen_schedule
 from flashu_fx.t2i import generate_images
 from flashu_fx.testbed.checkpoint import flashu_config
 from flashu_fx.testbed.tokenizer import WordTokenizer
@@ -152,15 +151,15 @@ def gen_runner(spec: RowSpec, env: Env) -> GenRunner:
         backend = flashu_backend("gen", config, env.layout if config else None, **env.backend_options)
         compiled = compile_model(model, backend)
         calls = (env.steps if config is None else config.num_points(env.steps)) - 1
-        # The plans the pipeline guides with (backend.begin_image returns the same host schedule).
-        plans = full_calls(calls, g) if config is None else \
-            [((), p.head, p.needs_trunk, float(p.guidance), p.ffn_pruned) for p in gen_schedule(config, calls, g)]
+        # The backend's host plans (generate_images_compiled asks for the same ones): each call's guidance and FFN
+        # phase; its records say what each call ran (skipped layers, head action, trunk).
+        plans = backend.begin_image(calls, g)
 
         def run(captions: list[str], seed: int) -> GenOutput:
             latents = generate_images_compiled(compiled, backend, captions, tok, baseline_steps=env.steps,
                                                guidance=g, seed=seed)
-            decisions = [(r.skip_set, r.head, r.trunk_ran, plan[3], plan[4])
-                         for r, plan in zip(backend.records, plans, strict=True)]
+            decisions = [(r.skip_set, r.head, r.trunk_ran, float(p.guidance), p.ffn_pruned)
+                         for r, p in zip(backend.records, plans, strict=True)]
             return GenOutput(latents.cpu(), decisions)
     return run
 
