@@ -2,7 +2,7 @@
 
 For every LLM FFN, a = silu(gate(x)) * up(x) is down_proj's input (rows, I). Forward pre-hooks on each
 ``mlp.down_proj`` accumulate ||a_j||_2^2 over every row and position of every calibration call, in fp32
-(the reference accumulates in bf16, facts doc 5.7: with thousands of positions bf16 sums stop growing).
+(the reference accumulates in bf16, docs/SHOWO2.md §5.7: with thousands of positions bf16 sums stop growing).
 From those norms:
 
     wanda: score_j = ||a_j||_2 * sum_i |W_down[i, j]|       (the reference's shipped pruning)
@@ -11,7 +11,7 @@ From those norms:
 OBD in closed form: the layer output is Y = h + W_down a (h = the residual stream after attention, which
 does not depend on the FFN). Zeroing neuron j removes the rank-1 term W_down[:, j] a_j^T, so
 ||Y - Y_without_j||_F = ||W_down[:, j]||_2 * ||a_j||_2 — the same statistics as Wanda, no extra forwards
-instead of the reference's one layer re-run per neuron (``calculate_obd_cache_new.py``, facts doc 5.9).
+instead of the reference's one layer re-run per neuron (``calculate_obd_cache_new.py``, docs/SHOWO2.md §5.9).
 
 Calibration inputs per task:
     gen, gen_source="denoise":   every denoising call of real generations (image tokens, time token, cond and

@@ -1,7 +1,7 @@
 """Show-o2 model configuration: one frozen dataclass and the presets.
 
 Sizes are read top-down as in the checkpoint: the Qwen2.5 LLM, the SigLIP-style understanding stack,
-the 10-block diffusion head. ``showo2-1.5b`` and ``showo2-7b`` are the official shapes (facts doc 1.1-1.6);
+the 10-block diffusion head. ``showo2-1.5b`` and ``showo2-7b`` are the official shapes (docs/SHOWO2.md §1.1-1.6);
 ``tiny`` and ``tiny-tied`` are for tests and the CPU demo.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Token ids with a role in the Show-o2 layouts (facts doc 1.8)."""
+    """Token ids with a role in the Show-o2 layouts (docs/SHOWO2.md §1.8)."""
 
     bos: int  # <|im_start|>
     eos: int  # <|im_end|>

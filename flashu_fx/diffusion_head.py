@@ -2,7 +2,7 @@
 
 Modulation (adaLN) applies only inside each row's image slot (time token + image tokens); elsewhere
 shift = scale = 0 and gate = 1, so text, special and pad positions pass through plain blocks
-(facts doc 1.6).
+(docs/SHOWO2.md §1.6).
 """
 
 from __future__ import annotations

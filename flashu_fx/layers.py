@@ -46,7 +46,7 @@ def llama3_inv_freq(
     high_freq_factor: float = 4.0,
     original_max_positions: int = 8192,
 ) -> Tensor:
-    """Llama-3 scaled inverse frequencies, as the diffusion head uses them (facts doc 1.6)."""
+    """Llama-3 scaled inverse frequencies, as the diffusion head uses them (docs/SHOWO2.md §1.6)."""
     base = rope_inv_freq(head_dim, theta).double()
     wavelen = 2 * math.pi / base
     low_wavelen = original_max_positions / low_freq_factor

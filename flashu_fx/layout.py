@@ -1,4 +1,4 @@
-"""Sequence layouts of the two tasks (facts doc 1.8 and 4.6), as token ids with an image slot.
+"""Sequence layouts of the two tasks (docs/SHOWO2.md §1.8 and §4.6), as token ids with an image slot.
 
 Generation, one row:  bos, prompt (n), boi, [time, 729 image], eoi, eos, pad ... (L = max_seq_len)
 Null row (CFG):       the same with n = 0. Rows: [cond ..., null ...]; slot offset = n + 2.
@@ -69,7 +69,7 @@ def build_gen_batch(cfg: Showo2Config, prompts: list[list[int]], guided: bool = 
 @dataclass
 class MmuPrompt:
     """One understanding prompt. tokens: (1, L0); ``offset`` = the time token; ``block_offset`` = where the
-    bidirectional block starts (upstream's demo puts it one later than training: facts doc 4.7)."""
+    bidirectional block starts (upstream's demo puts it one later than training: docs/SHOWO2.md §4.7)."""
 
     tokens: Tensor
     offset: int

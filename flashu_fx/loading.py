@@ -114,8 +114,12 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_pretrained(model: Showo2, path: str | Path, safe: bool = True) -> Path:
-    """Write ``config.json`` and the weights (safetensors, or pytorch_model.bin) so ``from_pretrained`` reads them."""
+def save_pretrained(model: Showo2, path: str | Path, safe: bool = True, max_shard_bytes: int | None = None) -> Path:
+    """Write ``config.json`` and the weights (safetensors, or pytorch_model.bin) so ``from_pretrained`` reads them.
+
+    ``max_shard_bytes``: split the safetensors weights into ``model-0000i-of-0000n.safetensors`` files of at most
+    this size each (a single tensor larger than it gets a shard of its own).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"flashu_config": model.config.to_dict()}, indent=1))
@@ -123,7 +127,28 @@ def save_pretrained(model: Showo2, path: str | Path, safe: bool = True) -> Path:
     if safe:
         from safetensors.torch import save_file
 
-        save_file(state, str(path / "model.safetensors"))
+        shards = _shards(state, max_shard_bytes)
+        for old in path.glob("model*.safetensors"):  # a re-save must not leave shards of another split behind
+            old.unlink()
+        for i, shard in enumerate(shards, 1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name))
     else:
         torch.save(state, path / "pytorch_model.bin")
     return path
+
+
+def _shards(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
+    """Consecutive groups of ``state``'s tensors of at most ``max_bytes`` each (one group when None)."""
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_bytes}")
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards

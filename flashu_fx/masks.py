@@ -1,4 +1,4 @@
-"""The omni-attention mask (facts doc 1.9) as a boolean SDPA mask: True = may attend.
+"""The omni-attention mask (docs/SHOWO2.md §1.9) as a boolean SDPA mask: True = may attend.
 
 Rule: causal (key <= query) OR query and key both inside the row's image slot [offset, offset + slot_len).
 Upstream's additive mask uses -9.2e18 for "blocked", which gives the same softmax as a boolean mask.

@@ -1,4 +1,4 @@
-"""Show-o2 (Qwen2.5 variant): the top module, read top-down as its forward runs (facts doc 1.10).
+"""Show-o2 (Qwen2.5 variant): the top module, read top-down as its forward runs (docs/SHOWO2.md §1.10).
 
     tokens ─ embed_tokens ───────────────┐
     latents ─ und: patch+pos ─ SigLIP ─┐ │
@@ -41,7 +41,7 @@ class Showo2Output(NamedTuple):
 
 
 def unpatchify(tokens: Tensor, latent_hw: tuple[int, int], channels: int) -> Tensor:
-    """Show-o2's output layout (facts doc 1.7): a plain reshape, NO patch permutation.
+    """Show-o2's output layout (docs/SHOWO2.md §1.7): a plain reshape, NO patch permutation.
 
     tokens: (N, n, p*p*C) -> (N, C, h, w). Feature f of token k is channel f % C of raster pixel 4k + f // C
     (for p = 2): the official weights predict in this layout.
@@ -84,7 +84,7 @@ class Showo2(nn.Module):
     # ---- image and time inputs ---------------------------------------------------------------------
     def und_position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """(tokens, 1152): the SigLIP table, added directly when its size is the checkpoint config's grid,
-        else bicubic-resized to ``grid`` (upstream's rule decides on the config grid, facts doc 1.3)."""
+        else bicubic-resized to ``grid`` (upstream's rule decides on the config grid, docs/SHOWO2.md §1.3)."""
         table = self.position_embedding.weight
         if table.shape[0] == self.config.num_image_tokens:
             if grid[0] * grid[1] != table.shape[0]:

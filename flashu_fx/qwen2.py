@@ -1,7 +1,7 @@
 """The Qwen2.5 decoder as Show-o2 uses it: a caller-given attention mask, 1-D RoPE, no qk-norm.
 
 Module names match the checkpoint (``showo.model.layers.{i}.self_attn.q_proj`` ...), so a state dict
-loads without renaming. Differences from stock HF Qwen2 that Show-o2 made (facts doc 1.2) are kept:
+loads without renaming. Differences from stock HF Qwen2 that Show-o2 made (docs/SHOWO2.md §1.2) are kept:
 the mask is passed through unchanged and the returned final hidden state is post-norm.
 """
 

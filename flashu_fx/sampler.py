@@ -1,4 +1,4 @@
-"""Flow-matching Euler sampler on the shifted grid, with classifier-free guidance (facts doc 3.3-3.4).
+"""Flow-matching Euler sampler on the shifted grid, with classifier-free guidance (docs/SHOWO2.md §3.3-3.4).
 
 x_t = t * data + (1 - t) * noise; t = 0 is noise. "N steps" = N grid points = N - 1 model calls.
 """

@@ -1,4 +1,4 @@
-"""The per-call plan of FlashU generation: what each of the denoising calls computes (facts doc 5.4).
+"""The per-call plan of FlashU generation: what each of the denoising calls computes (docs/SHOWO2.md §5.4).
 
 Calls are numbered s = 1..S (S = grid points - 1). Rules, in the reference's order:
 - full phase: the last floor(tau * S) calls run the full FFN, all layers, the head computed, guidance g;

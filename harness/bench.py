@@ -5,7 +5,7 @@
     python -m harness bench --task gen --preset tiny --device cpu --repeats 1      # smoke test
 
 Weight values do not change the time of a dense step, so the model is built on the meta device and filled
-with random, non-degenerate values on the target device (seconds at 7B). Timed region, as anchors.md:
+with random, non-degenerate values on the target device (seconds at 7B). Timed region as docs/REFERENCE_MEASUREMENTS.md:
 gen = the whole denoising loop for one prompt (50-point grid = 49 calls, CFG batch 2, guidance 10);
 und = ``answer_question`` end to end (image features, prefill, exactly 32 new tokens: the eos stop is off)
 for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs (eager rows: at

@@ -24,8 +24,9 @@ from flashu_fx.config import PRESETS, get_config
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import get_tokenizer
+from flashu_fx.vae import WanLatentCodec, diffusers_available
 from harness.bench import DTYPES, auto_threads, build_random_model, format_table, intra_op_threads, resolve_device
-from harness.images import diffusers_available, image_grid, latents_to_images, load_wan_vae, write_png
+from harness.images import image_grid, latents_to_images, write_png
 from harness.rows import (
     BASELINES,
     TASKS,
@@ -78,13 +79,14 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return build_random_model(get_config(args.preset), device, dtype, args.seed)
 
 
-def load_vae(path: Path | None, device: torch.device):
+def load_vae(path: Path | None, device: torch.device) -> WanLatentCodec | None:
+    """The VAE codec of ``--vae``: fp32 weights (bf16 autocast on CUDA), or None for the latent preview."""
     if path is None:
         return None
     if not diffusers_available():
-        print("warning: --vae given but diffusers is not installed; writing the latent preview", file=sys.stderr)
+        print("warning: --vae needs diffusers>=0.33 (the [vae] extra); writing the latent preview", file=sys.stderr)
         return None
-    return load_wan_vae(path, device)
+    return WanLatentCodec.from_pretrained(path, device=device)
 
 
 def pick_rows(task: str, names: list[str] | None, parser: argparse.ArgumentParser) -> list[str] | None:

@@ -5,13 +5,13 @@
 
 Counts what a path cannot avoid: the FLOPs of its matmuls and attention (generation, prefill) or the bytes of
 weights and KV cache one decode token must read, and divides by the device's measured rates (bf16 matmul
-784 TFLOP/s and copy bandwidth 4245 GB/s on an H200: anchors.md, KERNELS.md; ``--tflops``, ``--bandwidth``).
+784 TFLOP/s, copy 4245 GB/s on an H200: docs/REFERENCE_MEASUREMENTS.md, docs/KERNELS.md; ``--tflops``, ``--bandwidth``).
 Norms, elementwise kernels and launch gaps come on top, so ``eager seconds / floor`` is the largest speedup
 any implementation of that path can show against that eager time. Eager times default to the anchors
 (upstream's, H200); pass your own bench's to get ratios against it.
 
 What each path computes (per image / per request):
-- gen upstream: every call over all L positions of both CFG rows, SigLIP on both, lm_head (anchors.md);
+- gen upstream: all L positions of both CFG rows in each call, SigLIP on both, lm_head (docs/REFERENCE_MEASUREMENTS.md);
 - gen exact: the image block of each row (prefix K/V once per image, not counted), SigLIP once, no lm_head;
 - gen FlashU: the schedule of ``gen_schedule`` (shorter grid; pruned FFN width, skipped layers, and on a
   head-cache hit without a measurement only the FinalLayer);
@@ -31,11 +31,11 @@ from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.schedule import gen_schedule
 
-# Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (anchors.md),
+# Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (docs/REFERENCE_MEASUREMENTS.md),
 # H100 80GB HBM3 798 TFLOP/s (the device notes).
 MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 H200_COPY_GBPS = 4245.0  # eager 1 GiB device-to-device copy, bytes read + written (docs/KERNELS.md)
-# Anchors (anchors.md, H200): upstream eager gen s/image; und no-cache and KV-cache eager s/request.
+# Anchors (docs/REFERENCE_MEASUREMENTS.md, H200): upstream eager gen s/image; und no-cache and KV-cache eager s/request.
 ANCHOR_SECONDS = {
     "showo2-1.5b": {"gen": 2.98, "nokv": 0.74, "kv": 0.65},
     "showo2-7b": {"gen": 4.50, "nokv": 0.89, "kv": 0.69},
@@ -88,7 +88,7 @@ def siglip_attention_flops(cfg: Showo2Config) -> float:
 def upstream_gen_call_flops(cfg: Showo2Config, batch_rows: int) -> dict[str, float]:
     """FLOPs of one upstream generation call (2 per multiply-add; dense attention over all L x L).
 
-    At 1.5B, CFG batch 2: 10.0 TFLOP in Linear layers + 0.6 in attention (anchors.md: 10.0 + 0.66).
+    At 1.5B, CFG batch 2: 10.0 TFLOP in Linear layers + 0.6 in attention (docs/REFERENCE_MEASUREMENTS.md: 10.0 + 0.66).
     """
     seq, h, d = cfg.max_seq_len, cfg.hidden_size, cfg.head_hidden_size
     q, hq = cfg.num_heads * cfg.head_dim, cfg.head_num_heads * cfg.head_dim_head

@@ -1,10 +1,10 @@
 """Latents to something a person can look at: a dependency-free PNG writer, a latent preview, Wan2.1 VAE decoding.
 
-    latents (B, 16, h, w) ─┬─ VAE given and diffusers importable: de-normalise (facts doc 3.6) ─ Wan2.1 decoder ─ uint8
+    latents (B, 16, h, w) ─┬─ a WanLatentCodec given: flashu_fx.vae (de-normalise, Wan2.1 decoder) ─ uint8
                            └─ otherwise: fixed 16 -> 3 projection ─ per-image contrast stretch ─ 8x nearest ─ uint8
     images (B, H, W, 3) uint8 ─ image_grid ─ write_png
 
-Nothing here touches the network: the VAE loads from a local directory with ``local_files_only=True``.
+Nothing here touches the network: the VAE loads from a local directory (``flashu_fx.vae.load_wan_vae``).
 
 >>> import torch
 >>> rgb = latent_preview(torch.randn(2, 16, 6, 6))
@@ -24,17 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flashu_fx.vae import WanLatentCodec
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Wan2.1 VAE per-channel latent statistics (facts doc 3.6): decode starts with z = z_norm * std + mean.
-WAN_LATENT_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-WAN_LATENT_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
 VAE_SCALE = 8  # spatial down-sampling of the Wan2.1 VAE: a 54 x 54 latent is a 432 x 432 image
 
 
@@ -104,39 +97,6 @@ def image_grid(images: Tensor, gap: int = 4, fill: int = 255) -> Tensor:
 
 
 # ---- Wan2.1 VAE --------------------------------------------------------------------------------------
-def diffusers_available() -> bool:
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def load_wan_vae(path: str | Path, device: str | torch.device = "cpu"):
-    """A local diffusers-format Wan2.1 VAE directory (``AutoencoderKLWan``), fp32 weights, eval mode."""
-    from diffusers import AutoencoderKLWan
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"VAE directory {path} does not exist")
-    return AutoencoderKLWan.from_pretrained(str(path), local_files_only=True).to(device).eval()
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: Tensor) -> Tensor:
-    """Normalised latents (B, 16, h, w) -> uint8 (B, 8h, 8w, 3) as upstream: de-normalise, decode one frame
-    (bf16 autocast on CUDA, fp32 weights), clamp to [-1, 1], then clamp((x + 1) / 2, 0, 1) * 255 truncated."""
-    param = next(vae.parameters())
-    z = latents.to(param.device, torch.float32)
-    mean = torch.tensor(WAN_LATENT_MEAN, device=z.device)[None, :, None, None]
-    std = torch.tensor(WAN_LATENT_STD, device=z.device)[None, :, None, None]
-    z = (z * std + mean)[:, :, None]  # (B, 16, 1, h, w): an image is a one-frame video
-    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=z.device.type == "cuda"):
-        video = vae.decode(z).sample  # (B, 3, 1, H, W)
-    x = video[:, :, 0].float().clamp(-1, 1)
-    return ((x + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
-
-
-def latents_to_images(latents: Tensor, vae=None) -> Tensor:
-    """uint8 (B, H, W, 3): decoded by ``vae`` when given, else the latent preview."""
-    return latent_preview(latents) if vae is None else decode_latents(vae, latents)
+def latents_to_images(latents: Tensor, codec: WanLatentCodec | None = None) -> Tensor:
+    """uint8 (B, H, W, 3): decoded by ``codec`` (``flashu_fx.vae``) when given, else the latent preview."""
+    return latent_preview(latents) if codec is None else codec.decode_to_images(latents)

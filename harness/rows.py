@@ -70,7 +70,7 @@ class UndContext:
 
     Timed region of every und row: the whole request from the latents, i.e. the image features (SigLIP stack,
     fusion: 12.5 ms at 1.5B, 10.0 ms at 7B on an H200), the prompt embeddings, the prefill and every new
-    token. Upstream computes the features once before ``mmu_generate`` and the anchors (anchors.md) time
+    token. Upstream builds the features once before ``mmu_generate``; the anchors (docs/REFERENCE_MEASUREMENTS.md) time
     ``mmu_generate`` alone, so against an anchor our numbers carry those milliseconds extra (BENCHMARKS.md
     says so beside each). They stay in because every und row (eager, flashu-eager, compiled-*) starts from the
     latents and the speedup column needs one region for all; FlashU does not change the features.

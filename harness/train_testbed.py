@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shipped = ema.to(torch.bfloat16)
-    save_pretrained(shipped, out)
+    save_pretrained(shipped, out, max_shard_bytes=12 * 2**20)  # files of at most 12 MiB
     tok.save(out)
     model = shipped.to(dtype).eval()  # evaluate what ships (bf16 weights; fp32 compute on the CPU)
 
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     for g in (float(x) for x in args.guidance_sweep.split(",")):
         correct, images = score_generation(model, tok, prompts, g, args.eval_steps)
         sweep[g] = scorer.geneval_summary(prompts, correct)
-        print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']:.3f}", flush=True)
-        if best is None or sweep[g]["overall"] > sweep[best[0]]["overall"]:
+        print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']['accuracy']:.3f}", flush=True)
+        if best is None or sweep[g]["overall"]["accuracy"] > sweep[best[0]]["overall"]["accuracy"]:
             best = (g, images, correct)
     items = world.heldout_questions(args.eval_questions)
     correct_qa, answers = score_answers(model, tok, items, device)
     qa = scorer.answer_summary(items, correct_qa)
-    print(f"answers: accuracy {qa['overall']:.3f}", flush=True)
+    print(f"answers: accuracy {qa['overall']['accuracy']:.3f}", flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)

@@ -172,7 +172,8 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
         if step % 50 == 0 or step == cfg.steps - 1:
-            entry = dict(step=step, seconds=elapsed, lr=lr, loss=float(loss), flow=float(flow), answer=float(ce))
+            entry = dict(step=step, seconds=elapsed, lr=lr, loss=float(loss.detach()), flow=float(flow.detach()),
+                         answer=float(ce.detach()))
             log.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", flow=f"{entry['flow']:.4f}", answer=f"{entry['answer']:.4f}")
     model.eval()

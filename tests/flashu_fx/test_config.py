@@ -1,4 +1,4 @@
-"""Showo2Config: presets, derived sizes (facts doc 1.1, 1.8), validation naming the field, dict round trip."""
+"""Showo2Config: presets, derived sizes (docs/SHOWO2.md §1.1, §1.8), validation naming the field, dict round trip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Diffusion head (facts doc 1.4 and 1.6): time sinusoid, llama3 RoPE scaling, a modulated block against an
+"""Diffusion head (docs/SHOWO2.md §1.4 and §1.6): time sinusoid, llama3 RoPE scaling, a modulated block against an
 independent reference (modulation only inside the image slot), FinalLayer."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_llama3_inv_freq_scaling_per_index():
     ratio = inv / base
     assert inv.shape == (32,)
     torch.testing.assert_close(ratio[:15], torch.ones(15, dtype=torch.float64), rtol=1e-6, atol=0)
-    documented = torch.tensor([0.6056, 0.3037, 0.1034], dtype=torch.float64)  # facts doc 1.6, to 4 decimals
+    documented = torch.tensor([0.6056, 0.3037, 0.1034], dtype=torch.float64)  # docs/SHOWO2.md §1.6, to 4 decimals
     torch.testing.assert_close(ratio[15:18], documented, rtol=0, atol=5e-5)
     torch.testing.assert_close(ratio[18:], torch.full((14,), 1 / 32, dtype=torch.float64), rtol=1e-6, atol=0)
     assert llama3_inv_freq(64, 500_000.0).dtype == torch.float32

@@ -1,4 +1,4 @@
-"""Token layouts (facts doc 1.8 and 4.6-4.7): the generation rows and the understanding prompt."""
+"""Token layouts (docs/SHOWO2.md §1.8 and §4.6-4.7): the generation rows and the understanding prompt."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ SP = CFG.specials
 
 
 def documented_row(prompt: list[int]) -> list[int]:
-    """Facts doc 1.8, index by index (432 numbers): bos, prompt, boi, 730 img_pad, eoi, eos, 290 - n pads."""
+    """docs/SHOWO2.md §1.8, index by index (432 numbers): bos, prompt, boi, 730 img_pad, eoi, eos, 290 - n pads."""
     n = len(prompt)
     row = [None] * 1024
     row[0] = 151644

@@ -1,5 +1,5 @@
 """Checkpoint I/O: save/load round trips (safetensors and .bin, tied and untied), strict key/shape errors that
-name the key and the shapes, missing files, and upstream config.json mapping (facts doc 1.1, 1.11)."""
+name the key and the shapes, missing files, and upstream config.json mapping (docs/SHOWO2.md §1.1, §1.11)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def test_round_trip(saved_model, tmp_path, safe):
     assert torch.equal(loaded.llm_inv_freq, saved_model.llm_inv_freq)
     assert torch.equal(loaded.head_inv_freq, saved_model.head_inv_freq)
     assert torch.equal(forward_velocity(loaded), forward_velocity(saved_model))
+
+
+def test_sharded_save_round_trips_and_replaces_an_older_split(saved_model, tmp_path):
+    total = sum(v.numel() * v.element_size() for v in saved_model.state_dict().values())
+    path = save_pretrained(saved_model, tmp_path / "ckpt", max_shard_bytes=total // 3)
+    shards = sorted(p for p in path.glob("*.safetensors"))
+    assert len(shards) >= 3 and all(p.stat().st_size <= total // 3 + 4096 for p in shards)
+    assert torch.equal(forward_velocity(from_pretrained(path, dtype=torch.float32)), forward_velocity(saved_model))
+    save_pretrained(saved_model, path)  # one file now: the old shards must go, or they would be read again
+    assert [p.name for p in path.glob("*.safetensors")] == ["model.safetensors"]
+    with pytest.raises(ValueError, match="max_shard_bytes must be >= 1, got 0"):
+        save_pretrained(saved_model, tmp_path / "other", max_shard_bytes=0)
 
 
 def test_load_casts_to_dtype(saved_model, tmp_path):
@@ -152,7 +164,7 @@ def test_upstream_config_mapping(hidden, preset):
         "image_latent_width": 32,
         "num_diffusion_layers": 10,
         "llm_vocab_size": 151669,
-        "add_qk_norm": True,  # stored upstream but never read (facts doc 1.1)
+        "add_qk_norm": True,  # stored upstream but never read (docs/SHOWO2.md §1.1)
     }
     cfg = config_from_upstream(upstream)
     base = get_config(preset)
@@ -166,6 +178,6 @@ def test_upstream_config_mapping(hidden, preset):
 
 @pytest.mark.parametrize(("side", "max_seq_len", "max_text_len"), [(27, 1024, 290), (32, 1280, 251), (64, 4352, 251)])
 def test_upstream_grid_sets_the_documented_token_budget(side, max_seq_len, max_text_len):
-    """Facts doc 1.1 / 1.8: 432 -> 1024 (text 290), 512 -> 1280 (251), 1024 -> 4352 (251)."""
+    """docs/SHOWO2.md §1.1 / §1.8: 432 -> 1024 (text 290), 512 -> 1280 (251), 1024 -> 4352 (251)."""
     cfg = config_from_upstream({"hidden_size": 1536, "image_latent_height": side, "image_latent_width": side})
     assert (cfg.max_seq_len, cfg.max_text_len, cfg.image_slot_len) == (max_seq_len, max_text_len, side * side + 1)

@@ -1,4 +1,4 @@
-"""Omni attention mask (facts doc 1.9): causal OR same image slot, against the naive construction."""
+"""Omni attention mask (docs/SHOWO2.md §1.9): causal OR same image slot, against the naive construction."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The module tree of both real presets, built on the meta device, has exactly the official state dict.
 
-tests/data/showo2_{1.5b,7b}_state_dict.tsv are copies of the reference key/shape lists (facts doc 1.11), which
+tests/data/showo2_{1.5b,7b}_state_dict.tsv are copies of the reference key/shape lists (docs/SHOWO2.md §1.11), which
 were taken from the official module tree instantiated on the meta device.
 """
 

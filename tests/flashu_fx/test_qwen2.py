@@ -1,5 +1,5 @@
 """Qwen2 decoder: one layer against transformers' own Qwen2DecoderLayer with the same weights and the omni mask
-(as the 4-D additive float mask upstream passes, facts doc 1.2 and 1.9); pruned-FFN neuron ranges; KV-cache decode.
+(as the 4-D additive float mask upstream passes, docs/SHOWO2.md §1.2, §1.9); pruned-FFN neuron ranges; KV-cache decode.
 
 The transformers call is written against the installed API (4.4x returned a tuple and took ``position_embeddings``
 since 4.45; 5.x returns a tensor): it is checked here, not assumed.

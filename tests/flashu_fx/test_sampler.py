@@ -1,4 +1,4 @@
-"""Euler flow sampler (facts doc 3.3-3.4): shifted time grid, N - 1 calls, CFG, guidance schedules, noise."""
+"""Euler flow sampler (docs/SHOWO2.md §3.3-3.4): shifted time grid, N - 1 calls, CFG, guidance schedules, noise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""gen_schedule against the facts doc's 34-call table (5.4), structural properties, and config validation."""
+"""gen_schedule against the 34-call table of docs/SHOWO2.md §5.4, structural properties, and config validation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ NUM_LAYERS = 28  # Show-o2 1.5B and 7B
 
 
 def facts_table() -> list[tuple[float, str, int, str]]:
-    """The 34 rows of facts doc 5.4 as (guidance, FFN, skipped-layer count, head), written out by hand."""
+    """The 34 rows of docs/SHOWO2.md §5.4 as (guidance, FFN, skipped-layer count, head), written out by hand."""
     rows: dict[int, tuple[float, str, int, str]] = {}
 
     def fill(calls: range, guidance: float, ffn: str, skipped: int, head: str) -> None:

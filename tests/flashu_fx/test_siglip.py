@@ -1,5 +1,5 @@
 """und_trans: our SigLIP encoder layer against transformers' SiglipEncoderLayer with the same weights
-(fp32, gelu_pytorch_tanh, LayerNorm eps 1e-6, no mask; facts doc 1.3)."""
+(fp32, gelu_pytorch_tanh, LayerNorm eps 1e-6, no mask; docs/SHOWO2.md §1.3)."""
 
 from __future__ import annotations
 

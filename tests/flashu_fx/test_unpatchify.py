@@ -1,4 +1,4 @@
-"""Output layout (facts doc 1.7) and input patch order (1.3), checked on index tensors.
+"""Output layout (docs/SHOWO2.md §1.7) and input patch order (§1.3), checked on index tensors.
 
 Output: feature f of token k is channel f % 16 of raster pixel q = 4k + f // 16 (NOT a 2x2 patch).
 Input:  token k is the 2x2 latent patch at (k // (w/2), k % (w/2)).

@@ -70,7 +70,7 @@ def test_flashu_floors_sit_below_exact_below_upstream(preset: str) -> None:
 
 
 def test_upstream_call_floor_matches_the_anchor() -> None:
-    """anchors.md: one upstream call at 784 TFLOP/s is 13.6 ms (1.5B) and 42.8 ms (7B)."""
+    """docs/REFERENCE_MEASUREMENTS.md: one upstream call at 784 TFLOP/s is 13.6 ms (1.5B) and 42.8 ms (7B)."""
     for preset, ms in (("showo2-1.5b", 13.6), ("showo2-7b", 42.8)):
         report = floors.floors(get_config(preset), floors.Rates(784.0, 4245.0), 50, 64, 780, 32,
                                floors.ANCHOR_SECONDS[preset])

@@ -175,6 +175,30 @@ def test_demo_tiny(tmp_path, capsys):
     assert (tmp_path / "demo.json").exists()
 
 
+def test_demo_decodes_with_a_local_vae(tmp_path, capsys, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from flashu_fx.vae import WanLatentCodec
+
+    torch.manual_seed(0)
+    tiny = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+    diffusers.AutoencoderKLWan(**tiny).save_pretrained(tmp_path / "vae")
+    decoded, original = [], WanLatentCodec.decode_to_images
+
+    def recording(self, latents):
+        decoded.append(original(self, latents))
+        return decoded[-1]
+
+    monkeypatch.setattr(WanLatentCodec, "decode_to_images", recording)
+    argv = ["--out", str(tmp_path), "--steps", "3", "--max-new-tokens", "2", "--rows", "eager"]
+    argv += ["--vae", str(tmp_path / "vae")]
+    demo.main(argv)
+    (images,) = decoded
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8  # two 8x8 latents through the decoder
+    _, _, rgb = decode_png((tmp_path / "t2i_eager.png").read_bytes())
+    assert torch.equal(rgb, image_grid(images))
+    assert "image (eager, VAE)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("task", ["gen", "und"])
 def test_bench_tiny_cpu(tmp_path, task, capsys):
     out = tmp_path / "bench.json"

@@ -1,0 +1,87 @@
+"""Training the testbed: the joint batch is laid out as the pipelines lay out inference, and the loop learns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flashu_fx.config import get_config
+from flashu_fx.layout import build_gen_batch, build_mmu_prompt
+from flashu_fx.model import Showo2
+from flashu_fx.testbed import world
+from flashu_fx.testbed.data import IGNORE, build_gen_pool, build_und_pool
+from flashu_fx.testbed.tokenizer import WordTokenizer
+from flashu_fx.testbed.train import TrainConfig, init_for_training, joint_batch, joint_loss, train
+
+# The testbed's token layout (grid, sequence length, vocabulary) with a two-layer trunk: a CPU step in ~0.1 s.
+SMALL = dataclasses.replace(
+    get_config("testbed-nano"), name="testbed-small", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, intermediate_size=128, und_hidden_size=32, und_num_layers=1, und_num_heads=2,
+    und_intermediate_size=64, head_hidden_size=48, head_num_layers=1, head_num_heads=3, head_num_kv_heads=1,
+    head_dim_head=16, head_intermediate_size=96, frequency_embedding_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    tok = WordTokenizer(world.vocabulary(), SMALL.specials)
+    rng = world.rng_for("train", 0)
+    return tok, build_gen_pool(SMALL, tok, rng, 64, progress=False), build_und_pool(SMALL, tok, rng, 64,
+                                                                                     progress=False)
+
+
+def test_pool_rows_are_the_inference_layouts(pools) -> None:
+    tok, gen, und = pools
+    rng = world.rng_for("train", 0)  # the same stream: the pools' first examples
+    prompts, images = world.training_batch_gen(rng, 64)
+    ids = tok.encode(prompts[0].caption)
+    expected = build_gen_batch(SMALL, [ids], guided=True)
+    assert torch.equal(gen.tokens[0], expected.tokens[0]) and int(gen.offsets[0]) == int(expected.offsets[0])
+    assert torch.equal(gen.null_tokens, expected.tokens[1])
+    assert torch.equal(gen.images[0], torch.from_numpy(images[0]))
+    items, _ = world.training_batch_und(rng, 64)
+    prompt = build_mmu_prompt(SMALL, tok, items[0].question)
+    n0 = prompt.tokens.shape[1]
+    assert torch.equal(und.tokens[0, :n0], prompt.tokens[0])
+    assert int(und.offsets[0]) == prompt.offset and int(und.block_offsets[0]) == prompt.block_offset
+    answer = [*tok.encode(items[0].answer), SMALL.specials.eos]
+    targets = und.targets[0]
+    assert targets[n0 - 1 : n0 - 1 + len(answer)].tolist() == answer  # logits at p predict token p + 1
+    assert (targets != IGNORE).sum() == len(answer)
+    assert und.tokens[0, n0 : n0 + len(answer)].tolist() == answer
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(pools) -> None:
+    _, gen, und = pools
+    cfg = TrainConfig(steps=30, batch_gen=4, batch_und=4, lr=3e-3, warmup=1, pool_gen=64, pool_und=64)
+    torch.manual_seed(0)
+    model = init_for_training(Showo2(SMALL), seed=0)
+    batch = joint_batch(model, gen, und, cfg, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = [float(v) for v in joint_loss(model, batch, cfg)]
+    ema, log = train(model, gen, und, cfg, progress=False)
+    with torch.no_grad():
+        after = [float(v) for v in joint_loss(model, batch, cfg)]
+    assert after[0] < 0.8 * before[0] and after[2] < before[2]  # total and answer cross-entropy both fell
+    assert log[0]["step"] == 0 and log[-1]["step"] == 29 and all(k in log[-1] for k in ("flow", "answer", "lr"))
+    moved = [not torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters(), strict=True)]
+    assert any(moved)  # the EMA trails the trained weights
+
+
+def test_init_starts_the_head_at_zero_velocity(pools) -> None:
+    _, gen, und = pools
+    model = init_for_training(Showo2(SMALL), seed=0)
+    cfg = TrainConfig(batch_gen=2, batch_und=2)
+    batch = joint_batch(model, gen, und, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(batch["tokens"], batch["latents"], batch["t"], batch["offsets"], batch["mask"])
+    assert torch.count_nonzero(out.velocity) == 0  # zero adaLN and final layer, as DiT and upstream start
+
+
+def test_bad_train_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="TrainConfig.caption_dropout=1.5"):
+        TrainConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="TrainConfig.batch_und=0"):
+        TrainConfig(batch_und=0)
