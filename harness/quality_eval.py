@@ -26,20 +26,17 @@ from harness.rows import timed
 
 @dataclass(frozen=True)
 class Score:
-    """An accuracy with its 95% interval (None where the scorer gives none) and the item count."""
+    """An accuracy with its 95% interval and item count: one entry of a scorer summary."""
 
     accuracy: float
-    interval: tuple[float, float] | None
-    count: int | None
+    interval: tuple[float, float]
+    count: int
 
     @classmethod
-    def parse(cls, entry: float | dict[str, Any]) -> Score:
-        """One entry of a scorer summary: a bare accuracy, or {"accuracy", "count", "ci95"}."""
-        if isinstance(entry, dict):
-            ci = entry.get("ci95")
-            return cls(float(entry["accuracy"]), None if ci is None else (float(ci[0]), float(ci[1])),
-                       entry.get("count"))
-        return cls(float(entry), None, None)
+    def parse(cls, entry: dict[str, Any]) -> Score:
+        """{"accuracy", "count", "ci95"} (scorer.geneval_summary / answer_summary) -> Score."""
+        low, high = entry["ci95"]
+        return cls(float(entry["accuracy"]), (float(low), float(high)), int(entry["count"]))
 
 
 def overall_score(summary: dict[str, Any]) -> Score:

@@ -38,7 +38,7 @@ def share(flags: Sequence[bool]) -> float:
 def score_check(candidate: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """The overall score difference and whether the candidate lies inside the reference's 95% interval."""
     cand, ref = overall_score(candidate), overall_score(reference)
-    within = None if ref.interval is None else ref.interval[0] <= cand.accuracy <= ref.interval[1]
+    within = ref.interval[0] <= cand.accuracy <= ref.interval[1]
     return {"score_difference": cand.accuracy - ref.accuracy, "reference_interval": ref.interval,
             "within_interval": within}
 

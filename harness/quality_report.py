@@ -21,8 +21,8 @@ def relative_drop(score: float, baseline: float) -> float | None:
     return None if baseline == 0 else 100.0 * (score - baseline) / baseline
 
 
-def fmt_interval(interval: tuple[float, float] | None) -> str:
-    return "-" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+def fmt_interval(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def row_table(task: str, results: list[GenRowResult] | list[UndRowResult]) -> str:
@@ -45,16 +45,16 @@ def count(n: int, unit: str) -> str:
     return f"{n} {unit if n == 1 else PLURAL[unit]}"
 
 
-def acceptance(passes: dict[str, bool | None]) -> str:
-    """``decisions pass, latent_cosine FAIL, ...`` (None: not measurable, e.g. no interval)."""
-    return ", ".join(f"{k} {'pass' if ok else 'n/a' if ok is None else 'FAIL'}" for k, ok in passes.items())
+def acceptance(passes: dict[str, bool]) -> str:
+    """``decisions pass, latent_cosine FAIL, ...``"""
+    return ", ".join(f"{k} {'pass' if ok else 'FAIL'}" for k, ok in passes.items())
 
 
 def fidelity_lines(task: str, report: dict[str, Any]) -> list[str]:
     lines = []
     for f in report.values():
         score = (f"score {f['score_difference']:+.3f} ("
-                 f"{'inside' if f['within_interval'] else 'OUTSIDE' if f['within_interval'] is not None else 'no'}"
+                 f"{'inside' if f['within_interval'] else 'OUTSIDE'}"
                  f" the {f['reference']} interval {fmt_interval(f['reference_interval'])})")
         if task == "gen":
             c = f["latent_cosine"]

@@ -151,4 +151,4 @@ def test_und_fidelity_compares_tokens_skips_and_text():
     f = und_fidelity(candidate, reference)
     assert (f["same_kept_tokens"], f["same_skip_decisions"], f["identical_decisions"]) == (0.5, 1.0, 0.5)
     assert f["same_answer_text"] == 0.5 and f["differing_questions"] == [1] and f["within_interval"] is False
-    assert Score.parse(0.5) == Score(0.5, None, None)
+    assert Score.parse({"accuracy": 0.5, "count": 2, "ci95": [0.1, 0.9]}) == Score(0.5, (0.1, 0.9), 2)
