@@ -53,7 +53,7 @@ class UndAnalysis:
 
 @torch.no_grad()
 def analyze_generation(model: Showo2, tokenizer: TextTokenizer, captions: Sequence[str], steps: int, guidance: float,
-                       seed: int = 0) -> GenAnalysis:
+                       seed: int = 0, progress: bool = True) -> GenAnalysis:
     """One guided generation of ``captions`` with both probes on (see the module docstring)."""
     cfg, device = model.config, next(model.parameters()).device
     ids = encode_prompts(model, captions, tokenizer)
@@ -73,7 +73,7 @@ def analyze_generation(model: Showo2, tokenizer: TextTokenizer, captions: Sequen
 
     positions = lambda h: image_block(h, batch.offsets, slot)
     with LayerCosineProbe(model, positions) as cosine, AttentionProbe(model, on_layer):
-        generate_images(model, ids, steps=steps, guidance=guidance, seed=seed)
+        generate_images(model, ids, steps=steps, guidance=guidance, seed=seed, progress=progress)
     return GenAnalysis(np.array(cosine.calls), np.array(shares))
 
 
