@@ -3,8 +3,8 @@
 Generation runs the prompts in batches of ``batch`` (noise seed ``seed + batch index``, so every row denoises the
 same noise); understanding answers one question at a time. Latency is the median over the timed batches (or
 answers) of the seconds per image (per answer); ``warmup`` untimed runs of the first batch (question) come first,
-so a compiled row's compilation is not in it. Every output is kept: the scores, the latents (generation) and
-the decisions feed the fidelity comparison of a compiled row with its eager twin.
+and of the last batch when it is smaller, so a compiled row's compilations are not in it. Every output is kept: the
+scores, the latents (generation) and the decisions feed the fidelity comparison of a compiled row with its eager twin.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def run_gen_row(spec: RowSpec, env: Env, prompts: Sequence[world.GenPrompt], bat
     run = gen_runner(spec, env)
     groups = [list(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
     captions = [[p.caption for p in group] for group in groups]
-    warm = [timed(lambda: run(captions[0], seed), device)[1] for _ in range(warmup)]
+    # A smaller last batch is another shape (a compiled row recompiles for it): it warms up too.
+    shapes = [0] if len(groups[-1]) == len(groups[0]) else [0, len(groups) - 1]
+    warm = [timed(lambda j=j: run(captions[j], seed + j), device)[1] for _ in range(warmup) for j in shapes]
     latents, decisions, seconds = [], [], []
     for j, group in enumerate(tqdm(captions, desc=f"gen {spec.name}", disable=not progress, leave=False)):
         out, sec = timed(lambda group=group, j=j: run(group, seed + j), device)

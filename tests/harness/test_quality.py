@@ -15,6 +15,7 @@ from harness import quality
 from harness.images import PNG_SIGNATURE
 from harness.quality_eval import GenRowResult, Score, UndRowResult
 from harness.quality_fidelity import gen_fidelity, und_fidelity
+from harness.quality_report import relative_drop
 from harness.quality_rows import ABLATIONS, BASELINE, ROWS, RowSpec, select_row_specs
 
 PROMPTS, QUESTIONS = 2, 2
@@ -104,6 +105,11 @@ def test_rows_and_ablations():
     assert set(ABLATIONS["und"]) < set(ROWS["und"])
     with pytest.raises(ValueError, match=r"unknown gen row\(s\) \['no_token_pruning'\]: allowed"):
         select_row_specs("gen", ["no_token_pruning"])
+
+
+def test_relative_drop():
+    assert relative_drop(0.45, 0.5) == pytest.approx(-10.0) and relative_drop(0.5, 0.5) == 0.0
+    assert relative_drop(0.2, 0.0) is None  # no relative change from a zero baseline
 
 
 def test_bad_arguments(random_testbed, tmp_path, capsys):
