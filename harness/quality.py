@@ -29,7 +29,7 @@ import torch
 
 from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
-from flashu_fx.testbed.checkpoint import SHIPPED_DIR, flashu_config, load_testbed
+from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
 from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
@@ -94,7 +94,7 @@ def pick_rows(text: str | None, tasks: tuple[str, ...], parser: argparse.Argumen
 
 
 def prepare_env(args: argparse.Namespace, rows: dict[str, list[RowSpec]], device: torch.device,
-                dtype: torch.dtype, options: dict, parser: argparse.ArgumentParser) -> tuple[Env, Any]:
+                dtype: torch.dtype, options: dict, parser: argparse.ArgumentParser) -> tuple[Env, Testbed]:
     """Load the testbed and, when a FlashU row runs, permute its FFNs for the calibrated layout (in place)."""
     try:
         tb = load_testbed(args.weights, dtype=dtype, device=device)
