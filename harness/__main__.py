@@ -6,6 +6,7 @@ python -m harness kernels ...              # harness.kernels
 python -m harness calibrate ...            # harness.calibrate_cli
 python -m harness analyze ...              # harness.analyze_cli
 python -m harness floors --preset showo2-7b # the floor of each path at the device's measured rates
+python -m harness quality                  # FlashU's quality cost on the trained testbed (harness.quality)
 python -m harness <command> --help
 """
 
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("harness.analyze_cli", "analyse FlashU decisions and errors"),
     "floors": ("harness.floors", "the physical floor of each benchmarked path, from the shapes (no GPU)"),
     "train-testbed": ("harness.train_testbed", "train the nano Show-o2 on the synthetic world and save it"),
+    "quality": ("harness.quality", "score every FlashU row on the trained testbed: accuracy, latency, fidelity"),
 }
 
 

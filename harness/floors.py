@@ -32,7 +32,7 @@ from flashu_fx.schedule import gen_schedule
 from harness.arguments import command_parser
 
 # Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (docs/REFERENCE_MEASUREMENTS.md),
-# H100 80GB HBM3 798 TFLOP/s (measured on a lent H100 in an earlier run of harness.floors --measure).
+# H100 80GB HBM3 798 TFLOP/s (measured the same way on an H100).
 MEASURED_BF16_TFLOPS = {"H200": 784.0, "H100": 798.0}
 H200_COPY_GBPS = 4245.0  # eager 1 GiB device-to-device copy, bytes read + written (docs/KERNELS.md)
 H200 = "NVIDIA H200"  # the device the default rates were measured on (torch.cuda.get_device_name)

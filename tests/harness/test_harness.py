@@ -402,3 +402,46 @@ def test_guard_cost_reports_every_variant(capsys):
     result = guard_cost.main(["--preset", "tiny", "--calls", "5"])
     assert set(result) == set(guard_cost.VARIANTS) and all(us > 0 for us in result.values())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["us_per_call"] == result
+
+
+# ---- analyze on a testbed -----------------------------------------------------------------------------
+def test_attention_probe_reproduces_the_attention_output(tiny_model):
+    """softmax(QK^T / sqrt(d) + mask) V recomputed by the probe gives the layer's own SDPA output."""
+    from flashu_fx.layout import build_gen_batch
+    from harness.llm_probes import attention_probabilities
+
+    attn = tiny_model.showo.model.layers[1].self_attn
+    batch = build_gen_batch(tiny_model.config, [[5, 6, 7]])
+    x = torch.randn(2, tiny_model.config.max_seq_len, tiny_model.config.hidden_size,
+                    generator=torch.Generator().manual_seed(0))
+    cos, sin, _, _ = tiny_model.rope(x.shape[1], x.dtype, x.device)
+    with torch.no_grad():
+        expected = attn(x, cos, sin, batch.mask)
+        probs, v = attention_probabilities(attn, x, cos, sin, batch.mask)
+        heads = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+        got = attn.o_proj((probs @ heads).transpose(1, 2).flatten(2))
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_analyze_testbed_writes_every_chart(random_testbed, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from harness import analyze_cli
+
+    out = tmp_path / "analyze"
+    argv = ["--weights", str(random_testbed), "--device", "cpu", "--prompts", "1", "--questions", "1",
+            "--steps", "3", "--new-tokens", "2", "--out", str(out)]
+    assert analyze_cli.main(argv) == 0
+    for name in ("specialization", "layer_similarity", "vnorm_attention", "image_attention"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE, name
+    report = json.loads((out / "analysis.json").read_text())
+    layers = get_config("testbed-nano").num_layers
+    assert len(report["specialization"]["layers"]) == layers
+    assert [len(row) for row in report["gen"]["cosine"]] == [layers, layers]  # 3 grid points: 2 calls
+    assert len(report["und"]["cosine"]) == 2 and len(report["und"]["vnorm_attention_spearman"]) == layers
+    assert all(0.0 <= s <= 1.0 for s in report["gen"]["image_attention_share"][0])
+    assert report["und"]["vnorm_layer"] == 1
+    assert "und V-norm Spearman" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        analyze_cli.main(["--weights", str(tmp_path / "none"), "--out", str(out)])
+    assert f"--weights {tmp_path / 'none'}" in capsys.readouterr().err
