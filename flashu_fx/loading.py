@@ -42,8 +42,10 @@ def config_from_upstream(upstream: dict, vocab_size: int | None = None) -> Showo
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory: ``*.safetensors`` if present, else ``pytorch_model.bin``."""
-    shards = sorted(path.glob("*.safetensors"))
+    """All tensors of a checkpoint directory: its weight shards (``model*.safetensors``, Hugging Face's names, or
+    else every ``*.safetensors``) if present, else ``pytorch_model.bin``. Preferring the weight names keeps other
+    safetensors files beside the weights (a testbed's ``calibration_gen.safetensors``) out of the state dict."""
+    shards = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if shards:
         from safetensors.torch import load_file
 

@@ -122,6 +122,14 @@ def test_from_pretrained_rejects_a_doctored_file(tiny, tmp_path):
         from_pretrained(path)
 
 
+def test_other_safetensors_beside_the_weights_are_not_weights(tiny, tmp_path):
+    """A testbed directory keeps its calibrations (``calibration_gen.safetensors``) beside ``model.safetensors``."""
+    path = save_pretrained(tiny, tmp_path)
+    save_file({"scores": torch.zeros(4, 256)}, str(path / "calibration_gen.safetensors"))
+    loaded = from_pretrained(path, dtype=torch.float32)
+    assert torch.equal(loaded.showo.lm_head.weight, tiny.showo.lm_head.weight)
+
+
 # ---- files and configs ------------------------------------------------------------------------------------
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
