@@ -228,12 +228,15 @@ def generate_images_flashu(
     guidance: float = 10.0,
     seed: int = 0,
     progress: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> FlashUGenResult:
     """FlashU text-to-image on the shorter grid: ``config.num_points(baseline_steps)`` points (50 -> 35, 34 calls).
 
     The plain pipeline (``generate_images``: same batch, noise and Euler/CFG loop) with the FlashU velocity and
     the per-call guidance g_s; ``guidance`` is the full-phase g (0 disables CFG). ``layout`` is required when
-    ``config.ffn_prune_ratio > 0`` and the model's FFNs must be permuted by it.
+    ``config.ffn_prune_ratio > 0`` and the model's FFNs must be permuted by it. ``seeds``: one noise seed per
+    prompt, as in ``generate_images``. The skip set is measured over the whole batch, so unlike the eager
+    baseline a FlashU image also depends on the prompts that share its batch.
     """
     ids = encode_prompts(model, prompts, tokenizer)
     guided = guidance != 0
@@ -243,6 +246,6 @@ def generate_images_flashu(
     velocity = FlashUGenVelocity(model, batch, config, layout, num_points - 1, guidance)
     scales = velocity.guidance_schedule if guided else 0.0
     latents = generate_images(
-        model, ids, steps=num_points, guidance=scales, seed=seed, progress=progress, velocity=velocity
+        model, ids, steps=num_points, guidance=scales, seed=seed, progress=progress, velocity=velocity, seeds=seeds
     )
     return FlashUGenResult(latents, velocity.records)
