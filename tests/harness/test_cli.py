@@ -1,5 +1,5 @@
 """``generate`` and ``answer`` on a random-weight testbed checkpoint, CPU only: the files and reports they write, the
-prompt file, every validation error, data parallelism under torchrun (2 gloo processes)."""
+prompt file, every validation error, data parallelism under torchrun (2 gloo processes), and the demo on a testbed."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from flashu_fx.testbed import codec
 from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
 from flashu_fx.testbed.tokenizer import FILE_NAME, WordTokenizer
 from harness import __main__ as cli
-from harness import answer, generate
-from harness.runner import ExactCodecImages
+from harness import answer, demo, generate
+from harness.runner import ExactCodecImages, shipped_testbed_present
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -245,3 +245,26 @@ def test_torchrun_shards_prompts_and_matches_one_process(testbed_dir, tmp_path, 
     assert generate.main([*args, "--out", str(single)]) == 0
     for item in report["images"]:
         assert (tmp_path / "dp" / item["file"]).read_bytes() == (single / item["file"]).read_bytes(), item["file"]
+
+
+# ---- demo --------------------------------------------------------------------------------------------------------
+def test_demo_on_a_testbed_shows_pictures_and_answers(testbed_dir, tmp_path, capsys):
+    argv = ["--weights", str(testbed_dir), "--steps", STEPS, "--rows", "eager,flashu-eager,eager-kv",
+            "--out", str(tmp_path)]
+    report = demo.main(argv)
+    assert report["source"] == f"testbed {testbed_dir}" and report["prompts"] == list(demo.TESTBED_PROMPTS)
+    assert [(r["task"], r["row"]) for r in report["rows"]] == [
+        ("gen", "eager"), ("gen", "flashu-eager"), ("und", "eager-nokv"), ("und", "flashu-eager"), ("und", "eager-kv")]
+    assert read_png(tmp_path / "demo.png").shape[2] == 3 and report["grid"] == str(tmp_path / "demo.png")
+    assert read_png(tmp_path / "t2i_eager.png").shape == (48, 2 * 48 + 4, 3)  # decoded by the exact codec
+    printed = capsys.readouterr().out
+    for row in report["rows"][2:]:
+        assert f"{row['answer'].strip()!r} ({row['count']} tokens)" in printed
+    assert "image (eager, testbed codec)" in printed
+
+
+@pytest.mark.skipif(shipped_testbed_present(), reason="the shipped testbed is in this checkout")
+def test_demo_says_it_falls_back_to_the_tiny_model(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--steps", STEPS, "--max-new-tokens", "2", "--rows", "eager,eager-kv"])
+    err = capsys.readouterr().err
+    assert "the shipped testbed weights (flashu_fx/testbed/weights/) are not in this checkout" in err
