@@ -36,7 +36,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer, layer_importance
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
 from flashu_fx.masks import pad_mask_to
-from flashu_fx.mmu import Answer, check_image_latents, next_token, prompt_embeddings
+from flashu_fx.mmu import Answer, cache_length, check_image_latents, next_token, prompt_embeddings
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import KVCache
 from flashu_fx.schedule import LayerMode
@@ -81,7 +81,7 @@ def select_kept_positions(layer: torch.nn.Module, h: Tensor, image_start: int, n
 class FlashUUndDecoder:
     """Stateful FlashU decoding of one prompt: ``prefill(x)`` once, then ``step(token)`` per new token.
 
-    caches[l]: static KV buffers (1, KV, cap_l, d) with cap_l = base[l] + max_new_tokens, base[l] = L0 for
+    caches[l]: static KV buffers (1, KV, cap_l, d), cap_l = cache_length(base[l] + max_new_tokens), base[l] = L0 for
     l <= p (or without pruning), K0 after; valid[l]: bool (cap_l,) slots layer l has written.
     """
 
@@ -118,8 +118,9 @@ class FlashUUndDecoder:
         """Caches, validity masks, slot indices and RoPE tables for the whole answer (static shapes)."""
         model, n = self.model, self.max_new_tokens
         kv, head_dim = model.config.num_kv_heads, model.config.head_dim
-        self.caches = [KVCache(1, kv, b + n, head_dim, x.dtype, x.device) for b in self.base]
-        self.valid = [torch.zeros(b + n, dtype=torch.bool, device=x.device) for b in self.base]
+        caps = [cache_length(b + n) for b in self.base]  # aligned mask rows (see cache_length)
+        self.caches = [KVCache(1, kv, cap, head_dim, x.dtype, x.device) for cap in caps]
+        self.valid = [torch.zeros(cap, dtype=torch.bool, device=x.device) for cap in caps]
         self.slot_ids = torch.arange(self.prompt_len + n, device=x.device)  # views of it index the caches
         self.cos, self.sin, _, _ = model.rope(self.prompt_len + n, x.dtype, x.device)
 

@@ -58,6 +58,15 @@ def prompt_embeddings(model: Showo2, latents: Tensor, prompt: MmuPrompt) -> Tens
     return model.embed_inputs(prompt.tokens.to(device), offsets, model.image_embeds(latents), c)
 
 
+def cache_length(positions: int) -> int:
+    """Static cache length for ``positions`` tokens, rounded up to a multiple of 16 (the extra slots stay masked).
+
+    The mask rows a decode step slices out of the (L, L) mask then start on 16-element boundaries: CUDA's
+    memory-efficient attention read an unaligned bf16 mask row as a misaligned address (H200, a 181-slot cache).
+    """
+    return -(-positions // 16) * 16
+
+
 def make_kv_caches(model: Showo2, batch: int, max_len: int, dtype: torch.dtype, device) -> list[KVCache]:
     cfg = model.config
     return [KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device) for _ in range(cfg.num_layers)]
@@ -114,7 +123,7 @@ def decode_cached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress)
     the bool mask; SDPA would convert a bool mask on every call, in every layer). A step passes views of them.
     """
     cfg, device, n0 = model.config, x.device, x.shape[1]
-    max_len = n0 + max_new_tokens
+    max_len = cache_length(n0 + max_new_tokens)
     caches = make_kv_caches(model, 1, max_len, x.dtype, device)
     cos_all, sin_all, _, _ = model.rope(max_len, x.dtype, device)
     positions = torch.arange(max_len, device=device)

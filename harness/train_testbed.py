@@ -25,7 +25,7 @@ import torch
 
 from flashu_fx.calibration import calibrate
 from flashu_fx.config import get_config
-from flashu_fx.loading import save_pretrained
+from flashu_fx.loading import from_pretrained, save_pretrained
 from flashu_fx.mmu import answer_question
 from flashu_fx.model import Showo2
 from flashu_fx.t2i import generate_images
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-gen", type=int, default=d.batch_gen, help="generation rows per step")
     p.add_argument("--batch-und", type=int, default=d.batch_und, help="understanding rows per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
+    p.add_argument("--eval-no-kv-cache", action="store_true", help="score answers with the no-cache decode loop")
     p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered examples per task")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts scored after training")
@@ -67,10 +70,11 @@ def score_generation(model: Showo2, tok: WordTokenizer, prompts: list[world.GenP
     return [scorer.score_prompt(p, im) for p, im in zip(prompts, images, strict=True)], images
 
 
-def score_answers(model: Showo2, tok: WordTokenizer, items: list[world.QAItem], device) -> tuple[list[bool], list]:
+def score_answers(model: Showo2, tok: WordTokenizer, items: list[world.QAItem], device, kv_cache: bool = True
+                  ) -> tuple[list[bool], list]:
     images = torch.from_numpy(world.render_batch([it.scene for it in items]))
     latents = codec.encode(images).to(device)
-    answers = [answer_question(model, latents[i : i + 1], it.question, tok, max_new_tokens=6).text
+    answers = [answer_question(model, latents[i : i + 1], it.question, tok, max_new_tokens=6, kv_cache=kv_cache).text
                for i, it in enumerate(items)]
     return [scorer.score_answer(a, it) for a, it in zip(answers, items, strict=True)], answers
 
@@ -82,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(PRESET)
     tok = WordTokenizer(world.vocabulary(), cfg.specials)
     train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
-                            pool_gen=args.pool, pool_und=args.pool, seed=args.seed, time_budget_s=args.time_budget)
+                            warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool, seed=args.seed,
+                            time_budget_s=args.time_budget)
     rng = world.rng_for("train", args.seed)
     gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen), device)
     und_pool = pool_to(build_und_pool(cfg, tok, rng, train_cfg.pool_und), device)
     pools_s = time.perf_counter() - started
     print(f"pools: {train_cfg.pool_gen} + {train_cfg.pool_und} examples in {pools_s:.1f} s", flush=True)
 
-    model = init_for_training(Showo2(cfg), seed=args.seed).to(device)
+    if args.init:  # a continued run: the earlier run's (EMA) weights, in fp32 for the optimizer
+        model = from_pretrained(args.init, dtype=torch.float32, device=device).train()
+    else:
+        model = init_for_training(Showo2(cfg), seed=args.seed).to(device)
     ema, log = train(model, gen_pool, und_pool, train_cfg)
     del gen_pool, und_pool, model
     train_s = log[-1]["seconds"] if log else 0.0
@@ -108,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     for g in (float(x) for x in args.guidance_sweep.split(",")):
         correct, images = score_generation(model, tok, prompts, g, args.eval_steps)
         sweep[g] = scorer.geneval_summary(prompts, correct)
-        print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']:.3f}", flush=True)
-        if best is None or sweep[g]["overall"] > sweep[best[0]]["overall"]:
+        print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']['accuracy']:.3f}", flush=True)
+        if best is None or sweep[g]["overall"]["accuracy"] > sweep[best[0]]["overall"]["accuracy"]:
             best = (g, images, correct)
     items = world.heldout_questions(args.eval_questions)
-    correct_qa, answers = score_answers(model, tok, items, device)
+    correct_qa, answers = score_answers(model, tok, items, device, kv_cache=not args.eval_no_kv_cache)
     qa = scorer.answer_summary(items, correct_qa)
-    print(f"answers: accuracy {qa['overall']:.3f}", flush=True)
+    print(f"answers: accuracy {qa['overall']['accuracy']:.3f}", flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = dict(
         command="python -m harness train-testbed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        preset=PRESET, train=train_cfg.to_dict(),
+        preset=PRESET, train=train_cfg.to_dict(), init=args.init,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, pools_seconds=round(pools_s, 1), train_seconds=round(train_s, 1),
         steps_done=(log[-1]["step"] + 1) if log else 0, loss_log=log,

@@ -48,3 +48,16 @@ def test_bad_shapes_name_the_argument() -> None:
         codec.encode(torch.zeros(1, 7, 8, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="latents must be"):
         codec.decode(torch.zeros(1, 12, 4, 4))
+
+
+def test_normalisation_gives_world_latents_unit_scale() -> None:
+    """The shipped constants hold on renders they were not measured on (another seed of the world)."""
+    import numpy as np
+
+    from flashu_fx.testbed import world
+
+    rng = world.rng_for("train", 7)
+    images = np.concatenate([world.training_batch_gen(rng, 1500)[1], world.training_batch_und(rng, 1500)[1]])
+    z = codec.encode(torch.from_numpy(images))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.1
+    torch.testing.assert_close(z.std(dim=(0, 2, 3)), torch.ones(16), rtol=0.1, atol=0)
