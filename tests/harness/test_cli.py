@@ -264,3 +264,28 @@ def test_demo_says_it_falls_back_to_the_tiny_model(tmp_path, capsys):
     demo.main(["--out", str(tmp_path), "--steps", STEPS, "--max-new-tokens", "2", "--rows", "eager,eager-kv"])
     err = capsys.readouterr().err
     assert "the shipped testbed weights (flashu_fx/testbed/weights/) are not in this checkout" in err
+
+
+# ---- real Show-o2 weights ----------------------------------------------------------------------------------------
+def test_show_o2_weights_with_a_tokenizer_and_a_vae(tmp_path, capsys):
+    """The other kind of checkpoint end to end: tiny Show-o2 weights with Qwen's token ids, a Qwen-shaped tokenizer
+    directory and a tiny Wan2.1 VAE; pictures through the VAE's decoder, the question's image through its encoder."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.flashu_fx.test_tokenizer import CONFIG, QWEN_ADDED, save_tokenizer
+
+    weights = save_pretrained(init_random_weights(Showo2(CONFIG), seed=0).eval(), tmp_path / "show-o2")
+    tokenizer = save_tokenizer(tmp_path / "qwen", QWEN_ADDED)
+    with torch.random.fork_rng():  # the VAE's random init draws from the global generator: leave it as it was
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+    vae.save_pretrained(tmp_path / "vae")
+    real = ["--weights", str(weights), "--tokenizer", str(tokenizer), "--vae", str(tmp_path / "vae"), "--no-flashu"]
+    report = run_generate(tmp_path / "gen", *real, "--prompt", "a red fox in the snow")
+    assert (report["checkpoint"], report["model"], report["settings"]["guidance"]) == ("show-o2", CONFIG.name, 7.5)
+    picture = tmp_path / "gen" / report["images"][0]["file"]
+    assert read_png(picture).shape == (64, 64, 3)  # 8 x 8 latents through the VAE's 8x decoder
+    assert answer.main([*real, "--image", str(picture), "--question", "What is it?", "--max-new-tokens", "3",
+                        "--out", str(tmp_path / "und")]) == 0
+    answers = json.loads((tmp_path / "und" / "answer.json").read_text())["answers"]
+    assert len(answers) == 1 and 1 <= answers[0]["tokens"] <= 3 and "Q: What is it?" in capsys.readouterr().out
