@@ -116,6 +116,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("argument --device: cuda was asked for but torch sees no CUDA device (allowed here: auto, "
+                          "cpu)")
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype

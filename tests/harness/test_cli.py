@@ -78,7 +78,7 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def run_generate(out: Path, *args: str) -> dict:
-    assert generate.main(["--out", str(out), "--steps", STEPS, *args]) == 0
+    assert generate.main(["--out", str(out), "--steps", STEPS, "--device", "cpu", *args]) == 0
     return json.loads((out / "generate.json").read_text())
 
 
@@ -136,7 +136,7 @@ def test_answer_prints_and_reports(testbed_dir, tmp_path, capsys):
     picture = tmp_path / "scene.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(picture)
     out = tmp_path / "answers"
-    argv = ["--weights", str(testbed_dir), "--image", str(picture), "--out", str(out)]
+    argv = ["--weights", str(testbed_dir), "--image", str(picture), "--out", str(out), "--device", "cpu"]
     assert answer.main([*argv, "--question", QUESTIONS[0], "--question", QUESTIONS[1]]) == 0
     report = json.loads((out / "answer.json").read_text())
     for key in ("command", "weights", "checkpoint", "model", "path", "flashu", "image", "settings", "seconds",
@@ -199,6 +199,9 @@ def test_errors_name_the_argument_and_exit_with_status_2(testbed_dir, tiny_model
         (["answer", "--weights", tb, "--image", str(bad_file), "--question", "what is the unicorn"],
          "argument --question: text 'what is the unicorn' has words outside the testbed vocabulary: ['unicorn']"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "--weights", tb, "--device", "cuda", "--prompt", "x"],
+                      "argument --device: cuda was asked for but torch sees no CUDA device"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
@@ -286,6 +289,6 @@ def test_show_o2_weights_with_a_tokenizer_and_a_vae(tmp_path, capsys):
     picture = tmp_path / "gen" / report["images"][0]["file"]
     assert read_png(picture).shape == (64, 64, 3)  # 8 x 8 latents through the VAE's 8x decoder
     assert answer.main([*real, "--image", str(picture), "--question", "What is it?", "--max-new-tokens", "3",
-                        "--out", str(tmp_path / "und")]) == 0
+                        "--device", "cpu", "--out", str(tmp_path / "und")]) == 0
     answers = json.loads((tmp_path / "und" / "answer.json").read_text())["answers"]
     assert len(answers) == 1 and 1 <= answers[0]["tokens"] <= 3 and "Q: What is it?" in capsys.readouterr().out
