@@ -1,4 +1,4 @@
-"""``python -m harness answer``: answers to questions about one image.
+r"""``python -m harness answer``: answers to questions about one image.
 
     python -m harness answer --image scene.png --question "what color is the circle" --question "where is the square"
     python -m harness answer --image photo.jpg --question "What is in this image?" --weights ckpt/show-o2-1.5B \
@@ -42,12 +42,14 @@ from harness.distributed import Ranks
 from harness.runner import Checkpoint, OptionError, QuestionAnswerer, load_checkpoint, prepare_flashu
 
 PROG = "python -m harness answer"
+EXAMPLES = """examples:
+  python -m harness answer --image scene.png --question "what color is the circle" --question "where is the square"
+  python -m harness answer --image photo.jpg --question "What is it?" --weights DIR --tokenizer DIR --vae DIR"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:5]))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""), epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=existing_file, required=True, metavar="FILE", help="the picture (PNG or JPEG)")
     questions = p.add_mutually_exclusive_group()
     questions.add_argument("--question", type=text_option("--question"), action="append", metavar="TEXT",

@@ -1,4 +1,4 @@
-"""``python -m harness generate``: pictures from prompts, on one device or data parallel under torchrun.
+r"""``python -m harness generate``: pictures from prompts, on one device or data parallel under torchrun.
 
     python -m harness generate --prompt "a photo of a red circle" --prompt "a photo of two blue squares"
     python -m harness generate --prompts prompts.txt --weights ckpt/show-o2-1.5B \
@@ -49,6 +49,7 @@ from harness.cli_options import (
     use_compile,
 )
 from harness.distributed import Ranks, process_group
+from harness.grids import prompt_grid
 from harness.images import write_png
 from harness.runner import (
     CALIBRATION_PROMPTS,
@@ -60,12 +61,15 @@ from harness.runner import (
 )
 
 PROG = "python -m harness generate"
+EXAMPLES = """examples:
+  python -m harness generate --prompt "a photo of a red circle" --prompt "a photo of two blue squares"
+  python -m harness generate --prompts prompts.txt --batch 4 --weights DIR --tokenizer DIR --vae DIR
+  torchrun --nproc-per-node 8 -m harness generate --prompts prompts.txt"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:6]))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""), epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", type=text_option("--prompt"), action="append", metavar="TEXT",
                          help="a prompt (repeatable)")
@@ -126,12 +130,10 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
                   images_per_second=len(items) / seconds if seconds else None, grid=None,
                   images=[{k: item[k] for k in ("index", "prompt", "seed", "file", "rank", "seconds")}
                           for item in items])
+    title = f"{header['model']} ({header['checkpoint']}), {header['path']}"
     try:
-        from harness.grids import prompt_grid
-
-        title = f"{header['model']} ({header['checkpoint']}), {header['path']}"
         report["grid"] = prompt_grid(images, prompts, out / "grid.png", header["path"], title).name
-    except ImportError:
+    except ImportError:  # matplotlib, imported when drawing
         print("matplotlib is not installed: no grid.png (pip install 'flashu-fx[plots]')", file=sys.stderr)
     (out / "generate.json").write_text(json.dumps(report, indent=1))
     return report
