@@ -229,13 +229,16 @@ def generate_images_flashu(
     guidance: float = 10.0,
     seed: int = 0,
     progress: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> FlashUGenResult:
     """FlashU text-to-image on the shorter grid: ``config.num_points(baseline_steps)`` points (50 -> 35, 34 calls).
 
     The plain pipeline (``generate_images``: same batch, noise and Euler/CFG loop) with the FlashU velocity and
     the per-call guidance g_s of the plans; ``guidance`` is g, the scale of the last calls (0 disables CFG;
     ``config.guidance_schedule``). ``layout`` is required when ``config.ffn_prune_ratio > 0`` and the model's
-    FFNs must be permuted by it.
+    FFNs must be permuted by it. ``seeds``: one noise seed per prompt, as in ``generate_images``. The skip set is
+    measured over the whole batch, so unlike the eager baseline a FlashU image also depends on the prompts that
+    share its batch.
     """
     ids = encode_prompts(model, prompts, tokenizer)
     check_guidance(guidance, per_call=False)
@@ -247,6 +250,6 @@ def generate_images_flashu(
     velocity = FlashUGenVelocity(model, batch, config, layout, num_points - 1, guidance)
     scales = velocity.guidance_schedule if guided else 0.0
     latents = generate_images(
-        model, ids, steps=num_points, guidance=scales, seed=seed, progress=progress, velocity=velocity
+        model, ids, steps=num_points, guidance=scales, seed=seed, progress=progress, velocity=velocity, seeds=seeds
     )
     return FlashUGenResult(latents, velocity.records)

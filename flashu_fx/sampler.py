@@ -36,6 +36,22 @@ def draw_noise(shape: Sequence[int], seed: int) -> Tensor:
     return torch.randn(tuple(shape), generator=gen).to(torch.bfloat16).float()
 
 
+def draw_noise_per_prompt(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """Noise (B, ...) whose row i is ``draw_noise((1, ...), seeds[i])``: each prompt's noise depends on its own
+    seed only, not on which prompts share its batch (so a prompt split across batches or processes keeps its
+    noise). ``draw_noise`` draws the whole batch from one generator instead: upstream's behaviour."""
+    shape, seeds = tuple(shape), [int(s) for s in seeds]
+    if not shape or shape[0] != len(seeds):
+        raise ValueError(f"seeds must hold one seed per prompt (row of the noise shape {shape}), got {len(seeds)}")
+    return torch.cat([draw_noise((1, *shape[1:]), s) for s in seeds])
+
+
+def initial_noise(shape: Sequence[int], seed: int, seeds: Sequence[int] | None) -> Tensor:
+    """The sampler's starting noise: ``draw_noise(shape, seed)`` (one generator for the batch), or one generator
+    per prompt when ``seeds`` are given (``draw_noise_per_prompt``; ``seed`` is then unused)."""
+    return draw_noise(shape, seed) if seeds is None else draw_noise_per_prompt(shape, seeds)
+
+
 def euler_sample(
     velocity_fn: VelocityFn,
     noise: Tensor,

@@ -16,7 +16,7 @@ from torch import Tensor
 from flashu_fx.inputs import check_baseline_steps, check_guidance, prompt_ids
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.model import Showo2
-from flashu_fx.sampler import VelocityFn, draw_noise, euler_sample, time_grid
+from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
 from flashu_fx.tokenizer import TextTokenizer
 
 
@@ -47,11 +47,14 @@ def generate_images(
     shift: float = 3.0,
     progress: bool = False,
     velocity: VelocityFn | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Tensor:
     """Latents (B, C, h, w) fp32 for B prompts. ``steps`` grid points = ``steps - 1`` model calls.
 
     ``guidance`` 0 disables CFG; a sequence gives one scale per call; every scale finite and >= 0.
-    ``velocity`` replaces the eager model call (FlashU and compiled models plug in here).
+    ``velocity`` replaces the eager model call (FlashU and compiled models plug in here). The noise comes from one
+    generator seeded with ``seed``; ``seeds`` (one per prompt) draws each prompt's noise from its own generator
+    instead, so an image does not depend on how the prompts are batched (``sampler.draw_noise_per_prompt``).
     """
     ids = encode_prompts(model, prompts, tokenizer)
     check_guidance(guidance, per_call=True)
@@ -60,6 +63,6 @@ def generate_images(
     guided = not (isinstance(guidance, (int, float)) and guidance == 0)
     batch = build_gen_batch(model.config, ids, guided=guided).to(device)
     h, w = model.config.latent_size
-    noise = draw_noise((len(ids), model.config.latent_channels, h, w), seed).to(device)
+    noise = initial_noise((len(ids), model.config.latent_channels, h, w), seed, seeds).to(device)
     fn = velocity or eager_velocity(model, batch)
     return euler_sample(fn, noise, time_grid(steps, shift), guidance if guided else None, progress)

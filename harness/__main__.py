@@ -1,6 +1,8 @@
 """``python -m harness <command> [options]``: one entry point, each command's module imported only when run.
 
-python -m harness demo                     # tiny model, CPU, < 30 s: t2i for 2 prompts, one question
+python -m harness generate --prompt "a photo of a red circle"   # pictures from a checkpoint (the testbed's default)
+python -m harness answer --image scene.png --question "what color is the circle"
+python -m harness demo                     # every row on the testbed (or a tiny random model): pictures and answers
 python -m harness bench --task gen --preset showo2-1.5b
 python -m harness kernels ...              # harness.kernels
 python -m harness calibrate ...            # harness.calibrate_cli
@@ -20,6 +22,8 @@ from harness.arguments import command_parser
 
 # command -> (module, what it does); each module has main(argv).
 COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("harness.generate", "pictures from prompts: PNGs, a captioned grid, JSON (torchrun: data parallel)"),
+    "answer": ("harness.answer", "answers to questions about an image file, printed and written as JSON"),
     "demo": ("harness.demo", "run t2i and understanding once per registered row, write a PNG"),
     "bench": ("harness.bench", "time the registered rows of a task at the real shapes, write JSON"),
     "kernels": ("harness.kernels", "benchmark and check the Triton kernels"),

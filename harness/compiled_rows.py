@@ -70,14 +70,15 @@ def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
     overrides = backend_overrides(options)
 
     def row(ctx: GenContext) -> PreparedRow:
-        if config is None:
+        row_config = None if config is None else ctx.flashu_configs.get("gen", config)
+        if row_config is None:
             model, layout, how = ctx.model, None, "exact optimizations only"
             points = ctx.steps
         else:
-            model, layout, how = prepare_flashu(ctx, config)
-            points = config.num_points(ctx.steps)
+            model, layout, how = prepare_flashu(ctx, row_config)
+            points = row_config.num_points(ctx.steps)
         batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
-        backend = flashu_backend("gen", config, layout, **overrides)
+        backend = flashu_backend("gen", row_config, layout, **overrides)
         # Each torch.compile of Showo2.forward with a new backend adds a Dynamo cache entry; rows (and their
         # variants) run one after another, so start each from a clean cache, far from the recompile limit.
         torch._dynamo.reset()
@@ -90,10 +91,10 @@ def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
 
         out, first = timed(run, noise.device)
         with torch.no_grad():
-            if config is None:
+            if row_config is None:
                 twin = euler_sample(eager_velocity(model, batch, return_logits=False), noise, grid, ctx.guidance)
             else:
-                eager = FlashUGenVelocity(model, batch, config, layout, points - 1, ctx.guidance)
+                eager = FlashUGenVelocity(model, batch, row_config, layout, points - 1, ctx.guidance)
                 twin = euler_sample(eager, noise, grid, eager.guidance_schedule)
         cos = latent_cosine(out, twin)
         note = (

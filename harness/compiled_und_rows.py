@@ -39,11 +39,12 @@ def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
     overrides = backend_overrides(options)
 
     def row(ctx: UndContext) -> PreparedRow:
-        if config is None:
+        row_config = None if config is None else ctx.flashu_configs.get("und", config)
+        if row_config is None:
             model, layout, how = ctx.model, None, "exact optimizations only"
         else:
-            model, layout, how = prepare_flashu(ctx, config)
-        backend = flashu_backend("und", config, layout, **overrides)
+            model, layout, how = prepare_flashu(ctx, row_config)
+        backend = flashu_backend("und", row_config, layout, **overrides)
         und = torch.compile(model, backend=backend)
         device = model_device(model)
 
@@ -58,12 +59,12 @@ def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
         prefill, whole = seconds(1), seconds(ctx.max_new_tokens)
         per_token = (whole - prefill) / max(len(out.ids) - 1, 1)
         with torch.no_grad():
-            if config is None:
+            if row_config is None:
                 twin = answer_question(model, ctx.latents, ctx.question, ctx.tokenizer, ctx.max_new_tokens,
                                        kv_cache=True, stop_at_eos=ctx.stop_at_eos)
                 decisions = ""
             else:
-                twin = answer_question_flashu(model, ctx.latents, ctx.question, config, layout, ctx.tokenizer,
+                twin = answer_question_flashu(model, ctx.latents, ctx.question, row_config, layout, ctx.tokenizer,
                                               ctx.max_new_tokens, stop_at_eos=ctx.stop_at_eos)
                 same = shared_prefix([s.skipped for s in out.steps], [s.skipped for s in twin.steps])
                 differ = len(set(out.kept_positions) - set(twin.kept_positions))  # bf16 near-ties at the cut

@@ -5,7 +5,9 @@ of the shorter FlashU grid. The permutation is exact (the full FFN computes the 
 applied to the context's model in place, once per context and task, and the FlashU rows (eager and compiled)
 share it: no model copy, so each row's peak memory is its own. Scores come from a Wanda calibration when
 ``flashu_fx.calibration`` is importable (gen: the first prompt, a few denoising steps; und: the request's
-own image and question), else from random scores; the row's note says which.
+own image and question), else from random scores; the row's note says which. A context may fix both up front:
+``ctx.flashu_configs[task]`` replaces the paper's settings and ``ctx.flashu_layouts[task]`` the calibration (the
+demo does so with the testbed's shipped calibrations).
 """
 
 from __future__ import annotations
@@ -69,9 +71,14 @@ def prepare_flashu(ctx: GenContext | UndContext, config: FlashUConfig) -> tuple[
     return model, layout, how
 
 
+def flashu_config_for(ctx: GenContext | UndContext, task: str) -> FlashUConfig:
+    """The context's FlashU settings for ``task``, else the paper's defaults."""
+    return ctx.flashu_configs.get(task) or FlashUConfig.for_task(task)
+
+
 def flashu_eager_gen(ctx: GenContext) -> PreparedRow:
     """FlashU generation (paper Table 7 defaults) on ``config.num_points(ctx.steps)`` grid points."""
-    config = FlashUConfig.for_task("gen")
+    config = flashu_config_for(ctx, "gen")
     model, layout, how = prepare_flashu(ctx, config)
     points = config.num_points(ctx.steps)
     batch, noise, grid = gen_inputs(dataclasses.replace(ctx, model=model, steps=points))
@@ -88,7 +95,7 @@ def flashu_eager_gen(ctx: GenContext) -> PreparedRow:
 
 def flashu_eager_und(ctx: UndContext) -> PreparedRow:
     """FlashU understanding (paper Table 8 defaults): V-norm token pruning, pruned FFN, layer skipping."""
-    config = FlashUConfig.for_task("und")
+    config = flashu_config_for(ctx, "und")
     model, layout, how = prepare_flashu(ctx, config)
 
     def run() -> FlashUAnswer:

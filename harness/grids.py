@@ -42,7 +42,7 @@ def captioned_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], captions: S
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long captions wrap below the figure: keep them in
     plt.close(fig)
     return path
 
@@ -56,3 +56,19 @@ def _wrap(text: str, width: int) -> str:
         else:
             line = f"{line} {w}".strip()
     return "\n".join([*lines, line])
+
+
+def prompt_grid(images: Sequence[np.ndarray], prompts: Sequence[str], path: str | Path, label: str, title: str = "",
+                columns: int = 8) -> Path:
+    """One picture per prompt, each under its prompt, ``columns`` to a row (the last row padded with black)."""
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"prompt_grid needs one image per prompt, got {len(images)} images, {len(prompts)} prompts")
+    if len(prompts) <= columns:
+        return captioned_grid([(label, list(images))], list(prompts), path, title)
+    rows, notes = [], []
+    for start in range(0, len(prompts), columns):
+        chunk, texts = list(images[start : start + columns]), list(prompts[start : start + columns])
+        pad = columns - len(chunk)
+        rows.append((f"{label} {start + 1}-{start + len(chunk)}", chunk + [np.zeros_like(images[0])] * pad))
+        notes.append(texts + [""] * pad)
+    return captioned_grid(rows, [""] * columns, path, title, notes)  # per-image prompts go in as notes

@@ -63,6 +63,7 @@ class GenContext:
     tokenizer: TextTokenizer | None = None
     progress: bool = False
     flashu_layouts: dict = field(default_factory=dict)  # task -> (FFN layout, how scored): see flashu_rows
+    flashu_configs: dict = field(default_factory=dict)  # task -> FlashUConfig of the FlashU rows (default: paper's)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class UndContext:
     stop_at_eos: bool = True
     progress: bool = False
     flashu_layouts: dict = field(default_factory=dict)  # task -> (FFN layout, how scored): see flashu_rows
+    flashu_configs: dict = field(default_factory=dict)  # task -> FlashUConfig of the FlashU rows (default: paper's)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch import Tensor
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch
-from flashu_fx.sampler import VelocityFn, draw_noise, euler_sample, time_grid
+from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
 from flashu_fx.t2i import encode_prompts
 from flashu_fx.tokenizer import TextTokenizer
 
@@ -48,8 +48,10 @@ def generate_images_compiled(
     seed: int = 0,
     shift: float = 3.0,
     progress: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> Tensor:
-    """Latents (B, C, h, w). FlashU runs ``config.num_points(baseline_steps)`` grid points; exact-only all."""
+    """Latents (B, C, h, w). FlashU runs ``config.num_points(baseline_steps)`` grid points; exact-only all.
+    ``seeds``: one noise seed per prompt, as in ``generate_images``."""
     ids = encode_prompts(compiled, prompts, tokenizer)
     check_guidance(guidance, per_call=False)
     check_baseline_steps(baseline_steps, backend.config)
@@ -62,6 +64,6 @@ def generate_images_compiled(
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)
     plans = backend.begin_image(points - 1, guidance)
     h, w = cfg.latent_size
-    noise = draw_noise((len(ids), cfg.latent_channels, h, w), seed).to(device)
+    noise = initial_noise((len(ids), cfg.latent_channels, h, w), seed, seeds).to(device)
     velocity = stepped_velocity(compiled, backend, batch)
     return euler_sample(velocity, noise, time_grid(points, shift), [p.guidance for p in plans], progress)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from flashu_fx import answer_question, generate_images
+from flashu_fx import FlashUConfig, answer_question, generate_images, generate_images_flashu
 from flashu_fx import mmu as mmu_module
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise
@@ -206,3 +206,18 @@ def test_bad_generation_inputs_name_the_argument(tiny_model, name, change, compi
     with fresh.step(0):
         gen(*args.values(), return_logits=False)
     assert fresh.records and fresh.compiles == 1
+
+
+def test_per_prompt_seeds_keep_each_image_independent_of_its_batch(tiny_model):
+    """With ``seeds`` prompt i starts from its own generator: the same image alone as in a batch, for the eager and
+    the FlashU pipelines (FlashU here without layer skipping, which measures over the whole batch)."""
+    together = generate_images(tiny_model, PROMPTS, steps=3, guidance=5.0, seeds=[7, 8])
+    for i, seed in enumerate([7, 8]):
+        alone = generate_images(tiny_model, PROMPTS[i : i + 1], steps=3, guidance=5.0, seed=seed)
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+    config = FlashUConfig.for_task("gen", ffn_prune_ratio=0.0, skip_ratio=0.0)
+    flashu = generate_images_flashu(tiny_model, PROMPTS, config, None, baseline_steps=4, guidance=5.0, seeds=[7, 8])
+    second = generate_images_flashu(tiny_model, PROMPTS[1:], config, None, baseline_steps=4, guidance=5.0, seed=8)
+    torch.testing.assert_close(flashu.latents[1:], second.latents, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate_images(tiny_model, PROMPTS, steps=3, seeds=[1])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashu_fx.sampler import cfg_combine, draw_noise, euler_sample, time_grid
+from flashu_fx.sampler import cfg_combine, draw_noise, draw_noise_per_prompt, euler_sample, time_grid
 
 
 def test_time_grid_n50_values():
@@ -120,3 +120,12 @@ def test_noise_is_seeded_and_bf16_rounded():
     reference = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(7))  # the CPU generator
     assert torch.equal(a, reference.to(torch.bfloat16).float())
     assert not torch.equal(a, reference)
+
+
+def test_per_prompt_noise_rows_are_their_own_draws():
+    noise = draw_noise_per_prompt((3, 16, 4, 4), [5, 9, 5])
+    for row, seed in zip(noise, [5, 9, 5], strict=True):
+        assert torch.equal(row[None], draw_noise((1, 16, 4, 4), seed))
+    assert torch.equal(draw_noise_per_prompt((2, 16, 4, 4), [5, 9])[1], noise[1])  # its batch-mates do not matter
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        draw_noise_per_prompt((2, 16, 4, 4), [1])

@@ -161,7 +161,8 @@ def test_upstream_flops_match_anchors(preset, tflop):
 
 # ---- commands -----------------------------------------------------------------------------------------
 def test_demo_tiny(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--steps", "3", "--max-new-tokens", "3", "--rows", "eager,eager-kv,eager-nokv"]
+    argv = ["--out", str(tmp_path), "--preset", "tiny", "--steps", "3", "--max-new-tokens", "3",
+            "--rows", "eager,eager-kv,eager-nokv"]
     report = demo.main(argv)
     png = tmp_path / "t2i_eager.png"
     assert png.exists() and png_size(png) == (2 * 64 + 4, 64)  # two 8x8 latents, 8x nearest, 4-px gap
@@ -189,7 +190,7 @@ def test_demo_decodes_with_a_local_vae(tmp_path, capsys, monkeypatch):
         return decoded[-1]
 
     monkeypatch.setattr(WanLatentCodec, "decode_to_images", recording)
-    argv = ["--out", str(tmp_path), "--steps", "3", "--max-new-tokens", "2", "--rows", "eager"]
+    argv = ["--out", str(tmp_path), "--preset", "tiny", "--steps", "3", "--max-new-tokens", "2", "--rows", "eager"]
     argv += ["--vae", str(tmp_path / "vae")]
     demo.main(argv)
     (images,) = decoded

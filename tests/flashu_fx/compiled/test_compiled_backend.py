@@ -385,3 +385,15 @@ def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
     assert backend.compiles == 2  # the kept layer-count guards made Dynamo retrace for the deeper stack
     opts = {"task": "gen", **lean_guard_options()}  # the string backend: torch.compile's own key is not ours
     assert backend_from_options(opts).task == "gen"
+
+
+def test_per_prompt_seeds_reach_the_compiled_pipeline(tiny_model) -> None:
+    """``seeds``: prompt i's noise from its own generator, as in the eager pipeline."""
+    backend = flashu_backend("gen")
+    gen = torch.compile(tiny_model, backend=backend)
+    prompts = [[5, 6, 7], [8, 9]]
+    out = generate_images_compiled(gen, backend, prompts, baseline_steps=3, guidance=4.0, seeds=[3, 11])
+    ref = generate_images(tiny_model, prompts, steps=3, guidance=4.0, seeds=[3, 11])
+    assert rel_err(out, ref) < 1e-5
+    alone = generate_images(tiny_model, prompts[1:], steps=3, guidance=4.0, seed=11)
+    assert rel_err(out[1:], alone) < 1e-5

@@ -1,0 +1,152 @@
+"""The options ``generate`` and ``answer`` share, and argparse types that check a value where it is parsed (so the
+error names the option and its value, and the command exits with status 2 before loading anything)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.bench import DTYPES, resolve_device
+from harness.runner import Checkpoint, OptionError
+
+
+@dataclass(frozen=True)
+class Text:
+    """A prompt or question and where it came from (``--prompt``, or ``--prompts FILE line N``), for errors."""
+
+    text: str
+    where: str
+
+
+# ---- argparse types: each raises ArgumentTypeError, which argparse reports as "argument --x: <message>" ----------
+def existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"directory {value!r} {what}")
+    return path
+
+
+def existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"file {value!r} {what}")
+    return path
+
+
+def int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer (allowed: >= {low})") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{number} is too small (allowed: >= {low})")
+        return number
+
+    parse.__name__ = "int"  # argparse names the type in its own messages
+    return parse
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number (allowed: >= 0)") from None
+    if not number >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is not allowed (allowed: >= 0)")
+    return number
+
+
+def text_option(option: str):
+    """A ``--prompt`` / ``--question`` value: any text with at least one non-blank character."""
+
+    def parse(value: str) -> Text:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"empty {option.lstrip('-')} {value!r}: it needs at least one word")
+        return Text(value.strip(), option)
+
+    parse.__name__ = "text"
+    return parse
+
+
+def text_file(option: str):
+    """A file of one prompt (or question) per line; blank lines and lines starting with # are skipped."""
+
+    def parse(value: str) -> list[Text]:
+        path = existing_file(value)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise argparse.ArgumentTypeError(f"file {value!r} is not UTF-8 text: {err}") from None
+        items = [Text(line.strip(), f"{option} {value} line {n}") for n, line in enumerate(lines, 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        if not items:
+            raise argparse.ArgumentTypeError(f"file {value!r} holds no lines of text (blank lines and lines "
+                                             "starting with # are skipped)")
+        return items
+
+    parse.__name__ = "file"
+    return parse
+
+
+# ---- the shared options ------------------------------------------------------------------------------------------
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--weights, --tokenizer, --vae, --flashu, --compile, --device, --dtype."""
+    p.add_argument("--weights", type=existing_dir, default=None, metavar="DIR",
+                   help="checkpoint directory: a testbed (default: the shipped one) or real Show-o2 weights")
+    p.add_argument("--tokenizer", type=existing_dir, default=None, metavar="DIR",
+                   help="real Show-o2 weights only: a local Qwen2.5-Instruct tokenizer directory")
+    p.add_argument("--vae", type=existing_dir, default=None, metavar="DIR",
+                   help="real Show-o2 weights only: a local diffusers-format Wan2.1 VAE directory")
+    p.add_argument("--flashu", action=argparse.BooleanOptionalAction, default=True,
+                   help="FlashU (default on): the checkpoint's shipped calibration, else one made now")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run through torch.compile with flashu_backend (default: on on CUDA, off on the CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when present; under torchrun each rank takes cuda:LOCAL_RANK")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, else fp32")
+
+
+def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("argument --device: cuda was asked for but torch sees no CUDA device (allowed here: auto, "
+                          "cpu)")
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def use_compile(args: argparse.Namespace, device: torch.device) -> bool:
+    return device.type == "cuda" if args.compile is None else args.compile
+
+
+def encode_texts(ckpt: Checkpoint, texts: list[Text], budget: int | None = None) -> list[list[int]]:
+    """Token ids of every text (at most ``budget`` each, when given); OptionError naming the option a text came
+    from for an unknown word or an over-long text."""
+    ids = []
+    for item in texts:
+        ids.append(ckpt.encode_text(item.text, f"argument {item.where}"))
+        if budget is not None and len(ids[-1]) > budget:
+            raise OptionError(f"argument {item.where}: {item.text!r} has {len(ids[-1])} tokens, more than the "
+                              f"model's text budget of {budget}")
+    return ids
+
+
+def run_command(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+                argv: list[str] | None) -> int:
+    """Parse ``argv`` and ``run`` the command; an OptionError it raises is reported through ``parser.error`` (the
+    usage and the message, exit status 2, no traceback), like a value argparse refused."""
+    args = parser.parse_args(argv)
+    args.command = " ".join([parser.prog, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
+    try:
+        return run(args)
+    except OptionError as err:
+        parser.error(str(err))

@@ -1,0 +1,294 @@
+"""``generate`` and ``answer`` on a random-weight testbed checkpoint, CPU only: the files and reports they write, the
+prompt file, every validation error, data parallelism under torchrun (2 gloo processes), and the demo on a testbed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flashu_fx.calibration import calibrate
+from flashu_fx.config import get_config
+from flashu_fx.loading import save_pretrained
+from flashu_fx.model import Showo2, init_random_weights
+from flashu_fx.t2i import generate_images
+from flashu_fx.testbed import codec, world
+from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
+from flashu_fx.testbed.tokenizer import FILE_NAME, WordTokenizer
+from harness import __main__ as cli
+from harness import answer, demo, generate
+from harness.runner import ExactCodecImages, shipped_testbed_present
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle",
+           "a photo of a yellow diamond"]
+QUESTIONS = ["what color is the circle", "how many squares are there"]
+STEPS = "3"  # grid points: 2 model calls per picture
+
+
+@pytest.fixture(scope="module")
+def testbed_dir(tmp_path_factory) -> Path:
+    """What ``train-testbed`` writes (weights, word tokenizer, both calibrations) from a random nano model."""
+    path = tmp_path_factory.mktemp("testbed")
+    cfg = get_config("testbed-nano")
+    model = init_random_weights(Showo2(cfg), seed=0).eval()
+    save_pretrained(model, path)
+    tok = WordTokenizer(world.vocabulary(), cfg.specials)
+    tok.save(path)
+    with torch.no_grad():
+        calibrate(model, "gen", PROMPTS[:2], flashu_config("gen"), steps=4, guidance=3.0, tokenizer=tok,
+                  progress=False).save(path / "calibration_gen")
+        latents = torch.randn(2, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
+        samples = [(latents[i : i + 1], q) for i, q in enumerate(QUESTIONS)]
+        calibrate(model, "und", samples, flashu_config("und"), tokenizer=tok, progress=False).save(
+            path / "calibration_und")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_dir(testbed_dir, tmp_path_factory) -> Path:
+    """The same testbed without its calibrations (links to its other files)."""
+    path = tmp_path_factory.mktemp("uncalibrated")
+    for name in ("config.json", "model.safetensors", FILE_NAME):
+        (path / name).symlink_to(testbed_dir / name)
+    return path
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A compiling test starts and leaves Dynamo's caches empty (each backend adds an entry to Showo2.forward's)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def run_generate(out: Path, *args: str) -> dict:
+    assert generate.main(["--out", str(out), "--steps", STEPS, "--device", "cpu", *args]) == 0
+    return json.loads((out / "generate.json").read_text())
+
+
+# ---- generate ----------------------------------------------------------------------------------------------------
+def test_generate_writes_pictures_grid_and_report(testbed_dir, tmp_path, capsys):
+    out = tmp_path / "eager"
+    report = run_generate(out, "--weights", str(testbed_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                          "--seed", "5", "--no-flashu")
+    for key in ("command", "weights", "checkpoint", "model", "path", "flashu", "settings", "world_size", "ranks",
+                "seconds", "images_per_second", "grid", "images"):
+        assert key in report
+    assert (report["checkpoint"], report["model"], report["path"], report["flashu"]) == (
+        "testbed", "testbed-nano", "eager", None)
+    tb = load_testbed(testbed_dir)
+    assert report["settings"] == dict(steps=3, calls_per_image=2, guidance=tb.guidance, seed=5, batch=1, device="cpu",
+                                      dtype="float32")
+    assert report["world_size"] == 1 and report["ranks"][0]["indices"] == [0, 1]
+    assert [(i["index"], i["prompt"], i["seed"], i["file"]) for i in report["images"]] == [
+        (0, PROMPTS[0], 5, "000_a_photo_of_a_red_circle.png"),
+        (1, PROMPTS[1], 6, "001_a_photo_of_two_blue_squares.png"),
+    ]
+    assert all(i["seconds"] > 0 and i["rank"] == 0 for i in report["images"])
+    assert read_png(out / "grid.png").shape[2] == 3 and report["grid"] == "grid.png"
+    # Each picture is the decoded image of its prompt alone, from noise seed 5 + index.
+    for item in report["images"]:
+        latents = generate_images(tb.model, [item["prompt"]], tb.tokenizer, steps=3, guidance=tb.guidance,
+                                  seed=item["seed"])
+        assert np.array_equal(read_png(out / item["file"]), codec.decode(latents)[0].numpy())
+    printed = capsys.readouterr().out
+    assert "2 picture(s)" in printed and str(out / "generate.json") in printed
+
+
+def test_generate_reads_a_prompt_file_and_uses_the_shipped_calibration(testbed_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# three prompts\n{PROMPTS[0]}\n\n   \n  {PROMPTS[1]}  \n#{PROMPTS[2]}\n{PROMPTS[3]}\n")
+    report = run_generate(tmp_path / "flashu", "--weights", str(testbed_dir), "--prompts", str(prompts), "--batch", "2")
+    assert [i["prompt"] for i in report["images"]] == [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    assert report["path"] == "flashu-eager" and report["flashu"].startswith("shipped calibration")
+    assert report["settings"]["calls_per_image"] == flashu_config("gen").num_points(3) - 1
+
+
+def test_generate_calibrates_when_no_calibration_ships(uncalibrated_dir, tmp_path, capsys):
+    report = run_generate(tmp_path / "calibrated", "--weights", str(uncalibrated_dir), "--prompt", PROMPTS[0])
+    assert report["flashu"] == "calibrated now on 1 input(s) of this request"
+    assert "has no calibration_gen.json; calibrating gen now" in capsys.readouterr().err
+
+
+def test_generate_compiled_flashu_on_the_cpu(testbed_dir, tmp_path, fresh_dynamo):
+    report = run_generate(tmp_path / "compiled", "--weights", str(testbed_dir), "--prompt", PROMPTS[0], "--compile")
+    assert report["path"] == "compiled-flashu" and len(report["images"]) == 1
+
+
+# ---- answer ------------------------------------------------------------------------------------------------------
+def test_answer_prints_and_reports(testbed_dir, tmp_path, capsys):
+    picture = tmp_path / "scene.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(picture)
+    out = tmp_path / "answers"
+    argv = ["--weights", str(testbed_dir), "--image", str(picture), "--out", str(out), "--device", "cpu"]
+    assert answer.main([*argv, "--question", QUESTIONS[0], "--question", QUESTIONS[1]]) == 0
+    report = json.loads((out / "answer.json").read_text())
+    for key in ("command", "weights", "checkpoint", "model", "path", "flashu", "image", "settings", "seconds",
+                "answers"):
+        assert key in report
+    assert report["path"] == "flashu-eager" and report["flashu"].startswith("shipped calibration")
+    assert report["settings"] == dict(max_new_tokens=8, device="cpu", dtype="float32")
+    assert [a["question"] for a in report["answers"]] == QUESTIONS
+    printed = capsys.readouterr().out
+    for item in report["answers"]:
+        assert item["tokens"] == len(item["ids"]) <= 8 and f"Q: {item['question']}\nA: {item['answer']}\n" in printed
+
+
+def test_a_testbed_picture_file_encodes_exactly(testbed_dir, tmp_path):
+    """A 48 x 48 picture needs no resizing: its latents are the codec's, exactly."""
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    latents = ExactCodecImages(load_testbed(testbed_dir).model).encode_file(tmp_path / "scene.png")
+    assert torch.equal(latents, codec.encode(torch.from_numpy(pixels)[None]))
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+def test_errors_name_the_argument_and_exit_with_status_2(testbed_dir, tiny_model, tmp_path, capsys):
+    tb = str(testbed_dir)
+    show_o2 = str(save_pretrained(tiny_model, tmp_path / "show-o2"))
+    bad_file = tmp_path / "bad.txt"
+    bad_file.write_text(f"{PROMPTS[0]}\na photo of a purple unicorn\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    cases = [
+        (["generate", "--weights", str(tmp_path / "nowhere"), "--prompt", "x"],
+         f"argument --weights: directory '{tmp_path / 'nowhere'}' does not exist"),
+        (["generate", "--weights", tb, "--prompts", str(tmp_path / "missing.txt")],
+         f"argument --prompts: file '{tmp_path / 'missing.txt'}' does not exist"),
+        (["generate", "--weights", tb, "--prompts", str(tmp_path / "empty.txt")], "holds no lines of text"),
+        (["answer", "--weights", tb, "--image", str(tmp_path / "missing.png"), "--question", "x"],
+         f"argument --image: file '{tmp_path / 'missing.png'}' does not exist"),
+        (["generate", "--weights", tb], "no prompt given: pass --prompt TEXT (repeatable) or --prompts FILE"),
+        (["generate", "--weights", tb, "--prompt", "  "], "argument --prompt: empty prompt '  '"),
+        (["generate", "--weights", tb, "--prompt", "a photo of a red dog"],
+         "argument --prompt: text 'a photo of a red dog' has words outside the testbed vocabulary: ['dog']; "
+         "known words: "),
+        (["generate", "--weights", tb, "--prompts", str(bad_file)],
+         f"argument --prompts {bad_file} line 2: text 'a photo of a purple unicorn' has words outside the testbed "
+         "vocabulary: ['unicorn']"),
+        (["generate", "--weights", show_o2, "--prompt", "x"],
+         f"--weights {show_o2} holds Show-o2 weights (no {FILE_NAME}, so not a testbed): they need --tokenizer DIR "
+         "(a local Qwen2.5-Instruct tokenizer directory) and --vae DIR (a local diffusers-format Wan2.1 VAE "
+         "directory)"),
+        (["generate", "--weights", str(tmp_path), "--prompt", "x"],
+         "is not a checkpoint directory: it has no config.json"),
+        (["generate", "--weights", tb, "--vae", str(tmp_path), "--prompt", "x"],
+         "has its own word tokenizer and exact codec; --vae is for real Show-o2 weights only"),
+        (["generate", "--weights", tb, "--steps", "1", "--prompt", "x"],
+         "argument --steps: 1 is too small (allowed: >= 2)"),
+        (["generate", "--weights", tb, "--compile", "--guidance", "0", "--prompt", PROMPTS[0]],
+         "argument --guidance: 0 (no classifier-free guidance) runs on the eager paths only"),
+        (["answer", "--weights", tb, "--image", str(bad_file), "--question", QUESTIONS[0]],
+         f"argument --image: {bad_file} is not an image Pillow can read"),
+        (["answer", "--weights", tb, "--image", str(bad_file)], "no question given"),
+        (["answer", "--weights", tb, "--image", str(bad_file), "--question", "what is the unicorn"],
+         "argument --question: text 'what is the unicorn' has words outside the testbed vocabulary: ['unicorn']"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "--weights", tb, "--device", "cuda", "--prompt", "x"],
+                      "argument --device: cuda was asked for but torch sees no CUDA device"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert message in err.replace("\n", " "), (argv, err)
+        assert "Traceback" not in err
+
+
+# ---- data parallel -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("flashu", "batch", "shares"), [
+    ("--no-flashu", "1", [[0, 2], [1, 3]]),  # batches of one prompt: rank r takes prompts r, r + 2
+    ("--flashu", "2", [[0, 1], [2, 3]]),  # batches of two: rank r takes batch r
+])
+def test_torchrun_shards_prompts_and_matches_one_process(testbed_dir, tmp_path, flashu, batch, shares):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["--weights", str(testbed_dir), "--prompts", str(prompts), "--steps", STEPS, flashu, "--batch", batch,
+            "--no-compile", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "harness", "generate", *args, "--out", str(tmp_path / "dp")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "dp" / "generate.json").read_text())
+    assert report["world_size"] == 2 and [i["index"] for i in report["images"]] == [0, 1, 2, 3]
+    assert [i["prompt"] for i in report["images"]] == PROMPTS and [i["seed"] for i in report["images"]] == [0, 1, 2, 3]
+    assert [r["indices"] for r in report["ranks"]] == shares and [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert all(r["images"] == 2 and r["seconds"] > 0 and r["images_per_second"] > 0 for r in report["ranks"])
+    assert (tmp_path / "dp" / "grid.png").is_file()
+
+    single = tmp_path / "single"
+    assert generate.main([*args, "--out", str(single)]) == 0
+    for item in report["images"]:
+        assert (tmp_path / "dp" / item["file"]).read_bytes() == (single / item["file"]).read_bytes(), item["file"]
+
+
+# ---- demo --------------------------------------------------------------------------------------------------------
+def test_demo_on_a_testbed_shows_pictures_and_answers(testbed_dir, tmp_path, capsys):
+    argv = ["--weights", str(testbed_dir), "--steps", STEPS, "--rows", "eager,flashu-eager,eager-kv",
+            "--out", str(tmp_path)]
+    report = demo.main(argv)
+    assert report["source"] == f"testbed {testbed_dir}" and report["prompts"] == list(demo.TESTBED_PROMPTS)
+    assert [(r["task"], r["row"]) for r in report["rows"]] == [
+        ("gen", "eager"), ("gen", "flashu-eager"), ("und", "eager-nokv"), ("und", "flashu-eager"), ("und", "eager-kv")]
+    assert read_png(tmp_path / "demo.png").shape[2] == 3 and report["grid"] == str(tmp_path / "demo.png")
+    assert read_png(tmp_path / "t2i_eager.png").shape == (48, 2 * 48 + 4, 3)  # decoded by the exact codec
+    printed = capsys.readouterr().out
+    for row in report["rows"][2:]:
+        assert f"{row['answer'].strip()!r} ({row['count']} tokens)" in printed
+    assert "image (eager, testbed codec)" in printed
+
+
+@pytest.mark.skipif(shipped_testbed_present(), reason="the shipped testbed is in this checkout")
+def test_demo_says_it_falls_back_to_the_tiny_model(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--steps", STEPS, "--max-new-tokens", "2", "--rows", "eager,eager-kv"])
+    err = capsys.readouterr().err
+    assert "the shipped testbed weights (flashu_fx/testbed/weights/) are not in this checkout" in err
+
+
+# ---- real Show-o2 weights ----------------------------------------------------------------------------------------
+def test_show_o2_weights_with_a_tokenizer_and_a_vae(tmp_path, capsys):
+    """The other kind of checkpoint end to end: tiny Show-o2 weights with Qwen's token ids, a Qwen-shaped tokenizer
+    directory and a tiny Wan2.1 VAE; pictures through the VAE's decoder, the question's image through its encoder."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.flashu_fx.test_tokenizer import CONFIG, QWEN_ADDED, save_tokenizer
+
+    weights = save_pretrained(init_random_weights(Showo2(CONFIG), seed=0).eval(), tmp_path / "show-o2")
+    tokenizer = save_tokenizer(tmp_path / "qwen", QWEN_ADDED)
+    with torch.random.fork_rng():  # the VAE's random init draws from the global generator: leave it as it was
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+    vae.save_pretrained(tmp_path / "vae")
+    real = ["--weights", str(weights), "--tokenizer", str(tokenizer), "--vae", str(tmp_path / "vae"), "--no-flashu"]
+    report = run_generate(tmp_path / "gen", *real, "--prompt", "a red fox in the snow")
+    assert (report["checkpoint"], report["model"], report["settings"]["guidance"]) == ("show-o2", CONFIG.name, 7.5)
+    picture = tmp_path / "gen" / report["images"][0]["file"]
+    assert read_png(picture).shape == (64, 64, 3)  # 8 x 8 latents through the VAE's 8x decoder
+    assert answer.main([*real, "--image", str(picture), "--question", "What is it?", "--max-new-tokens", "3",
+                        "--device", "cpu", "--out", str(tmp_path / "und")]) == 0
+    answers = json.loads((tmp_path / "und" / "answer.json").read_text())["answers"]
+    assert len(answers) == 1 and 1 <= answers[0]["tokens"] <= 3 and "Q: What is it?" in capsys.readouterr().out
