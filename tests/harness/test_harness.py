@@ -316,8 +316,10 @@ def test_help_states_the_values_a_user_gets(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "once per registered row, with a short table and a PNG." in text  # not cut after "once per"
-    for shown in ("(default: 50)", "(default: 7.5)", "(default: runs/demo)", "(default: cpu)", "(default: tiny)"):
+    assert "once per registered row (eager, eager FlashU, compiled exact, compiled FlashU), with a table and a " \
+        "captioned grid." in text  # not cut after "once per"
+    for shown in ("(default: the testbed's, else 50)", "(default: the testbed's, else 7.5, upstream's demo)",
+                  "(default: runs/demo)", "(default: cpu)", "(default: the shipped testbed, else tiny)"):
         assert shown in text
     with pytest.raises(SystemExit):
         bench.main(["--help"])
