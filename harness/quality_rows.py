@@ -27,6 +27,7 @@ from flashu_fx.compiled import (
     lean_guard_options,
 )
 from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.flashu_config import ABLATIONS as PAPER_ABLATIONS
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.flashu_und import answer_question_flashu
@@ -37,19 +38,11 @@ from flashu_fx.testbed.checkpoint import flashu_config
 from flashu_fx.testbed.tokenizer import WordTokenizer
 
 # The paper's ablations (Tables 5 and 6): the FlashU settings with one technique (or all but FFN pruning) off.
-# The only place they are defined; every override keeps the FFN pruning ratio, so one layout serves all rows.
+# The paper's ablation rows: flashu_config's named overrides ("full" is the flashu rows). Every override keeps the
+# FFN pruning ratio, so one layout serves all rows.
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "gen": {
-        "no_layer_skip": {"skip_ratio": 0.0},
-        "no_hybrid": {"hybrid_full_fraction": 0.0},
-        "no_adaptive_guidance": {"early_guidance_ratio": 1.0},
-        "ffn_pruning_only": {"skip_ratio": 0.0, "head_cache_interval": 0, "step_fraction": 1.0,
-                             "early_guidance_ratio": 1.0, "hybrid_full_fraction": 0.0},
-    },
-    "und": {
-        "no_token_pruning": {"token_prune_ratio": 0.0},
-        "no_layer_skip": {"skip_ratio": 0.0},
-    },
+    task: {name: overrides for name, overrides in PAPER_ABLATIONS[task].items() if name != "full"}
+    for task in ("gen", "und")
 }
 BASELINE = "baseline"
 MAIN_ROWS = (BASELINE, "flashu-eager", "compiled-exact", "compiled-flashu")
