@@ -28,26 +28,39 @@ PositionFn = Callable[[Tensor], Tensor]
 AttentionFn = Callable[[int, Tensor, Tensor], None]
 
 
-class LayerCosineProbe:
-    """``with LayerCosineProbe(model, positions) as probe: <model calls>``; then ``probe.calls[c][l]`` is the mean
-    cosine (fp32) of layer l's input and output at ``positions(h)`` in call c. ``positions`` may be replaced
-    between calls (a prefill and its decode steps select differently)."""
+class _LayerHooks:
+    """A context manager that puts ``self._register(index, layer)``'s hook on every LLM layer and removes them all on
+    exit."""
 
-    def __init__(self, model: Showo2, positions: PositionFn) -> None:
+    def __init__(self, model: Showo2) -> None:
         self.layers = list(model.showo.model.layers)
-        self.positions = positions
-        self.calls: list[list[float]] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> LayerCosineProbe:
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(self._hook(index)))
+    def _register(self, index: int, layer: torch.nn.Module) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [self._register(index, layer) for index, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class LayerCosineProbe(_LayerHooks):
+    """``with LayerCosineProbe(model, positions) as probe: <model calls>``; then ``probe.calls[c][l]`` is the mean
+    cosine (fp32) of layer l's input and output at ``positions(h)`` in call c. ``positions`` may be replaced
+    between calls (a prefill and its decode steps select differently)."""
+
+    def __init__(self, model: Showo2, positions: PositionFn) -> None:
+        super().__init__(model)
+        self.positions = positions
+        self.calls: list[list[float]] = []
+
+    def _register(self, index: int, layer: torch.nn.Module) -> Any:
+        return layer.register_forward_hook(self._hook(index))
 
     def _hook(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
@@ -73,24 +86,16 @@ def attention_probabilities(attn: torch.nn.Module, x: Tensor, cos: Tensor, sin: 
     return torch.softmax(scores, dim=-1), v
 
 
-class AttentionProbe:
+class AttentionProbe(_LayerHooks):
     """``with AttentionProbe(model, on_layer): <whole-sequence model calls>``: ``on_layer`` receives every layer's
     attention probabilities and values (calls with a KV cache are ignored: their keys are not in the inputs)."""
 
     def __init__(self, model: Showo2, on_layer: AttentionFn) -> None:
-        self.layers = list(model.showo.model.layers)
+        super().__init__(model)
         self.on_layer = on_layer
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> AttentionProbe:
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.self_attn.register_forward_pre_hook(self._hook(index)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _register(self, index: int, layer: torch.nn.Module) -> Any:
+        return layer.self_attn.register_forward_pre_hook(self._hook(index))
 
     def _hook(self, index: int):
         def hook(module: torch.nn.Module, args: tuple) -> None:
