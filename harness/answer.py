@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from harness.arguments import command_parser
 from harness.bench import auto_threads, intra_op_threads
 from harness.cli_options import (
     add_model_arguments,
@@ -48,8 +49,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""), epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(PROG, __doc__, epilog=EXAMPLES)
     p.add_argument("--image", type=existing_file, required=True, metavar="FILE", help="the picture (PNG or JPEG)")
     questions = p.add_mutually_exclusive_group()
     questions.add_argument("--question", type=text_option("--question"), action="append", metavar="TEXT",

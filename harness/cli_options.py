@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from harness.arguments import existing_directory
 from harness.bench import DTYPES, resolve_device
 from harness.runner import Checkpoint, OptionError
 
@@ -25,14 +26,6 @@ class Text:
 
 
 # ---- argparse types: each raises ArgumentTypeError, which argparse reports as "argument --x: <message>" ----------
-def existing_dir(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        what = "is a file, not a directory" if path.exists() else "does not exist"
-        raise argparse.ArgumentTypeError(f"directory {value!r} {what}")
-    return path
-
-
 def existing_file(value: str) -> Path:
     path = Path(value)
     if not path.is_file():
@@ -100,11 +93,11 @@ def text_file(option: str):
 # ---- the shared options ------------------------------------------------------------------------------------------
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--weights, --tokenizer, --vae, --flashu, --compile, --device, --dtype."""
-    p.add_argument("--weights", type=existing_dir, default=None, metavar="DIR",
+    p.add_argument("--weights", type=existing_directory, default=None, metavar="DIR",
                    help="checkpoint directory: a testbed (default: the shipped one) or real Show-o2 weights")
-    p.add_argument("--tokenizer", type=existing_dir, default=None, metavar="DIR",
+    p.add_argument("--tokenizer", type=existing_directory, default=None, metavar="DIR",
                    help="real Show-o2 weights only: a local Qwen2.5-Instruct tokenizer directory")
-    p.add_argument("--vae", type=existing_dir, default=None, metavar="DIR",
+    p.add_argument("--vae", type=existing_directory, default=None, metavar="DIR",
                    help="real Show-o2 weights only: a local diffusers-format Wan2.1 VAE directory")
     p.add_argument("--flashu", action=argparse.BooleanOptionalAction, default=True,
                    help="FlashU (default on): the checkpoint's shipped calibration, else one made now")

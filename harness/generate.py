@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness.arguments import command_parser
 from harness.bench import auto_threads, intra_op_threads
 from harness.cli_options import (
     add_model_arguments,
@@ -68,8 +69,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""), epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(PROG, __doc__, epilog=EXAMPLES)
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", type=text_option("--prompt"), action="append", metavar="TEXT",
                          help="a prompt (repeatable)")

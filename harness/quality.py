@@ -30,6 +30,7 @@ import torch
 from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
+from harness.arguments import command_parser
 from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
@@ -40,9 +41,8 @@ TASK_CHOICES = {"gen": ("gen",), "und": ("und",), "both": ("gen", "und")}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="rows: gen " + ", ".join(ROWS["gen"]) + "; und " + ", ".join(ROWS["und"]))
+    p = command_parser("python -m harness quality", __doc__,
+                       epilog="rows: gen " + ", ".join(ROWS["gen"]) + "; und " + ", ".join(ROWS["und"]))
     p.add_argument("--weights", type=Path, default=SHIPPED_DIR, help="testbed directory (default: the shipped one)")
     p.add_argument("--task", choices=list(TASK_CHOICES), default="both")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: all; the baseline always runs)")

@@ -34,14 +34,14 @@ from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_conf
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, init_for_training, train
+from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m harness train-testbed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command_parser("python -m harness train-testbed", __doc__)
     p.add_argument("--out", default="runs/testbed", help="directory for the checkpoint and its record")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most")
