@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from flashu_fx.calibration import calibrate
-from flashu_fx.config import get_config
 from flashu_fx.loading import save_pretrained
 from flashu_fx.model import Showo2, init_random_weights
 from flashu_fx.t2i import generate_images
-from flashu_fx.testbed import codec, world
+from flashu_fx.testbed import codec
 from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
-from flashu_fx.testbed.tokenizer import FILE_NAME, WordTokenizer
+from flashu_fx.testbed.tokenizer import FILE_NAME
 from harness import __main__ as cli
 from harness import answer, demo, generate
 from harness.runner import ExactCodecImages, shipped_testbed_present
@@ -36,23 +34,10 @@ QUESTIONS = ["what color is the circle", "how many squares are there"]
 STEPS = "3"  # grid points: 2 model calls per picture
 
 
-@pytest.fixture(scope="module")
-def testbed_dir(tmp_path_factory) -> Path:
-    """What ``train-testbed`` writes (weights, word tokenizer, both calibrations) from a random nano model."""
-    path = tmp_path_factory.mktemp("testbed")
-    cfg = get_config("testbed-nano")
-    model = init_random_weights(Showo2(cfg), seed=0).eval()
-    save_pretrained(model, path)
-    tok = WordTokenizer(world.vocabulary(), cfg.specials)
-    tok.save(path)
-    with torch.no_grad():
-        calibrate(model, "gen", PROMPTS[:2], flashu_config("gen"), steps=4, guidance=3.0, tokenizer=tok,
-                  progress=False).save(path / "calibration_gen")
-        latents = torch.randn(2, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
-        samples = [(latents[i : i + 1], q) for i, q in enumerate(QUESTIONS)]
-        calibrate(model, "und", samples, flashu_config("und"), tokenizer=tok, progress=False).save(
-            path / "calibration_und")
-    return path
+@pytest.fixture(scope="session")
+def testbed_dir(random_testbed) -> Path:
+    """The random-weight testbed directory of tests/harness/conftest.py (weights, tokenizer, both calibrations)."""
+    return random_testbed
 
 
 @pytest.fixture(scope="module")
