@@ -6,7 +6,11 @@ setup(
     description="FlashU as a torch.compile backend: task-aware, training-free acceleration of Show-o2",
     packages=find_packages(include=["flashu_fx*", "passes*", "triton_kernels*", "harness*"]),
     package_data={"flashu_fx.testbed": ["weights/*"]},  # the shipped trained testbed
-    entry_points={"console_scripts": ["flashu-generate=harness.generate:cli", "flashu-answer=harness.answer:cli"]},
+    entry_points={
+        "console_scripts": ["flashu-generate=harness.generate:cli", "flashu-answer=harness.answer:cli"],
+        # torch.compile(model, backend="flashu", options={...}): torch looks the name up here, no import needed
+        "torch_dynamo_backends": ["flashu=flashu_fx.compiled.backend:flashu_compiler"],
+    },
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm"],
     extras_require={

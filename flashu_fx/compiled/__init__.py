@@ -5,18 +5,20 @@ from flashu_fx.compiled.backend import (
     FlashUBackend,
     backend_from_options,
     flashu_backend,
+    flashu_compiler,
     lean_guard_options,
     register_flashu_backend,
 )
 from flashu_fx.compiled.pipeline import generate_images_compiled, stepped_velocity
 from flashu_fx.compiled.und_pipeline import answer_question_compiled
 
-# torch.compile(model, backend="flashu", options={...}) works once flashu_fx.compiled is imported.
-register_flashu_backend()
+# torch.compile(model, backend="flashu", options={...}) finds ``flashu_compiler`` through the package's
+# "torch_dynamo_backends" entry point (setup.py); a checkout used without installing calls register_flashu_backend().
 
 __all__ = [
     "BACKEND_OPTIONS",
     "backend_from_options",
+    "flashu_compiler",
     "lean_guard_options",
     "register_flashu_backend",
     "FlashUBackend", "answer_question_compiled", "flashu_backend", "generate_images_compiled", "stepped_velocity"

@@ -389,7 +389,8 @@ def keep_depth_guards_only(guard_entries: list) -> list[bool]:
 _OPTIONS_KEY = "_flashu_backend"
 
 
-def _registered_flashu(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+def flashu_compiler(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """The compiler behind the backend name "flashu" (the package's ``torch_dynamo_backends`` entry point)."""
     if options is None:
         raise ValueError('torch.compile(model, backend="flashu") needs options={"task": "gen", ...}; '
                          "drive the steps through backend_from_options(options)")
@@ -397,8 +398,9 @@ def _registered_flashu(gm: fx.GraphModule, example_inputs: list, options: dict |
 
 
 def register_flashu_backend() -> None:
-    """Make ``torch.compile(model, backend="flashu", options={...})`` available (idempotent)."""
+    """Make ``torch.compile(model, backend="flashu", options={...})`` available where the package is not installed
+    (an installed package declares it as an entry point, which torch finds by itself); idempotent."""
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
     if "flashu" not in _COMPILER_FNS:
-        register_backend(_registered_flashu, name="flashu")
+        register_backend(flashu_compiler, name="flashu")
