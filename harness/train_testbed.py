@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-und", type=int, default=d.batch_und, help="understanding rows per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--compile", default=d.compile, metavar="BACKEND",
+                   help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
     p.add_argument("--eval-no-kv-cache", action="store_true", help="score answers with the no-cache decode loop")
     p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered examples per task")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = WordTokenizer(world.vocabulary(), cfg.specials)
     train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
                             warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool, seed=args.seed,
-                            time_budget_s=args.time_budget)
+                            time_budget_s=args.time_budget, compile=args.compile)
     rng = world.rng_for("train", args.seed)
     gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen), device)
     und_pool = pool_to(build_und_pool(cfg, tok, rng, train_cfg.pool_und), device)

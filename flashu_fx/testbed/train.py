@@ -48,6 +48,7 @@ class TrainConfig:
     pool_und: int = 300_000  # rendered understanding examples
     seed: int = 0
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = run every step)
+    compile: str = ""  # torch.compile backend for the training forward and backward ("" = eager, the shipped run)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
@@ -150,6 +151,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     generator = torch.Generator().manual_seed(cfg.seed)
+    forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model  # same parameters
     log: list[dict[str, float]] = []
     model.train()
     start = time.perf_counter()
@@ -164,7 +166,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
             group["lr"] = lr
         batch = joint_batch(model, gen, und, cfg, generator)
         with autocast:
-            loss, flow, ce = joint_loss(model, batch, cfg)
+            loss, flow, ce = joint_loss(forward, batch, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)

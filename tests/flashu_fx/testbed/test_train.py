@@ -85,3 +85,21 @@ def test_bad_train_config_names_the_field() -> None:
         TrainConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="TrainConfig.batch_und=0"):
         TrainConfig(batch_und=0)
+
+
+def test_a_compiled_training_step_follows_the_eager_one(pools) -> None:
+    """``compile`` changes how the step runs, not what it computes (aot_eager: Dynamo + AOT autograd, no codegen)."""
+    _, gen, und = pools
+    runs = []
+    for backend in ("", "aot_eager"):
+        torch._dynamo.reset()
+        cfg = TrainConfig(steps=3, batch_gen=2, batch_und=2, warmup=1, pool_gen=64, pool_und=64, compile=backend)
+        model = init_for_training(Showo2(SMALL), seed=0)
+        try:
+            _, log = train(model, gen, und, cfg, progress=False)
+        finally:
+            torch._dynamo.reset()
+        runs.append((log[-1]["loss"], [p.detach().clone() for p in model.parameters()]))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
+    for eager, compiled in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
