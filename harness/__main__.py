@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "answer": ("harness.answer", "answers to questions about an image file, printed and written as JSON"),
     "demo": ("harness.demo", "run t2i and understanding once per registered row, write a PNG"),
     "bench": ("harness.bench", "time the registered rows of a task at the real shapes, write JSON"),
+    "bench-vae": ("harness.bench_vae", "time the Wan2.1 VAE decode and encode at Show-o2's shapes, write JSON"),
     "kernels": ("harness.kernels", "benchmark and check the Triton kernels"),
     "calibrate": ("harness.calibrate_cli", "calibrate FlashU (FFN pruning scores) and save the result"),
     "analyze": ("harness.analyze_cli", "analyse FlashU decisions and errors"),

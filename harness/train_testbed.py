@@ -81,6 +81,24 @@ def score_answers(model: Showo2, tok: WordTokenizer, items: list[world.QAItem], 
     return [scorer.score_answer(a, it) for a, it in zip(answers, items, strict=True)], answers
 
 
+def earlier_runs(init: str | None) -> list[dict]:
+    """The runs that made ``init``'s weights, oldest first: its own history plus a summary of its run (empty for a
+    run from scratch, or an init without a record), so a continued checkpoint names every command behind it."""
+    record_path = Path(init) / RECORD_FILE if init else None
+    if record_path is None or not record_path.is_file():
+        return []
+    record = json.loads(record_path.read_text())
+    final = record["loss_log"][-1] if record.get("loss_log") else {}
+    summary = dict(command=record["command"], steps_done=record.get("steps_done"),
+                   train_seconds=record.get("train_seconds"), device=record.get("device"),
+                   final={k: round(final[k], 4) for k in ("loss", "flow", "answer") if k in final},
+                   heldout_geneval_overall=record.get("heldout", {}).get("guidance_sweep"),
+                   heldout_answers=record.get("heldout", {}).get("answers", {}).get("overall"))
+    summary["heldout_geneval_overall"] = {g: v["overall"]["accuracy"]
+                                          for g, v in (summary["heldout_geneval_overall"] or {}).items()}
+    return [*record.get("history", []), summary]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
@@ -152,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
                      answers=qa),
         calibration=calib,
+        history=earlier_runs(args.init),
     )
     (out / RECORD_FILE).write_text(json.dumps(record, indent=1))
     try:

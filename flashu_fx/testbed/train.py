@@ -82,8 +82,9 @@ def init_for_training(model: Showo2, seed: int = 0) -> Showo2:
 
 
 def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -> Tensor:
-    """Show-o2's training t (docs/SHOWO2.md §3.9): sigmoid(N(0, 1)), shifted by mu(seq_len). (n,) fp32 in (0, 1)."""
-    u = torch.randn(n, generator=generator).to(device)
+    """Show-o2's training t (docs/SHOWO2.md §3.9): sigmoid(N(0, 1)), shifted by mu(seq_len). (n,) fp32 in (0, 1),
+    drawn on ``device`` with ``generator`` (which must live there)."""
+    u = torch.randn(n, generator=generator, device=device)
     t = torch.sigmoid(u).clamp(1e-5, 1 - 1e-5)
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
     return 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
@@ -99,15 +100,23 @@ def lr_at(step: int, done: float, cfg: TrainConfig) -> float:
 
 def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, generator: torch.Generator
                 ) -> dict[str, Tensor]:
-    """One step's rows [generation ..., understanding ...] with their inputs and targets, on the pools' device."""
+    """One step's rows [generation ..., understanding ...] with their inputs and targets, on the pools' device.
+
+    Every random draw uses ``generator``, which lives on the pools' device: drawing the noise on the CPU and
+    copying it took 20 ms a step on an H200 box, a quarter of a compiled step.
+    """
     mcfg, device = model.config, gen.tokens.device
-    gi = torch.randint(len(gen.tokens), (cfg.batch_gen,), generator=generator).to(device)
-    ui = torch.randint(len(und.tokens), (cfg.batch_und,), generator=generator).to(device)
-    drop = (torch.rand(cfg.batch_gen, generator=generator) < cfg.caption_dropout).to(device)
+    if generator.device != device:
+        raise ValueError(f"the generator is on {generator.device} but the pools are on {device}: make it with "
+                         f"torch.Generator({str(device)!r})")
+    draw = dict(generator=generator, device=device)
+    gi = torch.randint(len(gen.tokens), (cfg.batch_gen,), **draw)
+    ui = torch.randint(len(und.tokens), (cfg.batch_und,), **draw)
+    drop = torch.rand(cfg.batch_gen, **draw) < cfg.caption_dropout
     g_tokens = torch.where(drop[:, None], gen.null_tokens[None], gen.tokens[gi])
     g_offsets = torch.where(drop, torch.full_like(gen.offsets[gi], 2), gen.offsets[gi])
     x1 = codec.encode(gen.images[gi])
-    x0 = torch.randn(x1.shape, generator=generator).to(device)
+    x0 = torch.randn(x1.shape, **draw)
     t = sample_flow_time(cfg.batch_gen, mcfg.image_slot_len, generator, device)
     xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
     slot = mcfg.image_slot_len
@@ -150,7 +159,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
                             fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(gen.tokens.device).manual_seed(cfg.seed)
     forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model  # same parameters
     log: list[dict[str, float]] = []
     model.train()

@@ -1,0 +1,37 @@
+"""``train-testbed``'s record of a continued run names every earlier run behind its weights."""
+
+from __future__ import annotations
+
+import json
+
+from flashu_fx.testbed.checkpoint import RECORD_FILE
+from harness.train_testbed import earlier_runs
+
+
+def _record(command: str, history: list[dict] | None = None) -> dict:
+    record = dict(command=command, steps_done=10, train_seconds=5.0, device="cpu",
+                  loss_log=[dict(step=9, loss=1.23456, flow=1.0, answer=0.23456)],
+                  heldout=dict(guidance_sweep={"3.0": {"overall": {"accuracy": 0.5}}},
+                               answers={"overall": {"accuracy": 0.75}}))
+    if history is not None:
+        record["history"] = history
+    return record
+
+
+def test_a_run_from_scratch_has_no_history(tmp_path):
+    assert earlier_runs(None) == []
+    assert earlier_runs(str(tmp_path)) == []  # an init without a record (e.g. real weights)
+
+
+def test_history_chains_oldest_first(tmp_path):
+    first = tmp_path / "run1"
+    first.mkdir()
+    (first / RECORD_FILE).write_text(json.dumps(_record("train-testbed --out run1")))
+    second = tmp_path / "run2"
+    second.mkdir()
+    continued = _record("train-testbed --init run1", history=earlier_runs(str(first)))
+    (second / RECORD_FILE).write_text(json.dumps(continued))
+    chain = earlier_runs(str(second))
+    assert [run["command"] for run in chain] == ["train-testbed --out run1", "train-testbed --init run1"]
+    assert chain[0]["final"] == {"loss": 1.2346, "flow": 1.0, "answer": 0.2346}
+    assert chain[1]["heldout_geneval_overall"] == {"3.0": 0.5} and chain[1]["heldout_answers"] == {"accuracy": 0.75}
