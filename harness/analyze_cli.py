@@ -29,7 +29,7 @@ import torch
 
 from flashu_fx.calibration import Calibration, specialization
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
-from harness.arguments import command_parser
+from harness.arguments import command_parser, display_path
 
 PARTS = (("gen_only", "generation only", "tab:orange"), ("und_only", "understanding only", "tab:blue"))
 PARTS += (("both", "both", "tab:green"),)
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"specialization": run_specialization(gen, und, args.top_fraction, out, plots)}
     if tb is not None:
         with torch.no_grad():
-            report.update(weights=str(tb.path), **run_model_analyses(args, tb, out, plots))
+            report.update(weights=display_path(tb.path), **run_model_analyses(args, tb, out, plots))
         (out / "analysis.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {out / 'analysis.json'}")
     return 0

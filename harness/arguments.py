@@ -43,3 +43,13 @@ def existing_directory(text: str) -> Path:
         state = "is a file, not a directory" if path.exists() else "does not exist"
         raise argparse.ArgumentTypeError(f"directory {text!r} {state}")
     return path
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` as reports print and record it: relative to the working directory when it lies inside it (so a
+    report names no machine's layout), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -30,7 +30,7 @@ import torch
 from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
-from harness.arguments import command_parser
+from harness.arguments import command_parser, display_path
 from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = pick_rows(args.rows, tasks, parser)
     env, tb = prepare_env(args, rows, device, dtype, options, parser)
     progress = not args.no_progress
-    settings = dict(weights=str(args.weights), task=args.task, prompts=args.prompts, questions=args.questions,
+    settings = dict(weights=display_path(args.weights), task=args.task, prompts=args.prompts, questions=args.questions,
                     batch=args.batch, steps=env.steps, guidance=env.guidance, max_new_tokens=args.max_new_tokens,
                     warmup=args.warmup, seed=args.seed, dtype=dtype_name, backend_options=options,
                     rows={t: [s.name for s in specs] for t, specs in rows.items()})
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m harness quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": settings, "testbed": {k: tb.record.get(k) for k in ("command", "steps_done", "sampling")},
     }
-    print(f"quality: testbed {args.weights} on {device} ({dtype_name}), {env.steps} grid points, guidance "
-          f"{env.guidance}")
+    print(f"quality: testbed {settings['weights']} on {device} ({dtype_name}), {env.steps} grid points, "
+          f"guidance {env.guidance}")
     args.out.mkdir(parents=True, exist_ok=True)
     with intra_op_threads(auto_threads(args.threads, device, env.model.config)):
         if "gen" in tasks:
