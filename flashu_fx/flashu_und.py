@@ -64,16 +64,27 @@ class FlashUAnswer(Answer):
     kept_positions: tuple[int, ...] | None  # absolute prompt positions of the kept image tokens; None = no pruning
     steps: list[UndStepRecord]  # steps[d] produced ids[d]
     prompt_len: int  # L0
+    # The selection's evidence (eager decoder only; None without pruning): the first image position and the fp32
+    # V-norms (num_image,) of the image tokens at the pruning layer, on the device (no host read here).
+    image_start: int | None = None
+    image_vnorms: Tensor | None = None
 
 
-def select_kept_positions(layer: torch.nn.Module, h: Tensor, image_start: int, num_image: int, keep: int) -> Tensor:
-    """V-norm token pruning at one decoder layer: h (1, L0, H) is that layer's input.
+def pruning_values(layer: torch.nn.Module, h: Tensor) -> Tensor:
+    """The value vectors the pruning layer attends with: v_proj(input_layernorm(h)), (1, L0, KV * d)."""
+    return layer.self_attn.v_proj(layer.input_layernorm(h))
+
+
+def select_kept_positions(layer: torch.nn.Module, h: Tensor, image_start: int, num_image: int, keep: int,
+                          values: Tensor | None = None) -> Tensor:
+    """V-norm token pruning at one decoder layer: h (1, L0, H) is that layer's input (``values``: its
+    ``pruning_values``, when the caller has them).
 
     Returns int64 (K0,), K0 = L0 - num_image + keep: every position outside [image_start, image_start +
     num_image) plus the ``keep`` image tokens whose value vectors v_proj(input_layernorm(h)) have the smallest
     L2 norm over all KV heads (ties -> lower position), ascending.
     """
-    v = layer.self_attn.v_proj(layer.input_layernorm(h))  # (1, L0, KV * d), the V this layer attends with
+    v = pruning_values(layer, h) if values is None else values
     kept = vnorm_topk(v, image_start, num_image, keep)[0]
     seq = torch.arange(h.shape[1], device=h.device)
     return torch.cat([seq[:image_start], kept.to(h.device), seq[image_start + num_image :]])
@@ -112,6 +123,7 @@ class FlashUUndDecoder:
         ]
         self.max_new_tokens = max_new_tokens
         self.kept_positions: tuple[int, ...] | None = None
+        self.image_vnorms: Tensor | None = None
         self.skip_set: tuple[int, ...] = ()
         self.steps: list[UndStepRecord] = []
 
@@ -148,7 +160,10 @@ class FlashUUndDecoder:
         for i, layer in enumerate(model.showo.model.layers):
             prune_here = self.prune and i == self.prune_layer
             if prune_here:
-                kept = select_kept_positions(layer, h, self.image_start, cfg.num_image_tokens, self.keep)
+                v = pruning_values(layer, h)
+                kept = select_kept_positions(layer, h, self.image_start, cfg.num_image_tokens, self.keep, v)
+                image = v[0, self.image_start : self.image_start + cfg.num_image_tokens]
+                self.image_vnorms = image.float().norm(dim=-1)
             slots = self.slot_ids[: h.shape[1]]
             layer_mask = pad_mask_to(mask, self.valid[i].numel())
             out = layer(h, self.cos[pos], self.sin[pos], layer_mask, self.caches[i], slots, self.ffn_ranges[i])
@@ -221,4 +236,5 @@ def answer_question_flashu(
         if stop_at_eos and ids[-1] == cfg.specials.eos:
             break
         ids.append(next_token(decoder.step(ids[-1]), temperature, top_k, gen))
-    return FlashUAnswer(ids, tok.decode(ids), decoder.kept_positions, decoder.steps, decoder.prompt_len)
+    return FlashUAnswer(ids, tok.decode(ids), decoder.kept_positions, decoder.steps, decoder.prompt_len,
+                        decoder.image_start if decoder.prune else None, decoder.image_vnorms)

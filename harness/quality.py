@@ -35,7 +35,7 @@ from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, r
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
 from harness.quality_report import task_report, write_grid
-from harness.quality_rows import ROWS, Env, RowSpec, select_row_specs
+from harness.quality_rows import ROWS, Env, RowSpec, parse_setting, select_row_specs
 
 TASK_CHOICES = {"gen": ("gen",), "und": ("und",), "both": ("gen", "und")}
 
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for the nano model)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a FlashU setting for every FlashU row (repeatable), e.g. token_prune_ratio=0.25 or "
+                        "skip_ratio=0.1; an ablation row still turns its own technique off (default: the paper's)")
     add_backend_option_argument(p)
     return p
 
@@ -79,7 +82,16 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, cuda: 
                      f"{args.guidance}")
 
 
-def pick_rows(text: str | None, tasks: tuple[str, ...], parser: argparse.ArgumentParser) -> dict[str, list[RowSpec]]:
+def parse_settings(texts: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--set`` KEY=VALUE pairs as FlashUConfig overrides (the last of a repeated key wins)."""
+    try:
+        return dict(parse_setting(t) for t in texts)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
+
+
+def pick_rows(text: str | None, tasks: tuple[str, ...], settings: dict[str, Any], parser: argparse.ArgumentParser
+              ) -> dict[str, list[RowSpec]]:
     """Each task's rows among ``--rows`` (a name may belong to one task: no_hybrid is generation's only)."""
     names = None if text is None else [n.strip() for n in text.split(",") if n.strip()]
     if names is not None:
@@ -88,9 +100,10 @@ def pick_rows(text: str | None, tasks: tuple[str, ...], parser: argparse.Argumen
             allowed = sorted({n for t in tasks for n in ROWS[t]})
             parser.error(f"--rows: unknown row(s) {unknown} for --task {'/'.join(tasks)}: allowed {allowed}")
     try:
-        return {t: select_row_specs(t, None if names is None else [n for n in names if n in ROWS[t]]) for t in tasks}
+        return {t: select_row_specs(t, None if names is None else [n for n in names if n in ROWS[t]], settings)
+                for t in tasks}
     except ValueError as err:
-        parser.error(f"--rows: {err}")
+        parser.error(f"--rows/--set: {err}")
 
 
 def prepare_env(args: argparse.Namespace, rows: dict[str, list[RowSpec]], device: torch.device,
@@ -125,20 +138,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype_name = args.dtype if args.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
     dtype = DTYPES[dtype_name]
     tasks = TASK_CHOICES[args.task]
-    rows = pick_rows(args.rows, tasks, parser)
+    flashu_settings = parse_settings(args.settings, parser)
+    rows = pick_rows(args.rows, tasks, flashu_settings, parser)
     env, tb = prepare_env(args, rows, device, dtype, options, parser)
     progress = not args.no_progress
     settings = dict(weights=display_path(args.weights), task=args.task, prompts=args.prompts, questions=args.questions,
                     batch=args.batch, steps=env.steps, guidance=env.guidance, max_new_tokens=args.max_new_tokens,
                     warmup=args.warmup, seed=args.seed, dtype=dtype_name, backend_options=options,
+                    flashu_settings=flashu_settings,
                     rows={t: [s.name for s in specs] for t, specs in rows.items()})
     report: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__,
         "command": "python -m harness quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": settings, "testbed": {k: tb.record.get(k) for k in ("command", "steps_done", "sampling")},
     }
+    changed = "".join(f", {k}={v}" for k, v in flashu_settings.items())
     print(f"quality: testbed {settings['weights']} on {device} ({dtype_name}), {env.steps} grid points, "
-          f"guidance {env.guidance}")
+          f"guidance {env.guidance}{changed and ', FlashU with' + changed[1:]}")
     args.out.mkdir(parents=True, exist_ok=True)
     with intra_op_threads(auto_threads(args.threads, device, env.model.config)):
         if "gen" in tasks:

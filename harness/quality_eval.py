@@ -76,6 +76,9 @@ class UndRowResult:
     skipped: list[list[tuple[int, ...]]]  # per question, per step
     seconds: list[float]  # per answer
     warmup_seconds: list[float] = field(default_factory=list)
+    # Eager FlashU rows: per question (first image position, V-norms of the image tokens at the pruning layer).
+    image_vnorms: list[tuple[int, list[float]] | None] = field(default_factory=list)
+    value_rounding: float = 0.0  # relative rounding of the row's dtype (bf16: 2^-8), the tie tolerance
 
     @property
     def seconds_per_item(self) -> float:
@@ -124,5 +127,9 @@ def run_und_row(spec: RowSpec, env: Env, items: Sequence[world.QAItem], latents:
         seconds.append(sec)
     answers = [o.text for o in outputs]
     correct = [bool(scorer.score_answer(a, item)) for a, item in zip(answers, items, strict=True)]
+    norms = [None if o.image_vnorms is None else (o.image_vnorms[0], o.image_vnorms[1].tolist()) for o in outputs]
+    # A value within half an epsilon of another (relative) may round to either side of it.
+    rounding = torch.finfo(next(env.model.parameters()).dtype).eps / 2
     return UndRowResult(spec, answers, correct, scorer.answer_summary(list(items), correct),
-                        [o.kept_positions for o in outputs], [o.skipped for o in outputs], seconds, warm)
+                        [o.kept_positions for o in outputs], [o.skipped for o in outputs], seconds, warm, norms,
+                        rounding)

@@ -64,8 +64,10 @@ def fidelity_lines(task: str, report: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"{f['candidate']} vs {f['reference']}: identical decisions on {f['identical_decisions']:.1%} "
                          f"of {count(f['questions'], 'question')} (kept tokens {f['same_kept_tokens']:.1%}, skips "
-                         f"{f['same_skip_decisions']:.1%}); same answer {f['same_answer_text']:.1%}; scorer agreement "
-                         f"{f['scorer_agreement']:.1%}; {score}")
+                         f"{f['same_skip_decisions']:.1%}); up to ties within {f['tie_tolerance']:.2%} of the "
+                         f"threshold {f['identical_decisions_up_to_ties']:.1%} (kept tokens "
+                         f"{f['same_kept_tokens_up_to_ties']:.1%}); same answer {f['same_answer_text']:.1%}; "
+                         f"scorer agreement {f['scorer_agreement']:.1%}; {score}")
         lines.append(f"    acceptance: {acceptance(f['passes'])}")
     return lines
 

@@ -13,6 +13,7 @@ so the baseline and exact rows run on it unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,18 +64,42 @@ class RowSpec:
     config: FlashUConfig | None
 
 
-def row_config(task: str, name: str) -> FlashUConfig | None:
-    """The FlashU settings of row ``name`` (None: the baseline computation)."""
+# Settings that change which FFN neurons the shared layout keeps: every row of a run must agree on them.
+LAYOUT_SETTINGS = ("task", "ffn_prune_ratio", "ffn_width_multiple", "calibration_samples")
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value) for a FlashUConfig field, the value converted to the field's type.
+
+    >>> parse_setting("token_prune_ratio=0.25")
+    ('token_prune_ratio', 0.25)
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    defaults = FlashUConfig()
+    allowed = [f.name for f in dataclasses.fields(FlashUConfig) if f.name not in LAYOUT_SETTINGS]
+    if not sep or key not in allowed:
+        raise ValueError(f"setting {text!r} is invalid: allowed KEY=VALUE with KEY one of {allowed} (the FFN "
+                         f"pruning settings {list(LAYOUT_SETTINGS)} fix the calibrated layout and cannot change)")
+    kind = type(getattr(defaults, key))
+    try:
+        return key, kind(raw.strip())
+    except ValueError:
+        raise ValueError(f"setting {text!r} is invalid: {key} takes a {kind.__name__}, got {raw.strip()!r}") from None
+
+
+def row_config(task: str, name: str, settings: dict[str, Any] | None = None) -> FlashUConfig | None:
+    """The FlashU settings of row ``name`` (None: the baseline computation): the testbed's, then ``settings``
+    (every FlashU row), then the row's ablation (so an ablation row still turns its technique off)."""
     if name in (BASELINE, "compiled-exact"):
         return None
-    if name in ("flashu-eager", "compiled-flashu"):
-        return flashu_config(task)
-    return flashu_config(task, **ABLATIONS[task][name])
+    ablation = {} if name in ("flashu-eager", "compiled-flashu") else ABLATIONS[task][name]
+    return flashu_config(task, **{**(settings or {}), **ablation})
 
 
-def select_row_specs(task: str, names: list[str] | None) -> list[RowSpec]:
-    """The rows named (default: all), the baseline first (every score is compared with it); raises naming an
-    unknown row and the allowed ones."""
+def select_row_specs(task: str, names: list[str] | None, settings: dict[str, Any] | None = None) -> list[RowSpec]:
+    """The rows named (default: all), the baseline first (every score is compared with it), each FlashU row
+    with ``settings`` applied; raises naming an unknown row and the allowed ones."""
     if task not in ROWS:
         raise ValueError(f"task={task!r} is invalid: allowed 'gen' or 'und'")
     wanted = list(ROWS[task]) if names is None else names
@@ -82,7 +107,7 @@ def select_row_specs(task: str, names: list[str] | None) -> list[RowSpec]:
     if unknown:
         raise ValueError(f"unknown {task} row(s) {unknown}: allowed {list(ROWS[task])}")
     ordered = [BASELINE, *dict.fromkeys(n for n in wanted if n != BASELINE)]
-    return [RowSpec(n, task, n.startswith("compiled-"), row_config(task, n)) for n in ordered]
+    return [RowSpec(n, task, n.startswith("compiled-"), row_config(task, n, settings)) for n in ordered]
 
 
 @dataclass
@@ -109,6 +134,7 @@ class UndOutput:
     text: str
     kept_positions: tuple[int, ...] | None  # None: no token pruning
     skipped: list[tuple[int, ...]]  # per step (0 = prefill)
+    image_vnorms: tuple[int, Tensor] | None = None  # eager FlashU: (first image position, fp32 V-norms (num_image,))
 
 
 GenRunner = Callable[[list[str], int], GenOutput]  # (captions, noise seed) -> output
@@ -167,7 +193,8 @@ def und_runner(spec: RowSpec, env: Env) -> UndRunner:
     elif not spec.compiled:
         def run(latents: Tensor, question: str) -> UndOutput:
             answer = answer_question_flashu(model, latents, question, config, env.layout, tok, max_new_tokens=budget)
-            return UndOutput(answer.text, answer.kept_positions, [s.skipped for s in answer.steps])
+            norms = None if answer.image_vnorms is None else (answer.image_start, answer.image_vnorms)
+            return UndOutput(answer.text, answer.kept_positions, [s.skipped for s in answer.steps], norms)
     else:
         backend = flashu_backend("und", config, env.layout if config else None, **env.backend_options)
         compiled = compile_model(model, backend)

@@ -14,9 +14,9 @@ from harness import __main__ as cli
 from harness import quality
 from harness.images import PNG_SIGNATURE
 from harness.quality_eval import GenRowResult, Score, UndRowResult
-from harness.quality_fidelity import gen_fidelity, und_fidelity
+from harness.quality_fidelity import gen_fidelity, swap_gap, und_fidelity
 from harness.quality_report import relative_drop
-from harness.quality_rows import ABLATIONS, BASELINE, ROWS, RowSpec, select_row_specs
+from harness.quality_rows import ABLATIONS, BASELINE, ROWS, RowSpec, parse_setting, select_row_specs
 
 PROMPTS, QUESTIONS = 2, 2
 
@@ -158,3 +158,53 @@ def test_und_fidelity_compares_tokens_skips_and_text():
     assert (f["same_kept_tokens"], f["same_skip_decisions"], f["identical_decisions"]) == (0.5, 1.0, 0.5)
     assert f["same_answer_text"] == 0.5 and f["differing_questions"] == [1] and f["within_interval"] is False
     assert Score.parse({"accuracy": 0.5, "count": 2, "ci95": [0.1, 0.9]}) == Score(0.5, (0.1, 0.9), 2)
+
+
+def test_swap_gap_measures_the_distance_to_the_selection_threshold():
+    evidence = (10, [1.0, 2.0, 2.01, 5.0])  # positions 10..13; the reference keeps 10 and 11
+    assert swap_gap((10, 11), (10, 11), evidence) == 0.0
+    assert swap_gap((10, 12), (10, 11), evidence) == pytest.approx(0.005 / 2.005)  # 2.0 and 2.01 straddle 2.005
+    assert swap_gap((10, 13), (10, 11), evidence) == pytest.approx(2.995 / 2.005)  # a real difference
+
+
+def test_und_fidelity_accepts_swaps_within_rounding_only():
+    def result(name, kept, norms=None):
+        summary = {"overall": {"accuracy": 1.0, "count": 3, "ci95": (0.4, 1.0)}}
+        return UndRowResult(RowSpec(name, "und", name.startswith("compiled"), None), ["red"] * 3, [True] * 3,
+                            summary, kept, [[()]] * 3, [0.1] * 3, [], norms or [], 2.0**-8)
+
+    evidence = [(0, [1.0, 2.0, 2.004, 9.0])] * 3  # tokens 1 and 2 tie at bf16 resolution (gap 0.1%)
+    reference = result("flashu-eager", [(0, 1), (0, 1), (0, 1)], evidence)
+    candidate = result("compiled-flashu", [(0, 1), (0, 2), (0, 3)])
+    f = und_fidelity(candidate, reference)
+    assert f["same_kept_tokens"] == pytest.approx(1 / 3) and f["same_kept_tokens_up_to_ties"] == pytest.approx(2 / 3)
+    assert f["tie_tolerance"] == 2.0**-8 and set(f["swap_gaps"]) == {"1", "2"}
+    assert f["passes"]["decisions"] is False and f["passes"]["decisions_up_to_ties"] is False  # question 2
+    candidate = result("compiled-flashu", [(0, 1), (0, 2), (0, 2)])
+    assert und_fidelity(candidate, reference)["passes"]["decisions_up_to_ties"] is True
+
+
+def test_settings_apply_to_every_flashu_row_but_ablations_win():
+    settings = dict([parse_setting("token_prune_ratio=0.25"), parse_setting("skip_ratio=0.0")])
+    by_name = {s.name: s.config for s in select_row_specs("und", None, settings)}
+    assert by_name[BASELINE] is None and by_name["compiled-exact"] is None
+    assert by_name["flashu-eager"].token_prune_ratio == 0.25 == by_name["compiled-flashu"].token_prune_ratio
+    assert by_name["no_token_pruning"].token_prune_ratio == 0.0  # the ablation still turns its technique off
+    assert all(c.skip_ratio == 0.0 for c in by_name.values() if c is not None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("token_prune_ratio", "allowed KEY=VALUE"),
+    ("no_such=1", "allowed KEY=VALUE"),
+    ("ffn_prune_ratio=0.3", "fix the calibrated layout"),
+    ("skip_interval=often", "skip_interval takes a int, got 'often'"),
+])
+def test_bad_settings_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_setting(text)
+
+
+def test_bad_setting_on_the_command_line(random_testbed, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--weights", str(random_testbed), "--set", "token_prune_ratio=1.5", "--out", str(tmp_path)])
+    assert "token_prune_ratio=1.5 is invalid: allowed [0, 1)" in capsys.readouterr().err
