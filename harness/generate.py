@@ -16,11 +16,13 @@ Writes into ``--out`` (rank 0 alone, after gathering every rank's pictures): one
     command, weights, checkpoint ("testbed" | "show-o2"), model, path ("eager" | "flashu-eager" | "compiled-exact" |
     "compiled-flashu"), flashu (where its neuron scores came from; null when off),
     settings {steps, calls_per_image, guidance, seed, batch, device, dtype}, world_size,
-    ranks [{rank, device, images, indices, seconds, images_per_second}], seconds, images_per_second, grid,
+    ranks [{rank, device, images, indices, seconds, images_per_second, first_batch_seconds,
+    steady_images_per_second}], seconds, images_per_second, steady_images_per_second, grid,
     images [{index, prompt, seed, file, rank, seconds}]
 
 A rank's seconds are the sum over its batches of generating and decoding (the first compiled batch includes the
-compile); an image's are its batch's divided by the batch's prompts; the run's are the slowest rank's.
+compile); an image's are its batch's divided by the batch's prompts; the run's are the slowest rank's. The steady
+rates leave each rank's first batch out (compile and warm-up), null where a rank ran one batch.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ def slug(text: str, limit: int = 48) -> str:
 
 def generate_share(generator: ImageGenerator, ckpt: Checkpoint, ids: list[list[int]], batches: list[list[int]],
                    seed: int, ranks: Ranks) -> dict[str, Any]:
-    """This rank's batches -> {rank, device, seconds, items: [{index, seed, image uint8 (H, W, 3), seconds}]}."""
-    items, total = [], 0.0
+    """This rank's batches -> {rank, device, seconds, batch_seconds, batch_sizes,
+    items: [{index, seed, image uint8 (H, W, 3), seconds}]}."""
+    items, batch_seconds = [], []
     bar = tqdm(batches, desc=f"generate ({generator.path})", unit="batch", disable=not ranks.is_main)
     for batch in bar:
         seeds = [seed + i for i in batch]
@@ -103,11 +106,16 @@ def generate_share(generator: ImageGenerator, ckpt: Checkpoint, ids: list[list[i
         with torch.no_grad():
             images = ckpt.images.decode(generator([ids[i] for i in batch], seeds))  # on the CPU: waits for the device
         seconds = time.perf_counter() - start
-        total += seconds
+        batch_seconds.append(seconds)
         items += [dict(index=i, seed=s, image=image.numpy(), seconds=seconds / len(batch))
                   for i, s, image in zip(batch, seeds, images, strict=True)]
     device = str(next(ckpt.model.parameters()).device)
-    return dict(rank=ranks.rank, device=device, seconds=total, items=items)
+    return dict(rank=ranks.rank, device=device, seconds=sum(batch_seconds), batch_seconds=batch_seconds,
+                batch_sizes=[len(b) for b in batches], items=items)
+
+
+def steady_rate(images: int, seconds: float) -> float | None:
+    return images / seconds if images and seconds > 0 else None
 
 
 def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], header: dict[str, Any]) -> dict:
@@ -124,10 +132,18 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
         images.append(item.pop("image"))
     ranks = [dict(rank=s["rank"], device=s["device"], images=len(s["items"]),
                   indices=[item["index"] for item in s["items"]], seconds=s["seconds"],
-                  images_per_second=len(s["items"]) / s["seconds"] if s["seconds"] else None) for s in shares]
+                  images_per_second=len(s["items"]) / s["seconds"] if s["seconds"] else None,
+                  first_batch_seconds=s["batch_seconds"][0] if s["batch_seconds"] else None,
+                  steady_images_per_second=steady_rate(sum(s["batch_sizes"][1:]), sum(s["batch_seconds"][1:])))
+             for s in shares]
     seconds = max(s["seconds"] for s in shares)
+    steady = None
+    if all(len(s["batch_seconds"]) > 1 for s in shares):
+        steady = steady_rate(sum(sum(s["batch_sizes"][1:]) for s in shares),
+                             max(sum(s["batch_seconds"][1:]) for s in shares))
     report = dict(header, world_size=len(shares), ranks=ranks, seconds=seconds,
-                  images_per_second=len(items) / seconds if seconds else None, grid=None,
+                  images_per_second=len(items) / seconds if seconds else None, steady_images_per_second=steady,
+                  grid=None,
                   images=[{k: item[k] for k in ("index", "prompt", "seed", "file", "rank", "seconds")}
                           for item in items])
     title = f"{header['model']} ({header['checkpoint']}), {header['path']}"
@@ -177,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
                           batch=args.batch, device=device.type, dtype=str(dtype).removeprefix("torch.")),
         )
         report = write_outputs(args.out, shares, [t.text for t in texts], header)
-    rate = report["images_per_second"]
+    rate, steady = report["images_per_second"], report["steady_images_per_second"]
+    after_first = f"; {steady:.1f} images/s after each process's first batch" if steady else ""
     print(f"{len(texts)} picture(s) in {args.out}/ ({report['path']}, {report['world_size']} process(es), "
-          f"{rate:.2f} images/s)" if rate else f"{len(texts)} picture(s) in {args.out}/")
+          f"{rate:.2f} images/s{after_first})" if rate else f"{len(texts)} picture(s) in {args.out}/")
     if report["grid"]:
         print(f"grid: {args.out / report['grid']}")
     print(f"report: {args.out / 'generate.json'}")

@@ -73,8 +73,13 @@ def test_generate_writes_pictures_grid_and_report(testbed_dir, tmp_path, capsys)
     report = run_generate(out, "--weights", str(testbed_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                           "--seed", "5", "--no-flashu")
     for key in ("command", "weights", "checkpoint", "model", "path", "flashu", "settings", "world_size", "ranks",
-                "seconds", "images_per_second", "grid", "images"):
+                "seconds", "images_per_second", "steady_images_per_second", "grid", "images"):
         assert key in report
+    # two batches of one prompt: the steady rate is the second batch's alone
+    rank = report["ranks"][0]
+    second = report["images"][1]["seconds"]
+    assert rank["steady_images_per_second"] == pytest.approx(1 / second) == report["steady_images_per_second"]
+    assert rank["first_batch_seconds"] == pytest.approx(report["images"][0]["seconds"])
     assert (report["checkpoint"], report["model"], report["path"], report["flashu"]) == (
         "testbed", "testbed-nano", "eager", None)
     tb = load_testbed(testbed_dir)
@@ -223,6 +228,11 @@ def test_torchrun_shards_prompts_and_matches_one_process(testbed_dir, tmp_path, 
     assert [i["prompt"] for i in report["images"]] == PROMPTS and [i["seed"] for i in report["images"]] == [0, 1, 2, 3]
     assert [r["indices"] for r in report["ranks"]] == shares and [r["rank"] for r in report["ranks"]] == [0, 1]
     assert all(r["images"] == 2 and r["seconds"] > 0 and r["images_per_second"] > 0 for r in report["ranks"])
+    slowest = max(r["seconds"] - r["first_batch_seconds"] for r in report["ranks"])  # each rank's later batches
+    if batch == "1":
+        assert report["steady_images_per_second"] == pytest.approx(2 / slowest)
+    else:  # one batch per rank: nothing after the first
+        assert report["steady_images_per_second"] is None
     assert (tmp_path / "dp" / "grid.png").is_file()
 
     single = tmp_path / "single"
