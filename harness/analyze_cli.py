@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flashu_fx.calibration import Calibration, specialization
@@ -121,10 +122,19 @@ def run_specialization(gen: Calibration, und: Calibration, top_fraction: float, 
     return report
 
 
+def object_tokens(images: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """uint8 scenes (N, H, W, 3) on a black background -> bool (N, gh * gw): which image tokens (row-major, as the
+    model lays them out) cover any object pixel."""
+    n, h, w, _ = images.shape
+    gh, gw = grid
+    lit = images.reshape(n, gh, h // gh, gw, w // gw, 3).max(axis=(2, 4, 5)) > 0
+    return lit.reshape(n, gh * gw)
+
+
 def run_model_analyses(args: argparse.Namespace, tb: Testbed, out: Path, plots: bool) -> dict[str, Any]:
     """The layer-similarity, attention-share and V-norm analyses on the testbed's weights."""
     from flashu_fx.testbed import world
-    from harness.llm_analysis import analyze_generation, analyze_understanding
+    from harness.llm_analysis import analyze_generation, analyze_understanding, pruning_losses
     from harness.quality_eval import question_latents
 
     steps, guidance = args.steps or tb.steps, args.guidance or tb.guidance
@@ -142,13 +152,22 @@ def run_model_analyses(args: argparse.Namespace, tb: Testbed, out: Path, plots: 
                           ("gen image attention", gen.image_share.mean(0)),
                           ("und image attention", und.image_share.mean(0)), ("und V-norm Spearman", und.spearman)):
         print(f"{label:<22} " + " ".join(f"{v:5.2f}" for v in values))
+    ratio = flashu_config("und").token_prune_ratio
+    objects = object_tokens(world.render_batch([it.scene for it in items]), tb.model.config.image_grid)
+    n = objects.shape[1]
+    losses = [pruning_losses(und.vnorm.reshape(-1, n), und.attention.reshape(-1, n), objects, r)
+              for r in sorted({0.1, 0.25, ratio})]
+    for loss in losses:
+        print(f"V-norm pruning at layer {layer}, ratio {loss['ratio']}: drops {loss['tokens_dropped']:.0%} of the "
+              f"image tokens, {loss['object_tokens_dropped']:.0%} of the object tokens and "
+              f"{loss['attention_dropped']:.0%} of the attention the text pays to the image")
     report = {
         "steps": steps, "guidance": guidance, "prompts": [p.caption for p in prompts],
         "questions": [it.question for it in items], "new_tokens": args.new_tokens,
         "gen": {"cosine": gen.cosine.tolist(), "image_attention_share": gen.image_share.tolist()},
         "und": {"cosine": und.cosine.tolist(), "image_attention_share": und.image_share.tolist(),
                 "vnorm_layer": layer, "vnorm_attention_pearson": und.pearson,
-                "vnorm_attention_spearman": und.spearman},
+                "vnorm_attention_spearman": und.spearman, "pruning_losses": losses},
     }
     if plots:
         from harness.analysis_charts import save_image_attention, save_layer_similarity, save_vnorm_attention

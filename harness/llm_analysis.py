@@ -51,6 +51,27 @@ class UndAnalysis:
     spearman: list[float]
 
 
+def pruning_losses(vnorm: np.ndarray, attention: np.ndarray, objects: np.ndarray, ratio: float) -> dict[str, float]:
+    """What V-norm pruning at ``ratio`` removes, per question then averaged: the share of the object tokens and of
+    the attention the text pays to the image that fall on the dropped tokens (the largest ``ratio`` of V-norms,
+    ``FlashUConfig.kept_tokens``'s count), beside the share of tokens dropped (what a random choice would lose).
+
+    vnorm, attention: (questions, image tokens); objects: bool (questions, image tokens), True where the token
+    shows any object pixel.
+    """
+    q, n = vnorm.shape
+    dropped_count = n - max(1, n - int(n * ratio))
+    order = np.argsort(vnorm, axis=1, kind="stable")  # ascending: kept first, as vnorm_topk breaks ties
+    dropped = np.zeros((q, n), dtype=bool)
+    np.put_along_axis(dropped, order[:, n - dropped_count :], True, axis=1)
+    with np.errstate(invalid="ignore"):
+        object_share = (dropped & objects).sum(1) / objects.sum(1)
+    attention_share = (attention * dropped).sum(1) / attention.sum(1)
+    return {"ratio": ratio, "tokens_dropped": dropped_count / n,
+            "object_tokens_dropped": float(np.nanmean(object_share)),
+            "attention_dropped": float(attention_share.mean())}
+
+
 @torch.no_grad()
 def analyze_generation(model: Showo2, tokenizer: TextTokenizer, captions: Sequence[str], steps: int, guidance: float,
                        seed: int = 0, progress: bool = True) -> GenAnalysis:

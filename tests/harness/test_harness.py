@@ -6,6 +6,7 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -444,7 +445,31 @@ def test_analyze_testbed_writes_every_chart(random_testbed, tmp_path, capsys):
     assert len(report["und"]["cosine"]) == 2 and len(report["und"]["vnorm_attention_spearman"]) == layers
     assert all(0.0 <= s <= 1.0 for s in report["gen"]["image_attention_share"][0])
     assert report["und"]["vnorm_layer"] == 1
-    assert "und V-norm Spearman" in capsys.readouterr().out
+    assert [loss["ratio"] for loss in report["und"]["pruning_losses"]] == [0.1, 0.25, 0.5]
+    assert all(0.0 <= loss["attention_dropped"] <= 1.0 for loss in report["und"]["pruning_losses"])
+    printed = capsys.readouterr().out
+    assert "und V-norm Spearman" in printed
+    assert "V-norm pruning at layer 1, ratio 0.5: drops 50% of the image" in printed
     with pytest.raises(SystemExit):
         analyze_cli.main(["--weights", str(tmp_path / "none"), "--out", str(out)])
     assert f"--weights {tmp_path / 'none'}" in capsys.readouterr().err
+
+
+def test_pruning_losses_counts_what_the_largest_norms_take():
+    from harness.llm_analysis import pruning_losses
+
+    vnorm = np.array([[1.0, 4.0, 2.0, 3.0]])  # ratio 0.5 drops tokens 1 and 3 (the two largest)
+    attention = np.array([[0.1, 0.2, 0.3, 0.4]])
+    objects = np.array([[False, True, True, False]])
+    loss = pruning_losses(vnorm, attention, objects, 0.5)
+    assert loss == {"ratio": 0.5, "tokens_dropped": 0.5, "object_tokens_dropped": 0.5,
+                    "attention_dropped": pytest.approx(0.6)}
+    assert pruning_losses(vnorm, attention, objects, 0.25)["object_tokens_dropped"] == 0.5  # token 1 only
+
+
+def test_object_tokens_marks_lit_cells():
+    from harness.analyze_cli import object_tokens
+
+    image = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    image[0, 3, 0, 1] = 255  # a pixel in the bottom-left 2 x 2 cell
+    assert object_tokens(image, (2, 2)).tolist() == [[False, False, True, False]]
