@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = SHIPPED_DIR
     tb = None
     if weights is not None:
-        from harness.bench import DTYPES, resolve_device
+        from harness.devices import DTYPES, resolve_device
 
         device = resolve_device(args.device)
         dtype = DTYPES[args.dtype if args.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"]

@@ -27,7 +27,6 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.arguments import command_parser
-from harness.bench import auto_threads, intra_op_threads
 from harness.cli_options import (
     add_model_arguments,
     encode_texts,
@@ -39,6 +38,7 @@ from harness.cli_options import (
     text_option,
     use_compile,
 )
+from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks
 from harness.runner import Checkpoint, OptionError, QuestionAnswerer, load_checkpoint, prepare_flashu
 

@@ -16,28 +16,24 @@ least ``--eager-repeats``, 5, as host-bound eager loops are the noisiest) with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from flashu_fx.compiled.gen_runtime import prefix_bucket
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
-from flashu_fx.layers import RMSNorm
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
-from flashu_fx.tokenizer import TextTokenizer
 from harness.arguments import command_parser
+from harness.devices import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.floors import device_rates, peak_tflops, row_floor_s, upstream_gen_call_flops
+from harness.random_model import ChunkTokenizer, build_random_model, und_question_ids
 from harness.rows import (
     BASELINES,
     TASKS,
@@ -53,125 +49,13 @@ from harness.rows import (
     synchronize,
     time_row,
 )
+from harness.tables import format_table
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A DPG-Bench-like prompt (its length does not change the eager time: all 1024 positions always run).
 GEN_PROMPT = (
     "A red vintage bicycle leaning against a weathered brick wall covered in ivy, warm late-afternoon light, "
     "a small white dog sitting beside the front wheel."
 )
-UND_QUESTION = "Describe this image in detail. "
-
-
-# ---- random model on the device ------------------------------------------------------------------------
-@torch.no_grad()
-def init_random_weights_fast(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Non-degenerate random weights drawn on each parameter's own device: no CPU generator and no host-to-device
-    copies (``flashu_fx.init_random_weights`` draws every tensor on the CPU and copies it, slow at 7B).
-
-    Norm scales (RMSNorm, LayerNorm) ~ N(1, 0.1), norm biases ~ N(0, 0.1), everything else ~ N(0, std):
-    unlike upstream's training init nothing is zero, so every path (adaLN, FinalLayer) carries signal.
-    """
-    gens: dict[torch.device, torch.Generator] = {}
-
-    def gen(p: torch.Tensor) -> torch.Generator:
-        if p.device not in gens:
-            gens[p.device] = torch.Generator(p.device).manual_seed(seed)
-        return gens[p.device]
-
-    norm_params = set()
-    for module in model.modules():
-        if isinstance(module, (RMSNorm, nn.LayerNorm)):
-            module.weight.normal_(1.0, 0.1, generator=gen(module.weight))
-            norm_params.add(id(module.weight))
-            if getattr(module, "bias", None) is not None:
-                module.bias.normal_(0.0, 0.1, generator=gen(module.bias))
-                norm_params.add(id(module.bias))
-    for p in model.parameters():  # tied parameters are yielded once
-        if id(p) not in norm_params:
-            p.normal_(0.0, std, generator=gen(p))
-    return model
-
-
-def build_random_model(cfg: Showo2Config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Showo2:
-    """Showo2 built on the meta device, materialised directly in ``dtype`` on ``device``, random weights.
-
-    >>> build_random_model(get_config("tiny"), torch.device("cpu"), torch.float32).showo.lm_head.weight.shape
-    torch.Size([256, 64])
-    """
-    with torch.device("meta"):
-        model = Showo2(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty re-creates the parameters, which unties them
-        model.showo.lm_head.weight = model.showo.model.embed_tokens.weight
-    model.reset_rope_buffers()  # fp32 tables on the device (to_empty left them uninitialised, in dtype)
-    return init_random_weights_fast(model, seed).eval()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int | None):
-    """torch's intra-op CPU threads set to ``n`` inside the block and restored after; None changes nothing."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def auto_threads(threads: int | None, device: torch.device, cfg: Showo2Config) -> int | None:
-    """``--threads`` if given; else 1 for a tiny model on the CPU, where each op is microseconds of work and
-    OpenMP synchronisation costs more than it saves (a 96x64 @ 64x256 linear on a loaded 2-core machine: 33 us
-    on 1 thread, 0.5-2.7 ms on 2; the tiny demo went from 50 s to 8 s); else torch's default (None)."""
-    if threads is not None:
-        return threads
-    return 1 if device.type == "cpu" and cfg.hidden_size <= 256 else None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-# ---- request contents ----------------------------------------------------------------------------------
-class ChunkTokenizer:
-    """One id per 4 UTF-8 bytes (about Qwen's rate on English text), folded below the special-token ids.
-
-    Random weights need no vocabulary, but the layouts should have realistic lengths: the understanding
-    template takes 22 positions here (Qwen: about 20), where one id per byte would take 60.
-    """
-
-    def __init__(self, config: Showo2Config, chunk: int = 4) -> None:
-        self.modulus, self.chunk = min(vars(config.specials).values()), chunk
-
-    def encode(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        return [
-            int.from_bytes(data[i : i + self.chunk], "little") % self.modulus for i in range(0, len(data), self.chunk)
-        ]
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(map(str, ids))
-
-
-def und_question_ids(cfg: Showo2Config, tok: TextTokenizer, prompt_len: int) -> list[int]:
-    """Question ids padded (by repeating ``UND_QUESTION``) so the whole prompt has ``prompt_len`` positions."""
-    base = build_mmu_prompt(cfg, tok, []).tokens.shape[1]
-    n = max(1, prompt_len - base)
-    unit = tok.encode(UND_QUESTION)
-    return (unit * (n // len(unit) + 1))[:n]
 
 
 # ---- profiling and reporting ---------------------------------------------------------------------------
@@ -193,12 +77,6 @@ def profile_row(fn, ctx, device: torch.device) -> str:
         prepared = fn(ctx)
         prepared.run()
     return profile_table(prepared.run, device)
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float | None, peak: float | None) -> dict:

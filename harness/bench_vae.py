@@ -28,9 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flashu_fx.vae import WanLatentCodec, diffusers_available, load_wan_vae
 from harness.arguments import command_parser, existing_directory
-from harness.bench import device_name, format_table, resolve_device
+from harness.devices import device_name, resolve_device
 from harness.floors import peak_tflops
 from harness.rows import timed
+from harness.tables import format_table
 
 ANCHOR_DECODE_S = 0.018  # upstream's Wan2.1 decode of one 54 x 54 latent on an H200 (docs/REFERENCE_MEASUREMENTS.md)
 

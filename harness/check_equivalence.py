@@ -22,9 +22,10 @@ from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.t2i import generate_images
 from harness.arguments import command_parser
-from harness.bench import build_random_model, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
+from harness.devices import resolve_device
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.random_model import build_random_model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

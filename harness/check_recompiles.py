@@ -21,9 +21,10 @@ from flashu_fx.compiled import answer_question_compiled, flashu_backend, generat
 from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
 from harness.arguments import command_parser
-from harness.bench import build_random_model, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
+from harness.devices import resolve_device
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.random_model import build_random_model
 
 GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text prefix adds bos and boi)
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from harness.arguments import existing_directory
-from harness.bench import DTYPES, resolve_device
+from harness.devices import DTYPES, resolve_device
 from harness.runner import Checkpoint, OptionError
 
 

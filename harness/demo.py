@@ -27,22 +27,16 @@ import torch
 from torch import Tensor
 
 from flashu_fx.config import PRESETS, get_config
+from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from flashu_fx.vae import WanLatentCodec, diffusers_available
 from harness.arguments import command_parser, existing_directory
-from harness.bench import (
-    DTYPES,
-    auto_threads,
-    build_random_model,
-    format_table,
-    intra_op_threads,
-    min_gen_steps,
-    resolve_device,
-)
+from harness.devices import DTYPES, auto_threads, intra_op_threads, resolve_device
 from harness.grids import captioned_grid
 from harness.images import image_grid, latents_to_images, write_png
+from harness.random_model import build_random_model
 from harness.rows import (
     BASELINES,
     TASKS,
@@ -58,6 +52,7 @@ from harness.rows import (
     time_row,
 )
 from harness.runner import OptionError, is_testbed_dir, load_checkpoint, shipped_flashu, shipped_testbed_present
+from harness.tables import format_table
 
 PROMPTS = (
     "A red fox sitting in a snowy forest at dawn.",
@@ -234,7 +229,8 @@ def run_rows(args, rows: dict, demo: DemoModel) -> tuple[list[list[str]], dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, low in (("steps", min_gen_steps()), ("max_new_tokens", 1), ("threads", 1)):
+    min_steps = FlashUConfig.for_task("gen").min_baseline_points()  # FlashU's shorter grid needs 2 points
+    for name, low in (("steps", min_steps), ("max_new_tokens", 1), ("threads", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     device = resolve_device(args.device)

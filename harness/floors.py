@@ -30,6 +30,7 @@ from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.schedule import gen_schedule
 from harness.arguments import command_parser
+from harness.tables import format_table
 
 # Measured dense bf16 matmul rates (8192^3 products, random data): H200 784 TFLOP/s (docs/REFERENCE_MEASUREMENTS.md),
 # H100 80GB HBM3 798 TFLOP/s (measured the same way on an H100).
@@ -240,7 +241,6 @@ def floors(cfg: Showo2Config, rates: Rates, steps: int, prefix: int, prompt_len:
 
 
 def report_tables(report: dict) -> str:
-    from harness.bench import format_table  # bench builds on this module: imported here, not at the top
 
     eager = report["eager_s"]
     gen_rows = [[name, f"{1e3 * s:.0f}", f"{eager['gen'] / s:.1f}x"] for name, s in report["gen_floor_s"].items()]

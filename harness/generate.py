@@ -39,7 +39,6 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.arguments import command_parser
-from harness.bench import auto_threads, intra_op_threads
 from harness.cli_options import (
     add_model_arguments,
     encode_texts,
@@ -51,6 +50,7 @@ from harness.cli_options import (
     text_option,
     use_compile,
 )
+from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks, process_group
 from harness.grids import prompt_grid
 from harness.images import write_png

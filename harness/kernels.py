@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from harness.arguments import command_parser
-from triton_kernels.vnorm_topk import SELECTS, _config, _launch, vnorm_topk, vnorm_topk_reference
+from triton_kernels.vnorm_topk import SELECTS, launch_config, vnorm_topk, vnorm_topk_launch, vnorm_topk_reference
 
 LAYOUTS = {"1.5B": (2, 128), "7B": (4, 128)}  # Show-o2 v_proj: (n_kv_heads, head_dim)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -130,20 +130,20 @@ def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, c
         "exact_vs_reference": exact, "rows_agreeing_with_eager_fp32": agree,
         "gpu_us": kernel, "ref_gpu_us": ref, "speedup": ref / kernel, "GBps": gbps, "pct_copy_bw": 100 * gbps / copy,
         "wall_us": wall_us(each(vnorm_topk)[0]), "ref_wall_us": wall_us(each(eager_topk)[0]),
-        "raw_launch_wall_us": wall_us(functools.partial(_launch, v, None, PREFIX, length, keep)),
+        "raw_launch_wall_us": wall_us(functools.partial(vnorm_topk_launch, v, PREFIX, length, keep)),
     }  # fmt: skip
     row["wall_speedup"] = row["ref_wall_us"] / row["wall_us"]
     sweep = []
     if args.sweep:
         want = vnorm_topk_reference(v, PREFIX, length, keep)
-        cfg_t, _, cfg_warps = _config(length, c)
+        cfg_t, _, cfg_warps = launch_config(length, c)
         # SWEEP for the radix search, then every search at cfg_t with each SELECT_WARPS and the default
         # num_warps (configs SWEEP has are not repeated): the rows select_summary compares.
         grid = [("radix", t, w) for t, w in SWEEP]
         grid += [(select, cfg_t, w) for select in SELECTS for w in sorted({*SELECT_WARPS, cfg_warps})
                  if (select, cfg_t, w) not in grid]  # fmt: skip
         for select, block_t, warps in grid:
-            calls = [functools.partial(_launch, x, None, PREFIX, length, keep, block_t, warps, select=select)
+            calls = [functools.partial(vnorm_topk_launch, x, PREFIX, length, keep, block_t, warps, select=select)
                      for x in copies]  # fmt: skip
             ok = torch.equal(calls[0](), want)
             us = graph_us(calls, replays=5)

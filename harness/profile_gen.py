@@ -15,8 +15,8 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from harness.arguments import command_parser
-from harness.bench import build_random_model
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.random_model import build_random_model
 from harness.rows import synchronize
 
 

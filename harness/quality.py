@@ -31,8 +31,8 @@ from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
 from harness.arguments import command_parser, display_path
-from harness.bench import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
+from harness.devices import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
 from harness.quality_report import task_report, write_grid
 from harness.quality_rows import ROWS, Env, RowSpec, parse_setting, select_row_specs

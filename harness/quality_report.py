@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from flashu_fx.testbed import world
-from harness.bench import format_table
 from harness.quality_eval import GenRowResult, UndRowResult, group_scores, overall_score
 from harness.quality_fidelity import twin_fidelity
 from harness.quality_rows import BASELINE
+from harness.tables import format_table
 
 GRID_COLUMNS = 12  # prompts shown in the grid
 UNITS = {"gen": "image", "und": "answer"}

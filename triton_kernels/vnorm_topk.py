@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["MAX_LENGTH", "vnorm_topk", "vnorm_topk_reference"]
+__all__ = ["MAX_LENGTH", "SELECTS", "launch_config", "vnorm_topk", "vnorm_topk_launch", "vnorm_topk_reference"]
 
 # Selection keeps the whole row in registers and packs two counts into one int32 (16-bit fields).
 MAX_LENGTH = 16384
@@ -410,6 +410,32 @@ def vnorm_topk(v: torch.Tensor, start: int | torch.Tensor, length: int, keep: in
     """
     start_rows, start_int = _check(v, start, length, keep)
     return torch.ops.flashu.vnorm_topk(v, start_rows, start_int, length, keep)
+
+
+def launch_config(length: int, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) the op launches with for rows of ``length`` tokens of ``channels`` values."""
+    return _config(length, channels)
+
+
+def vnorm_topk_launch(
+    v: torch.Tensor,
+    start: int,
+    length: int,
+    keep: int,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    select: str = "radix",
+) -> torch.Tensor:
+    """`vnorm_topk` launched directly (not through the custom op), with an explicit launch config and threshold
+    search (a key of `SELECTS`): what kernel sweeps and microbenchmarks time. Same checks and results; needs a
+    device Triton drives.
+    """
+    if select not in SELECTS:
+        raise ValueError(f"select={select!r} is invalid: allowed one of {sorted(SELECTS)}")
+    if triton is None:
+        raise RuntimeError("vnorm_topk_launch needs triton (pip install triton)")
+    start_rows, start_int = _check(v, start, length, keep)
+    return _launch(v, start_rows, start_int, length, keep, block_t, num_warps, select=select)
 
 
 def vnorm_topk_reference(v: torch.Tensor, start: int | torch.Tensor, length: int, keep: int) -> torch.Tensor:

@@ -97,11 +97,12 @@ def test_bench_rows_get_their_floor_on_a_measured_device(tiny_model) -> None:
     import argparse
 
     from harness import bench, rows
+    from harness.random_model import ChunkTokenizer
 
     rates = floors.device_rates("NVIDIA H200")
     assert rates == floors.Rates(784.0, 4245.0) and floors.device_rates("NVIDIA H100 80GB HBM3") is None
     cfg = tiny_model.config
-    tok = bench.ChunkTokenizer(cfg)
+    tok = ChunkTokenizer(cfg)
     args = argparse.Namespace(task="gen", steps=50, guidance=10.0)
     ctx = rows.GenContext(tiny_model, [tok.encode("a cube")], steps=50)
     names = ["eager", "compiled-exact", "compiled-flashu[merge_ffn_slices=on]", "flashu-eager"]

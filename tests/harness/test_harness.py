@@ -129,32 +129,6 @@ def test_variant_names_round_trip(base, options):
     assert rows.parse_variant(base) is None
 
 
-def test_random_model_is_tied_and_non_degenerate():
-    model = bench.build_random_model(get_config("tiny-tied"), torch.device("cpu"), torch.float32)
-    assert model.showo.lm_head.weight is model.showo.model.embed_tokens.weight
-    assert model.llm_inv_freq.dtype == torch.float32 and torch.isfinite(model.llm_inv_freq).all()
-    assert all(p.std() > 0 for p in model.parameters() if p.numel() > 1)
-    tok = bench.ChunkTokenizer(model.config)
-    ctx = rows.GenContext(model, [tok.encode("a cube")], steps=3, guidance=5.0)
-    with torch.no_grad():
-        out = rows.eager_gen(ctx).run()
-    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
-
-
-def test_threads_are_scoped():
-    before = torch.get_num_threads()
-    with bench.intra_op_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert bench.auto_threads(None, cpu, get_config("tiny")) == 1
-    assert bench.auto_threads(None, cpu, get_config("showo2-1.5b")) is None
-    assert (
-        bench.auto_threads(None, cuda, get_config("tiny")) is None
-        and bench.auto_threads(3, cpu, get_config("tiny")) == 3
-    )
-
-
 @pytest.mark.parametrize(("preset", "tflop"), [("showo2-1.5b", 10.7), ("showo2-7b", 33.9)])
 def test_upstream_flops_match_anchors(preset, tflop):
     assert bench.upstream_gen_call_flops(get_config(preset), 2)["total"] / 1e12 == pytest.approx(tflop, rel=0.03)
@@ -296,7 +270,7 @@ def test_no_command_prints_the_usage_and_the_commands(capsys):
 
 
 COMMAND_MODULES = ["demo", "bench", "floors", "kernels", "calibrate_cli", "analyze_cli", "check_recompiles",
-                   "check_equivalence", "guard_cost", "profile_gen", "profile_und"]
+                   "check_equivalence", "guard_cost", "profile_gen"]
 
 
 @pytest.mark.parametrize("name", COMMAND_MODULES)
@@ -390,12 +364,10 @@ def test_bench_chart(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a CUDA device")
 def test_gpu_profilers_say_they_need_a_gpu(capsys):
-    from harness import profile_gen, profile_und
+    from harness import profile_gen
 
     with pytest.raises(SystemExit):
         profile_gen.main(["--preset", "tiny"])
-    with pytest.raises(SystemExit):
-        profile_und.main(["check"])
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "--device cpu" in err
 

@@ -164,7 +164,7 @@ def test_triton_kernel_under_interpreter() -> None:
     proc = _run_python(
         """
         import torch
-        from triton_kernels.vnorm_topk import _launch, _reference
+        from triton_kernels.vnorm_topk import _launch, _reference, vnorm_topk_launch
         gen = torch.Generator().manual_seed(0)
         n_cases = 0
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -178,6 +178,7 @@ def test_triton_kernel_under_interpreter() -> None:
                 for keep in (1, length // 3, length):
                     want = _reference(v, None, 3, length, keep)
                     assert torch.equal(_launch(v, None, 3, length, keep, block_t=block_t), want)
+                    assert torch.equal(vnorm_topk_launch(v, 3, length, keep, block_t=block_t), want)  # the public twin
                     rows = torch.tensor([0, 4, -1][:batch])  # -1: out of range
                     want = _reference(v, rows, 0, length, keep)
                     assert torch.equal(_launch(v, rows, 0, length, keep, block_t=block_t), want)
@@ -281,6 +282,14 @@ ERRORS = [
         r"start tensor is on meta but v is on cpu",
     ),
 ]
+
+
+def test_direct_launch_names_a_bad_search() -> None:
+    from triton_kernels.vnorm_topk import vnorm_topk_launch
+
+    with pytest.raises(ValueError, match=r"select='hist9' is invalid: allowed one of \['hist5', 'hist6', 'hist7', "
+                                         r"'hist8', 'radix'\]"):
+        vnorm_topk_launch(V, 0, 4, 2, select="hist9")
 
 
 @pytest.mark.parametrize("fn", [vnorm_topk, vnorm_topk_reference])
