@@ -17,25 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
 
-# Sibling projections that read the same input, in buffer order.
-PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def adjacent(tensors: Sequence[Tensor]) -> bool:
-    """True if the tensors are contiguous, of one dtype and device, and follow each other in one storage.
-    Works on fake tensors too (a graph's example values keep their inputs' storage sharing and offsets)."""
-    first = tensors[0]
-    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
-        return False
-    storage = StorageWeakRef(first.untyped_storage())
-    offset = first.storage_offset()
-    for t in tensors:
-        if StorageWeakRef(t.untyped_storage()) != storage or t.storage_offset() != offset:
-            return False
-        offset += t.numel()
-    return True
+from passes.merge_projections import PROJECTION_GROUPS, adjacent  # the pass defines what it can merge
 
 
 @torch.no_grad()

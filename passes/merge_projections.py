@@ -24,13 +24,33 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from flashu_fx.projection_layout import PROJECTION_GROUPS, adjacent
 from passes.graph_utils import fake_value, linear_calls
+
+# Sibling projections that read the same input, in buffer order.
+PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def adjacent(tensors: Sequence[Tensor]) -> bool:
+    """True if the tensors are contiguous, of one dtype and device, and follow each other in one storage.
+    Works on fake tensors too (a graph's example values keep their inputs' storage sharing and offsets)."""
+    first = tensors[0]
+    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
+        return False
+    storage = StorageWeakRef(first.untyped_storage())
+    offset = first.storage_offset()
+    for t in tensors:
+        if StorageWeakRef(t.untyped_storage()) != storage or t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from torch import fx
 from flashu_fx.config import get_config
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
 from flashu_fx.masks import omni_mask
-from flashu_fx.projection_layout import adjacent, colocate_projections
+from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.qwen2 import Qwen2DecoderLayer
 from passes.ffn_slicing import slice_ffn
-from passes.merge_projections import gate_up_of_slice, merge_projections
+from passes.merge_projections import adjacent, gate_up_of_slice, merge_projections
 
 
 def num_linears(gm: fx.GraphModule) -> int:

@@ -17,7 +17,7 @@ from flashu_fx import FlashUConfig, Showo2, generate_images, get_config, init_ra
 from flashu_fx.compiled import backend_from_options, flashu_backend, generate_images_compiled, lean_guard_options
 from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_gen import generate_images_flashu
-from flashu_fx.projection_layout import adjacent
+from passes.merge_projections import adjacent
 
 # Tiny-model FlashU settings under which every technique acts within a few calls: 2 of 4 layers skipped,
 # re-measured every 3 calls, the head stored every 2nd call, widths in multiples of 8.
