@@ -1,0 +1,207 @@
+"""Split a Dynamo-captured Show-o2 forward at module boundaries, and compile each distinct part once.
+
+Eager twin: ``Showo2.forward`` itself, whose call structure the parts follow:
+
+    embed          image features (SigLIP, fusion), time embedding, token embeddings, RoPE tables, masks
+    layer.i        showo.model.layers[i]                                   (hidden -> hidden)
+    head_in        the trunk's final norm, the slot mask, diff_proj
+    head_block.j   diffusion_head_a[j]                                     (modulated attention block)
+    final          diffusion_head_b and the velocity's unpatchify
+
+A node belongs to the part of its innermost module (``node.meta["nn_module_stack"]``) when that module lies
+inside a decoder layer or a head block; any other node belongs to the region it sits in (before the first layer:
+embed; between the trunk and the head: head_in; after the last head block: final). Dynamo lifts every weight to a
+graph input, so the parts take their weights as inputs, and structurally identical parts (every decoder layer,
+every head block) have the same ``structural_signature``: ``compile_parts`` compiles one of them and calls the
+result with each part's own inputs, as vLLM's piecewise compilation does. Each node of a part keeps the name of
+the captured node it was copied from in ``node.meta["source"]`` (its provenance).
+
+A graph without decoder layers (not a Show-o2 forward) is left whole, as one part named "graph", with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.passes.split_module import split_module
+
+from passes.graph_utils import module_path
+
+SOURCE = "source"  # node.meta key: the captured node a part's node was copied from
+# Parts a module path anchors: (kind, pattern of the module path prefix with the index as group 1).
+ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("layer", re.compile(r"^showo\.model\.layers\.(\d+)(\.|$)")),
+    ("head_block", re.compile(r"^diffusion_head_a\.(\d+)(\.|$)")),
+)
+# The unanchored regions in the order the forward runs them: before the first layer, between the layers and
+# the head blocks, after the last head block.
+REGIONS = ("embed", "head_in", "final")
+
+Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+
+def anchor(node: fx.Node) -> tuple[str, int] | None:
+    """(kind, index) of the decoder layer or head block that created ``node``, or None."""
+    path = module_path(node)
+    if path is None:
+        return None
+    for kind, pattern in ANCHORS:
+        match = pattern.match(path)
+        if match:
+            return kind, int(match.group(1))
+    return None
+
+
+def part_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Every compute node -> the name of its part ("embed", "layer.3", "head_in", "head_block.0", "final")."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    anchors = [anchor(n) for n in nodes]
+    last = {kind: max((i for i, a in enumerate(anchors) if a and a[0] == kind), default=-1) for kind, _ in ANCHORS}
+    names: dict[fx.Node, str] = {}
+    current = REGIONS[0]
+    for i, (node, found) in enumerate(zip(nodes, anchors, strict=True)):
+        if found is not None:
+            current = f"{found[0]}.{found[1]}"
+        elif current.startswith("layer.") and i > last["layer"]:
+            current = REGIONS[1]  # past the last decoder layer
+        elif current.startswith("head_block.") and i > last["head_block"]:
+            current = REGIONS[2]  # past the last head block
+        # otherwise: a node no layer or block claims stays in the part before it (graph order = run order)
+        names[node] = current
+    return names
+
+
+def structural_signature(gm: fx.GraphModule) -> str:
+    """A hash of the graph's structure with values renamed by position: two parts with the same signature
+    compute the same function of their inputs (same ops, same wiring, same constants, same input shapes)."""
+    index: dict[fx.Node, int] = {}
+    lines = []
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return f"%{index[a]}"
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: arg(v) for k, v in a.items()}
+        return a
+
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        if node.op == "placeholder":
+            value = node.meta.get("example_value", node.meta.get("val"))
+            shape = (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else None
+            lines.append(f"placeholder {shape}")
+        else:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", node.target)
+            module = getattr(node.target, "__module__", "")
+            lines.append(f"{node.op} {module}.{target} {arg(node.args)!r} {arg(node.kwargs)!r}")
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Part:
+    """One subgraph of the captured forward."""
+
+    name: str  # "embed", "layer.3", ...
+    module: fx.GraphModule
+    signature: str  # structural_signature(module)
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def sources(self) -> list[str]:
+        """The captured nodes this part computes (their names in the graph Dynamo handed over)."""
+        return [n.meta[SOURCE] for n in self.module.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+@dataclass
+class PartitionedGraph:
+    """``root`` runs the parts in order (its submodules are the parts' modules): the captured forward."""
+
+    root: fx.GraphModule
+    parts: list[Part]
+    submodule_of: dict[str, str] = field(default_factory=dict)  # part name -> attribute name in root
+
+    def groups(self) -> dict[str, list[str]]:
+        """signature -> the names of the parts that share it, in graph order."""
+        groups: dict[str, list[str]] = {}
+        for part in self.parts:
+            groups.setdefault(part.signature, []).append(part.name)
+        return groups
+
+
+def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
+    """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts; ``gm`` is not modified."""
+    for node in gm.graph.nodes:
+        node.meta[SOURCE] = node.name
+    names = part_names(gm)
+    if not any(name.startswith("layer.") for name in names.values()):
+        warnings.warn("partition_showo2_graph: the graph has no Show-o2 decoder layer (no node from "
+                      "showo.model.layers.N); it stays whole, as one part", stacklevel=2)
+        names = dict.fromkeys(names, "graph")
+    order = list(dict.fromkeys(names.values()))
+    number = {name: i for i, name in enumerate(order)}
+    root = split_module(gm, None, lambda node: number[names[node]], keep_original_order=True)
+    parts, submodule_of = [], {}
+    for i, name in enumerate(order):
+        module = getattr(root, f"submod_{i}")
+        parts.append(Part(name, module, structural_signature(module)))
+        submodule_of[name] = f"submod_{i}"
+    return PartitionedGraph(root, parts, submodule_of)
+
+
+def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any]) -> dict[str, int]:
+    """Replace each part of ``graph.root`` with a compiled callable, compiling once per structural signature
+    (the first part of a group; the others call its result with their own inputs). ``example_inputs`` are the
+    root's inputs, run once through the uncompiled parts to give each compiler its parts' example inputs.
+
+    Returns signature -> how many parts share its one compiled artifact.
+    """
+    examples = _part_inputs(graph, example_inputs)
+    compiled: dict[str, Callable[..., Any]] = {}
+    shared: dict[str, int] = {}
+    for part in graph.parts:
+        if part.signature not in compiled:
+            compiled[part.signature] = compiler(part.module, examples[part.name])
+        shared[part.signature] = shared.get(part.signature, 0) + 1
+        setattr(graph.root, graph.submodule_of[part.name], _Compiled(compiled[part.signature], part.name))
+    graph.root.recompile()
+    return shared
+
+
+class _Compiled(torch.nn.Module):
+    """A compiled part as a submodule of the root (``split_module``'s root calls its submodules)."""
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        super().__init__()
+        self.fn, self.part = fn, name
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _part_inputs(graph: PartitionedGraph, inputs: Sequence[Any]) -> dict[str, list[Any]]:
+    """Each part's positional inputs on one run of the root (recorded by a forward pre-hook)."""
+    seen: dict[str, list[Any]] = {}
+    hooks = []
+    for part in graph.parts:
+        def record(_module, args, name=part.name):
+            seen.setdefault(name, list(args))
+        hooks.append(part.module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            graph.root(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen

@@ -1,0 +1,133 @@
+"""passes.partition against its eager twin (the captured Show-o2 forward it splits): the parts replay the graph
+exactly, come from it node by node, and structurally identical parts share one compiled artifact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captured import capture
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashu_fx.layout import build_gen_batch
+from flashu_fx.qwen2 import Qwen2MLP
+from passes.partition import SOURCE, compile_parts, partition_showo2_graph
+
+PARTS = ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "head_in", "head_block.0", "head_block.1", "final"]
+
+
+def forward_inputs(model, seed: int = 0, t: float = 0.3):
+    cfg = model.config
+    batch = build_gen_batch(cfg, [[5, 6, 7]], guided=True)
+    latents = torch.randn(2, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(seed))
+    return batch.tokens, latents, torch.full((2,), t), batch.offsets, batch.mask, False  # no logits
+
+
+@pytest.fixture(scope="module")
+def captured(tiny_model):
+    with torch.no_grad():
+        return capture(tiny_model, *forward_inputs(tiny_model))
+
+
+def compute_nodes(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def test_parts_follow_the_forward(captured) -> None:
+    gm, _ = captured
+    graph = partition_showo2_graph(gm)
+    assert [p.name for p in graph.parts] == PARTS
+    groups = sorted(graph.groups().values())
+    assert groups == sorted([["embed"], ["layer.0", "layer.1", "layer.2", "layer.3"], ["head_in"],
+                             ["head_block.0", "head_block.1"], ["final"]])
+
+
+def test_every_part_node_comes_from_the_captured_graph_once(captured) -> None:
+    gm, _ = captured
+    graph = partition_showo2_graph(gm)
+    sources = [s for part in graph.parts for s in part.sources]
+    assert sorted(sources) == sorted(compute_nodes(gm))  # each captured node in exactly one part
+    layer = graph.parts[1].module
+    ops = {n.target for n in layer.graph.nodes if n.op == "call_function"}
+    assert F.scaled_dot_product_attention in ops and F.linear in ops
+    assert all(SOURCE in n.meta for n in layer.graph.nodes if n.op == "call_function")
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), t=st.floats(0.01, 0.99))
+def test_parts_replay_the_captured_graph_exactly(captured, tiny_model, seed, t) -> None:
+    gm, _ = captured
+    graph = partition_showo2_graph(gm)
+    tokens, latents, times, offsets, mask, _ = forward_inputs(tiny_model, seed, t)
+    # Dynamo's graph takes the weights first, then the user's inputs, in the order the example inputs had them.
+    _, example = captured
+    inputs = list(example)
+    for user, value in zip(_user_input_positions(gm), (tokens, latents, times, offsets, mask), strict=True):
+        inputs[user] = value
+    with torch.no_grad():
+        whole, parts = gm(*inputs), graph.root(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+
+
+def _user_input_positions(gm) -> list[int]:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return [next(i for i, name in enumerate(names) if name.endswith(f"_{user}_") or name == f"l_{user}_")
+            for user in ("tokens", "latents", "t", "offsets", "mask")]
+
+
+def test_compile_parts_compiles_once_per_structure(captured) -> None:
+    gm, example = captured
+    graph = partition_showo2_graph(gm)
+    compiled = []
+
+    def compiler(module, inputs):
+        compiled.append((module, [tuple(x.shape) for x in inputs]))
+        return module.forward
+
+    shared = compile_parts(graph, compiler, example)
+    assert len(compiled) == 5 and sorted(shared.values()) == [1, 1, 1, 2, 4]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
+
+
+class ScaledMLP(Qwen2MLP):
+    """A test-only change of the model's forward: the FFN output scaled by 1.5."""
+
+    def forward(self, x, ranges=None):
+        return 1.5 * super().forward(x, ranges)
+
+
+def test_a_changed_forward_changes_the_parts_as_it_changes_eager(tiny_model) -> None:
+    model = copy.deepcopy(tiny_model)
+    old = model.showo.model.layers[2].mlp
+    new = ScaledMLP(old.gate_proj.in_features, old.gate_proj.out_features)
+    new.load_state_dict(old.state_dict())
+    model.showo.model.layers[2].mlp = new
+    inputs = forward_inputs(model)
+    with torch.no_grad():
+        gm, example = capture(model, *inputs)
+        eager = model(*inputs[:5], return_logits=False).velocity
+        before = tiny_model(*inputs[:5], return_logits=False).velocity
+    graph = partition_showo2_graph(gm)
+    # Only layer 2 changed structure: it no longer shares the other layers' artifact.
+    assert sorted(graph.groups().values()) == sorted([["embed"], ["layer.0", "layer.1", "layer.3"], ["layer.2"],
+                                                      ["head_in"], ["head_block.0", "head_block.1"], ["final"]])
+    compile_parts(graph, lambda module, _: module.forward, example)
+    with torch.no_grad():
+        (velocity,) = graph.root(*example)
+    assert torch.equal(velocity, eager) and not torch.allclose(velocity, before)
+
+
+def test_a_graph_without_decoder_layers_stays_whole_and_warns() -> None:
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        gm, example = capture(layer, x)
+    with pytest.warns(UserWarning, match="no Show-o2 decoder layer"):
+        graph = partition_showo2_graph(gm)
+    assert [p.name for p in graph.parts] == ["graph"]
+    with torch.no_grad():
+        assert torch.equal(graph.root(*example)[0], gm(*example)[0])
