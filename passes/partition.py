@@ -172,6 +172,7 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
     shared: dict[str, int] = {}
     for part in graph.parts:
         if part.signature not in compiled:
+            part.module.meta["part"] = part.name  # for the compiler's logs and counters
             compiled[part.signature] = compiler(part.module, examples[part.name])
         shared[part.signature] = shared.get(part.signature, 0) + 1
         setattr(graph.root, graph.submodule_of[part.name], _Compiled(compiled[part.signature], part.name))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, fx
 
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
-from flashu_fx.compiled.piece_compiler import check_inductor_options, make_piece_compiler
+from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
 from flashu_fx.compiled.und_runtime import UndRuntime
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
@@ -46,9 +46,13 @@ from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
+from passes.partition import PartitionedGraph, compile_parts, partition_showo2_graph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
+# How a captured generation forward runs: "runtime" (the default), the generation runtime's compiled pieces chosen
+# per call; "graph", the captured graph itself, split into parts (exact computation only, so far).
+EXECUTORS = ("runtime", "graph")
 
 
 def infer_model_config(shapes: dict[str, tuple[int, ...]], latents: tuple[int, ...], seq_len: int) -> Showo2Config:
@@ -76,15 +80,23 @@ class FlashUBackend:
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, merge_ffn_slices: bool = False,
-                 inductor_options: dict | None = None) -> None:
+                 inductor_options: dict | None = None, executor: str = "runtime") -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"flashu_backend executor={executor!r} is invalid: allowed one of {EXECUTORS}")
+        if executor == "graph" and (task != "gen" or config is not None):
+            raise ValueError(f"flashu_backend executor='graph' runs the exact generation forward only (task='gen', "
+                             f"config=None) so far; got task={task!r}, config={'set' if config else None}: use "
+                             "executor='runtime' for FlashU and for understanding")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
+        self.executor = executor
+        self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -163,6 +175,8 @@ class FlashUBackend:
             warnings.warn(f"flashu_backend: not a Show-o2 forward ({why}); compiling the graph unchanged",
                           stacklevel=2)
             return self._exact_fallback(gm, example_inputs)
+        if self.executor == "graph":
+            return self._graph_runner(gm, match, example_inputs)
         return self._runner(match, example_inputs)
 
     def und_runtime(self, compiled: torch.nn.Module) -> UndRuntime:
@@ -216,6 +230,29 @@ class FlashUBackend:
 
         # Inductor's callables may take their inputs as one list ("boxed"); keep the convention Dynamo sees.
         run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
+
+    def _graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
+        """executor="graph": the captured forward itself, split at module boundaries (``passes.partition``), each
+        structurally distinct part compiled once (``merge_projections`` merges where the captured weights already
+        share buffers, e.g. after ``colocate_projections``). No CUDA graphs yet."""
+        if match.num_outputs != 1:
+            raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
+                               "return_logits=False")
+        cuda = example_inputs[match.user_inputs["latents"]].is_cuda
+        compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
+                                          self.piece_captures, self.merge_projections, self.eager_numerics,
+                                          self.inductor_options)
+        graph = self.captured = partition_showo2_graph(gm)
+        compile_parts(graph, compile_part, example_inputs)
+
+        def run(*args: Tensor):
+            if self._step is None:
+                raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
+                                   "(after backend.begin_image(num_calls, guidance))")
+            self._served = True
+            return graph.root(*args)
+
         return run
 
     def _runner(self, match: Showo2GraphMatch, example_inputs: list):
@@ -320,7 +357,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
-                   merge_ffn_slices: bool = False, inductor_options: dict | None = None) -> FlashUBackend:
+                   merge_ffn_slices: bool = False, inductor_options: dict | None = None,
+                   executor: str = "runtime") -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
     "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
     ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
@@ -332,9 +370,12 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     ``merge_projections``, the gate and up of generation's pruned FFN range run as one batched matmul over a
     view of both (no weight copied);
     ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
-    (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused)."""
+    (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
+    ``executor``: "runtime" (default) or "graph", which runs the captured forward itself, split into parts at module
+    boundaries with each distinct part compiled once (``passes.partition``; the exact generation path only, no
+    CUDA graphs yet: the first step of moving every optimization into passes over the captured graph)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, merge_ffn_slices, inductor_options)
+                         eager_numerics, tune_decode, merge_ffn_slices, inductor_options, executor)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -70,19 +70,8 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
             for graph_pass in graph_passes:
                 result = graph_pass(gm)
                 log.debug("piece %s: %s -> %s", name, getattr(graph_pass, "func", graph_pass).__name__, result)
-            if merge:
-                log.debug("piece %s: merge_projections -> %s", name,
-                          merge_projections(gm, ffn_slices=merge_ffn_slices))
-            if backend == "eager":
-                return gm.forward
-            from torch._inductor.compile_fx import compile_fx
-
-            # No inductor CUDA graphs: the runtimes capture whole calls, pieces included.
-            patches = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
-            if coordinate_descent:
-                patches["coordinate_descent_tuning"] = True
-            patches.update(extra_patches)
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            return compile_graph(gm, example_inputs, backend, merge, merge_ffn_slices, eager_numerics,
+                                 coordinate_descent, extra_patches, name)
 
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         fresh.__qualname__ = f"{fn.__qualname__}[{name}]"
@@ -90,3 +79,40 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
         return torch.compile(fresh, backend=piece_backend, fullgraph=True, dynamic=None)
 
     return compile_piece
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge: bool, merge_ffn_slices: bool,
+                  eager_numerics: bool, coordinate_descent: bool, patches: Mapping[str, object], name: str) -> Callable:
+    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``), then
+    inductor with this project's settings (or the graph as it is, for ``backend="eager"``)."""
+    if merge:
+        log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
+    if backend == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    # No inductor CUDA graphs: the runtimes capture whole calls, pieces included.
+    settings = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+    if coordinate_descent:
+        settings["coordinate_descent_tuning"] = True
+    settings.update(patches)
+    return compile_fx(gm, example_inputs, config_patches=settings)
+
+
+def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
+                       eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None
+                       ) -> Callable[[fx.GraphModule, list], Callable]:
+    """The compiler of the parts of a captured graph (``passes.partition.compile_parts``): each part's graph is
+    already captured, so it goes straight to ``compile_graph``. ``captures`` counts compilations per part name."""
+    if backend not in ("inductor", "eager"):
+        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
+    extra_patches = check_inductor_options(inductor_options)
+
+    def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
+        if captures is not None:
+            captures[name] += 1
+        return compile_graph(gm, list(example_inputs), backend, merge, False, eager_numerics, False, extra_patches,
+                             name)
+
+    return compile_part
