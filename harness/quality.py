@@ -3,6 +3,7 @@
     python -m harness quality                                    # the shipped testbed; GPU: 200 prompts, 200 questions
     python -m harness quality --weights runs/testbed --task gen --rows baseline,flashu-eager,no_hybrid --batch 1
     python -m harness quality --device cpu --prompts 6 --questions 4 --steps 10   # a CPU smoke run
+    torchrun --nproc-per-node 4 -m harness quality                # data parallel: each process scores its share
 
 Generation scores held-out prompts of the testbed world GenEval-style (the scorer reads the decoded image);
 understanding scores held-out questions (exact answers). Rows: ``baseline`` (eager), ``flashu-eager`` (the eager
@@ -33,6 +34,7 @@ from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, lo
 from harness.arguments import command_parser, display_path
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.devices import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
+from harness.distributed import Ranks, process_group
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
 from harness.quality_report import task_report, write_grid
 from harness.quality_rows import ROWS, Env, RowSpec, parse_setting, select_row_specs
@@ -128,24 +130,34 @@ def prepare_env(args: argparse.Namespace, rows: dict[str, list[RowSpec]], device
     return Env(tb.model, tb.tokenizer, layout, steps, guidance, args.max_new_tokens, options), tb
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the command; returns the report (None on the ranks other than 0 under torchrun)."""
     started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
-    device = resolve_device(args.device)
+    ranks = Ranks.from_environment()
+    device = ranks.device(resolve_device(args.device))
     check_args(args, parser, device.type == "cuda")
-    dtype_name = args.dtype if args.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    dtype = DTYPES[dtype_name]
     tasks = TASK_CHOICES[args.task]
     flashu_settings = parse_settings(args.settings, parser)
     rows = pick_rows(args.rows, tasks, flashu_settings, parser)
+    with process_group(ranks, device):
+        return run(args, parser, options, ranks, device, tasks, flashu_settings, rows, argv, started)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, options: dict, ranks: Ranks,
+        device: torch.device, tasks: tuple[str, ...], flashu_settings: dict[str, Any],
+        rows: dict[str, list[RowSpec]], argv: list[str] | None, started: float) -> dict[str, Any] | None:
+    """Every row of every task, each rank on its share; rank 0 prints and writes the report."""
+    dtype_name = args.dtype if args.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    dtype = DTYPES[dtype_name]
     env, tb = prepare_env(args, rows, device, dtype, options, parser)
     progress = not args.no_progress
     settings = dict(weights=display_path(args.weights), task=args.task, prompts=args.prompts, questions=args.questions,
                     batch=args.batch, steps=env.steps, guidance=env.guidance, max_new_tokens=args.max_new_tokens,
                     warmup=args.warmup, seed=args.seed, dtype=dtype_name, backend_options=options,
-                    flashu_settings=flashu_settings,
+                    flashu_settings=flashu_settings, processes=ranks.world_size,
                     rows={t: [s.name for s in specs] for t, specs in rows.items()})
     report: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__,
@@ -153,30 +165,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": settings, "testbed": {k: tb.record.get(k) for k in ("command", "steps_done", "sampling")},
     }
     changed = "".join(f", {k}={v}" for k, v in flashu_settings.items())
-    print(f"quality: testbed {settings['weights']} on {device} ({dtype_name}), {env.steps} grid points, "
-          f"guidance {env.guidance}{changed and ', FlashU with' + changed[1:]}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    processes = f", {ranks.world_size} processes" if ranks.distributed else ""
+    if ranks.is_main:
+        print(f"quality: testbed {settings['weights']} on {device} ({dtype_name}{processes}), {env.steps} grid "
+              f"points, guidance {env.guidance}{changed and ', FlashU with' + changed[1:]}")
+        args.out.mkdir(parents=True, exist_ok=True)
     with intra_op_threads(auto_threads(args.threads, device, env.model.config)):
         if "gen" in tasks:
             prompts = world.heldout_gen_prompts(args.prompts, seed=args.seed)
-            results = {s.name: run_gen_row(s, env, prompts, args.batch, args.seed, args.warmup, progress)
+            results = {s.name: run_gen_row(s, env, prompts, args.batch, args.seed, args.warmup, progress, ranks)
                        for s in rows["gen"]}
-            report["gen"] = task_report("gen", results, [{"caption": p.caption, "category": p.category}
-                                                         for p in prompts])
-            grid = write_grid(list(results.values()), prompts, args.out / "quality_grid.png",
-                              f"testbed quality: {env.steps} grid points, guidance {env.guidance}, {dtype_name}")
-            report["gen"]["grid"] = None if grid is None else str(grid)
+            if ranks.is_main:
+                report["gen"] = task_report("gen", results, [{"caption": p.caption, "category": p.category}
+                                                             for p in prompts])
+                grid = write_grid(list(results.values()), prompts, args.out / "quality_grid.png",
+                                  f"testbed quality: {env.steps} grid points, guidance {env.guidance}, {dtype_name}")
+                report["gen"]["grid"] = None if grid is None else str(grid)
         if "und" in tasks:
             items = world.heldout_questions(args.questions, seed=args.seed)
             latents = question_latents(items, device, dtype)
-            results = {s.name: run_und_row(s, env, items, latents, args.warmup, progress) for s in rows["und"]}
-            report["und"] = task_report("und", results, [{"question": it.question, "answer": it.answer,
-                                                          "kind": it.kind} for it in items])
+            results = {s.name: run_und_row(s, env, items, latents, args.warmup, progress, ranks) for s in rows["und"]}
+            if ranks.is_main:
+                report["und"] = task_report("und", results, [{"question": it.question, "answer": it.answer,
+                                                              "kind": it.kind} for it in items])
     torch._dynamo.reset()  # drop the compiled rows' Dynamo cache entries (the caller may compile again)
+    if not ranks.is_main:
+        return None
     report["seconds"] = round(time.perf_counter() - started, 1)
     path = args.out / "quality.json"
     path.write_text(json.dumps(report, indent=1, default=float))
     print(f"wrote {path}" + (f" and {report['gen']['grid']}" if report.get("gen", {}).get("grid") else ""))
     return report
-
-

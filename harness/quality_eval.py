@@ -5,6 +5,9 @@ same noise); understanding answers one question at a time. Latency is the median
 answers) of the seconds per image (per answer); ``warmup`` untimed runs of the first batch (question) come first,
 and of the last batch when it is smaller, so a compiled row's compilations are not in it. Every output is kept: the
 scores, the latents (generation) and the decisions feed the fidelity comparison of a compiled row with its eager twin.
+
+Under torchrun each rank runs its share (batches j = rank, rank + N, ...; questions likewise) with the same seeds as
+one process would, and rank 0 puts the results back in order: the same latents, answers and scores as one process.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flashu_fx.testbed import codec, scorer, world
+from harness.distributed import Ranks
 from harness.quality_rows import Env, GenDecision, RowSpec, gen_runner, und_runner
 from harness.rows import timed
 
@@ -92,44 +96,57 @@ def question_latents(items: Sequence[world.QAItem], device: torch.device, dtype:
 
 
 def run_gen_row(spec: RowSpec, env: Env, prompts: Sequence[world.GenPrompt], batch: int, seed: int,
-                warmup: int, progress: bool = True) -> GenRowResult:
-    """Generate every prompt with the row, score the decoded images, time each batch."""
+                warmup: int, progress: bool = True, ranks: Ranks | None = None) -> GenRowResult | None:
+    """Generate every prompt with the row, score the decoded images, time each batch (rank 0's result under
+    torchrun, None on the other ranks)."""
+    ranks = ranks or Ranks()
     device = next(env.model.parameters()).device
     run = gen_runner(spec, env)
     groups = [list(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
     captions = [[p.caption for p in group] for group in groups]
+    mine = ranks.share(range(len(groups)))
     # A smaller last batch is another shape (a compiled row recompiles for it): it warms up too.
-    shapes = [0] if len(groups[-1]) == len(groups[0]) else [0, len(groups) - 1]
+    shapes = [mine[0]] + ([mine[-1]] if len(groups[mine[-1]]) != len(groups[mine[0]]) else []) if mine else []
     warm = [timed(lambda j=j: run(captions[j], seed + j), device)[1] for _ in range(warmup) for j in shapes]
-    latents, decisions, seconds = [], [], []
-    for j, group in enumerate(tqdm(captions, desc=f"gen {spec.name}", disable=not progress, leave=False)):
-        out, sec = timed(lambda group=group, j=j: run(group, seed + j), device)
-        latents.append(out.latents.float())
-        decisions.append(out.decisions)
-        seconds.append(sec)
+    done = {}
+    for j in tqdm(mine, desc=f"gen {spec.name}", disable=not (progress and ranks.is_main), leave=False):
+        out, sec = timed(lambda j=j: run(captions[j], seed + j), device)
+        done[j] = (out.latents.float().cpu(), out.decisions, sec)
+    shares = ranks.gather(dict(done=done, warm=warm))
+    if shares is None:
+        return None
+    done = {j: result for share in shares for j, result in share["done"].items()}
+    latents, decisions, seconds = zip(*(done[j] for j in range(len(groups))), strict=True)
     all_latents = torch.cat(latents)
     images = codec.decode(all_latents).numpy()
     correct = [bool(scorer.score_prompt(p, im)) for p, im in zip(prompts, images, strict=True)]
     return GenRowResult(spec, correct, scorer.geneval_summary(list(prompts), correct), all_latents, images,
-                        decisions, [len(g) for g in groups], seconds, warm)
+                        list(decisions), [len(g) for g in groups], list(seconds), shares[0]["warm"])
 
 
 def run_und_row(spec: RowSpec, env: Env, items: Sequence[world.QAItem], latents: Tensor, warmup: int,
-                progress: bool = True) -> UndRowResult:
-    """Answer every question with the row, score the answers, time each answer."""
+                progress: bool = True, ranks: Ranks | None = None) -> UndRowResult | None:
+    """Answer every question with the row, score the answers, time each answer (rank 0's result under torchrun,
+    None on the other ranks)."""
+    ranks = ranks or Ranks()
     device = latents.device
     run = und_runner(spec, env)
-    warm = [timed(lambda: run(latents[:1], items[0].question), device)[1] for _ in range(warmup)]
-    outputs, seconds = [], []
-    for i, item in enumerate(tqdm(items, desc=f"und {spec.name}", disable=not progress, leave=False)):
-        out, sec = timed(lambda i=i, item=item: run(latents[i : i + 1], item.question), device)
-        outputs.append(out)
-        seconds.append(sec)
-    answers = [o.text for o in outputs]
+    mine = ranks.share(range(len(items)))
+    warm = [timed(lambda: run(latents[mine[0] : mine[0] + 1], items[mine[0]].question), device)[1]
+            for _ in range(warmup if mine else 0)]
+    done = {}
+    for i in tqdm(mine, desc=f"und {spec.name}", disable=not (progress and ranks.is_main), leave=False):
+        out, sec = timed(lambda i=i: run(latents[i : i + 1], items[i].question), device)
+        norms = None if out.image_vnorms is None else (out.image_vnorms[0], out.image_vnorms[1].tolist())
+        done[i] = (out.text, out.kept_positions, out.skipped, norms, sec)
+    shares = ranks.gather(dict(done=done, warm=warm))
+    if shares is None:
+        return None
+    done = {i: result for share in shares for i, result in share["done"].items()}
+    answers, kept, skipped, norms, seconds = (list(column) for column in zip(*(done[i] for i in range(len(items))),
+                                                                             strict=True))
     correct = [bool(scorer.score_answer(a, item)) for a, item in zip(answers, items, strict=True)]
-    norms = [None if o.image_vnorms is None else (o.image_vnorms[0], o.image_vnorms[1].tolist()) for o in outputs]
     # A value within half an epsilon of another (relative) may round to either side of it.
     rounding = torch.finfo(next(env.model.parameters()).dtype).eps / 2
-    return UndRowResult(spec, answers, correct, scorer.answer_summary(list(items), correct),
-                        [o.kept_positions for o in outputs], [o.skipped for o in outputs], seconds, warm, norms,
-                        rounding)
+    return UndRowResult(spec, answers, correct, scorer.answer_summary(list(items), correct), kept, skipped, seconds,
+                        shares[0]["warm"], norms, rounding)

@@ -4,15 +4,12 @@ prompt file, every validation error, data parallelism under torchrun (2 gloo pro
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchrun import run_torchrun
 
 from flashu_fx.loading import save_pretrained
 from flashu_fx.model import Showo2, init_random_weights
@@ -27,7 +24,6 @@ from harness.runner import ExactCodecImages, shipped_testbed_present
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle",
            "a photo of a yellow diamond"]
 QUESTIONS = ["what color is the circle", "how many squares are there"]
@@ -202,12 +198,6 @@ def test_errors_name_the_argument_and_exit_with_status_2(testbed_dir, tiny_model
 
 
 # ---- data parallel -----------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("flashu", "batch", "shares"), [
     ("--no-flashu", "1", [[0, 2], [1, 3]]),  # batches of one prompt: rank r takes prompts r, r + 2
     ("--flashu", "2", [[0, 1], [2, 3]]),  # batches of two: rank r takes batch r
@@ -217,11 +207,7 @@ def test_torchrun_shards_prompts_and_matches_one_process(testbed_dir, tmp_path, 
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = ["--weights", str(testbed_dir), "--prompts", str(prompts), "--steps", STEPS, flashu, "--batch", batch,
             "--no-compile", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "harness", "generate", *args, "--out", str(tmp_path / "dp")]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    done = run_torchrun("generate", [*args, "--out", str(tmp_path / "dp")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "dp" / "generate.json").read_text())
     assert report["world_size"] == 2 and [i["index"] for i in report["images"]] == [0, 1, 2, 3]

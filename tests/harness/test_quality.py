@@ -208,3 +208,25 @@ def test_bad_setting_on_the_command_line(random_testbed, tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality.main(["--weights", str(random_testbed), "--set", "token_prune_ratio=1.5", "--out", str(tmp_path)])
     assert "token_prune_ratio=1.5 is invalid: allowed [0, 1)" in capsys.readouterr().err
+
+
+def test_torchrun_quality_scores_as_one_process(random_testbed, tmp_path):
+    from torchrun import run_torchrun
+
+    args = ["--weights", str(random_testbed), "--device", "cpu", "--prompts", "3", "--questions", "3", "--batch", "1",
+            "--steps", "3", "--warmup", "0", "--rows", "baseline,flashu-eager", "--no-progress"]
+    done = run_torchrun("quality", [*args, "--out", str(tmp_path / "dp")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout and done.stdout.count("wrote ") == 1  # rank 0 alone reports
+    sharded = json.loads((tmp_path / "dp" / "quality.json").read_text())
+    torch._dynamo.reset()
+    quality.main([*args, "--out", str(tmp_path / "single")])
+    single = json.loads((tmp_path / "single" / "quality.json").read_text())
+    assert sharded["settings"]["processes"] == 2 and single["settings"]["processes"] == 1
+    for task, items in (("gen", "prompts"), ("und", "questions")):
+        assert sharded[task][items] == single[task][items]
+        for name, row in single[task]["rows"].items():
+            other = sharded[task]["rows"][name]
+            assert other["correct"] == row["correct"] and other["summary"] == row["summary"], (task, name)
+            assert other.get("decisions") == row.get("decisions") and other.get("answers") == row.get("answers")
+            assert len(other["seconds"]) == len(row["seconds"])  # every batch / question timed once
