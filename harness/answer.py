@@ -37,6 +37,7 @@ from harness.cli_options import (
     text_file,
     text_option,
     use_compile,
+    with_settings,
 )
 from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if args.flashu:  # calibration samples: this image with each question (FlashU's 20 at most)
             samples = [(latents, q) for q in ids[: ckpt.flashu_config("und").calibration_samples]]
             flashu = prepare_flashu(ckpt, "und", samples)
+        flashu = with_settings(flashu, args.flashu_settings)
         answerer = QuestionAnswerer(ckpt, budget, flashu, use_compile(args, device))
         answers, started = [], time.perf_counter()
         for index, (text, question) in enumerate(tqdm(list(zip(texts, ids, strict=True)), desc=answerer.path,
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Q: {item['question']}\nA: {item['answer']}")
     report = dict(
         command=args.command, weights=str(ckpt.path), checkpoint=ckpt.kind, model=ckpt.model.config.name,
-        path=answerer.path, flashu=flashu.how if flashu else None, image=str(args.image),
+        path=answerer.path, flashu=flashu.how if flashu else None, flashu_settings=dict(args.flashu_settings),
+        image=str(args.image),
         settings=dict(max_new_tokens=budget, device=device.type, dtype=str(dtype).removeprefix("torch.")),
         seconds=seconds, answers=answers,
     )

@@ -5,7 +5,14 @@ argparse instead of a traceback from the library that reads the path."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
+
+from flashu_fx.flashu_config import FlashUConfig
+
+# FlashU settings that decide which FFN neurons a calibrated layout keeps: they come with the calibration.
+LAYOUT_SETTINGS = ("task", "ffn_prune_ratio", "ffn_width_multiple", "calibration_samples")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -53,3 +60,25 @@ def display_path(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def flashu_setting(text: str) -> tuple[str, Any]:
+    """argparse ``type=`` of ``--set KEY=VALUE``: a FlashUConfig field and its value, converted to the field's type.
+
+    >>> flashu_setting("token_prune_ratio=0.25")
+    ('token_prune_ratio', 0.25)
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    defaults = FlashUConfig()
+    allowed = [f.name for f in dataclasses.fields(FlashUConfig) if f.name not in LAYOUT_SETTINGS]
+    if not sep or key not in allowed:
+        raise argparse.ArgumentTypeError(
+            f"setting {text!r} is invalid: allowed KEY=VALUE with KEY one of {allowed} (the FFN pruning settings "
+            f"{list(LAYOUT_SETTINGS)} come with the calibration and cannot change)")
+    kind = type(getattr(defaults, key))
+    try:
+        return key, kind(raw.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"setting {text!r} is invalid: {key} takes a {kind.__name__}, got "
+                                         f"{raw.strip()!r}") from None

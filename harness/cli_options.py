@@ -4,17 +4,19 @@ error names the option and its value, and the command exits with status 2 before
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from harness.arguments import existing_directory
+from harness.arguments import existing_directory, flashu_setting
 from harness.devices import DTYPES, resolve_device
-from harness.runner import Checkpoint, OptionError
+from harness.runner import Checkpoint, FlashUSetup, OptionError
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when present; under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--set", action="append", default=[], type=flashu_setting, dest="flashu_settings",
+                   metavar="KEY=VALUE",
+                   help="a FlashU setting (repeatable), e.g. token_prune_ratio=0 or skip_ratio=0.1 (default: the "
+                        "checkpoint's calibrated settings)")
+
+
+def with_settings(flashu: FlashUSetup | None, settings: list[tuple[str, Any]]) -> FlashUSetup | None:
+    """``flashu`` with ``--set``'s settings applied (the last of a repeated key wins); an OptionError names a
+    setting the task's FlashUConfig refuses, or ``--set`` given with FlashU off."""
+    if not settings:
+        return flashu
+    if flashu is None:
+        raise OptionError("argument --set: FlashU is off (--no-flashu), so there is nothing to set")
+    try:
+        return dataclasses.replace(flashu, config=dataclasses.replace(flashu.config, **dict(settings)))
+    except ValueError as err:
+        raise OptionError(f"argument --set: {err}") from None
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

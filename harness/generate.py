@@ -49,6 +49,7 @@ from harness.cli_options import (
     text_file,
     text_option,
     use_compile,
+    with_settings,
 )
 from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks, process_group
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         if args.flashu:  # calibration samples: the first prompts of the whole request, the same on every rank
             flashu = prepare_flashu(ckpt, "gen", ids[:CALIBRATION_PROMPTS], steps=steps, guidance=guidance,
                                     seed=args.seed, once=ranks.once, progress=ranks.is_main)
+        flashu = with_settings(flashu, args.flashu_settings)
         generator = ImageGenerator(ckpt, steps, guidance, flashu, compiled)
         share = generate_share(generator, ckpt, ids, ranks.share(batches), args.seed, ranks)
         shares = ranks.gather(share)
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         header = dict(
             command=args.command, weights=str(ckpt.path), checkpoint=ckpt.kind,
             model=ckpt.model.config.name, path=generator.path, flashu=flashu.how if flashu else None,
+            flashu_settings=dict(args.flashu_settings),
             settings=dict(steps=steps, calls_per_image=generator.calls_per_image, guidance=guidance, seed=args.seed,
                           batch=args.batch, device=device.type, dtype=str(dtype).removeprefix("torch.")),
         )

@@ -31,13 +31,13 @@ import torch
 from flashu_fx.calibration import prepare_pruned_model
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import SHIPPED_DIR, Testbed, flashu_config, load_testbed
-from harness.arguments import command_parser, display_path
+from harness.arguments import command_parser, display_path, flashu_setting
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.devices import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
 from harness.distributed import Ranks, process_group
 from harness.quality_eval import question_latents, run_gen_row, run_und_row
 from harness.quality_report import task_report, write_grid
-from harness.quality_rows import ROWS, Env, RowSpec, parse_setting, select_row_specs
+from harness.quality_rows import ROWS, Env, RowSpec, select_row_specs
 
 TASK_CHOICES = {"gen": ("gen",), "und": ("und",), "both": ("gen", "und")}
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: 1 for the nano model)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings", type=flashu_setting,
                    help="a FlashU setting for every FlashU row (repeatable), e.g. token_prune_ratio=0.25 or "
                         "skip_ratio=0.1; an ablation row still turns its own technique off (default: the paper's)")
     add_backend_option_argument(p)
@@ -82,14 +82,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, cuda: 
     if args.guidance is not None and args.guidance <= 0:
         parser.error(f"--guidance must be > 0 (the compiled pipeline needs classifier-free guidance), got "
                      f"{args.guidance}")
-
-
-def parse_settings(texts: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """``--set`` KEY=VALUE pairs as FlashUConfig overrides (the last of a repeated key wins)."""
-    try:
-        return dict(parse_setting(t) for t in texts)
-    except ValueError as err:
-        parser.error(f"--set: {err}")
 
 
 def pick_rows(text: str | None, tasks: tuple[str, ...], settings: dict[str, Any], parser: argparse.ArgumentParser
@@ -140,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = ranks.device(resolve_device(args.device))
     check_args(args, parser, device.type == "cuda")
     tasks = TASK_CHOICES[args.task]
-    flashu_settings = parse_settings(args.settings, parser)
+    flashu_settings = dict(args.settings)  # the last of a repeated key wins
     rows = pick_rows(args.rows, tasks, flashu_settings, parser)
     with process_group(ranks, device):
         return run(args, parser, options, ranks, device, tasks, flashu_settings, rows, argv, started)

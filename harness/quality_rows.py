@@ -13,7 +13,6 @@ so the baseline and exact rows run on it unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,30 +61,6 @@ class RowSpec:
     task: str
     compiled: bool
     config: FlashUConfig | None
-
-
-# Settings that change which FFN neurons the shared layout keeps: every row of a run must agree on them.
-LAYOUT_SETTINGS = ("task", "ffn_prune_ratio", "ffn_width_multiple", "calibration_samples")
-
-
-def parse_setting(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> (key, value) for a FlashUConfig field, the value converted to the field's type.
-
-    >>> parse_setting("token_prune_ratio=0.25")
-    ('token_prune_ratio', 0.25)
-    """
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    defaults = FlashUConfig()
-    allowed = [f.name for f in dataclasses.fields(FlashUConfig) if f.name not in LAYOUT_SETTINGS]
-    if not sep or key not in allowed:
-        raise ValueError(f"setting {text!r} is invalid: allowed KEY=VALUE with KEY one of {allowed} (the FFN "
-                         f"pruning settings {list(LAYOUT_SETTINGS)} fix the calibrated layout and cannot change)")
-    kind = type(getattr(defaults, key))
-    try:
-        return key, kind(raw.strip())
-    except ValueError:
-        raise ValueError(f"setting {text!r} is invalid: {key} takes a {kind.__name__}, got {raw.strip()!r}") from None
 
 
 def row_config(task: str, name: str, settings: dict[str, Any] | None = None) -> FlashUConfig | None:

@@ -18,7 +18,7 @@ import operator
 
 from torch import fx
 
-from passes.graph_utils import linear_calls
+from passes.graph_utils import DERIVED_BY, linear_calls
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def slice_ffn(gm: fx.GraphModule, lo: int, hi: int) -> int:
             with gm.graph.inserting_before(node):
                 sliced = gm.graph.call_function(operator.getitem, (weight, index))
             sliced.meta = {k: v for k, v in weight.meta.items() if k != "example_value"}
+            sliced.meta[DERIVED_BY] = "slice_ffn"  # its provenance (SOURCE) is the weight's
             node.replace_input_with(weight, sliced)
         rewritten += 1
     gm.graph.lint()

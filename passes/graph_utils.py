@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 _SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
+SOURCE = "source"  # node.meta key: the captured node(s) a node was copied or derived from (its provenance)
+DERIVED_BY = "derived_by"  # node.meta key: the pass that created the node
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -45,3 +47,16 @@ def fake_value(node: object) -> Tensor | None:
         base = fake_value(node.args[0])
         return None if base is None else base[node.args[1]]
     return None
+
+
+def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_name: str) -> None:
+    """Mark the nodes a pass inserted as computing what ``replaced`` computed: their ``SOURCE`` becomes the
+    replaced nodes' sources (where the graph has provenance at all) and ``DERIVED_BY`` the pass's name."""
+    sources: list[str] = []
+    for node in replaced:
+        source = node.meta.get(SOURCE)
+        sources.extend([source] if isinstance(source, str) else list(source or ()))
+    for node in new_nodes:
+        node.meta[DERIVED_BY] = pass_name
+        if sources:
+            node.meta[SOURCE] = tuple(sources)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from passes.graph_utils import fake_value, linear_calls
+from passes.graph_utils import fake_value, inherit_provenance, linear_calls
 
 # Sibling projections that read the same input, in buffer order.
 PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -139,7 +139,9 @@ def _replace_linears(graph: fx.Graph, linears: list[fx.Node], outs: list[fx.Node
     stack = dict(list(linears[0].meta.get("nn_module_stack", {}).items())[:-1])
     for new in (*helpers, *outs):
         new.meta["nn_module_stack"] = dict(stack)
+    inherit_provenance(helpers, linears, "merge_projections")
     for old, out in zip(linears, outs, strict=True):
+        inherit_provenance([out], [old], "merge_projections")
         old.replace_all_uses_with(out)
         graph.erase_node(old)
 

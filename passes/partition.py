@@ -14,7 +14,8 @@ embed; between the trunk and the head: head_in; after the last head block: final
 graph input, so the parts take their weights as inputs, and structurally identical parts (every decoder layer,
 every head block) have the same ``structural_signature``: ``compile_parts`` compiles one of them and calls the
 result with each part's own inputs, as vLLM's piecewise compilation does. Each node of a part keeps the name of
-the captured node it was copied from in ``node.meta["source"]`` (its provenance).
+the captured node it was copied from in ``node.meta["source"]`` (its provenance; a pass that rewrites a part passes
+it on with ``passes.graph_utils.inherit_provenance``).
 
 A graph without decoder layers (not a Show-o2 forward) is left whole, as one part named "graph", with a warning.
 """
@@ -32,9 +33,8 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from passes.graph_utils import module_path
+from passes.graph_utils import SOURCE, module_path
 
-SOURCE = "source"  # node.meta key: the captured node a part's node was copied from
 # Parts a module path anchors: (kind, pattern of the module path prefix with the index as group 1).
 ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("layer", re.compile(r"^showo\.model\.layers\.(\d+)(\.|$)")),
@@ -119,9 +119,19 @@ class Part:
         return self.name.split(".")[0]
 
     @property
-    def sources(self) -> list[str]:
-        """The captured nodes this part computes (their names in the graph Dynamo handed over)."""
-        return [n.meta[SOURCE] for n in self.module.graph.nodes if n.op not in ("placeholder", "output")]
+    def sources(self) -> set[str]:
+        """The captured nodes this part computes (their names in the graph Dynamo handed over), through the passes
+        that rewrote it (a merged projection computes each projection it replaced). Raises naming a node that has
+        no provenance (a pass that inserted it without ``inherit_provenance``)."""
+        found: set[str] = set()
+        for node in self.module.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            source = node.meta.get(SOURCE)
+            if source is None:
+                raise ValueError(f"part {self.name}: node {node.name} has no provenance")
+            found.update([source] if isinstance(source, str) else source)
+        return found
 
 
 @dataclass
@@ -131,6 +141,7 @@ class PartitionedGraph:
     root: fx.GraphModule
     parts: list[Part]
     submodule_of: dict[str, str] = field(default_factory=dict)  # part name -> attribute name in root
+    captured_nodes: list[str] = field(default_factory=list)  # the compute nodes of the graph Dynamo handed over
 
     def groups(self) -> dict[str, list[str]]:
         """signature -> the names of the parts that share it, in graph order."""
@@ -157,7 +168,8 @@ def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
         module = getattr(root, f"submod_{i}")
         parts.append(Part(name, module, structural_signature(module)))
         submodule_of[name] = f"submod_{i}"
-    return PartitionedGraph(root, parts, submodule_of)
+    captured = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return PartitionedGraph(root, parts, submodule_of, captured)
 
 
 def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any]) -> dict[str, int]:

@@ -117,6 +117,15 @@ def test_generate_compiled_flashu_on_the_cpu(testbed_dir, tmp_path, fresh_dynamo
     assert report["path"] == "compiled-flashu" and len(report["images"]) == 1
 
 
+def test_generate_applies_flashu_settings(testbed_dir, tmp_path):
+    """--set step_fraction=1.0 gives FlashU the baseline's grid: every call runs (the default 0.7 drops some)."""
+    default = run_generate(tmp_path / "default", "--weights", str(testbed_dir), "--prompt", PROMPTS[0], "--steps", "6")
+    full = run_generate(tmp_path / "full", "--weights", str(testbed_dir), "--prompt", PROMPTS[0], "--steps", "6",
+                        "--set", "step_fraction=1.0")
+    assert default["flashu_settings"] == {} and full["flashu_settings"] == {"step_fraction": 1.0}
+    assert full["settings"]["calls_per_image"] == 5 > default["settings"]["calls_per_image"]
+
+
 # ---- answer ------------------------------------------------------------------------------------------------------
 def test_answer_prints_and_reports(testbed_dir, tmp_path, capsys):
     picture = tmp_path / "scene.jpg"
@@ -184,6 +193,14 @@ def test_errors_name_the_argument_and_exit_with_status_2(testbed_dir, tiny_model
         (["answer", "--weights", tb, "--image", str(bad_file)], "no question given"),
         (["answer", "--weights", tb, "--image", str(bad_file), "--question", "what is the unicorn"],
          "argument --question: text 'what is the unicorn' has words outside the testbed vocabulary: ['unicorn']"),
+        (["generate", "--weights", tb, "--set", "nope=1", "--prompt", "x"],
+         "argument --set: setting 'nope=1' is invalid: allowed KEY=VALUE with KEY one of"),
+        (["generate", "--weights", tb, "--set", "ffn_prune_ratio=0.5", "--prompt", "x"],
+         "come with the calibration and cannot change"),
+        (["generate", "--weights", tb, "--no-flashu", "--set", "skip_ratio=0", "--prompt", PROMPTS[0]],
+         "argument --set: FlashU is off (--no-flashu), so there is nothing to set"),
+        (["generate", "--weights", tb, "--set", "skip_ratio=1.5", "--steps", "3", "--prompt", PROMPTS[0]],
+         "argument --set: FlashUConfig.skip_ratio=1.5 is invalid: allowed [0, 1)"),
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", "--weights", tb, "--device", "cuda", "--prompt", "x"],

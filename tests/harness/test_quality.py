@@ -12,11 +12,12 @@ import torch
 from flashu_fx.testbed.checkpoint import flashu_config
 from harness import __main__ as cli
 from harness import quality
+from harness.arguments import flashu_setting
 from harness.images import PNG_SIGNATURE
 from harness.quality_eval import GenRowResult, Score, UndRowResult
 from harness.quality_fidelity import gen_fidelity, swap_gap, und_fidelity
 from harness.quality_report import relative_drop
-from harness.quality_rows import ABLATIONS, BASELINE, ROWS, RowSpec, parse_setting, select_row_specs
+from harness.quality_rows import ABLATIONS, BASELINE, ROWS, RowSpec, select_row_specs
 
 PROMPTS, QUESTIONS = 2, 2
 
@@ -185,7 +186,7 @@ def test_und_fidelity_accepts_swaps_within_rounding_only():
 
 
 def test_settings_apply_to_every_flashu_row_but_ablations_win():
-    settings = dict([parse_setting("token_prune_ratio=0.25"), parse_setting("skip_ratio=0.0")])
+    settings = dict([flashu_setting("token_prune_ratio=0.25"), flashu_setting("skip_ratio=0.0")])
     by_name = {s.name: s.config for s in select_row_specs("und", None, settings)}
     assert by_name[BASELINE] is None and by_name["compiled-exact"] is None
     assert by_name["flashu-eager"].token_prune_ratio == 0.25 == by_name["compiled-flashu"].token_prune_ratio
@@ -196,12 +197,14 @@ def test_settings_apply_to_every_flashu_row_but_ablations_win():
 @pytest.mark.parametrize("text, message", [
     ("token_prune_ratio", "allowed KEY=VALUE"),
     ("no_such=1", "allowed KEY=VALUE"),
-    ("ffn_prune_ratio=0.3", "fix the calibrated layout"),
+    ("ffn_prune_ratio=0.3", "come with the calibration and cannot change"),
     ("skip_interval=often", "skip_interval takes a int, got 'often'"),
 ])
 def test_bad_settings_are_named(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_setting(text)
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        flashu_setting(text)
 
 
 def test_bad_setting_on_the_command_line(random_testbed, tmp_path, capsys):

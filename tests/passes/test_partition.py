@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashu_fx.layout import build_gen_batch
+from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.qwen2 import Qwen2MLP
-from passes.partition import SOURCE, compile_parts, partition_showo2_graph
+from passes.graph_utils import DERIVED_BY, SOURCE
+from passes.merge_projections import merge_projections
+from passes.partition import compile_parts, partition_showo2_graph
 
 PARTS = ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "head_in", "head_block.0", "head_block.1", "final"]
 
@@ -54,6 +57,23 @@ def test_every_part_node_comes_from_the_captured_graph_once(captured) -> None:
     ops = {n.target for n in layer.graph.nodes if n.op == "call_function"}
     assert F.scaled_dot_product_attention in ops and F.linear in ops
     assert all(SOURCE in n.meta for n in layer.graph.nodes if n.op == "call_function")
+    assert graph.captured_nodes == compute_nodes(gm)
+
+
+def test_provenance_survives_a_pass(tiny_model) -> None:
+    """merge_projections rewrites a layer part: its merged product computes the q, k and v it replaced."""
+    model = copy.deepcopy(tiny_model)
+    assert colocate_projections(model)
+    with torch.no_grad():
+        gm, _ = capture(model, *forward_inputs(model))
+    graph = partition_showo2_graph(gm)
+    layer = graph.parts[1]
+    before = layer.sources
+    assert merge_projections(layer.module) == 2  # q/k/v and gate/up
+    assert layer.sources == before
+    merged = [n for n in layer.module.graph.nodes if n.meta.get(DERIVED_BY) == "merge_projections"
+              and n.target is F.linear]
+    assert len(merged) == 2 and all(len(n.meta[SOURCE]) in (2, 3) for n in merged)
 
 
 @settings(max_examples=8, deadline=None)
