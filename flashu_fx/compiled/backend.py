@@ -97,6 +97,7 @@ class FlashUBackend:
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self.executor = executor
         self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
+        self._graph_records: list[CallRecord] = []  # executor="graph": what each call of the current image ran
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -117,6 +118,7 @@ class FlashUBackend:
         self._num_calls, self._guidance = num_calls, guidance
         self._step = None
         self._image_runtime = None
+        self._graph_records = []
         for rt in self._runtimes.values():
             rt.state = None
         return GenRuntime.plans_for(self.config, num_calls, guidance)
@@ -147,6 +149,8 @@ class FlashUBackend:
     @property
     def records(self) -> list[CallRecord]:
         """What each call of the last (or current) image did: ``CallRecord``s (skip set, head use, measurement)."""
+        if self.executor == "graph":
+            return list(self._graph_records)
         return [] if self._image_runtime is None else self._image_runtime.records
 
     @property
@@ -251,6 +255,7 @@ class FlashUBackend:
                 raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
                                    "(after backend.begin_image(num_calls, guidance))")
             self._served = True
+            self._graph_records.append(CallRecord(self._step, (), "compute", True))  # the whole forward runs
             return graph.root(*args)
 
         return run

@@ -51,6 +51,8 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     for prompt in ([1, 2, 3], [9, 8, 7], [4], list(range(1, 18))):  # other contents and lengths: same shapes
         generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
     assert backend.compiles == 1 and sum(backend.piece_captures.values()) == 5
+    assert [(r.call, r.skip_set, r.head, r.trunk_ran) for r in backend.records] == [(0, (), "compute", True),
+                                                                                 (1, (), "compute", True)]
 
 
 class ScaledMLP(Qwen2MLP):
