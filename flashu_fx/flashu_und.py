@@ -40,7 +40,7 @@ from flashu_fx.masks import pad_mask_to
 from flashu_fx.mmu import Answer, cache_length, check_image_latents, next_token, prompt_embeddings
 from flashu_fx.model import Showo2
 from flashu_fx.qwen2 import KVCache
-from flashu_fx.schedule import LayerMode
+from flashu_fx.schedule import LayerMode, und_step_layers
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from triton_kernels import vnorm_topk
 
@@ -153,7 +153,7 @@ class FlashUUndDecoder:
             raise RuntimeError("prefill() runs once per FlashUUndDecoder")
         self._allocate(x)
         model, cfg = self.model, self.model.config
-        layers: LayerMode = "measure" if self.skipping else "all"
+        layers = und_step_layers(self.config, 0)
         pos = torch.arange(self.prompt_len, device=x.device)  # RoPE positions of the rows of h
         mask = self.prompt.mask(cfg).to(x.device)  # bool (1, 1, n, n) over the rows of h
         h, importance = x, []
@@ -182,9 +182,7 @@ class FlashUUndDecoder:
         if d == 0 or d >= self.max_new_tokens:
             raise RuntimeError(f"step() needs a prefill first and at most {self.max_new_tokens - 1} steps (d={d})")
         model, device = self.model, self.valid[0].device
-        layers: LayerMode = "all"
-        if self.skipping:
-            layers = "measure" if d % self.config.skip_interval == 0 else "skip"
+        layers = und_step_layers(self.config, d)
         skipped = self.skip_set if layers == "skip" else ()
         pos = torch.tensor([self.prompt_len + d - 1], device=device)
         cos, sin = self.cos[pos], self.sin[pos]  # (1, head_dim): the same position in every layer

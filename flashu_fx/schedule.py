@@ -9,6 +9,8 @@ Calls are numbered s = 1..S (S = grid points - 1). Rules, in the reference's ord
   head: store when s % T_cache == 0, reuse when a stored output exists, else compute.
 With the defaults both fractions are 0.3, so the two phase splits coincide (calls 25..34 of 34).
 The plan is host data: the runtime reads it outside any traced code.
+
+Understanding has one rule per token step d (0 = the prefill): ``und_step_layers``.
 """
 
 from __future__ import annotations
@@ -77,3 +79,14 @@ def gen_schedule(config: FlashUConfig, num_calls: int, guidance: float) -> list[
                 head = "reuse"
         plans.append(StepPlan(s, g_s, config.ffn_prune_ratio > 0, layers, head))
     return plans
+
+
+def und_step_layers(config: FlashUConfig, step: int) -> LayerMode:
+    """Understanding's layer mode at token step ``step`` (0 = the prefill, d >= 1 = decode step d): with layer
+    skipping on, measure (run every layer, record each one's importance) on d = 0, T_LS, 2 T_LS, ..., else skip the
+    current set; "all" with skipping off. The eager decoder and the compiled runtime both follow it."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if not (config.skip_ratio > 0 and config.skip_interval > 0):
+        return "all"
+    return "measure" if step % config.skip_interval == 0 else "skip"

@@ -41,7 +41,7 @@ from flashu_fx.flashu_und import FlashUUndDecoder, UndStepRecord
 from flashu_fx.layout import MmuPrompt
 from flashu_fx.masks import omni_mask
 from flashu_fx.model import Showo2
-from flashu_fx.schedule import LayerMode
+from flashu_fx.schedule import und_step_layers
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,10 @@ class UndRuntime:
         st, pre = self._prefill(plan, latents)
         ids = [int(st.token)]  # the host read of step 0 (the GPU finished the prefill)
         skip_set: tuple[int, ...] = ()
-        layers: LayerMode = "all"
+        layers = und_step_layers(self.config, 0)
         importance = None
-        if plan.skipping:
-            layers, importance = "measure", tuple(st.importance.tolist())
+        if layers == "measure":
+            importance = tuple(st.importance.tolist())
             skip_set = choose_skip_set(importance, plan.num_skipped)
         kept_positions = None
         if plan.prune:
@@ -182,8 +182,7 @@ class UndRuntime:
         for d in range(1, max_new_tokens):
             if stop_at_eos and ids[-1] == eos:
                 break
-            if plan.skipping:
-                layers = "measure" if d % self.config.skip_interval == 0 else "skip"
+            layers = und_step_layers(self.config, d)
             skipped = skip_set if layers == "skip" else ()
             self._decode(st, skipped, layers == "measure")
             ids.append(int(st.token))  # the one host read of a decode step: the stop check

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashu_fx.flashu_config import ABLATIONS, FlashUConfig
-from flashu_fx.schedule import gen_schedule
+from flashu_fx.schedule import gen_schedule, und_step_layers
 
 NUM_LAYERS = 28  # Show-o2 1.5B and 7B
 
@@ -253,3 +253,20 @@ def test_bad_config_is_rejected_naming_the_field(field: str, value: object) -> N
 def test_und_rejects_a_head_cache() -> None:
     with pytest.raises(ValueError, match="head_cache_interval"):
         FlashUConfig.for_task("und", head_cache_interval=5)
+
+
+@settings(deadline=None, max_examples=60)
+@given(skip_ratio=st.sampled_from([0.0, 0.1, 0.5]), interval=st.integers(0, 12), step=st.integers(0, 200))
+def test_und_step_layers_measure_every_interval_from_the_prefill(skip_ratio, interval, step) -> None:
+    config = FlashUConfig.for_task("und", skip_ratio=skip_ratio, skip_interval=interval)
+    mode = und_step_layers(config, step)
+    if skip_ratio == 0 or interval == 0:
+        assert mode == "all"
+    else:
+        assert mode == ("measure" if step % interval == 0 else "skip")
+        assert und_step_layers(config, 0) == "measure"  # the prefill always measures
+
+
+def test_und_step_layers_rejects_a_negative_step() -> None:
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        und_step_layers(FlashUConfig.for_task("und"), -1)
