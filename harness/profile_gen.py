@@ -20,9 +20,9 @@ from harness.random_model import build_random_model
 from harness.rows import synchronize
 
 
-def timed_calls(gen, backend, prompt: list[list[int]], steps: int) -> list[float]:
-    """One image through the sampler with the device synchronised around every model call: ms per call."""
-    model = gen._orig_mod
+def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> list[float]:
+    """One image through the sampler (``gen``: ``model`` compiled with ``backend``) with the device synchronised
+    around every model call: ms per call."""
     device = next(model.parameters()).device
     batch = build_gen_batch(model.config, prompt).to(device)
     points = steps if backend.config is None else backend.config.num_points(steps)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    per_call = timed_calls(gen, backend, prompt, args.steps)
+    per_call = timed_calls(gen, backend, model, prompt, args.steps)
     records = backend.records
     for r, ms in zip(records, per_call, strict=True):
         print(f"call {r.call:2d} head={r.head:7s} trunk={int(r.trunk_ran)} skip={len(r.skip_set)} "
