@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,12 +112,9 @@ class Part:
     """One subgraph of the captured forward."""
 
     name: str  # "embed", "layer.3", ...
+    attribute: str  # the root's submodule that runs it ("submod_3")
     module: fx.GraphModule
     signature: str  # structural_signature(module)
-
-    @property
-    def kind(self) -> str:
-        return self.name.split(".")[0]
 
     @property
     def sources(self) -> set[str]:
@@ -140,8 +138,7 @@ class PartitionedGraph:
 
     root: fx.GraphModule
     parts: list[Part]
-    submodule_of: dict[str, str] = field(default_factory=dict)  # part name -> attribute name in root
-    captured_nodes: list[str] = field(default_factory=list)  # the compute nodes of the graph Dynamo handed over
+    captured_nodes: list[str]  # the compute nodes of the graph Dynamo handed over
 
     def groups(self) -> dict[str, list[str]]:
         """signature -> the names of the parts that share it, in graph order."""
@@ -152,7 +149,8 @@ class PartitionedGraph:
 
 
 def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
-    """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts; ``gm`` is not modified."""
+    """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts. ``gm``'s graph stays as it was; each of
+    its nodes gains its own name as provenance (``meta["source"]``), which the parts' copies carry."""
     for node in gm.graph.nodes:
         node.meta[SOURCE] = node.name
     names = part_names(gm)
@@ -163,13 +161,12 @@ def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
     order = list(dict.fromkeys(names.values()))
     number = {name: i for i, name in enumerate(order)}
     root = split_module(gm, None, lambda node: number[names[node]], keep_original_order=True)
-    parts, submodule_of = [], {}
+    parts = []
     for i, name in enumerate(order):
         module = getattr(root, f"submod_{i}")
-        parts.append(Part(name, module, structural_signature(module)))
-        submodule_of[name] = f"submod_{i}"
+        parts.append(Part(name, f"submod_{i}", module, structural_signature(module)))
     captured = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    return PartitionedGraph(root, parts, submodule_of, captured)
+    return PartitionedGraph(root, parts, captured)
 
 
 def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any]) -> dict[str, int]:
@@ -181,23 +178,21 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
     """
     examples = _part_inputs(graph, example_inputs)
     compiled: dict[str, Callable[..., Any]] = {}
-    shared: dict[str, int] = {}
     for part in graph.parts:
         if part.signature not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
             compiled[part.signature] = compiler(part.module, examples[part.name])
-        shared[part.signature] = shared.get(part.signature, 0) + 1
-        setattr(graph.root, graph.submodule_of[part.name], _Compiled(compiled[part.signature], part.name))
+        setattr(graph.root, part.attribute, _Compiled(compiled[part.signature]))
     graph.root.recompile()
-    return shared
+    return dict(Counter(part.signature for part in graph.parts))
 
 
 class _Compiled(torch.nn.Module):
     """A compiled part as a submodule of the root (``split_module``'s root calls its submodules)."""
 
-    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+    def __init__(self, fn: Callable[..., Any]) -> None:
         super().__init__()
-        self.fn, self.part = fn, name
+        self.fn = fn
 
     def forward(self, *args: Any) -> Any:
         return self.fn(*args)
