@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from captured import capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_edits import scale_mlp
 
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.projection_layout import colocate_projections
-from flashu_fx.qwen2 import Qwen2MLP
 from passes.graph_utils import DERIVED_BY, SOURCE
 from passes.merge_projections import merge_projections
 from passes.partition import compile_parts, partition_showo2_graph
@@ -113,19 +113,9 @@ def test_compile_parts_compiles_once_per_structure(captured) -> None:
         assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
 
 
-class ScaledMLP(Qwen2MLP):
-    """A test-only change of the model's forward: the FFN output scaled by 1.5."""
-
-    def forward(self, x, ranges=None):
-        return 1.5 * super().forward(x, ranges)
-
-
 def test_a_changed_forward_changes_the_parts_as_it_changes_eager(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
-    old = model.showo.model.layers[2].mlp
-    new = ScaledMLP(old.gate_proj.in_features, old.gate_proj.out_features)
-    new.load_state_dict(old.state_dict())
-    model.showo.model.layers[2].mlp = new
+    scale_mlp(model, 2)
     inputs = forward_inputs(model)
     with torch.no_grad():
         gm, example = capture(model, *inputs)

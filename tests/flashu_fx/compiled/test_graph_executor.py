@@ -10,10 +10,10 @@ import torch
 from compiled_oracles import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig, generate_images
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
-from flashu_fx.qwen2 import Qwen2MLP
 
 
 def compiled_images(model, prompts, seed: int = 0, **options):
@@ -55,18 +55,9 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
                                                                                  (1, (), "compute", True)]
 
 
-class ScaledMLP(Qwen2MLP):
-    """A test-only change of the model's forward: the FFN output scaled by 1.5."""
-
-    def forward(self, x, ranges=None):
-        return 1.5 * super().forward(x, ranges)
-
-
 def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
-    old = model.showo.model.layers[1].mlp
-    model.showo.model.layers[1].mlp = new = ScaledMLP(old.gate_proj.in_features, old.gate_proj.out_features)
-    new.load_state_dict(old.state_dict())
+    scale_mlp(model, 1)
     out, backend = compiled_images(model, [[1, 2, 3]])
     eager = generate_images(model, [[1, 2, 3]], steps=4, guidance=4.0)
     assert rel_err(out, eager) < 1e-6
