@@ -240,9 +240,6 @@ class FlashUBackend:
         """executor="graph": the captured forward itself, split at module boundaries (``passes.partition``), each
         structurally distinct part compiled once (``merge_projections`` merges where the captured weights already
         share buffers, e.g. after ``colocate_projections``). No CUDA graphs yet."""
-        if match.num_outputs != 1:
-            raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
-                               "return_logits=False")
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
         compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
                                           self.piece_captures, self.merge_projections, self.eager_numerics,
@@ -251,10 +248,7 @@ class FlashUBackend:
         compile_parts(graph, compile_part, example_inputs)
 
         def run(*args: Tensor):
-            if self._step is None:
-                raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
-                                   "(after backend.begin_image(num_calls, guidance))")
-            self._served = True
+            self._serve(match)
             self._graph_records.append(CallRecord(self._step, (), "compute", True))  # the whole forward runs
             return graph.root(*args)
 
@@ -317,7 +311,8 @@ class FlashUBackend:
             model.head_inv_freq.to(latents.device)
         return model.eval()
 
-    def _run(self, match: Showo2GraphMatch, args) -> tuple[Tensor, ...]:
+    def _serve(self, match: Showo2GraphMatch) -> None:
+        """Checks every executor makes before a model call, which then counts as served."""
         if self._step is None:
             raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
                                "(after backend.begin_image(num_calls, guidance)); it cannot tell which call this is")
@@ -325,6 +320,9 @@ class FlashUBackend:
             raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
                                "return_logits=False")
         self._served = True
+
+    def _run(self, match: Showo2GraphMatch, args) -> tuple[Tensor, ...]:
+        self._serve(match)
         u = {name: args[i] for name, i in match.user_inputs.items()}
         if self._step == 0:  # a new image: find the runtime of these weights once, not per call
             self._image_runtime = rt = self._runtime_for(match, args)

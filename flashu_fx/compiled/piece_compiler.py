@@ -45,6 +45,13 @@ def check_inductor_options(options: Mapping[str, object] | None) -> dict[str, ob
     return options
 
 
+def _checked_settings(backend: str, inductor_options: Mapping[str, object] | None) -> dict[str, object]:
+    """The inductor patches of a compiler for ``backend``; raises on an unknown backend or option."""
+    if backend not in ("inductor", "eager"):
+        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
+    return check_inductor_options(inductor_options)
+
+
 def make_piece_compiler(backend: str = "inductor", captures: Counter | None = None,
                         merge: bool = True, eager_numerics: bool = True,
                         coordinate_descent: bool = False, merge_ffn_slices: bool = False,
@@ -59,9 +66,7 @@ def make_piece_compiler(backend: str = "inductor", captures: Counter | None = No
     (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours, instead of a cuBLAS call
     (gpt-fast's decode setting). It benchmarks each kernel once at compile time: for one-row pieces only.
     ``inductor_options``: more inductor config patches for every piece (``check_inductor_options``)."""
-    if backend not in ("inductor", "eager"):
-        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
-    extra_patches = check_inductor_options(inductor_options)
+    extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_piece(fn: Callable, name: str, graph_passes: list[Callable[[fx.GraphModule], object]]) -> Callable:
         def piece_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -104,9 +109,7 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
                        ) -> Callable[[fx.GraphModule, list], Callable]:
     """The compiler of the parts of a captured graph (``passes.partition.compile_parts``): each part's graph is
     already captured, so it goes straight to ``compile_graph``. ``captures`` counts compilations per part name."""
-    if backend not in ("inductor", "eager"):
-        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
-    extra_patches = check_inductor_options(inductor_options)
+    extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
