@@ -131,17 +131,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ranks = Ranks.from_environment()
     device = ranks.device(resolve_device(args.device))
     check_args(args, parser, device.type == "cuda")
-    tasks = TASK_CHOICES[args.task]
-    flashu_settings = dict(args.settings)  # the last of a repeated key wins
-    rows = pick_rows(args.rows, tasks, flashu_settings, parser)
+    # Checked before any process group forms; run() reads them from args.
+    args.backend_options, args.tasks = options, TASK_CHOICES[args.task]
+    args.flashu_settings = dict(args.settings)  # the last of a repeated key wins
+    args.row_specs = pick_rows(args.rows, args.tasks, args.flashu_settings, parser)
     with process_group(ranks, device):
-        return run(args, parser, options, ranks, device, tasks, flashu_settings, rows, argv, started)
+        return run(args, parser, ranks, device, argv, started)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser, options: dict, ranks: Ranks,
-        device: torch.device, tasks: tuple[str, ...], flashu_settings: dict[str, Any],
-        rows: dict[str, list[RowSpec]], argv: list[str] | None, started: float) -> dict[str, Any] | None:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, ranks: Ranks, device: torch.device,
+        argv: list[str] | None, started: float) -> dict[str, Any] | None:
     """Every row of every task, each rank on its share; rank 0 prints and writes the report."""
+    options, tasks, flashu_settings, rows = args.backend_options, args.tasks, args.flashu_settings, args.row_specs
     dtype_name = args.dtype if args.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
     dtype = DTYPES[dtype_name]
     env, tb = prepare_env(args, rows, device, dtype, options, parser)

@@ -105,8 +105,10 @@ def run_gen_row(spec: RowSpec, env: Env, prompts: Sequence[world.GenPrompt], bat
     groups = [list(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
     captions = [[p.caption for p in group] for group in groups]
     mine = ranks.share(range(len(groups)))
-    # A smaller last batch is another shape (a compiled row recompiles for it): it warms up too.
-    shapes = [mine[0]] + ([mine[-1]] if len(groups[mine[-1]]) != len(groups[mine[0]]) else []) if mine else []
+    # This rank's first batch warms up, and its last when smaller (another shape: a compiled row recompiles for it).
+    shapes = []
+    if mine:
+        shapes = [mine[0]] + ([mine[-1]] if len(groups[mine[-1]]) != len(groups[mine[0]]) else [])
     warm = [timed(lambda j=j: run(captions[j], seed + j), device)[1] for _ in range(warmup) for j in shapes]
     done = {}
     for j in tqdm(mine, desc=f"gen {spec.name}", disable=not (progress and ranks.is_main), leave=False):
