@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["flashu_fx*", "passes*", "triton_kernels*", "harness*"]),
     package_data={"flashu_fx.testbed": ["weights/*"]},  # the shipped trained testbed
     entry_points={
-        "console_scripts": ["flashu-generate=harness.generate:cli", "flashu-answer=harness.answer:cli"],
+        "console_scripts": ["flashu-generate=harness.generate:main", "flashu-answer=harness.answer:main"],
         # torch.compile(model, backend="flashu", options={...}): torch looks the name up here, no import needed
         "torch_dynamo_backends": ["flashu=flashu_fx.compiled.backend:flashu_compiler"],
     },

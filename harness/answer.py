@@ -76,6 +76,7 @@ def image_latents(ckpt: Checkpoint, path: Path) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (also the console script: its exit status is the return value)."""
     return run_command(run, build_parser(), argv)
 
 
@@ -123,10 +124,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli() -> None:
-    """The ``flashu-answer`` console script."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -157,6 +157,7 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (also the console script: its exit status is the return value)."""
     return run_command(run, build_parser(), argv)
 
 
@@ -206,10 +207,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli() -> None:
-    """The ``flashu-generate`` console script."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())
