@@ -64,10 +64,11 @@ class FlashUAnswer(Answer):
     kept_positions: tuple[int, ...] | None  # absolute prompt positions of the kept image tokens; None = no pruning
     steps: list[UndStepRecord]  # steps[d] produced ids[d]
     prompt_len: int  # L0
-    # The selection's evidence (eager decoder only; None without pruning): the first image position and the fp32
-    # V-norms (num_image,) of the image tokens at the pruning layer, on the device (no host read here).
+    # The selection's evidence (eager decoder only; None without pruning): the first image position and the image
+    # tokens' value vectors at the pruning layer (num_image, KV * d), a view on the device: no work is added to the
+    # answer; a caller that wants the norms the selection ranked takes image_values.float().norm(dim=-1).
     image_start: int | None = None
-    image_vnorms: Tensor | None = None
+    image_values: Tensor | None = None
 
 
 def pruning_values(layer: torch.nn.Module, h: Tensor) -> Tensor:
@@ -123,7 +124,7 @@ class FlashUUndDecoder:
         ]
         self.max_new_tokens = max_new_tokens
         self.kept_positions: tuple[int, ...] | None = None
-        self.image_vnorms: Tensor | None = None
+        self.image_values: Tensor | None = None
         self.skip_set: tuple[int, ...] = ()
         self.steps: list[UndStepRecord] = []
 
@@ -162,8 +163,7 @@ class FlashUUndDecoder:
             if prune_here:
                 v = pruning_values(layer, h)
                 kept = select_kept_positions(layer, h, self.image_start, cfg.num_image_tokens, self.keep, v)
-                image = v[0, self.image_start : self.image_start + cfg.num_image_tokens]
-                self.image_vnorms = image.float().norm(dim=-1)
+                self.image_values = v[0, self.image_start : self.image_start + cfg.num_image_tokens]
             slots = self.slot_ids[: h.shape[1]]
             layer_mask = pad_mask_to(mask, self.valid[i].numel())
             out = layer(h, self.cos[pos], self.sin[pos], layer_mask, self.caches[i], slots, self.ffn_ranges[i])
@@ -235,4 +235,4 @@ def answer_question_flashu(
             break
         ids.append(next_token(decoder.step(ids[-1]), temperature, top_k, gen))
     return FlashUAnswer(ids, tok.decode(ids), decoder.kept_positions, decoder.steps, decoder.prompt_len,
-                        decoder.image_start if decoder.prune else None, decoder.image_vnorms)
+                        decoder.image_start if decoder.prune else None, decoder.image_values)

@@ -139,7 +139,9 @@ def run_und_row(spec: RowSpec, env: Env, items: Sequence[world.QAItem], latents:
     done = {}
     for i in tqdm(mine, desc=f"und {spec.name}", disable=not (progress and ranks.is_main), leave=False):
         out, sec = timed(lambda i=i: run(latents[i : i + 1], items[i].question), device)
-        norms = None if out.image_vnorms is None else (out.image_vnorms[0], out.image_vnorms[1].tolist())
+        norms = None
+        if out.image_values is not None:  # the V-norms the selection ranked (fp32, all KV heads), after the timing
+            norms = (out.image_values[0], out.image_values[1].float().norm(dim=-1).tolist())
         done[i] = (out.text, out.kept_positions, out.skipped, norms, sec)
     shares = ranks.gather(dict(done=done, warm=warm))
     if shares is None:

@@ -109,7 +109,7 @@ class UndOutput:
     text: str
     kept_positions: tuple[int, ...] | None  # None: no token pruning
     skipped: list[tuple[int, ...]]  # per step (0 = prefill)
-    image_vnorms: tuple[int, Tensor] | None = None  # eager FlashU: (first image position, fp32 V-norms (num_image,))
+    image_values: tuple[int, Tensor] | None = None  # eager FlashU: (first image position, values (num_image, C))
 
 
 GenRunner = Callable[[list[str], int], GenOutput]  # (captions, noise seed) -> output
@@ -168,8 +168,8 @@ def und_runner(spec: RowSpec, env: Env) -> UndRunner:
     elif not spec.compiled:
         def run(latents: Tensor, question: str) -> UndOutput:
             answer = answer_question_flashu(model, latents, question, config, env.layout, tok, max_new_tokens=budget)
-            norms = None if answer.image_vnorms is None else (answer.image_start, answer.image_vnorms)
-            return UndOutput(answer.text, answer.kept_positions, [s.skipped for s in answer.steps], norms)
+            values = None if answer.image_values is None else (answer.image_start, answer.image_values)
+            return UndOutput(answer.text, answer.kept_positions, [s.skipped for s in answer.steps], values)
     else:
         backend = flashu_backend("und", config, env.layout if config else None, **env.backend_options)
         compiled = compile_model(model, backend)

@@ -145,7 +145,7 @@ def test_kept_tokens_equal_an_independent_vnorm(tiny_model: Showo2) -> None:
     assert prompt.offset not in answer.kept_positions  # the time token is never a candidate
     # the recorded evidence is these norms (fp32) and where they start
     assert answer.image_start == start
-    torch.testing.assert_close(answer.image_vnorms, norms.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(answer.image_values.float().norm(dim=-1), norms.float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
