@@ -88,22 +88,17 @@ def spans(*parts: tuple[int, int, float, str, str, str]) -> list[Row]:
     return rows
 
 
-FULL = spans(  # the defaults: docs/SHOWO2.md §5.4
+PRUNED_PHASE = (  # calls 1..24 of the defaults (docs/SHOWO2.md §5.4): pruned FFN, skipping, the head cache
     (1, 1, 7.5, "pruned", "measure", "compute"), (2, 4, 7.5, "pruned", "skip", "compute"),
     (5, 5, 7.5, "pruned", "skip", "store"), (6, 9, 7.5, "pruned", "skip", "reuse"),
     (10, 10, 7.5, "pruned", "skip", "store"), (11, 11, 7.5, "pruned", "measure", "reuse"),
     (12, 14, 7.5, "pruned", "skip", "reuse"), (15, 15, 7.5, "pruned", "skip", "store"),
     (16, 19, 7.5, "pruned", "skip", "reuse"), (20, 20, 7.5, "pruned", "skip", "store"),
     (21, 21, 7.5, "pruned", "measure", "reuse"), (22, 24, 7.5, "pruned", "skip", "reuse"),
-    (25, 34, 10.0, "full", "all", "compute"),
 )
+FULL = spans(*PRUNED_PHASE, (25, 34, 10.0, "full", "all", "compute"))  # the defaults
 NO_HYBRID = spans(  # every call pruned, skipping and caching to the end; guidance still g in the last 10 calls
-    (1, 1, 7.5, "pruned", "measure", "compute"), (2, 4, 7.5, "pruned", "skip", "compute"),
-    (5, 5, 7.5, "pruned", "skip", "store"), (6, 9, 7.5, "pruned", "skip", "reuse"),
-    (10, 10, 7.5, "pruned", "skip", "store"), (11, 11, 7.5, "pruned", "measure", "reuse"),
-    (12, 14, 7.5, "pruned", "skip", "reuse"), (15, 15, 7.5, "pruned", "skip", "store"),
-    (16, 19, 7.5, "pruned", "skip", "reuse"), (20, 20, 7.5, "pruned", "skip", "store"),
-    (21, 21, 7.5, "pruned", "measure", "reuse"), (22, 24, 7.5, "pruned", "skip", "reuse"),
+    *PRUNED_PHASE,
     (25, 25, 10.0, "pruned", "skip", "store"), (26, 29, 10.0, "pruned", "skip", "reuse"),
     (30, 30, 10.0, "pruned", "skip", "store"), (31, 31, 10.0, "pruned", "measure", "reuse"),
     (32, 34, 10.0, "pruned", "skip", "reuse"),
