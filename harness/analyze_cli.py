@@ -135,7 +135,7 @@ def run_model_analyses(args: argparse.Namespace, tb: Testbed, out: Path, plots: 
     """The layer-similarity, attention-share and V-norm analyses on the testbed's weights."""
     from flashu_fx.testbed import world
     from harness.llm_analysis import analyze_generation, analyze_understanding, pruning_losses
-    from harness.quality_eval import question_latents
+    from harness.quality_eval import scene_latents
 
     steps, guidance = args.steps or tb.steps, args.guidance or tb.guidance
     layer = flashu_config("und").token_prune_layer if args.vnorm_layer is None else args.vnorm_layer
@@ -145,7 +145,8 @@ def run_model_analyses(args: argparse.Namespace, tb: Testbed, out: Path, plots: 
     items = world.heldout_questions(args.questions, seed=args.seed)
     device, dtype = next(tb.model.parameters()).device, next(tb.model.parameters()).dtype
     print(f"understanding: {len(items)} held-out questions, {args.new_tokens} decode steps each")
-    und = analyze_understanding(tb.model, tb.tokenizer, question_latents(items, device, dtype),
+    scenes = world.render_batch([it.scene for it in items])  # rendered once: the latents and the object tokens
+    und = analyze_understanding(tb.model, tb.tokenizer, scene_latents(scenes, device, dtype),
                                 [it.question for it in items], args.new_tokens, layer)
     print("layer:                 " + " ".join(f"{i:>5}" for i in range(gen.cosine.shape[1])))
     for label, values in (("gen cos(in, out)", gen.cosine.mean(0)), ("und cos(in, out)", und.cosine.mean(0)),
@@ -153,7 +154,7 @@ def run_model_analyses(args: argparse.Namespace, tb: Testbed, out: Path, plots: 
                           ("und image attention", und.image_share.mean(0)), ("und V-norm Spearman", und.spearman)):
         print(f"{label:<22} " + " ".join(f"{v:5.2f}" for v in values))
     ratio = flashu_config("und").token_prune_ratio
-    objects = object_tokens(world.render_batch([it.scene for it in items]), tb.model.config.image_grid)
+    objects = object_tokens(scenes, tb.model.config.image_grid)
     n = objects.shape[1]
     losses = [pruning_losses(und.vnorm.reshape(-1, n), und.attention.reshape(-1, n), objects, r)
               for r in sorted({0.1, 0.25, ratio})]

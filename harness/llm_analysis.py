@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import image_block
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.mmu import answer_question, prompt_embeddings
@@ -60,7 +61,7 @@ def pruning_losses(vnorm: np.ndarray, attention: np.ndarray, objects: np.ndarray
     shows any object pixel.
     """
     q, n = vnorm.shape
-    dropped_count = n - max(1, n - int(n * ratio))
+    dropped_count = n - FlashUConfig.for_task("und", token_prune_ratio=ratio).kept_tokens(n)
     order = np.argsort(vnorm, axis=1, kind="stable")  # ascending: kept first, as vnorm_topk breaks ties
     dropped = np.zeros((q, n), dtype=bool)
     np.put_along_axis(dropped, order[:, n - dropped_count :], True, axis=1)

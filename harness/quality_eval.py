@@ -91,8 +91,12 @@ class UndRowResult:
 
 def question_latents(items: Sequence[world.QAItem], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The questions' scenes rendered and encoded: (N, C, h, w) in the model dtype on its device."""
-    images = torch.from_numpy(world.render_batch([item.scene for item in items]))
-    return codec.encode(images).to(device=device, dtype=dtype)
+    return scene_latents(world.render_batch([item.scene for item in items]), device, dtype)
+
+
+def scene_latents(images: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rendered scenes uint8 (N, H, W, 3) encoded: (N, C, h, w) in the model dtype on its device."""
+    return codec.encode(torch.from_numpy(images)).to(device=device, dtype=dtype)
 
 
 def run_gen_row(spec: RowSpec, env: Env, prompts: Sequence[world.GenPrompt], batch: int, seed: int,
