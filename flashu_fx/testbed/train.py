@@ -32,7 +32,8 @@ from flashu_fx.testbed.data import IGNORE, GenPool, UndPool
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a testbed training run (defaults: the run that made the shipped weights)."""
+    """Every knob of a testbed training run (defaults: the first of the runs behind the shipped weights; testbed.json
+    records each run's settings)."""
 
     steps: int = 30_000  # optimizer steps (the run stops earlier at ``time_budget_s``)
     batch_gen: int = 256  # generation rows per step
@@ -48,7 +49,7 @@ class TrainConfig:
     pool_und: int = 300_000  # rendered understanding examples
     seed: int = 0
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = run every step)
-    compile: str = ""  # torch.compile backend for the training forward and backward ("" = eager, the shipped run)
+    compile: str = ""  # torch.compile backend for the training forward and backward ("" = eager)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
