@@ -89,13 +89,13 @@ def earlier_runs(init: str | None) -> list[dict]:
         return []
     record = json.loads(record_path.read_text())
     final = record["loss_log"][-1] if record.get("loss_log") else {}
+    heldout = record.get("heldout", {})
     summary = dict(command=record["command"], steps_done=record.get("steps_done"),
                    train_seconds=record.get("train_seconds"), device=record.get("device"),
                    final={k: round(final[k], 4) for k in ("loss", "flow", "answer") if k in final},
-                   heldout_geneval_overall=record.get("heldout", {}).get("guidance_sweep"),
-                   heldout_answers=record.get("heldout", {}).get("answers", {}).get("overall"))
-    summary["heldout_geneval_overall"] = {g: v["overall"]["accuracy"]
-                                          for g, v in (summary["heldout_geneval_overall"] or {}).items()}
+                   heldout_geneval_overall={g: v["overall"]["accuracy"]
+                                            for g, v in (heldout.get("guidance_sweep") or {}).items()},
+                   heldout_answers=heldout.get("answers", {}).get("overall"))
     return [*record.get("history", []), summary]
 
 
