@@ -20,7 +20,6 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from flashu_fx.vae import WanLatentCodec, diffusers_available, load_wan_vae
 from harness.arguments import command_parser, existing_directory
 from harness.devices import device_name, resolve_device
 from harness.floors import peak_tflops
-from harness.rows import timed
+from harness.rows import median_seconds
 from harness.tables import format_table
 
 ANCHOR_DECODE_S = 0.018  # upstream's Wan2.1 decode of one 54 x 54 latent on an H200 (docs/REFERENCE_MEASUREMENTS.md)
@@ -66,13 +65,6 @@ def counted_tflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e12
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` synchronised runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        timed(fn, device)
-    return median(timed(fn, device)[1] for _ in range(repeats))
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     for name in ("size", "batch", "repeats"):
@@ -99,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = peak_tflops(name)
     records = []
     for row, fn in rows.items():
-        seconds = time_fn(fn, device, args.warmup, args.repeats)
+        seconds = median_seconds(fn, device, args.repeats, args.warmup)
         tflop = counted_tflop(fn)
         floor = tflop / peak if peak else None
         records.append(dict(row=row, seconds=seconds, per_image_s=seconds / args.batch, tflop=tflop,

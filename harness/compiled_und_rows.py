@@ -10,8 +10,6 @@ pruned copy (shared id prefix; kept image tokens and per-step skip sets equal).
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from flashu_fx.compiled import answer_question_compiled, flashu_backend
@@ -20,7 +18,7 @@ from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.mmu import Answer, answer_question
 from harness.compiled_rows import backend_overrides, options_note
 from harness.flashu_rows import prepare_flashu
-from harness.rows import PreparedRow, UndContext, model_device, register_row, timed
+from harness.rows import PreparedRow, UndContext, median_seconds, model_device, register_row, timed
 
 TIMING_REPEATS = 3  # answers per split timing (prefill only / whole answer) in the row note
 
@@ -53,7 +51,7 @@ def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
                                             max_new_tokens=new_tokens, stop_at_eos=ctx.stop_at_eos)
 
         def seconds(new_tokens: int) -> float:
-            return statistics.median(timed(lambda: run(new_tokens), device)[1] for _ in range(TIMING_REPEATS))
+            return median_seconds(lambda: run(new_tokens), device, TIMING_REPEATS)
 
         out, first = timed(run, device)
         prefill, whole = seconds(1), seconds(ctx.max_new_tokens)

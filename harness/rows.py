@@ -313,6 +313,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 0) -> float:
+    """Median wall seconds of ``repeats`` ``timed`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        timed(fn, device)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
+
+
 @dataclass
 class RowResult:
     name: str
