@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
     p.add_argument("--eval-no-kv-cache", action="store_true", help="score answers with the no-cache decode loop")
-    p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered examples per task")
+    p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered generation examples (and understanding "
+                   "examples unless --pool-und is given)")
+    p.add_argument("--pool-und", type=int, help="rendered understanding examples (default: --pool)")
+    p.add_argument("--category-weights", type=category_weights, metavar="CAT=W,...",
+                   help="how often each caption category is drawn, relative to 1 for the ones not named, e.g. "
+                        f"position=3,color_attr=3 (categories: {', '.join(world.CATEGORIES)}; default: uniform)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts scored after training")
     p.add_argument("--eval-questions", type=int, default=60, help="held-out questions scored after training")
@@ -63,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
     p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
     return p
+
+
+def category_weights(text: str) -> tuple[float, ...]:
+    """``"position=3,color_attr=3"`` -> one weight per world.CATEGORIES entry (1 for those not named)."""
+    weights = dict.fromkeys(world.CATEGORIES, 1.0)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights:
+            raise argparse.ArgumentTypeError(f"--category-weights: unknown category {name.strip()!r} in {text!r}; "
+                                             f"allowed {', '.join(world.CATEGORIES)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--category-weights: {item!r} in {text!r} needs a number after '=' "
+                                             "(e.g. position=3)") from None
+    try:
+        return world.check_category_weights(tuple(weights.values()))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--category-weights {text!r}: {err}") from None
 
 
 def score_generation(model: Showo2, tok: WordTokenizer, prompts: list[world.GenPrompt], guidance: float,
@@ -106,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(PRESET)
     tok = WordTokenizer(world.vocabulary(), cfg.specials)
     train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
-                            warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool, seed=args.seed,
-                            time_budget_s=args.time_budget, compile=args.compile)
+                            warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
+                            seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
+                            category_weights=args.category_weights)
     rng = world.rng_for("train", args.seed)
-    gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen), device)
+    gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen,
+                                      category_weights=train_cfg.category_weights), device)
     und_pool = pool_to(build_und_pool(cfg, tok, rng, train_cfg.pool_und), device)
     pools_s = time.perf_counter() - started
     print(f"pools: {train_cfg.pool_gen} + {train_cfg.pool_und} examples in {pools_s:.1f} s", flush=True)

@@ -9,6 +9,7 @@ objective). A pool renders and tokenizes ``size`` examples once; batches are ran
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +54,13 @@ def _pad(row: list[int], cfg: Showo2Config, what: str) -> list[int]:
 
 
 def build_gen_pool(cfg: Showo2Config, tok: WordTokenizer, rng: np.random.Generator, size: int,
-                   chunk: int = 4096, progress: bool = True) -> GenPool:
-    """``size`` captions (categories uniform) with a scene that satisfies each, rendered and tokenized."""
+                   chunk: int = 4096, progress: bool = True,
+                   category_weights: Sequence[float] | None = None) -> GenPool:
+    """``size`` captions with a scene that satisfies each, rendered and tokenized. ``category_weights``: how
+    often each of ``world.CATEGORIES`` is drawn (None: uniform)."""
     images, tokens, offsets = [], [], []
     for start in tqdm(range(0, size, chunk), desc="rendering gen pool", disable=not progress, leave=False):
-        prompts, imgs = world.training_batch_gen(rng, min(chunk, size - start))
+        prompts, imgs = world.training_batch_gen(rng, min(chunk, size - start), category_weights)
         images.append(torch.from_numpy(imgs))
         for p in prompts:
             ids = tok.encode(p.caption)

@@ -28,6 +28,7 @@ from flashu_fx.masks import omni_mask
 from flashu_fx.model import Showo2
 from flashu_fx.testbed import codec
 from flashu_fx.testbed.data import IGNORE, GenPool, UndPool
+from flashu_fx.testbed.world import check_category_weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights, the ones saved
     pool_gen: int = 300_000  # rendered generation examples
     pool_und: int = 300_000  # rendered understanding examples
+    # How often each caption category (world.CATEGORIES order) is drawn for the generation pool; None: uniform.
+    category_weights: tuple[float, ...] | None = None
     seed: int = 0
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = run every step)
     compile: str = ""  # torch.compile backend for the training forward and backward ("" = eager)
@@ -55,6 +58,8 @@ class TrainConfig:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.category_weights is not None:
+            object.__setattr__(self, "category_weights", check_category_weights(self.category_weights))
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout} must lie in [0, 1)")
         if not 0 <= self.ema_decay < 1:

@@ -465,10 +465,28 @@ def heldout_questions(n: int, seed: int = 0) -> list[QAItem]:
     return [_question_of_kind(rng, QA_KINDS[i % len(QA_KINDS)]) for i in range(n)]
 
 
-def training_batch_gen(rng: np.random.Generator, n: int) -> tuple[list[GenPrompt], np.ndarray]:
-    """n prompts (categories uniform) and renders of scenes satisfying them -> (prompts, uint8 (n, S, S, 3))."""
-    prompts = [sample_gen_prompt(rng) for _ in range(n)]
+def training_batch_gen(rng: np.random.Generator, n: int, category_weights: Sequence[float] | None = None
+                       ) -> tuple[list[GenPrompt], np.ndarray]:
+    """n prompts and renders of scenes satisfying them -> (prompts, uint8 (n, S, S, 3)).
+
+    ``category_weights``: relative frequency of each of CATEGORIES (in that order); None: uniform.
+    """
+    if category_weights is None:
+        prompts = [sample_gen_prompt(rng) for _ in range(n)]
+    else:
+        share = np.asarray(check_category_weights(category_weights), dtype=float)
+        picks = rng.choice(len(CATEGORIES), size=n, p=share / share.sum())
+        prompts = [sample_gen_prompt(rng, CATEGORIES[i]) for i in picks]
     return prompts, render_batch([scene_for_prompt(p, rng) for p in prompts])
+
+
+def check_category_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """``weights`` as a tuple of one finite, non-negative weight per category (CATEGORIES order), not all zero."""
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(CATEGORIES) or not all(np.isfinite(w) and w >= 0 for w in weights) or not sum(weights):
+        raise ValueError(f"category_weights={weights} is invalid: allowed {len(CATEGORIES)} finite weights >= 0, "
+                         f"not all 0, one per category in the order {CATEGORIES}")
+    return weights
 
 
 def training_batch_und(rng: np.random.Generator, n: int) -> tuple[list[QAItem], np.ndarray]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
+import pytest
+
+from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import RECORD_FILE
-from harness.train_testbed import earlier_runs
+from harness.train_testbed import category_weights, earlier_runs
 
 
 def _record(command: str, history: list[dict] | None = None) -> dict:
@@ -35,3 +39,16 @@ def test_history_chains_oldest_first(tmp_path):
     assert [run["command"] for run in chain] == ["train-testbed --out run1", "train-testbed --init run1"]
     assert chain[0]["final"] == {"loss": 1.2346, "flow": 1.0, "answer": 0.2346}
     assert chain[1]["heldout_geneval_overall"] == {"3.0": 0.5} and chain[1]["heldout_answers"] == {"accuracy": 0.75}
+
+
+def test_category_weights_name_categories_and_default_to_one():
+    weights = category_weights("position=3,color_attr=2.5")
+    assert dict(zip(world.CATEGORIES, weights, strict=True)) == dict(
+        single_object=1.0, two_object=1.0, counting=1.0, colors=1.0, position=3.0, color_attr=2.5)
+
+
+@pytest.mark.parametrize("text, named", [("posture=3", "posture"), ("position=x", "position=x"),
+                                          ("position=-1", "category_weights")])
+def test_bad_category_weights_name_the_argument(text, named):
+    with pytest.raises(argparse.ArgumentTypeError, match=named):
+        category_weights(text)

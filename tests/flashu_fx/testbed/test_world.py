@@ -363,6 +363,23 @@ def test_training_batches():
     assert all(i.answer == true_answer(i.scene, i.question) for i in items)
 
 
+@given(weights=st.lists(st.integers(0, 4), min_size=len(CATEGORIES), max_size=len(CATEGORIES)).filter(any),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_category_weights_set_the_mix(weights, seed):
+    prompts, _ = training_batch_gen(rng_for("train", seed), 300, weights)
+    counts = np.array([sum(p.category == c for p in prompts) for c in CATEGORIES])
+    assert (counts[np.array(weights) == 0] == 0).all()  # a zero weight never draws its category
+    expected = 300 * np.array(weights) / sum(weights)
+    assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected + 1))  # within 5 sigma of its share
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (0,) * 6, (1, 1, 1, 1, 1, float("nan")), (1, 1, 1, 1, 1, -1)])
+def test_bad_category_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="category_weights"):
+        training_batch_gen(rng_for("train", 0), 4, weights)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary
 
