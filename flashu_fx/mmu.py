@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from flashu_fx.config import Showo2Config
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt
-from flashu_fx.masks import additive_mask, decode_mask, omni_mask, pad_mask_to
+from flashu_fx.masks import additive_mask, omni_mask
 from flashu_fx.model import Showo2
-from flashu_fx.qwen2 import KVCache
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
+from flashu_fx.und_cache import UndCache, mark_prompt_dynamic
 
 
 @dataclass
@@ -68,11 +68,6 @@ def cache_length(positions: int) -> int:
     return -(-positions // 16) * 16
 
 
-def make_kv_caches(model: Showo2, batch: int, max_len: int, dtype: torch.dtype, device) -> list[KVCache]:
-    cfg = model.config
-    return [KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device) for _ in range(cfg.num_layers)]
-
-
 @torch.no_grad()
 def answer_question(
     model: Showo2,
@@ -87,16 +82,22 @@ def answer_question(
     stop_at_eos: bool = True,
     progress: bool = False,
 ) -> Answer:
-    """Answer ``question`` about one image given as VAE latents (1, C, h, w)."""
+    """Answer ``question`` about one image given as VAE latents (1, C, h, w).
+
+    ``model`` may be ``torch.compile(showo2, backend=flashu_backend("und"))``: with ``kv_cache`` every call is a
+    model call (``Showo2.understand``), so the prefill and the decode step are what Dynamo captures.
+    """
     check_image_latents(model.config, latents)
     cfg = model.config
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
-    x = prompt_embeddings(model, latents, prompt)
     gen = torch.Generator().manual_seed(seed)
     step = lambda logits: next_token(logits, temperature, top_k, gen)
-    decode = decode_cached if kv_cache else decode_uncached
-    ids = decode(model, x, prompt, max_new_tokens, step, stop_at_eos, progress)
+    if kv_cache:
+        ids = decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, progress)
+    else:
+        x = prompt_embeddings(model, latents, prompt)
+        ids = decode_uncached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress)
     return Answer(ids, tok.decode(ids))
 
 
@@ -116,33 +117,30 @@ def all_position_logits(lm_head: nn.Linear, hidden: Tensor) -> Tensor:
     return torch.cat([F.linear(hidden, weight[:split]), F.linear(hidden, weight[split:])], dim=-1)
 
 
-def decode_cached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress) -> list[int]:
-    """Prefill into static caches, then one token per call: a plain eager decode loop.
+def decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, progress,
+                  cache: UndCache | None = None) -> list[int]:
+    """The prefill into a static cache, then one model call per token (gpt-fast's loop; ``Showo2.understand``).
 
-    Everything a step needs that does not depend on the generated ids is made once per answer: the RoPE
-    tables, the positions, and the masks as additive 0 / -inf tensors in the model dtype (the same softmax as
-    the bool mask; SDPA would convert a bool mask on every call, in every layer). A step passes views of them.
+    ``cache``: an ``UndCache`` of capacity >= L0 + max_new_tokens to reuse (emptied first); None: a new one.
     """
-    cfg, device, n0 = model.config, x.device, x.shape[1]
-    max_len = cache_length(n0 + max_new_tokens)
-    caches = make_kv_caches(model, 1, max_len, x.dtype, device)
-    cos_all, sin_all, _, _ = model.rope(max_len, x.dtype, device)
-    positions = torch.arange(max_len, device=device)
-    block = torch.tensor([prompt.block_offset], device=device)
-    mask = additive_mask(pad_mask_to(omni_mask(block, n0, cfg.image_slot_len), max_len), x.dtype)
-    rows = additive_mask(decode_mask(positions, max_len), x.dtype)  # (1, 1, max_len, max_len): row p = token p
-    hidden = model.showo(x, cos_all[:n0], sin_all[:n0], mask, caches, positions[:n0])
-    ids = [step(model.showo.lm_head(hidden[0, -1]))]
+    cfg, device, n0 = model.config, latents.device, prompt.tokens.shape[1]
+    if cache is None:
+        dtype = model.showo.model.embed_tokens.weight.dtype
+        cache = UndCache.for_model(model, cache_length(n0 + max_new_tokens), dtype, device)
+    elif cache.capacity < n0 + max_new_tokens:
+        raise ValueError(f"cache capacity {cache.capacity} is invalid: the prompt ({n0}) and max_new_tokens="
+                         f"{max_new_tokens} need at least {n0 + max_new_tokens} slots")
+    cache.reset()
+    offsets = torch.tensor([prompt.offset], device=device)
+    tokens, mask = prompt.tokens.to(device), prompt.mask(cfg).to(device)
+    mark_prompt_dynamic(tokens, mask)
+    logits = model(tokens, latents, None, offsets, mask, cache=cache).logits
+    ids = [step(logits[0, -1])]
     token = torch.empty(1, 1, dtype=torch.long, device=device)
-    for i in tqdm(range(1, max_new_tokens), desc="decoding", disable=not progress, leave=False):
+    for _ in tqdm(range(1, max_new_tokens), desc="decoding", disable=not progress, leave=False):
         if stop_at_eos and ids[-1] == cfg.specials.eos:
             break
-        p = n0 + i - 1
-        emb = model.showo.model.embed_tokens(token.fill_(ids[-1]))
-        hidden = model.showo(
-            emb, cos_all[p : p + 1], sin_all[p : p + 1], rows[:, :, p : p + 1], caches, positions[p : p + 1]
-        )
-        ids.append(step(model.showo.lm_head(hidden[0, -1])))
+        ids.append(step(model(token.fill_(ids[-1]), None, None, None, None, cache=cache).logits[0, -1]))
     return ids
 
 

@@ -22,6 +22,7 @@ from flashu_fx.diffusion_head import FinalLayer, ModulatedAttentionBlock, Timest
 from flashu_fx.layers import RMSNorm, llama3_inv_freq, rope_cos_sin, rope_inv_freq
 from flashu_fx.qwen2 import Qwen2ForCausalLM
 from flashu_fx.siglip import SiglipEncoder
+from flashu_fx.und_cache import UndCache
 
 
 class PatchEmbed(nn.Module):
@@ -36,8 +37,8 @@ class PatchEmbed(nn.Module):
 
 
 class Showo2Output(NamedTuple):
-    logits: Tensor | None  # (M, L, V), None when not asked for
-    velocity: Tensor  # (M, C, h, w)
+    logits: Tensor | None  # (M, L, V), None when not asked for; an understanding call: (1, 1, V), the last row's
+    velocity: Tensor | None  # (M, C, h, w); None for an understanding call
 
 
 def unpatchify(tokens: Tensor, latent_hw: tuple[int, int], channels: int) -> Tensor:
@@ -144,17 +145,26 @@ class Showo2(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        latents: Tensor,
-        t: Tensor,
-        offsets: Tensor,
-        mask: Tensor,
+        latents: Tensor | None,
+        t: Tensor | None,
+        offsets: Tensor | None,
+        mask: Tensor | None,
         return_logits: bool = True,
+        cache: UndCache | None = None,
     ) -> Showo2Output:
         """One generation call, computing what upstream computes (all L positions, lm_head included).
 
         tokens: (M, L) int; latents: (M, C, h, w); t: (M,); offsets: (M,) slot starts (time token);
         mask: bool (M, 1, L, L) omni mask -> logits (M, L, V) | None, velocity (M, C, h, w) in the model dtype.
+
+        With ``cache`` (an ``UndCache``): one understanding call, ``understand``'s arguments.
         """
+        if cache is not None:
+            if t is not None or not return_logits:
+                raise ValueError("an understanding call (cache given) takes t=None and return_logits=True: the image "
+                                 f"is clean (t = 1) and logits are its output; got t={t!r}, "
+                                 f"return_logits={return_logits!r}")
+            return self.understand(tokens, latents, offsets, mask, cache)
         check_gen_inputs(self.config, tokens, latents, t, offsets, mask)
         seq_len = tokens.shape[1]
         image = self.image_embeds(latents)
@@ -166,6 +176,49 @@ class Showo2(nn.Module):
         in_slot = in_slot_mask(offsets, seq_len, image.shape[1] + 1)
         v_tokens = self.diffusion_head_b(self.head_blocks(hidden, c, in_slot, head_cos, head_sin, mask), c, in_slot)
         return Showo2Output(logits, self.extract_velocity(v_tokens, offsets, tuple(latents.shape[-2:])))
+
+    def understand(self, tokens: Tensor, latents: Tensor | None, offsets: Tensor | None, mask: Tensor | None,
+                   cache: UndCache) -> Showo2Output:
+        """One understanding call through ``cache``: the prefill of a prompt or one decode step (gpt-fast's pair).
+
+        Prefill: tokens (1, L0) with the image slot at ``offsets`` (1,), latents (1, C, h, w) of the clean image
+        (t = 1), mask bool (1, 1, L0, L0) the prompt's omni mask. Decode step: tokens (1, n) appended after
+        everything the cache holds, latents, offsets and mask None (causal). Each layer appends its rows to its
+        ``LayerCache``; RoPE positions continue from ``cache.position``. -> logits (1, 1, V) of the last row,
+        velocity None. Run it with ``torch.compile(model, backend=flashu_backend("und"))`` to compile both shapes.
+        """
+        check_und_inputs(self.config, tokens, latents, offsets, mask, cache)
+        n = tokens.shape[1]
+        if latents is None:
+            x = self.showo.model.embed_tokens(tokens)
+            mask = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()[None, None]
+        else:
+            c = self.time_embeds(torch.ones(1, device=latents.device))
+            x = self.embed_inputs(tokens, offsets, self.image_embeds(latents), c)
+        positions = cache.advance(n)
+        hidden = self.showo(x, cache.cos[positions], cache.sin[positions], mask, cache.layers)
+        # One row as a vector (a GEMV, as the eager decoders compute it: the same logits bit for bit).
+        return Showo2Output(self.showo.lm_head(hidden[0, -1])[None, None], None)
+
+
+def check_und_inputs(cfg: Showo2Config, tokens: Tensor, latents: Tensor | None, offsets: Tensor | None,
+                     mask: Tensor | None, cache: UndCache) -> None:
+    """Shapes of an understanding call; raises naming the argument (Dynamo would bury a shape error)."""
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"tokens must be (1, n) for an understanding call, got {tuple(tokens.shape)}")
+    n = tokens.shape[1]
+    if latents is None:
+        if offsets is not None or mask is not None:
+            raise ValueError("a decode step (latents=None) takes offsets=None and mask=None")
+    else:
+        if offsets is None or tuple(offsets.shape) != (1,):
+            raise ValueError(f"offsets must be (1,) (the time token's position) for a prefill, got "
+                             f"{None if offsets is None else tuple(offsets.shape)}")
+        if mask is None or tuple(mask.shape) != (1, 1, n, n) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool (1, 1, {n}, {n}) for a prefill of {n} tokens, got "
+                             f"{None if mask is None else (tuple(mask.shape), mask.dtype)}")
+    if len(cache.layers) != cfg.num_layers:
+        raise ValueError(f"cache has {len(cache.layers)} layers, the model {cfg.num_layers}")
 
 
 def check_gen_inputs(cfg: Showo2Config, tokens: Tensor, latents: Tensor, t: Tensor, offsets: Tensor,

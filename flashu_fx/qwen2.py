@@ -7,12 +7,15 @@ the mask is passed through unchanged and the returned final hidden state is post
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashu_fx.config import Showo2Config
 from flashu_fx.layers import RMSNorm, apply_rope, attention
+from flashu_fx.und_cache import LayerCache
 
 # A pruned FFN is a set of contiguous neuron ranges of the (permuted) intermediate axis; None = all.
 NeuronRanges = tuple[tuple[int, int], ...]
@@ -61,16 +64,21 @@ class Qwen2Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | LayerCache | None = None,
         input_pos: Tensor | None = None,
         prefix_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x: (B, L, H); cos/sin: (B|., L, d); mask: bool (B|1, 1, L, L_kv) -> (B, L, H).
 
+        ``kv_cache``: a ``KVCache`` written at ``input_pos`` (mask over its whole length), or a ``LayerCache``
+        appended to (mask (1, 1, L, L) among the new rows: the cache widens it to the slots it holds).
+
         ``prefix_kv``: K/V (B, kv_heads, P, d) of earlier positions computed once and reused (keys first).
         """
         q, k, v = self.qkv(x, cos, sin)
-        if kv_cache is not None:
+        if isinstance(kv_cache, LayerCache):  # appends after its own entries and widens the mask over them
+            k, v, mask = kv_cache.append(k, v, mask)
+        elif kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
@@ -113,7 +121,7 @@ class Qwen2DecoderLayer(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | LayerCache | None = None,
         input_pos: Tensor | None = None,
         ffn_ranges: NeuronRanges | None = None,
         prefix_kv: tuple[Tensor, Tensor] | None = None,
@@ -146,7 +154,7 @@ class Qwen2ForCausalLM(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        kv_caches: list[KVCache] | None = None,
+        kv_caches: Sequence[KVCache | LayerCache] | None = None,
         input_pos: Tensor | None = None,
     ) -> Tensor:
         """Decoder stack over input embeddings. x: (B, L, H) -> post-final-norm hidden (B, L, H)."""

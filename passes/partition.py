@@ -8,6 +8,9 @@ Eager twin: ``Showo2.forward`` itself, whose call structure the parts follow:
     head_block.j   diffusion_head_a[j]                                     (modulated attention block)
     final          diffusion_head_b and the velocity's unpatchify
 
+An understanding call (``Showo2.understand``: a prefill or a decode step through the cache) has no head: its parts
+are embed, layer.i (each appending to its layer's cache) and final (the trunk's final norm and lm_head).
+
 A node belongs to the part of its innermost module (``node.meta["nn_module_stack"]``) when that module lies
 inside a decoder layer or a head block; any other node belongs to the region it sits in (before the first layer:
 embed; between the trunk and the head: head_in; after the last head block: final). Dynamo lifts every weight to a
@@ -71,7 +74,9 @@ def part_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
         if found is not None:
             current = f"{found[0]}.{found[1]}"
         elif current.startswith("layer.") and i > last["layer"]:
-            current = REGIONS[1]  # past the last decoder layer
+            # past the last decoder layer: the head's input, or the end of a forward without head blocks (the
+            # understanding calls: final norm and lm_head)
+            current = REGIONS[1] if last["head_block"] >= 0 else REGIONS[2]
         elif current.startswith("head_block.") and i > last["head_block"]:
             current = REGIONS[2]  # past the last head block
         # otherwise: a node no layer or block claims stays in the part before it (graph order = run order)
@@ -148,11 +153,20 @@ class PartitionedGraph:
         return groups
 
 
-def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
-    """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts. ``gm``'s graph stays as it was; each of
-    its nodes gains its own name as provenance (``meta["source"]``), which the parts' copies carry."""
+def mark_provenance(gm: fx.GraphModule) -> list[str]:
+    """Give each node of a captured graph its own name as provenance (``meta["source"]``), where a pass has not
+    set one already; returns the names of the compute nodes (what Dynamo handed over, before any pass)."""
     for node in gm.graph.nodes:
-        node.meta[SOURCE] = node.name
+        node.meta.setdefault(SOURCE, node.name)
+    return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None) -> PartitionedGraph:
+    """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts. ``gm``'s graph stays as it was; its
+    nodes keep (or gain) their provenance (``mark_provenance``), which the parts' copies carry. ``captured``: the
+    compute nodes of the graph as Dynamo handed it over, when passes ran on it before (``mark_provenance``'s
+    result, taken before them)."""
+    captured_now = mark_provenance(gm)
     names = part_names(gm)
     if not any(name.startswith("layer.") for name in names.values()):
         warnings.warn("partition_showo2_graph: the graph has no Show-o2 decoder layer (no node from "
@@ -165,8 +179,7 @@ def partition_showo2_graph(gm: fx.GraphModule) -> PartitionedGraph:
     for i, name in enumerate(order):
         module = getattr(root, f"submod_{i}")
         parts.append(Part(name, f"submod_{i}", module, structural_signature(module)))
-    captured = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    return PartitionedGraph(root, parts, captured)
+    return PartitionedGraph(root, parts, captured_now if captured is None else captured)
 
 
 def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any]) -> dict[str, int]:

@@ -24,6 +24,7 @@ module; ``answer_question_compiled(und, backend, ...)`` builds the understanding
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
@@ -37,7 +38,7 @@ from torch import Tensor, fx
 
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
 from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
-from flashu_fx.compiled.und_runtime import UndRuntime
+from flashu_fx.compiled.und_runtime import CACHE_BUCKET, UndRuntime, round_up
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
@@ -46,8 +47,10 @@ from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
-from passes.partition import PartitionedGraph, compile_parts, partition_showo2_graph
+from flashu_fx.und_cache import UndCache
+from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
+from passes.vnorm_token_pruning import prune_tokens_after_layer
 
 log = logging.getLogger(__name__)
 # How a captured generation forward runs: "runtime" (the default), the generation runtime's compiled pieces chosen
@@ -85,10 +88,8 @@ class FlashUBackend:
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"flashu_backend executor={executor!r} is invalid: allowed one of {EXECUTORS}")
-        if executor == "graph" and (task != "gen" or config is not None):
-            raise ValueError(f"flashu_backend executor='graph' runs the exact generation forward only (task='gen', "
-                             f"config=None) so far; got task={task!r}, config={'set' if config else None}: use "
-                             "executor='runtime' for FlashU and for understanding")
+        if executor == "graph":
+            check_graph_executor(task, config)
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
@@ -98,6 +99,9 @@ class FlashUBackend:
         self.executor = executor
         self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
         self._graph_records: list[CallRecord] = []  # executor="graph": what each call of the current image ran
+        self.kept_rows: Tensor | None = None  # executor="graph", understanding: the last prefill's kept prompt rows
+        self.und_graphs: dict[str, PartitionedGraph] = {}  # executor="graph": "prefill" / "decode", last captured
+        self.und_caches: dict[tuple, UndCache] = {}  # executor="graph": one cache per capacity, reused by answers
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
         self._num_calls: int | None = None
@@ -162,6 +166,13 @@ class FlashUBackend:
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
         self.compiles += 1
+        if is_und_call(gm):
+            if self.task != "und" or self.executor != "graph":
+                raise RuntimeError(
+                    f"flashu_backend(task={self.task!r}, executor={self.executor!r}) was handed an understanding call "
+                    "(the model called with cache=...): compile it with flashu_backend('und', executor='graph'), or "
+                    "answer through answer_question_compiled with the default executor")
+            return self._und_graph_runner(gm, example_inputs)
         if self.task == "und":
             return _refuse_und_forward
         expected = self._expected_keys(example_inputs, gm)
@@ -182,6 +193,17 @@ class FlashUBackend:
         if self.executor == "graph":
             return self._graph_runner(gm, match, example_inputs)
         return self._runner(match, example_inputs)
+
+    def und_cache(self, compiled: torch.nn.Module, positions: int, device) -> UndCache:
+        """executor="graph": the cache an answer of ``positions`` (prompt + new tokens) uses, of capacity rounded up
+        to CACHE_BUCKET; one per capacity, reused (a new capacity is new cache shapes: one recompile)."""
+        dtype = compiled.showo.model.embed_tokens.weight.dtype
+        capacity = round_up(positions, CACHE_BUCKET)
+        key = (capacity, dtype, torch.device(device))
+        cache = self.und_caches.get(key)
+        if cache is None:
+            cache = self.und_caches[key] = UndCache.for_model(compiled, capacity, dtype, device)
+        return cache
 
     def und_runtime(self, compiled: torch.nn.Module) -> UndRuntime:
         """The understanding runtime of ``compiled = torch.compile(model, backend=self)``, built on first use."""
@@ -251,6 +273,48 @@ class FlashUBackend:
             self._serve(match)
             self._graph_records.append(CallRecord(self._step, (), "compute", True))  # the whole forward runs
             return graph.root(*args)
+
+        return run
+
+    def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
+        """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``), with FlashU's
+        V-norm token pruning as a pass over the prefill (``passes.vnorm_token_pruning``), split into parts and
+        compiled like generation's. Each layer's cache handles the shorter rows after the pruning layer itself."""
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        kind = "prefill" if "l_latents_" in names else "decode"
+        captured = mark_provenance(gm)
+        pruned = 0
+        if kind == "prefill" and self.config is not None and self.config.token_prune_ratio > 0:
+            table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_"))
+            num_image = table.meta["example_value"].shape[0]  # the configured grid's tokens, as the eager twin
+            pruned = prune_tokens_after_layer(gm, self.config.token_prune_layer, num_image,
+                                              self.config.kept_tokens(num_image))
+        cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
+        compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
+                                          self.piece_captures, False, False, self.inductor_options)
+        by_length: dict[tuple[int, ...], PartitionedGraph] = {}
+
+        def parts_for(args: tuple) -> PartitionedGraph:
+            """The parts compiled for these concrete sizes (the captured graph's symbols, e.g. the prompt length):
+            compiled parts have static shapes, so each prompt length gets its own, on first use."""
+            key = tuple(a for a in args if isinstance(a, int))
+            graph = by_length.get(key)
+            if graph is None:
+                graph = by_length[key] = partition_showo2_graph(copy.deepcopy(gm), captured)
+                # compile_parts runs the root once to find each part's inputs: on copies of the caches it appends to
+                examples = [x.clone() if name.startswith("l_cache_") else x
+                            for name, x in zip(names, args, strict=True)]
+                compile_parts(graph, compile_part, examples)
+                self.und_graphs[kind] = graph
+            return graph
+
+        def run(*args):
+            out = parts_for(args).root(*args)
+            if pruned:  # the pass's extra output: record it, return what the model returns
+                self.kept_rows, out = out[-1], out[:-1]
+            elif kind == "prefill":
+                self.kept_rows = None
+            return out
 
         return run
 
@@ -337,6 +401,27 @@ class FlashUBackend:
 def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
     """Where every parameter lives now: a runtime built over other addresses would read stale weights."""
     return tuple(p.data_ptr() for p in model.parameters())
+
+
+def check_graph_executor(task: str, config: FlashUConfig | None) -> None:
+    """What executor="graph" runs so far: the exact forwards of both tasks, and understanding's V-norm token pruning.
+    Raises naming the setting otherwise."""
+    if config is None:
+        return
+    if task == "gen":
+        raise ValueError("flashu_backend(executor='graph') runs the exact generation forward only so far "
+                         "(config=None); use executor='runtime' for FlashU generation")
+    unsupported = {"skip_ratio": config.skip_ratio if config.skip_interval > 0 else 0.0,
+                   "ffn_prune_ratio": config.ffn_prune_ratio}
+    unsupported = {name: value for name, value in unsupported.items() if value}
+    if unsupported:
+        raise ValueError(f"flashu_backend(executor='graph') runs understanding with V-norm token pruning only so far; "
+                         f"got {unsupported}: set them to 0, or use executor='runtime'")
+
+
+def is_und_call(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is a captured ``Showo2.understand`` call (its inputs include the cache's buffers)."""
+    return any(n.op == "placeholder" and n.name.startswith("l_cache_") for n in gm.graph.nodes)
 
 
 def _refuse_und_forward(*args):

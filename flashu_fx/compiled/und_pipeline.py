@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
-from flashu_fx.flashu_und import FlashUAnswer
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_und import FlashUAnswer, UndStepRecord
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
-from flashu_fx.mmu import check_image_latents
+from flashu_fx.mmu import check_image_latents, decode_cached
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
+from passes.vnorm_token_pruning import kept_image_positions
 
 
 @torch.no_grad()
@@ -43,6 +45,8 @@ def answer_question_compiled(
     ``max_new_tokens`` defaults to ``config.max_new_tokens`` (128; also for ``config=None``). Returns the eager
     twin's ``FlashUAnswer``: ids, text, kept image positions (None without pruning) and one record per step.
     """
+    if backend.executor == "graph":
+        return _answer_through_graph(compiled, backend, latents, question, tokenizer, max_new_tokens, stop_at_eos)
     rt = backend.und_runtime(compiled)
     check_image_latents(rt.model.config, latents)  # before tracing: Dynamo would bury a shape error
     budget = rt.config.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -53,3 +57,27 @@ def answer_question_compiled(
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     ids, kept_positions, steps = rt.answer(latents, prompt, budget, stop_at_eos)
     return FlashUAnswer(ids, tok.decode(ids), kept_positions, steps, prompt.tokens.shape[1])
+
+
+def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, latents: Tensor,
+                          question: str | list[int], tokenizer: TextTokenizer | None, max_new_tokens: int | None,
+                          stop_at_eos: bool) -> FlashUAnswer:
+    """executor="graph": the eager answer loop (``decode_cached``) calling the compiled model, so Dynamo captures
+    the prefill and the decode step and hands them to the backend; the kept image tokens come from its record."""
+    cfg = compiled.config
+    check_image_latents(cfg, latents)
+    config = backend.config or FlashUConfig.off("und")
+    budget = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+    tok = tokenizer or get_tokenizer(cfg)
+    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
+    cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
+    ids = decode_cached(compiled, latents, prompt, budget, lambda logits: int(logits.argmax()), stop_at_eos,
+                        progress=False, cache=cache)
+    kept = None
+    if backend.kept_rows is not None:
+        kept = kept_image_positions(backend.kept_rows, prompt.offset, config.kept_tokens(cfg.num_image_tokens))
+    prompt_len = prompt.tokens.shape[1]
+    steps = [UndStepRecord(d, prompt_len - 1 + d, "all", (), None, ()) for d in range(len(ids))]
+    return FlashUAnswer(ids, tok.decode(ids), kept, steps, prompt_len)

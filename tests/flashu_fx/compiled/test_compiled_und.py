@@ -102,8 +102,7 @@ def test_exact_only_equals_eager_kv_cache(tiny_model, seed, question_len, budget
         logits.append(row)
         return int(row.argmax())
 
-    x = prompt_embeddings(tiny_model, latents, prompt)
-    ids = decode_cached(tiny_model, x, prompt, budget, step, stop_at_eos=False, progress=False)
+    ids = decode_cached(tiny_model, latents, prompt, budget, step, stop_at_eos=False, progress=False)
     answer, got = compiled_answer(tiny_model, flashu_backend("und"), latents, question, budget)
     assert answer.ids == ids
     assert answer.kept_positions is None and {s.layers for s in answer.steps} == {"all"}

@@ -1,0 +1,106 @@
+"""The static cache of understanding: what ``Showo2.forward(..., cache=cache)`` prefills and each decode step extends.
+
+gpt-fast's pattern (a model forward over preallocated K/V buffers, one shape for the prefill and one per decode
+step), with one difference that FlashU needs: every decoder layer keeps its own fill count and validity mask.
+A layer appends its new rows where its own entries end, and attends to every slot it has written plus the new
+rows. So a layer that received fewer rows (V-norm token pruning compacts the rows after layer p) or none at all (a
+skipped layer on a decode step) stays consistent without any slot arithmetic outside it: attention over the set of
+valid slots does not depend on where they lie, since RoPE is applied before K is stored.
+
+Shapes (C = capacity, KV = key/value heads, d = head dim, n = rows of the call):
+
+    LayerCache.k, .v: (1, KV, C, d);  .valid: bool (C,);  .length: int64 (1,)
+    UndCache.position: int64 (1,) RoPE position of the next row;  .cos, .sin: (C, d) RoPE tables
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flashu_fx.config import Showo2Config
+from flashu_fx.layers import rope_cos_sin, rope_inv_freq
+
+
+class LayerCache(nn.Module):
+    """K/V of one decoder layer, appended to in place (static shapes for compile and CUDA graphs)."""
+
+    def __init__(self, n_kv: int, capacity: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (1, n_kv, capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("valid", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("length", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+
+    def append(self, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store k, v (1, KV, n, d) after this layer's entries; ``mask``: bool (1, 1, n, n) among the new rows.
+
+        Returns the whole cache (1, KV, C, d) twice and the mask (1, 1, n, C) of the new rows over it: every slot
+        written before, plus the new rows' own mask at their slots.
+        """
+        n = k.shape[2]
+        slots = self.length + torch.arange(n, device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        if n == 1:  # a decode step: the new row sees every earlier slot and itself
+            self.valid.index_fill_(0, slots, True)
+            full = self.valid[None, None, None, :]
+        else:
+            full = self.valid.expand(n, -1).clone().index_copy_(1, slots, mask[0, 0])[None, None]
+            self.valid.index_fill_(0, slots, True)
+        self.length.add_(n)
+        return self.k, self.v, full
+
+
+class UndCache(nn.Module):
+    """Every decoder layer's ``LayerCache`` plus the RoPE position of the next row, for one answer at a time.
+
+    >>> from flashu_fx import get_config
+    >>> cache = UndCache(get_config("tiny"), capacity=64, dtype=torch.float32, device="cpu")
+    >>> len(cache.layers), tuple(cache.layers[0].k.shape), int(cache.position)
+    (2, (1, 2, 64, 16), 0)
+    """
+
+    def __init__(self, config: Showo2Config, capacity: int, dtype: torch.dtype, device,
+                 cos: Tensor | None = None, sin: Tensor | None = None) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} is invalid: allowed an integer >= 1")
+        self.capacity = capacity
+        self.layers = nn.ModuleList(LayerCache(config.num_kv_heads, capacity, config.head_dim, dtype, device)
+                                    for _ in range(config.num_layers))
+        self.register_buffer("position", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+        if cos is None or sin is None:  # the LLM's plain RoPE, as Showo2.rope computes it
+            inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
+            cos, sin = rope_cos_sin(torch.arange(capacity, device=device), inv_freq, dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, capacity: int, dtype: torch.dtype, device) -> UndCache:
+        """A cache for ``model`` (a ``Showo2``) with RoPE tables from the model's own buffers."""
+        cos, sin, _, _ = model.rope(capacity, dtype, device)
+        return cls(model.config, capacity, dtype, device, cos, sin)
+
+    def reset(self) -> None:
+        """Empty every layer and restart at position 0 (the K/V values stay; no slot is valid)."""
+        self.position.zero_()
+        for layer in self.layers:
+            layer.valid.zero_()
+            layer.length.zero_()
+
+    def advance(self, n: int) -> Tensor:
+        """The RoPE positions (n,) of a call's rows; the next call continues after them."""
+        positions = self.position + torch.arange(n, device=self.position.device)
+        self.position.add_(n)
+        return positions
+
+
+def mark_prompt_dynamic(tokens: Tensor, mask: Tensor) -> None:
+    """Give a prefill's prompt length a symbol under torch.compile (no effect in eager): one captured prefill then
+    serves every prompt length, and a pass that changes the row count after a layer (V-norm token pruning) finds
+    the count later layers size their views with as that symbol. tokens: (1, L0); mask: (1, 1, L0, L0)."""
+    torch._dynamo.mark_dynamic(tokens, 1)
+    torch._dynamo.mark_dynamic(mask, 2)
+    torch._dynamo.mark_dynamic(mask, 3)

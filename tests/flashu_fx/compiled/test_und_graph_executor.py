@@ -1,0 +1,125 @@
+"""flashu_backend("und", executor="graph"): understanding through Dynamo. The answer loop calls the compiled model
+(``Showo2.understand``: a prefill and one decode step per token through an ``UndCache``), Dynamo hands both graphs
+to the backend, and what runs is those graphs split into parts, with V-norm token pruning as a pass over the
+prefill. Eager twins: ``answer_question(kv_cache=True)`` and ``answer_question_flashu``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from compiled_oracles import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from model_edits import scale_mlp
+
+from flashu_fx import FlashUConfig
+from flashu_fx.compiled import answer_question_compiled, flashu_backend
+from flashu_fx.flashu_und import answer_question_flashu
+from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.mmu import answer_question, decode_cached
+from flashu_fx.tokenizer import get_tokenizer
+
+# Token pruning alone (what the graph executor runs so far): 8 of the tiny model's 16 image tokens kept after layer 1.
+PRUNE_ONLY = FlashUConfig.for_task("und", skip_ratio=0.0, ffn_prune_ratio=0.0)
+
+
+def latents_for(seed: int) -> torch.Tensor:
+    return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def question_for(length: int) -> list[int]:
+    return [(7 * i + 3) % 200 for i in range(length)]
+
+
+def graph_backend(model, config: FlashUConfig | None = None):
+    torch._dynamo.reset()
+    backend = flashu_backend("und", config, executor="graph")
+    return backend, torch.compile(model, backend=backend)
+
+
+def logits_of(model, latents, question, budget: int, cache=None) -> tuple[list[int], list[torch.Tensor]]:
+    """The greedy ids and every step's logits of the answer loop run with ``model`` (eager or compiled)."""
+    cfg = model.config
+    prompt = build_mmu_prompt(cfg, get_tokenizer(cfg), question)
+    rows: list[torch.Tensor] = []
+
+    def step(logits: torch.Tensor) -> int:
+        rows.append(logits)
+        return int(logits.argmax())
+
+    return decode_cached(model, latents, prompt, budget, step, stop_at_eos=False, progress=False, cache=cache), rows
+
+
+@settings(deadline=None, max_examples=4)
+@given(question_len=st.integers(1, 12), seed=st.integers(0, 100))
+def test_exact_graph_executor_equals_eager_answers(tiny_model, question_len: int, seed: int) -> None:
+    latents, question = latents_for(seed), question_for(question_len)
+    want_ids, want = logits_of(tiny_model, latents, question, 5)
+    backend, und = graph_backend(tiny_model)
+    answer = answer_question_compiled(und, backend, latents, question, max_new_tokens=5, stop_at_eos=False)
+    assert answer.ids == want_ids and answer.kept_positions is None
+    got_ids, got = logits_of(und, latents, question, 5)
+    assert got_ids == want_ids and max(rel_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-5
+
+
+@settings(deadline=None, max_examples=4)
+@given(question_len=st.integers(1, 12), seed=st.integers(0, 100))
+def test_token_pruning_pass_equals_eager_flashu(tiny_model, question_len: int, seed: int) -> None:
+    latents, question = latents_for(seed), question_for(question_len)
+    eager = answer_question_flashu(tiny_model, latents, question, PRUNE_ONLY, None, max_new_tokens=5,
+                                   stop_at_eos=False)
+    backend, und = graph_backend(tiny_model, PRUNE_ONLY)
+    ours = answer_question_compiled(und, backend, latents, question, max_new_tokens=5, stop_at_eos=False)
+    assert eager.kept_positions is not None and len(eager.kept_positions) == PRUNE_ONLY.kept_tokens(16)
+    assert ours.kept_positions == eager.kept_positions
+    assert ours.ids == eager.ids
+
+
+def test_both_understanding_graphs_come_from_the_captured_graphs(tiny_model) -> None:
+    backend, und = graph_backend(tiny_model, PRUNE_ONLY)
+    for length in (3, 9):  # two prompt lengths: the prefill is captured once, with a symbolic length
+        answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=4,
+                                 stop_at_eos=False)
+    assert backend.compiles == 2  # one prefill, one decode step: no recompile across prompt lengths
+    assert set(backend.und_graphs) == {"prefill", "decode"}
+    for graph in backend.und_graphs.values():
+        names = [p.name for p in graph.parts]
+        assert names == ["embed", *(f"layer.{i}" for i in range(tiny_model.config.num_layers)), "final"]
+        covered = set().union(*(p.sources for p in graph.parts))
+        inputs = {n.name for n in graph.root.graph.nodes if n.op == "placeholder"}
+        # every node computes something Dynamo handed over (a gathered mask or row count: the input it replaces)
+        assert covered <= set(graph.captured_nodes) | inputs
+        assert {f"layer.{i}" for i in range(tiny_model.config.num_layers)} <= {p.name for p in graph.parts}
+    prefill = backend.und_graphs["prefill"]
+    derived = [n for p in prefill.parts for n in p.module.graph.nodes if n.meta.get("derived_by")]
+    assert {n.meta["derived_by"] for n in derived} == {"vnorm_token_pruning"}  # the pass's nodes, named
+
+
+def test_a_changed_model_forward_changes_the_compiled_answer_the_same_way(tiny_model) -> None:
+    edited = copy.deepcopy(tiny_model)
+    scale_mlp(edited, 1)
+    latents, question = latents_for(3), question_for(6)
+    want_ids, want = logits_of(edited, latents, question, 4)
+    _, before = logits_of(tiny_model, latents, question, 4)
+    assert rel_err(want[0], before[0]) > 1e-3  # the edit matters
+    _, und = graph_backend(edited)
+    got_ids, got = logits_of(und, latents, question, 4)
+    assert got_ids == want_ids and max(rel_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-5
+
+
+def test_answer_question_with_the_compiled_model_is_the_eager_answer(tiny_model) -> None:
+    latents = latents_for(5)
+    want = answer_question(tiny_model, latents, "what is it?", max_new_tokens=4, stop_at_eos=False)
+    _, und = graph_backend(tiny_model)
+    got = answer_question(und, latents, "what is it?", max_new_tokens=4, stop_at_eos=False)
+    assert got.ids == want.ids and got.text == want.text
+
+
+def test_an_understanding_call_needs_the_graph_executor(tiny_model) -> None:
+    torch._dynamo.reset()
+    und = torch.compile(tiny_model, backend=flashu_backend("und"))
+    with pytest.raises(RuntimeError, match="flashu_backend\\('und', executor='graph'\\)"):
+        answer_question(und, latents_for(0), "what is it?", max_new_tokens=2)
+    torch._dynamo.reset()
