@@ -1,4 +1,4 @@
-"""Pass: physically sliced FFN. Rewrites a decoder layer's SwiGLU to dense matmuls on weight slices.
+"""Passes: physically sliced FFN. Rewrite a decoder layer's SwiGLU to dense matmuls on weight slices.
 
 Eager twin: ``Qwen2MLP.forward(x, ranges=((lo, hi),))``, the FFN whose other neurons are masked to zero
 (``flashu_fx.ffn_layout`` permutes the kept neurons into one contiguous range first).
@@ -9,12 +9,18 @@ Eager twin: ``Qwen2MLP.forward(x, ranges=((lo, hi),))``, the FFN whose other neu
 The slices are views: no weight is copied. Nodes are found through ``meta["nn_module_stack"]``
 (``...mlp.gate_proj`` / ``.up_proj`` / ``.down_proj``); a graph without exactly one of each per MLP is
 left unchanged, with a logged reason.
+
+``slice_ffn_inputs`` does the same over a partitioned captured graph (``passes.partition``), one range per layer:
+the slices are taken in the root, so each layer's part receives views of its weights as inputs and the parts keep
+one structure (one compiled artifact for every layer, whatever each layer's range start).
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import re
+from collections.abc import Sequence
 
 from torch import fx
 
@@ -58,3 +64,34 @@ def slice_ffn(gm: fx.GraphModule, lo: int, hi: int) -> int:
     return rewritten
 
 
+
+
+# A decoder layer's FFN weight as Dynamo names its graph input.
+_FFN_WEIGHT = re.compile(r"layers_modules_(\d+)_modules_mlp_modules_(gate_proj|up_proj|down_proj)_parameters_weight_$")
+
+
+def slice_ffn_inputs(root: fx.GraphModule, ranges: Sequence[tuple[int, int] | None]) -> int:
+    """In a partitioned graph's root, feed layer i's parts the FFN weight slices of neurons ``ranges[i]`` (None:
+    the whole FFN). Returns the number of layers whose three weights were sliced; a layer with fewer than three
+    matching inputs is left whole, with a warning."""
+    found: dict[int, list[fx.Node]] = {}
+    for node in root.graph.nodes:
+        match = _FFN_WEIGHT.search(node.name) if node.op == "placeholder" else None
+        if match and int(match.group(1)) < len(ranges) and ranges[int(match.group(1))] is not None:
+            found.setdefault(int(match.group(1)), []).append(node)
+    sliced = 0
+    for layer, weights in sorted(found.items()):
+        if len(weights) != 3:
+            log.warning("slice_ffn_inputs: layer %d has %d FFN weight inputs (need 3); left whole", layer, len(weights))
+            continue
+        lo, hi = ranges[layer]
+        for weight in weights:
+            index = (slice(None), slice(lo, hi)) if "down_proj" in weight.name else slice(lo, hi)
+            with root.graph.inserting_after(weight):
+                view = root.graph.call_function(operator.getitem, (weight, index))
+            weight.replace_all_uses_with(view, delete_user_cb=lambda user, view=view: user is not view)
+            view.meta[DERIVED_BY] = "slice_ffn_inputs"
+        sliced += 1
+    root.graph.lint()
+    root.recompile()
+    return sliced

@@ -182,22 +182,31 @@ def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None
     return PartitionedGraph(root, parts, captured_now if captured is None else captured)
 
 
-def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any]) -> dict[str, int]:
-    """Replace each part of ``graph.root`` with a compiled callable, compiling once per structural signature
-    (the first part of a group; the others call its result with their own inputs). ``example_inputs`` are the
-    root's inputs, run once through the uncompiled parts to give each compiler its parts' example inputs.
+def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any],
+                  compiled: dict[tuple, Callable[..., Any]] | None = None) -> dict[str, int]:
+    """Replace each part of ``graph.root`` with a compiled callable, compiling once per structural signature and
+    input layout (the first part of a group; the others call its result with their own inputs). ``example_inputs``
+    are the root's inputs, run once through the uncompiled parts to give each compiler its parts' example inputs
+    (a pass over the root may have changed their shapes, e.g. sliced weights). ``compiled``: artifacts to reuse
+    and extend, shared by several partitions of variants of one graph.
 
     Returns signature -> how many parts share its one compiled artifact.
     """
     examples = _part_inputs(graph, example_inputs)
-    compiled: dict[str, Callable[..., Any]] = {}
+    compiled = {} if compiled is None else compiled
     for part in graph.parts:
-        if part.signature not in compiled:
+        key = (part.signature, _layout(examples[part.name]))
+        if key not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
-            compiled[part.signature] = compiler(part.module, examples[part.name])
-        setattr(graph.root, part.attribute, _Compiled(compiled[part.signature]))
+            compiled[key] = compiler(part.module, examples[part.name])
+        setattr(graph.root, part.attribute, _Compiled(compiled[key]))
     graph.root.recompile()
     return dict(Counter(part.signature for part in graph.parts))
+
+
+def _layout(inputs: Sequence[Any]) -> tuple:
+    """What a compiled part is specialised to: each tensor input's shape, strides and dtype, each other value."""
+    return tuple((tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 class _Compiled(torch.nn.Module):

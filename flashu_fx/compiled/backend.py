@@ -24,7 +24,6 @@ module; ``answer_question_compiled(und, backend, ...)`` builds the understanding
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import logging
@@ -38,6 +37,7 @@ from torch import Tensor, fx
 
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
 from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
+from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
 from flashu_fx.compiled.und_runtime import CACHE_BUCKET, UndRuntime, round_up
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
@@ -48,9 +48,8 @@ from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
 from flashu_fx.und_cache import UndCache
-from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
+from passes.partition import PartitionedGraph, compile_parts, partition_showo2_graph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
-from passes.vnorm_token_pruning import prune_tokens_after_layer
 
 log = logging.getLogger(__name__)
 # How a captured generation forward runs: "runtime" (the default), the generation runtime's compiled pieces chosen
@@ -99,8 +98,7 @@ class FlashUBackend:
         self.executor = executor
         self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
         self._graph_records: list[CallRecord] = []  # executor="graph": what each call of the current image ran
-        self.kept_rows: Tensor | None = None  # executor="graph", understanding: the last prefill's kept prompt rows
-        self.und_graphs: dict[str, PartitionedGraph] = {}  # executor="graph": "prefill" / "decode", last captured
+        self._und_graph: UndGraphExecutor | None = None  # executor="graph", understanding
         self.und_caches: dict[tuple, UndCache] = {}  # executor="graph": one cache per capacity, reused by answers
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
@@ -277,46 +275,43 @@ class FlashUBackend:
         return run
 
     def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
-        """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``), with FlashU's
-        V-norm token pruning as a pass over the prefill (``passes.vnorm_token_pruning``), split into parts and
-        compiled like generation's. Each layer's cache handles the shorter rows after the pruning layer itself."""
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        kind = "prefill" if "l_latents_" in names else "decode"
-        captured = mark_provenance(gm)
-        pruned = 0
-        if kind == "prefill" and self.config is not None and self.config.token_prune_ratio > 0:
-            table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_"))
-            num_image = table.meta["example_value"].shape[0]  # the configured grid's tokens, as the eager twin
-            pruned = prune_tokens_after_layer(gm, self.config.token_prune_layer, num_image,
-                                              self.config.kept_tokens(num_image))
-        cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
-        compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                          self.piece_captures, False, False, self.inductor_options)
-        by_length: dict[tuple[int, ...], PartitionedGraph] = {}
+        """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``) run by this
+        backend's ``UndGraphExecutor``: FlashU's token pruning, layer skipping and pruned FFN as passes over it."""
+        if self._und_graph is None:
+            cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
+            compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
+                                              self.piece_captures, False, False, self.inductor_options)
+            self._und_graph = UndGraphExecutor(self.config, self._und_ffn_ranges(gm), compile_part)
+        return self._und_graph.runner(gm, example_inputs)
 
-        def parts_for(args: tuple) -> PartitionedGraph:
-            """The parts compiled for these concrete sizes (the captured graph's symbols, e.g. the prompt length):
-            compiled parts have static shapes, so each prompt length gets its own, on first use."""
-            key = tuple(a for a in args if isinstance(a, int))
-            graph = by_length.get(key)
-            if graph is None:
-                graph = by_length[key] = partition_showo2_graph(copy.deepcopy(gm), captured)
-                # compile_parts runs the root once to find each part's inputs: on copies of the caches it appends to
-                examples = [x.clone() if name.startswith("l_cache_") else x
-                            for name, x in zip(names, args, strict=True)]
-                compile_parts(graph, compile_part, examples)
-                self.und_graphs[kind] = graph
-            return graph
+    def _und_ffn_ranges(self, gm: fx.GraphModule) -> list[tuple[int, int]] | None:
+        """Each layer's "und" neuron range (None: FFN pruning off), checked against the captured widths."""
+        if self.config is None or self.config.ffn_prune_ratio == 0:
+            return None
+        gates = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("mlp_modules_gate_proj_"
+                                                                                          "parameters_weight_")]
+        inter = gates[0].meta["example_value"].shape[0]
+        if self.layout is None or "und" not in self.layout.ranges or len(self.layout.ranges["und"]) != len(gates):
+            have = None if self.layout is None else {t: len(r) for t, r in self.layout.ranges.items()}
+            raise ValueError(f"FlashUConfig.ffn_prune_ratio={self.config.ffn_prune_ratio} needs an FFNLayout with "
+                             f"'und' ranges for {len(gates)} layers, got {have}")
+        ranges = list(self.layout.ranges["und"])
+        width = self.config.kept_ffn_width(inter)
+        wrong = {i: hi - lo for i, (lo, hi) in enumerate(ranges) if hi - lo != width}
+        if wrong:
+            raise ValueError(f"FFNLayout keeps {wrong} 'und' neurons in layers {sorted(wrong)}, but the config keeps "
+                             f"{width} of {inter}")
+        return ranges
 
-        def run(*args):
-            out = parts_for(args).root(*args)
-            if pruned:  # the pass's extra output: record it, return what the model returns
-                self.kept_rows, out = out[-1], out[:-1]
-            elif kind == "prefill":
-                self.kept_rows = None
-            return out
+    @property
+    def und_graphs(self) -> dict[str, PartitionedGraph]:
+        """executor="graph": the variants of the captured prefill and decode step that ran last, as parts."""
+        return {} if self._und_graph is None else self._und_graph.graphs
 
-        return run
+    @property
+    def und_state(self) -> UndAnswerState | None:
+        """executor="graph": the answer in progress or last answered (step records, kept prompt rows)."""
+        return None if self._und_graph is None else self._und_graph.state
 
     def _runner(self, match: Showo2GraphMatch, example_inputs: list):
         def run(*args: Tensor):
@@ -404,19 +399,11 @@ def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def check_graph_executor(task: str, config: FlashUConfig | None) -> None:
-    """What executor="graph" runs so far: the exact forwards of both tasks, and understanding's V-norm token pruning.
-    Raises naming the setting otherwise."""
-    if config is None:
-        return
-    if task == "gen":
+    """What executor="graph" runs so far: exact generation, and understanding with or without FlashU. Raises naming
+    the setting otherwise."""
+    if task == "gen" and config is not None:
         raise ValueError("flashu_backend(executor='graph') runs the exact generation forward only so far "
                          "(config=None); use executor='runtime' for FlashU generation")
-    unsupported = {"skip_ratio": config.skip_ratio if config.skip_interval > 0 else 0.0,
-                   "ffn_prune_ratio": config.ffn_prune_ratio}
-    unsupported = {name: value for name, value in unsupported.items() if value}
-    if unsupported:
-        raise ValueError(f"flashu_backend(executor='graph') runs understanding with V-norm token pruning only so far; "
-                         f"got {unsupported}: set them to 0, or use executor='runtime'")
 
 
 def is_und_call(gm: fx.GraphModule) -> bool:

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.flashu_config import FlashUConfig
-from flashu_fx.flashu_und import FlashUAnswer, UndStepRecord
+from flashu_fx.flashu_gen import ffn_ranges_per_layer
+from flashu_fx.flashu_und import FlashUAnswer
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import check_image_latents, decode_cached
@@ -70,14 +71,14 @@ def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, lat
     budget = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     if budget < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+    ffn_ranges_per_layer(compiled, config, backend.layout, "und")  # the layout matches the permuted weights
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
     ids = decode_cached(compiled, latents, prompt, budget, lambda logits: int(logits.argmax()), stop_at_eos,
                         progress=False, cache=cache)
+    state = backend.und_state
     kept = None
-    if backend.kept_rows is not None:
-        kept = kept_image_positions(backend.kept_rows, prompt.offset, config.kept_tokens(cfg.num_image_tokens))
-    prompt_len = prompt.tokens.shape[1]
-    steps = [UndStepRecord(d, prompt_len - 1 + d, "all", (), None, ()) for d in range(len(ids))]
-    return FlashUAnswer(ids, tok.decode(ids), kept, steps, prompt_len)
+    if state.kept_rows is not None:
+        kept = kept_image_positions(state.kept_rows, prompt.offset, config.kept_tokens(cfg.num_image_tokens))
+    return FlashUAnswer(ids, tok.decode(ids), kept, list(state.records), prompt.tokens.shape[1])

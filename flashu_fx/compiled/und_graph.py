@@ -1,0 +1,117 @@
+"""Understanding through the captured graphs: FlashU as passes over Dynamo's prefill and decode-step graphs.
+
+``answer_question(compiled, ...)`` (or ``answer_question_compiled``) calls the compiled model once for the prefill
+and once per new token (``Showo2.understand``); Dynamo hands the backend one graph of each kind, and
+``UndGraphExecutor.runner`` returns what runs in their place. Per call it follows the eager twin's rules
+(``FlashUUndDecoder``; the step rule is ``schedule.und_step_layers``): step d = 0 is the prefill, d >= 1 the decode
+steps; a measuring step runs every layer and returns each layer's importance, from which ``choose_skip_set`` picks
+the layers the following steps skip. What runs for a call is a variant of its captured graph:
+
+    prefill   measure_layer_importance (when measuring), then vnorm_token_pruning (rows after layer p)
+    decode    skip_layers(skip set) | measure_layer_importance
+    both      partition_showo2_graph, then slice_ffn_inputs (the "und" FFN of each layer as weight views)
+
+Variants are built on first use and compiled part by part, sharing compiled parts across variants (a new skip
+set reuses every layer's artifact) and specialised to the call's concrete sizes (one prefill per prompt length).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, fx
+
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import choose_skip_set
+from flashu_fx.flashu_und import UndStepRecord
+from flashu_fx.schedule import und_step_layers
+from passes.ffn_slicing import slice_ffn_inputs
+from passes.layer_skipping import measure_layer_importance, skip_layers
+from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
+from passes.vnorm_token_pruning import prune_tokens_after_layer
+
+
+@dataclass
+class UndAnswerState:
+    """What the executor knows of the answer in progress: the step, the skip set, the records."""
+
+    step: int = -1
+    prompt_len: int = 0
+    skip_set: tuple[int, ...] = ()
+    kept_rows: Tensor | None = None
+    records: list[UndStepRecord] = field(default_factory=list)
+
+
+class UndGraphExecutor:
+    """The understanding executor of one backend: its config, the "und" FFN ranges, and the compiled variants."""
+
+    def __init__(self, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int] | None] | None,
+                 compile_part: Callable[[fx.GraphModule, list], Callable]) -> None:
+        self.config = FlashUConfig.off("und") if config is None else config
+        self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
+        self.state = UndAnswerState()
+        self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
+        self._artifacts: dict[tuple, Callable] = {}  # (part signature, input layout) -> compiled part, shared
+
+    def runner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        """The callable Dynamo runs in place of ``gm`` (a captured prefill or decode step)."""
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        kind = "prefill" if "l_latents_" in names else "decode"
+        captured = mark_provenance(gm)
+        num_layers = len({int(n.split("_modules_layers_modules_")[1].split("_")[0])
+                          for n in names if n.startswith("l_self_modules_showo_modules_model_modules_layers_")})
+        num_skipped = self.config.num_skipped_layers(num_layers)
+        table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_")) \
+            if kind == "prefill" else None
+        variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
+
+        def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
+            key = (skipped, measure, tuple(a for a in args if isinstance(a, int)))
+            if key not in variants:
+                work, extras = copy.deepcopy(gm), []
+                if skipped:
+                    skip_layers(work, skipped)
+                # measured before pruning rewires the layers (the eager twin measures the last row, which stays)
+                if measure and measure_layer_importance(work):
+                    extras.append("importance")
+                if kind == "prefill" and self.config.token_prune_ratio > 0:
+                    num_image = table.meta["example_value"].shape[0]  # the configured grid, as the eager twin
+                    if prune_tokens_after_layer(work, self.config.token_prune_layer, num_image,
+                                                self.config.kept_tokens(num_image)):
+                        extras.append("kept_rows")
+                graph = partition_showo2_graph(work, captured)
+                if self.ffn_ranges is not None:
+                    slice_ffn_inputs(graph.root, self.ffn_ranges)
+                # compile_parts runs the root once for its parts' inputs: on copies of the caches it appends to
+                examples = [x.clone() if name.startswith("l_cache_") else x
+                            for name, x in zip(names, args, strict=True)]
+                compile_parts(graph, self.compile_part, examples, self._artifacts)
+                variants[key] = graph, tuple(extras)
+            return variants[key]
+
+        def run(*args):
+            st = self.state
+            if kind == "prefill":
+                self.state = st = UndAnswerState(step=0, prompt_len=args[names.index("l_tokens_")].shape[1])
+            else:
+                st.step += 1
+            layers = und_step_layers(self.config, st.step)
+            skipped = st.skip_set if layers == "skip" else ()
+            graph, extras = variant(skipped, layers == "measure", args)
+            self.graphs[kind] = graph
+            out = graph.root(*args)
+            found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
+            out = out[: len(out) - len(extras)]
+            importance = None
+            if "importance" in found:
+                importance = tuple(found["importance"].tolist())  # the one host read of a measuring step
+                st.skip_set = choose_skip_set(importance, num_skipped)
+            if kind == "prefill":
+                st.kept_rows = found.get("kept_rows")
+            st.records.append(UndStepRecord(st.step, st.prompt_len - 1 + st.step, layers, skipped, importance,
+                                            st.skip_set))
+            return out
+
+        return run

@@ -1,0 +1,120 @@
+"""Passes: dynamic layer skipping and its measurement, over a captured forward's decoder layers.
+
+Eager twins: ``FlashUUndDecoder.step`` (a skipped layer is the identity and writes no K/V; a measuring step runs
+every layer and records importance_l = 1 - cos(input_l, output_l) at the last row, ``layer_importance``) and the
+generation runtime's skip and measure calls.
+
+    skip_layers(gm, {2}):        ... h1 = layer1(h0) ; h2 = layer2(h1) ; h3 = layer3(h2) ...
+                             ->  ... h1 = layer1(h0) ;                    h3 = layer3(h1) ...
+    measure_layer_importance(gm): the graph returns one more output, last: importance (num_layers,) fp32
+
+A layer's boundary is found in the graph, not assumed: its nodes are those created inside
+``showo.model.layers.i`` (``nn_module_stack``); its output is the one node of them read outside; its input is the one
+value from outside it with the output's shape (the residual stream). Removing a layer removes its cache writes with
+it (a layer appending to its own ``LayerCache`` simply does not append). A layer without such a boundary is left in
+place, with a warning. Each skip set is its own graph (a guarded variant the executor picks per call).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from passes.graph_utils import DERIVED_BY, inherit_provenance
+from passes.partition import anchor
+
+
+@dataclass(frozen=True)
+class LayerBoundary:
+    """Decoder layer ``index`` of a captured graph: its nodes (graph order), the residual stream in and out."""
+
+    index: int
+    nodes: tuple[fx.Node, ...]
+    input: fx.Node
+    output: fx.Node
+
+
+def layer_boundaries(gm: fx.GraphModule) -> tuple[dict[int, LayerBoundary], dict[int, str]]:
+    """Every decoder layer's boundary, and for each layer without one the reason."""
+    members: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module", "get_attr"):
+            found = anchor(node)
+            if found is not None and found[0] == "layer":
+                members.setdefault(found[1], []).append(node)
+    boundaries, reasons = {}, {}
+    for index, nodes in sorted(members.items()):
+        inside = set(nodes)
+        outputs = [n for n in nodes if any(user not in inside for user in n.users)]
+        if len(outputs) != 1:
+            reasons[index] = f"{len(outputs)} of its values are read outside it (need one: the residual stream)"
+            continue
+        shape = _shape(outputs[0])
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and _shape(a) == shape}
+        if len(inputs) != 1:
+            reasons[index] = f"{len(inputs)} values of its output's shape {shape} enter it (need one)"
+            continue
+        boundaries[index] = LayerBoundary(index, tuple(nodes), inputs.pop(), outputs[0])
+    return boundaries, reasons
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    value = node.meta.get("example_value")
+    return tuple(str(s) for s in value.shape) if isinstance(value, Tensor) else None
+
+
+def skip_layers(gm: fx.GraphModule, layers: tuple[int, ...]) -> int:
+    """Remove decoder ``layers`` from ``gm``: each one's output is replaced by its input. Returns how many were
+    removed; a layer without a boundary (or absent) stays, with a warning."""
+    boundaries, reasons = layer_boundaries(gm)
+    removed, bypass = 0, {}  # a removed layer's output -> the value that now stands for it
+    for index in sorted(layers):
+        boundary = boundaries.get(index)
+        if boundary is None:
+            why = reasons.get(index, "the graph has no such layer")
+            warnings.warn(f"skip_layers: layer {index} stays ({why}); its output is exact", stacklevel=2)
+            continue
+        source = bypass.get(boundary.input, boundary.input)  # consecutive skipped layers chain to the first input
+        boundary.output.replace_all_uses_with(source)
+        bypass[boundary.output] = source
+        for node in reversed(boundary.nodes):  # in-place cache writes have no users: erase them explicitly
+            gm.graph.erase_node(node)
+        removed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return removed
+
+
+def layer_importance_of(inputs: Tensor, outputs: Tensor) -> Tensor:
+    """1 - cos(input, output) of the last row in fp32, as ``flashu_fx.flashu_gen.layer_importance`` over it."""
+    return 1.0 - F.cosine_similarity(inputs[:, -1].float(), outputs[:, -1].float(), dim=-1).mean()
+
+
+def measure_layer_importance(gm: fx.GraphModule) -> int:
+    """Make ``gm`` also return every layer's importance (num_layers,) fp32 as its last output. Returns the number
+    of layers measured (0: unchanged, with a warning, when any layer lacks a boundary: a partial vector would
+    misplace the skip set)."""
+    boundaries, reasons = layer_boundaries(gm)
+    if reasons or not boundaries:
+        warnings.warn(f"measure_layer_importance: layers without a boundary {reasons or 'none found'}; nothing "
+                      "measured", stacklevel=2)
+        return 0
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    measured = []
+    with graph.inserting_before(output):
+        for index in sorted(boundaries):
+            b = boundaries[index]
+            measured.append(graph.call_function(layer_importance_of, (b.input, b.output)))
+            inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
+        stacked = graph.call_function(torch.stack, (measured,))
+        stacked.meta[DERIVED_BY] = "measure_layer_importance"
+    results = output.args[0]
+    output.args = ((*results, stacked) if isinstance(results, (tuple, list)) else (results, stacked),)
+    graph.lint()
+    gm.recompile()
+    return len(measured)
