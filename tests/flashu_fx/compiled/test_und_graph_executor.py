@@ -1,7 +1,8 @@
 """flashu_backend("und", executor="graph"): understanding through Dynamo. The answer loop calls the compiled model
 (``Showo2.understand``: a prefill and one decode step per token through an ``UndCache``), Dynamo hands both graphs
-to the backend, and what runs is those graphs split into parts, with V-norm token pruning as a pass over the
-prefill. Eager twins: ``answer_question(kv_cache=True)`` and ``answer_question_flashu``."""
+to the backend, and what runs is those graphs, rewritten by FlashU's passes (token pruning, layer skipping and its
+measurement, the sliced FFN) and split into parts. Eager twins: ``answer_question(kv_cache=True)`` and
+``answer_question_flashu``."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig
 from flashu_fx.compiled import answer_question_compiled, flashu_backend
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import answer_question, decode_cached
 from flashu_fx.tokenizer import get_tokenizer
 
-# Token pruning alone (what the graph executor runs so far): 8 of the tiny model's 16 image tokens kept after layer 1.
+# Token pruning alone: 8 of the tiny model's 16 image tokens kept after layer 1.
 PRUNE_ONLY = FlashUConfig.for_task("und", skip_ratio=0.0, ffn_prune_ratio=0.0)
+# Every technique acts: token pruning, a 224-of-256 FFN, 2 of 4 layers skipped, re-measured every 3 steps.
+FULL = FlashUConfig.for_task("und", skip_ratio=0.5, skip_interval=3, ffn_width_multiple=8)
 
 
 def latents_for(seed: int) -> torch.Tensor:
@@ -62,6 +66,38 @@ def test_exact_graph_executor_equals_eager_answers(tiny_model, question_len: int
     assert answer.ids == want_ids and answer.kept_positions is None
     got_ids, got = logits_of(und, latents, question, 5)
     assert got_ids == want_ids and max(rel_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-5
+
+
+def permuted_with_layout(model, config: FlashUConfig, seed: int):
+    """A copy with its FFN permuted for random "gen" and "und" neuron scores (so und's range starts vary)."""
+    work = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    layers, inter = work.config.num_layers, work.config.intermediate_size
+    keep = {t: top_k_mask(torch.rand(layers, inter, generator=gen), config.kept_ffn_width(inter))
+            for t in ("gen", "und")}
+    layout = build_ffn_layout(keep)
+    permute_ffn_weights(work, layout.order)
+    return work, layout
+
+
+@settings(deadline=None, max_examples=4)
+@given(question_len=st.integers(1, 12), seed=st.integers(0, 100))
+def test_every_flashu_technique_as_passes_equals_eager_flashu(tiny_model, question_len: int, seed: int) -> None:
+    model, layout = permuted_with_layout(tiny_model, FULL, seed)
+    latents, question = latents_for(seed), question_for(question_len)
+    eager = answer_question_flashu(model, latents, question, FULL, layout, max_new_tokens=8, stop_at_eos=False)
+    torch._dynamo.reset()
+    backend = flashu_backend("und", FULL, layout, executor="graph")
+    und = torch.compile(model, backend=backend)
+    ours = answer_question_compiled(und, backend, latents, question, max_new_tokens=8, stop_at_eos=False)
+    assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
+    assert [(s.step, s.position, s.layers, s.skipped, s.skip_set) for s in ours.steps] == \
+        [(s.step, s.position, s.layers, s.skipped, s.skip_set) for s in eager.steps]
+    assert {s.layers for s in eager.steps} == {"measure", "skip"} and any(s.skipped for s in eager.steps)
+    for a, b in zip(ours.steps, eager.steps, strict=True):
+        assert (a.importance is None) == (b.importance is None)
+        if a.importance is not None:
+            assert max(abs(x - y) for x, y in zip(a.importance, b.importance, strict=True)) < 1e-5
 
 
 @settings(deadline=None, max_examples=4)
