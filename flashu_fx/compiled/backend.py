@@ -158,8 +158,10 @@ class FlashUBackend:
     @property
     def cuda_graph_captures(self) -> int:
         """CUDA graphs captured by this backend's runtimes so far (a capture is not a compilation)."""
+        graph_executor = self._und_graph and self._und_graph.cuda_graphs
         return sum(rt.num_graphs for rt in self._runtimes.values()) + \
-            sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values())
+            sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values()) + \
+            (sum(graph_executor.captures.values()) if graph_executor else 0)
 
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
@@ -281,7 +283,8 @@ class FlashUBackend:
             cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
             compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
                                               self.piece_captures, False, False, self.inductor_options)
-            self._und_graph = UndGraphExecutor(self.config, self._und_ffn_ranges(gm), compile_part)
+            self._und_graph = UndGraphExecutor(self.config, self._und_ffn_ranges(gm), compile_part,
+                                               cuda_graphs=self.cuda_graphs and cuda)
         return self._und_graph.runner(gm, example_inputs)
 
     def _und_ffn_ranges(self, gm: fx.GraphModule) -> list[tuple[int, int]] | None:

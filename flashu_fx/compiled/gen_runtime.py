@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled import pieces
+from flashu_fx.compiled.cuda_graphs import CudaGraphs
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
@@ -71,7 +72,7 @@ class _Buffers:
     head_cache: Tensor  # (M, S, D): the stored 10-block output
     prefix_tokens: Tensor  # (M, P) ids of the bucketed text prefix
     prefix: dict[tuple, _Prefix] = field(default_factory=dict)  # by (ffn_pruned, skip set)
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = field(default_factory=dict)  # by kind
+    graphs: CudaGraphs = field(default_factory=CudaGraphs)  # by call kind
 
 
 @dataclass
@@ -248,19 +249,7 @@ class GenRuntime:
         buf = self.state.buf
         if not (self.cuda_graphs and buf.x.is_cuda):
             return body()
-        entry = buf.graphs.get(kind)
-        if entry is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                body()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = body()
-            entry = buf.graphs[kind] = (graph, outputs)
-        entry[0].replay()
-        return entry[1]
+        return buf.graphs.run(kind, body, "call")
 
     def _call_body(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
         """One model call on the static buffers: (velocity (M, C, h, w), importance (L,) | None)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
+from flashu_fx.compiled.cuda_graphs import CudaGraphs
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
@@ -31,6 +32,8 @@ from passes.ffn_slicing import slice_ffn_inputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.vnorm_token_pruning import prune_tokens_after_layer
+
+MAX_GRAPHS = 64  # captured variants kept, least recently used dropped (skip sets: C(L, L * r_LS))
 
 
 @dataclass
@@ -48,9 +51,11 @@ class UndGraphExecutor:
     """The understanding executor of one backend: its config, the "und" FFN ranges, and the compiled variants."""
 
     def __init__(self, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int] | None] | None,
-                 compile_part: Callable[[fx.GraphModule, list], Callable]) -> None:
+                 compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True) -> None:
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
+        self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
+        self._static_inputs: dict[tuple, list] = {}  # CUDA-graph key -> the call's inputs at fixed addresses
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
         self._artifacts: dict[tuple, Callable] = {}  # (part signature, input layout) -> compiled part, shared
@@ -66,6 +71,7 @@ class UndGraphExecutor:
         table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_")) \
             if kind == "prefill" else None
         variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
+        fixed = [name.startswith(("l_self_", "l_cache_")) for name in names]  # weights and caches: fixed addresses
 
         def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
             key = (skipped, measure, tuple(a for a in args if isinstance(a, int)))
@@ -101,7 +107,10 @@ class UndGraphExecutor:
             skipped = st.skip_set if layers == "skip" else ()
             graph, extras = variant(skipped, layers == "measure", args)
             self.graphs[kind] = graph
-            out = graph.root(*args)
+            if self.cuda_graphs is not None and args[names.index("l_tokens_")].is_cuda:
+                out = self._replay((kind, skipped, layers == "measure"), graph, args, fixed)
+            else:
+                out = graph.root(*args)
             found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
             out = out[: len(out) - len(extras)]
             importance = None
@@ -115,3 +124,20 @@ class UndGraphExecutor:
             return out
 
         return run
+
+    def _replay(self, variant: tuple, graph: PartitionedGraph, args: tuple, fixed: list[bool]) -> tuple:
+        """Run ``graph`` as a CUDA graph: one per variant, concrete sizes and the addresses of the weights and caches
+        it reads (another cache of the same shape is another graph, never stale buffers). The call's own tensors
+        (tokens, latents, offsets, mask) are copied into inputs at fixed addresses first."""
+        where = tuple(a.data_ptr() if is_fixed else a for a, is_fixed in zip(args, fixed, strict=True)
+                      if is_fixed or isinstance(a, int))
+        key = (variant, where)
+        inputs = self._static_inputs.get(key)
+        if inputs is None:
+            inputs = self._static_inputs[key] = [a if is_fixed or not isinstance(a, Tensor) else a.clone()
+                                                 for a, is_fixed in zip(args, fixed, strict=True)]
+        for buffer, a in zip(inputs, args, strict=True):
+            if buffer is not a and isinstance(a, Tensor):
+                buffer.copy_(a)
+        label = "prefill" if variant[0] == "prefill" else "measure" if variant[2] else f"skip{list(variant[1])}"
+        return self.cuda_graphs.run(key, lambda: graph.root(*inputs), label)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashu_fx.compiled import und_pieces
+from flashu_fx.compiled.cuda_graphs import CudaGraphs
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer
@@ -73,7 +74,7 @@ class _Static:
     logits: Tensor  # (V,) of the last step
     importance: Tensor  # (L,) fp32 of the last measuring step
     prefills: dict = field(default_factory=dict)  # prefill key -> _PrefillInputs
-    graphs: dict = field(default_factory=dict)  # prefill key | (skip set, measure) -> torch.cuda.CUDAGraph
+    graphs: CudaGraphs = field(default_factory=lambda: CudaGraphs(MAX_GRAPHS))  # prefill key | (skip set, measure)
 
 
 @dataclass
@@ -124,7 +125,6 @@ class UndRuntime:
         self.graph_captures: Counter = Counter()
         self.keep_logits = False
         self.logits: list[Tensor] = []  # every step's logits of the last answer, when keep_logits
-        self._stream = self._pool = None
 
     @staticmethod
     def _ffn_weights(mlp: torch.nn.Module, ranges) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,24 +280,8 @@ class UndRuntime:
         if not self.cuda_graphs:
             step()
             return
-        graph = st.graphs.pop(key, None)
-        if graph is not None:
-            st.graphs[key] = graph  # most recently used last
-            graph.replay()
-            return
-        if self._stream is None:
-            self._stream, self._pool = torch.cuda.Stream(st.token.device), torch.cuda.graph_pool_handle()
-        # First use: run the step for real on the capture stream (compiling or warming its pieces there), then
-        # capture the same step for later uses. Capturing executes nothing, so the state advances once. The
-        # graphs share one memory pool: they never run concurrently.
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-            step()
-        torch.cuda.current_stream().wait_stream(self._stream)
-        if len(st.graphs) >= MAX_GRAPHS:
-            st.graphs.pop(next(iter(st.graphs)))
-        st.graphs[key] = graph
-        self.graph_captures[key[0] if key[0] == "prefill" else "measure" if key[1] else f"skip{list(key[0])}"] += 1
+        before = sum(st.graphs.captures.values())
+        label = key[0] if key[0] == "prefill" else "measure" if key[1] else f"skip{list(key[0])}"
+        st.graphs.run(key, step, label)
+        if sum(st.graphs.captures.values()) > before:
+            self.graph_captures[label] += 1

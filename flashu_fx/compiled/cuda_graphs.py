@@ -1,0 +1,59 @@
+"""One CUDA-graph helper for the compiled paths: capture a step over static buffers once per key, then replay it.
+
+    graphs = CudaGraphs(max_graphs=64)
+    outputs = graphs.run(key, body)   # body() reads and writes only static buffers; returns its static outputs
+
+On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
+same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
+advances it exactly once, and the first call returns the real run's outputs. Later uses replay the graph and return
+the captured outputs (static tensors, overwritten by the next replay of that key). Graphs share one memory pool,
+which is safe because they never run concurrently; beyond ``max_graphs`` the least recently used is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class CudaGraphs:
+    """CUDA graphs by key, captured on first use (see the module docstring)."""
+
+    def __init__(self, max_graphs: int | None = None) -> None:
+        if max_graphs is not None and max_graphs < 1:
+            raise ValueError(f"max_graphs={max_graphs} is invalid: allowed None or an integer >= 1")
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = OrderedDict()
+        self.captures: Counter = Counter()  # per label: captures (a capture is not a compilation)
+        self._stream: torch.cuda.Stream | None = None
+        self._pool = None
+
+    def run(self, key: Hashable, body: Callable[[], T], label: str = "graph") -> T:
+        """Replay ``key``'s graph (capturing ``body`` first if it has none); returns ``body``'s outputs."""
+        entry = self.graphs.pop(key, None)
+        if entry is not None:
+            self.graphs[key] = entry  # most recently used last
+            entry[0].replay()
+            return entry[1]  # type: ignore[return-value]
+        if self._stream is None:
+            self._stream, self._pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            first = body()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            outputs = body()
+        torch.cuda.current_stream().wait_stream(self._stream)
+        if self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = (graph, outputs)
+        self.captures[label] += 1
+        return first
+
+    def __len__(self) -> int:
+        return len(self.graphs)
