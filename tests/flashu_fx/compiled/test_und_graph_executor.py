@@ -159,3 +159,21 @@ def test_an_understanding_call_needs_the_graph_executor(tiny_model) -> None:
     with pytest.raises(RuntimeError, match="flashu_backend\\('und', executor='graph'\\)"):
         answer_question(und, latents_for(0), "what is it?", max_new_tokens=2)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_equal_eager_flashu_on_the_gpu(tiny_model) -> None:
+    model, layout = permuted_with_layout(tiny_model, FULL, 3)
+    model = model.cuda()
+    torch._dynamo.reset()
+    backend = flashu_backend("und", FULL, layout, executor="graph")
+    und = torch.compile(model, backend=backend)
+    for length in (3, 9, 3):  # a repeated prompt length replays the captured graphs
+        latents = latents_for(length).cuda()
+        eager = answer_question_flashu(model, latents, question_for(length), FULL, layout, max_new_tokens=10,
+                                       stop_at_eos=False)
+        ours = answer_question_compiled(und, backend, latents, question_for(length), max_new_tokens=10,
+                                        stop_at_eos=False)
+        assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
+        assert [s.skipped for s in ours.steps] == [s.skipped for s in eager.steps]
+    assert backend.compiles == 2 and backend.cuda_graph_captures > 0
