@@ -16,9 +16,11 @@ generation runtime (compiled pieces chosen per call on the host). A model call o
 ``backend.step(k)``, or out of order, raises. A graph that is not a Show-o2 forward is compiled
 unchanged (inductor), with a warning. ``config=None`` gives the exact optimizations only.
 
-``task="und"``: understanding does not run Show-o2's forward, so nothing is traced through the compiled
-module; ``answer_question_compiled(und, backend, ...)`` builds the understanding runtime from
-``und._orig_mod`` on first use (``und_runtime``).
+``task="und"``: with ``executor="graph"`` the answer loop's model calls (``Showo2.understand``: the prefill and each
+decode step) are captured by Dynamo and run as FlashU-rewritten parts of those graphs (``und_graph``);
+``answer_question(und, ...)`` or ``answer_question_compiled(und, backend, ...)``. With the default executor,
+``answer_question_compiled`` builds the hand-written understanding runtime from the module behind ``und``
+(``und_runtime``), until the graph executor is measured as fast on the GPU.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ from passes.partition import PartitionedGraph, compile_parts, partition_showo2_g
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
-# How a captured generation forward runs: "runtime" (the default), the generation runtime's compiled pieces chosen
-# per call; "graph", the captured graph itself, split into parts (exact computation only, so far).
+# How captured graphs run: "runtime" (the default), the runtimes' compiled pieces chosen per call; "graph", the
+# captured graphs themselves, rewritten by passes and split into parts (generation: exact only, so far).
 EXECUTORS = ("runtime", "graph")
 
 
@@ -449,9 +451,9 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     view of both (no weight copied);
     ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
     (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
-    ``executor``: "runtime" (default) or "graph", which runs the captured forward itself, split into parts at module
-    boundaries with each distinct part compiled once (``passes.partition``; the exact generation path only, no
-    CUDA graphs yet: the first step of moving every optimization into passes over the captured graph)."""
+    ``executor``: "runtime" (default) or "graph", which runs the captured graphs themselves, split into parts at
+    module boundaries with each distinct part compiled once (``passes.partition``): generation's exact forward (no
+    CUDA graphs yet), and understanding with every FlashU technique as a pass (CUDA graphs on the GPU)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, merge_ffn_slices, inductor_options, executor)
 
