@@ -98,6 +98,10 @@ class UndGraphExecutor:
             return variants[key]
 
         def run(*args):
+            # The call's own tensors in one layout (compiled parts are specialised to their inputs' strides; latents
+            # sliced from a batch arrive with any strides). Weights and caches keep theirs: they never change.
+            args = tuple(a.contiguous() if isinstance(a, Tensor) and not is_fixed else a
+                         for a, is_fixed in zip(args, fixed, strict=True))
             st = self.state
             if kind == "prefill":
                 self.state = st = UndAnswerState(step=0, prompt_len=args[names.index("l_tokens_")].shape[1])
