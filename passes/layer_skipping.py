@@ -38,13 +38,14 @@ class LayerBoundary:
     output: fx.Node
 
 
-def layer_boundaries(gm: fx.GraphModule) -> tuple[dict[int, LayerBoundary], dict[int, str]]:
-    """Every decoder layer's boundary, and for each layer without one the reason."""
+def layer_boundaries(gm: fx.GraphModule, kind: str = "layer") -> tuple[dict[int, LayerBoundary], dict[int, str]]:
+    """Every decoder layer's (``kind="head_block"``: diffusion-head block's) boundary, and for each one without one
+    the reason."""
     members: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module", "get_attr"):
             found = anchor(node)
-            if found is not None and found[0] == "layer":
+            if found is not None and found[0] == kind:
                 members.setdefault(found[1], []).append(node)
     boundaries, reasons = {}, {}
     for index, nodes in sorted(members.items()):
@@ -94,11 +95,26 @@ def layer_importance_of(inputs: Tensor, outputs: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(inputs[:, -1].float(), outputs[:, -1].float(), dim=-1).mean()
 
 
-def measure_layer_importance(gm: fx.GraphModule) -> int:
-    """Make ``gm`` also return every layer's importance (num_layers,) fp32 as its last output. Returns the number
-    of layers measured (0: unchanged, with a warning, when any layer lacks a boundary: a partial vector would
-    misplace the skip set)."""
+def image_block_importance_of(inputs: Tensor, outputs: Tensor, offsets: Tensor, slot_len: int) -> Tensor:
+    """1 - cos(input, output) over every row's image slot in fp32: generation's measurement (``FlashUGenVelocity``'s
+    ``layer_importance`` of ``image_block``s). inputs, outputs (M, L, H); offsets (M,) slot starts."""
+    index = (offsets[:, None] + torch.arange(slot_len, device=offsets.device)[None])[..., None]
+    index = index.expand(-1, -1, inputs.shape[-1])
+    a, b = inputs.gather(1, index), outputs.gather(1, index)
+    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+
+
+def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | None = None) -> int:
+    """Make ``gm`` also return every layer's importance (num_layers,) fp32 as its last output: at the last row
+    (understanding), or with ``image_slot`` = (name of the slot-offsets input, slot length) over every row's image
+    slot (generation). Returns the number of layers measured (0: unchanged, with a warning, when any layer lacks a
+    boundary or the offsets input is missing: a partial vector would misplace the skip set)."""
     boundaries, reasons = layer_boundaries(gm)
+    offsets = None
+    if image_slot is not None:
+        offsets = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == image_slot[0]), None)
+        if offsets is None:
+            reasons = {**reasons, -1: f"no input named {image_slot[0]!r}"}
     if reasons or not boundaries:
         warnings.warn(f"measure_layer_importance: layers without a boundary {reasons or 'none found'}; nothing "
                       "measured", stacklevel=2)
@@ -109,7 +125,11 @@ def measure_layer_importance(gm: fx.GraphModule) -> int:
     with graph.inserting_before(output):
         for index in sorted(boundaries):
             b = boundaries[index]
-            measured.append(graph.call_function(layer_importance_of, (b.input, b.output)))
+            if offsets is None:
+                measured.append(graph.call_function(layer_importance_of, (b.input, b.output)))
+            else:
+                measured.append(graph.call_function(image_block_importance_of,
+                                                    (b.input, b.output, offsets, image_slot[1])))
             inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
         stacked = graph.call_function(torch.stack, (measured,))
         stacked.meta[DERIVED_BY] = "measure_layer_importance"

@@ -176,7 +176,9 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
             merged += 1
             continue
         if not ok:
-            sliced = any(isinstance(w, fx.Node) and w.op != "placeholder" for w in weights)
+            # FFN slices (sliced in the graph, or fed as views by the root) are never adjacent: expected, quiet
+            sliced = leaves == ("gate_proj", "up_proj") or any(isinstance(w, fx.Node) and w.op != "placeholder"
+                                                                for w in weights)
             (log.debug if sliced else log.warning)(
                 "merge_projections: %s's %s weights are not adjacent in one buffer (colocate_projections lays them "
                 "out); left separate", parent, "/".join(leaves))

@@ -161,16 +161,19 @@ def mark_provenance(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
 
 
-def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None) -> PartitionedGraph:
+def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None,
+                           expect_layers: bool = True) -> PartitionedGraph:
     """Split ``gm`` (a Dynamo-captured ``Showo2.forward``) into its parts. ``gm``'s graph stays as it was; its
     nodes keep (or gain) their provenance (``mark_provenance``), which the parts' copies carry. ``captured``: the
     compute nodes of the graph as Dynamo handed it over, when passes ran on it before (``mark_provenance``'s
-    result, taken before them)."""
+    result, taken before them). ``expect_layers=False``: a graph a pass left without decoder layers (a head-cache
+    reuse) is one part, "graph", without a warning."""
     captured_now = mark_provenance(gm)
     names = part_names(gm)
     if not any(name.startswith("layer.") for name in names.values()):
-        warnings.warn("partition_showo2_graph: the graph has no Show-o2 decoder layer (no node from "
-                      "showo.model.layers.N); it stays whole, as one part", stacklevel=2)
+        if expect_layers:
+            warnings.warn("partition_showo2_graph: the graph has no Show-o2 decoder layer (no node from "
+                          "showo.model.layers.N); it stays whole, as one part", stacklevel=2)
         names = dict.fromkeys(names, "graph")
     order = list(dict.fromkeys(names.values()))
     number = {name: i for i, name in enumerate(order)}
@@ -198,6 +201,12 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
         key = (part.signature, _layout(examples[part.name]))
         if key not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
+            # Passes over the part read its inputs' example values (shapes, storage sharing); a pass over the root
+            # may have changed them (weight views), so they become the inputs the part is compiled for.
+            inputs = [n for n in part.module.graph.nodes if n.op == "placeholder"]
+            for node, value in zip(inputs, examples[part.name], strict=True):
+                if isinstance(value, torch.Tensor):
+                    node.meta["example_value"] = value
             compiled[key] = compiler(part.module, examples[part.name])
         setattr(graph.root, part.attribute, _Compiled(compiled[key]))
     graph.root.recompile()

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, fx
 
+from flashu_fx.compiled.gen_graph import GenGraphExecutor
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
 from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
@@ -50,7 +51,7 @@ from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
 from flashu_fx.und_cache import UndCache
-from passes.partition import PartitionedGraph, compile_parts, partition_showo2_graph
+from passes.partition import PartitionedGraph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,6 @@ class FlashUBackend:
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"flashu_backend executor={executor!r} is invalid: allowed one of {EXECUTORS}")
-        if executor == "graph":
-            check_graph_executor(task, config)
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
@@ -99,8 +98,9 @@ class FlashUBackend:
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self.executor = executor
         self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
-        self._graph_records: list[CallRecord] = []  # executor="graph": what each call of the current image ran
         self._und_graph: UndGraphExecutor | None = None  # executor="graph", understanding
+        self._gen_graph: GenGraphExecutor | None = None  # executor="graph", generation
+        self._plans: list[StepPlan] = []  # the current image's plans
         self.und_caches: dict[tuple, UndCache] = {}  # executor="graph": one cache per capacity, reused by answers
         self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
         self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
@@ -122,10 +122,10 @@ class FlashUBackend:
         self._num_calls, self._guidance = num_calls, guidance
         self._step = None
         self._image_runtime = None
-        self._graph_records = []
         for rt in self._runtimes.values():
             rt.state = None
-        return GenRuntime.plans_for(self.config, num_calls, guidance)
+        self._plans = GenRuntime.plans_for(self.config, num_calls, guidance)
+        return self._plans
 
     @contextlib.contextmanager
     def step(self, k: int, cfg_shared_latents: bool = False) -> Iterator[None]:
@@ -154,7 +154,7 @@ class FlashUBackend:
     def records(self) -> list[CallRecord]:
         """What each call of the last (or current) image did: ``CallRecord``s (skip set, head use, measurement)."""
         if self.executor == "graph":
-            return list(self._graph_records)
+            return [] if self._gen_graph is None else list(self._gen_graph.state.records)
         return [] if self._image_runtime is None else self._image_runtime.records
 
     @property
@@ -261,22 +261,37 @@ class FlashUBackend:
         return run
 
     def _graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
-        """executor="graph": the captured forward itself, split at module boundaries (``passes.partition``), each
-        structurally distinct part compiled once (``merge_projections`` merges where the captured weights already
-        share buffers, e.g. after ``colocate_projections``). No CUDA graphs yet."""
+        """executor="graph": the captured forward itself, rewritten per call by FlashU's passes (``gen_graph``) and
+        split at module boundaries (``passes.partition``), each distinct part compiled once (``merge_projections``
+        merges where the captured weights already share buffers, e.g. after ``colocate_projections``). No CUDA
+        graphs yet."""
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
         compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
                                           self.piece_captures, self.merge_projections, self.eager_numerics,
                                           self.inductor_options)
-        graph = self.captured = partition_showo2_graph(gm)
-        compile_parts(graph, compile_part, example_inputs)
+        shapes = {k: tuple(example_inputs[i].shape) for k, i in match.param_inputs.items()}
+        num_layers = graph_depths(gm)[0] if graph_depths(gm) else len({k.split(".")[3] for k in shapes
+                                                                        if k.startswith("showo.model.layers.")})
+        slot_len = shapes["position_embedding.weight"][0] + 1  # the time token and the configured grid
+        executor = self._gen_graph = GenGraphExecutor(gm, self.config, self._gen_ffn_ranges(shapes, num_layers),
+                                                      compile_part, slot_len, num_layers)
 
         def run(*args: Tensor):
             self._serve(match)
-            self._graph_records.append(CallRecord(self._step, (), "compute", True))  # the whole forward runs
-            return graph.root(*args)
+            if self._step == 0:
+                executor.begin()
+            out = executor(self._plans[self._step], args)
+            self.captured = executor.graph
+            return out
 
         return run
+
+    def _gen_ffn_ranges(self, shapes: dict[str, tuple[int, ...]], num_layers: int) -> list[tuple[int, int]] | None:
+        """Each layer's "gen" neuron range (None: FFN pruning off), checked against the captured widths."""
+        if self.config is None or self.config.ffn_prune_ratio == 0:
+            return None
+        inter = shapes["showo.model.layers.0.mlp.gate_proj.weight"][0]
+        return task_ranges(self.layout, self.config, "gen", num_layers, inter)
 
     def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
         """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``) run by this
@@ -295,18 +310,7 @@ class FlashUBackend:
             return None
         gates = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("mlp_modules_gate_proj_"
                                                                                           "parameters_weight_")]
-        inter = gates[0].meta["example_value"].shape[0]
-        if self.layout is None or "und" not in self.layout.ranges or len(self.layout.ranges["und"]) != len(gates):
-            have = None if self.layout is None else {t: len(r) for t, r in self.layout.ranges.items()}
-            raise ValueError(f"FlashUConfig.ffn_prune_ratio={self.config.ffn_prune_ratio} needs an FFNLayout with "
-                             f"'und' ranges for {len(gates)} layers, got {have}")
-        ranges = list(self.layout.ranges["und"])
-        width = self.config.kept_ffn_width(inter)
-        wrong = {i: hi - lo for i, (lo, hi) in enumerate(ranges) if hi - lo != width}
-        if wrong:
-            raise ValueError(f"FFNLayout keeps {wrong} 'und' neurons in layers {sorted(wrong)}, but the config keeps "
-                             f"{width} of {inter}")
-        return ranges
+        return task_ranges(self.layout, self.config, "und", len(gates), gates[0].meta["example_value"].shape[0])
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:
@@ -403,12 +407,21 @@ def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in model.parameters())
 
 
-def check_graph_executor(task: str, config: FlashUConfig | None) -> None:
-    """What executor="graph" runs so far: exact generation, and understanding with or without FlashU. Raises naming
-    the setting otherwise."""
-    if task == "gen" and config is not None:
-        raise ValueError("flashu_backend(executor='graph') runs the exact generation forward only so far "
-                         "(config=None); use executor='runtime' for FlashU generation")
+def task_ranges(layout: FFNLayout | None, config: FlashUConfig, task: str, num_layers: int,
+                inter: int) -> list[tuple[int, int]]:
+    """Each layer's ``task`` neuron range from ``layout``; raises naming what does not match the captured model
+    (``num_layers`` layers of ``inter`` neurons) or the config's kept width."""
+    if layout is None or task not in layout.ranges or len(layout.ranges[task]) != num_layers:
+        have = None if layout is None else {t: len(r) for t, r in layout.ranges.items()}
+        raise ValueError(f"FlashUConfig.ffn_prune_ratio={config.ffn_prune_ratio} needs an FFNLayout with {task!r} "
+                         f"ranges for {num_layers} layers, got {have}")
+    ranges = list(layout.ranges[task])
+    width = config.kept_ffn_width(inter)
+    wrong = {i: hi - lo for i, (lo, hi) in enumerate(ranges) if hi - lo != width}
+    if wrong:
+        raise ValueError(f"FFNLayout keeps {wrong} {task!r} neurons in layers {sorted(wrong)}, but the config keeps "
+                         f"{width} of {inter}")
+    return ranges
 
 
 def is_und_call(gm: fx.GraphModule) -> bool:

@@ -14,6 +14,9 @@ from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig, generate_images
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
+from flashu_fx.flashu_gen import generate_images_flashu
+from flashu_fx.layout import build_gen_batch
 
 
 def compiled_images(model, prompts, seed: int = 0, **options):
@@ -51,8 +54,9 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     for prompt in ([1, 2, 3], [9, 8, 7], [4], list(range(1, 18))):  # other contents and lengths: same shapes
         generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
     assert backend.compiles == 1 and sum(backend.piece_captures.values()) == 5
-    assert [(r.call, r.skip_set, r.head, r.trunk_ran) for r in backend.records] == [(0, (), "compute", True),
-                                                                                 (1, (), "compute", True)]
+    # calls numbered s = 1.. as the plans (and the default executor's records) number them
+    assert [(r.call, r.skip_set, r.head, r.trunk_ran) for r in backend.records] == [(1, (), "compute", True),
+                                                                                 (2, (), "compute", True)]
 
 
 def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_model) -> None:
@@ -65,11 +69,63 @@ def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_
     assert sum(backend.piece_captures.values()) == 6  # layer 1 is its own part now
 
 
-def test_graph_executor_refuses_what_it_does_not_run_yet() -> None:
-    with pytest.raises(ValueError, match=r"executor='graph'\) runs the exact generation forward only"):
-        flashu_backend("gen", FlashUConfig.for_task("gen"), executor="graph")
+def test_an_unknown_executor_is_refused() -> None:
     with pytest.raises(ValueError, match=r"executor='parts' is invalid: allowed one of \('runtime', 'graph'\)"):
         flashu_backend("gen", executor="parts")
+
+
+# Every generation technique acts on the tiny model within 30 grid points: 2 of 4 layers skipped (re-measured every
+# 2 calls), a 200-of-256 FFN in the pruned phase, the head stored every 5 calls and reused in between.
+TINY_GEN = FlashUConfig.for_task("gen", skip_ratio=0.5, skip_interval=2, ffn_width_multiple=8)
+
+
+def permuted_with_layout(model, seed: int):
+    work = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    layers, inter = work.config.num_layers, work.config.intermediate_size
+    keep = {t: top_k_mask(torch.rand(layers, inter, generator=gen), TINY_GEN.kept_ffn_width(inter))
+            for t in ("gen", "und")}
+    layout = build_ffn_layout(keep)
+    permute_ffn_weights(work, layout.order)
+    return work, layout
+
+
+@settings(deadline=None, max_examples=3)
+@given(prompt_len=st.integers(1, 12), seed=st.integers(0, 100))
+def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len: int, seed: int) -> None:
+    model, layout = permuted_with_layout(tiny_model, seed)
+    prompts = [[(5 * i + 2) % 200 for i in range(prompt_len)], [7, 8]]
+    eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=seed)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    gen = torch.compile(model, backend=backend)
+    out = generate_images_compiled(gen, backend, prompts, baseline_steps=30, guidance=4.0, seed=seed)
+    assert rel_err(out, eager.latents) < 1e-5
+    ours = [(r.skip_set, r.head, r.trunk_ran) for r in backend.records]
+    assert ours == [(r.skipped, r.head, r.trunk) for r in eager.records]
+    heads = {r.head for r in backend.records}
+    assert heads == {"compute", "store", "reuse"} and any(r.skip_set for r in backend.records)
+    assert any(not r.trunk_ran for r in backend.records)  # a plain reuse ran no trunk at all
+    assert backend.compiles == 1
+
+
+def test_a_head_reuse_runs_no_trunk(tiny_model) -> None:
+    model, layout = permuted_with_layout(tiny_model, 0)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    gen = torch.compile(model, backend=backend)
+    plans = backend.begin_image(20, 4.0)
+    batch = build_gen_batch(model.config, [[5, 6]], guided=True)
+    x = torch.randn(2, 16, 8, 8)
+    for k, plan in enumerate(plans):
+        with backend.step(k):
+            gen(batch.tokens, x, torch.full((2,), 0.1 + k / 40), batch.offsets, batch.mask, return_logits=False)
+        if plan.head == "reuse" and plan.layers != "measure":
+            names = [p.name for p in backend.captured.parts]
+            assert names == ["graph"]  # SigLIP, the trunk and the head blocks were dead code, removed
+            break
+    else:
+        pytest.fail("no plain head-reuse call in 20 calls")
 
 
 def test_merged_projections_are_a_pass_over_the_parts(tiny_model) -> None:

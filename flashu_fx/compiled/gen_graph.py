@@ -1,0 +1,116 @@
+"""Generation through the captured graph: FlashU's per-call decisions as passes over Dynamo's Show-o2 forward.
+
+The caller's loop is the backend's step protocol (``begin_image``, then ``with backend.step(k): gen(...)``); the
+plan of call k comes from ``schedule.gen_schedule`` (the eager twin's, ``FlashUGenVelocity``). Each call runs a
+variant of the captured forward, built on first use:
+
+    layers "skip"       passes.layer_skipping.skip_layers(skip set)
+    layers "measure"    passes.layer_skipping.measure_layer_importance over the image slots (+ importance output)
+    head "store"        passes.head_cache.expose_head_output (+ the head blocks' output)
+    head "reuse"        passes.head_cache.reuse_head_output: the stored output is an input, the dead trunk is gone
+    then                passes.partition.partition_showo2_graph, and with the pruned FFN phase
+                        passes.ffn_slicing.slice_ffn_inputs (each layer's "gen" range as weight views)
+
+Compiled parts are shared by every variant (one artifact per part structure and input layout). The caller's
+classifier-free guidance, and the guidance scale of each call, are the plan's (``begin_image`` returns it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, fx
+
+from flashu_fx.compiled.gen_runtime import CallRecord
+from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import choose_skip_set
+from flashu_fx.schedule import StepPlan
+from passes.ffn_slicing import slice_ffn_inputs
+from passes.head_cache import expose_head_output, reuse_head_output
+from passes.layer_skipping import measure_layer_importance, skip_layers
+from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
+
+
+@dataclass
+class GenImageState:
+    """The image in progress: the skip set of the last measurement, the stored head output, one record per call."""
+
+    skip_set: tuple[int, ...] = ()
+    head_cache: Tensor | None = None
+    records: list[CallRecord] = field(default_factory=list)
+
+
+class GenGraphExecutor:
+    """Runs one captured generation forward under FlashU's plans (``config=None``: every call the whole forward)."""
+
+    def __init__(self, gm: fx.GraphModule, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int]] | None,
+                 compile_part: Callable[[fx.GraphModule, list], Callable], slot_len: int, num_layers: int) -> None:
+        self.gm, self.config, self.ffn_ranges, self.compile_part = gm, config, ffn_ranges, compile_part
+        self.slot_len = slot_len
+        self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
+        self.captured = mark_provenance(gm)
+        self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.state = GenImageState()
+        self.graph: PartitionedGraph | None = None  # the variant that ran last
+        self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
+        self._artifacts: dict[tuple, Callable] = {}
+
+    def begin(self) -> None:
+        """Forget the skip set, the stored head output and the records (a new image)."""
+        self.state = GenImageState()
+
+    def __call__(self, plan: StepPlan, args: tuple) -> tuple:
+        """Call ``plan.call`` of the image on the forward's inputs ``args`` -> the forward's outputs."""
+        st = self.state
+        skipped = st.skip_set if plan.layers == "skip" else ()
+        measure = plan.layers == "measure"
+        if plan.head == "reuse" and st.head_cache is None:
+            raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
+        graph, extras = self._variant(skipped, measure, plan.head, plan.ffn_pruned, args)
+        self.graph = graph
+        inputs = (*args, st.head_cache) if plan.head == "reuse" else args
+        out = graph.root(*inputs)
+        found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
+        out = out[: len(out) - len(extras)]
+        importance = None
+        if "importance" in found:
+            importance = found["importance"].tolist()  # the one host read of a measuring call
+            st.skip_set = choose_skip_set(importance, self.num_skipped)
+        if plan.head == "store":
+            st.head_cache = found["head_out"]
+        elif plan.head == "compute":
+            st.head_cache = None  # as the eager twin: after the first store, only the full phase computes
+        st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))
+        return out
+
+    def _variant(self, skipped: tuple[int, ...], measure: bool, head: str, ffn_pruned: bool,
+                 args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
+        key = (skipped, measure, head, ffn_pruned)
+        if key in self._variants:
+            return self._variants[key]
+        work, extras = copy.deepcopy(self.gm), []
+        if skipped:
+            skip_layers(work, skipped)
+        if measure and measure_layer_importance(work, ("l_offsets_", self.slot_len)):
+            extras.append("importance")
+        if head == "store" and expose_head_output(work):
+            extras.append("head_out")
+        examples = list(args)
+        if head == "reuse":
+            if not reuse_head_output(work):
+                raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
+            examples.append(self._head_example(args))
+        graph = partition_showo2_graph(work, self.captured, expect_layers=head != "reuse" or measure)
+        if ffn_pruned and self.ffn_ranges is not None:
+            slice_ffn_inputs(graph.root, self.ffn_ranges)
+        compile_parts(graph, self.compile_part, examples, self._artifacts)
+        self._variants[key] = graph, tuple(extras)
+        return self._variants[key]
+
+    def _head_example(self, args: tuple) -> Tensor:
+        """A stand-in head output to compile a reuse variant with (its shape, dtype and device)."""
+        if self.state.head_cache is None:
+            raise RuntimeError("flashu_backend: a head reuse needs a stored head output")
+        return self.state.head_cache
