@@ -56,7 +56,7 @@ from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
 # How captured graphs run: "runtime" (the default), the runtimes' compiled pieces chosen per call; "graph", the
-# captured graphs themselves, rewritten by passes and split into parts (generation: exact only, so far).
+# captured graphs themselves, rewritten per call by FlashU's passes and split into parts.
 EXECUTORS = ("runtime", "graph")
 
 
@@ -160,10 +160,10 @@ class FlashUBackend:
     @property
     def cuda_graph_captures(self) -> int:
         """CUDA graphs captured by this backend's runtimes so far (a capture is not a compilation)."""
-        graph_executor = self._und_graph and self._und_graph.cuda_graphs
+        executors = [e.cuda_graphs for e in (self._und_graph, self._gen_graph) if e is not None and e.cuda_graphs]
         return sum(rt.num_graphs for rt in self._runtimes.values()) + \
             sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values()) + \
-            (sum(graph_executor.captures.values()) if graph_executor else 0)
+            sum(sum(graphs.captures.values()) for graphs in executors)
 
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
@@ -263,8 +263,8 @@ class FlashUBackend:
     def _graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
         """executor="graph": the captured forward itself, rewritten per call by FlashU's passes (``gen_graph``) and
         split at module boundaries (``passes.partition``), each distinct part compiled once (``merge_projections``
-        merges where the captured weights already share buffers, e.g. after ``colocate_projections``). No CUDA
-        graphs yet."""
+        merges where the captured weights already share buffers, e.g. after ``colocate_projections``); on CUDA each
+        variant replays as a CUDA graph."""
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
         compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
                                           self.piece_captures, self.merge_projections, self.eager_numerics,
@@ -274,7 +274,7 @@ class FlashUBackend:
                                                                         if k.startswith("showo.model.layers.")})
         slot_len = shapes["position_embedding.weight"][0] + 1  # the time token and the configured grid
         executor = self._gen_graph = GenGraphExecutor(gm, self.config, self._gen_ffn_ranges(shapes, num_layers),
-                                                      compile_part, slot_len, num_layers)
+                                                      compile_part, slot_len, num_layers, self.cuda_graphs and cuda)
 
         def run(*args: Tensor):
             self._serve(match)
@@ -464,9 +464,9 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     view of both (no weight copied);
     ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
     (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
-    ``executor``: "runtime" (default) or "graph", which runs the captured graphs themselves, split into parts at
-    module boundaries with each distinct part compiled once (``passes.partition``): generation's exact forward (no
-    CUDA graphs yet), and understanding with every FlashU technique as a pass (CUDA graphs on the GPU)."""
+    ``executor``: "runtime" (default) or "graph", which runs the captured graphs themselves: FlashU's decisions as
+    passes over them (both tasks), split into parts at module boundaries with each distinct part compiled once
+    (``passes.partition``), each variant a CUDA graph on the GPU; not yet the runtime's exact optimizations."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, merge_ffn_slices, inductor_options, executor)
 

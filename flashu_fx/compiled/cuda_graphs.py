@@ -2,6 +2,7 @@
 
     graphs = CudaGraphs(max_graphs=64)
     outputs = graphs.run(key, body)   # body() reads and writes only static buffers; returns its static outputs
+    outputs = graphs.call(key, fn, args, fixed)   # fn(*args), the non-fixed tensors copied to fixed addresses
 
 On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
 same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
@@ -13,7 +14,7 @@ which is safe because they never run concurrently; beyond ``max_graphs`` the lea
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
@@ -30,6 +31,7 @@ class CudaGraphs:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = OrderedDict()
         self.captures: Counter = Counter()  # per label: captures (a capture is not a compilation)
+        self._inputs: dict[Hashable, list] = {}  # call(): each key's inputs at fixed addresses
         self._stream: torch.cuda.Stream | None = None
         self._pool = None
 
@@ -54,6 +56,24 @@ class CudaGraphs:
         self.graphs[key] = (graph, outputs)
         self.captures[label] += 1
         return first
+
+    def call(self, key: Hashable, fn: Callable[..., T], args: Sequence[object], fixed: Sequence[bool],
+             label: str = "graph") -> T:
+        """``fn(*args)`` as a CUDA graph. ``fixed[i]``: ``args[i]`` keeps its address from call to call (weights,
+        caches): the graph reads it in place, and its address is part of the key, so other tensors of the same shape
+        get their own graph rather than stale reads. The other tensor arguments are copied into inputs at fixed
+        addresses first; other values (sizes) are part of the key."""
+        where = tuple(a.data_ptr() if is_fixed else a for a, is_fixed in zip(args, fixed, strict=True)
+                      if is_fixed or not isinstance(a, torch.Tensor))
+        key = (key, where)
+        inputs = self._inputs.get(key)
+        if inputs is None:
+            inputs = self._inputs[key] = [a if is_fixed or not isinstance(a, torch.Tensor) else a.clone()
+                                          for a, is_fixed in zip(args, fixed, strict=True)]
+        for buffer, a in zip(inputs, args, strict=True):
+            if buffer is not a and isinstance(a, torch.Tensor):
+                buffer.copy_(a)
+        return self.run(key, lambda: fn(*inputs), label)
 
     def __len__(self) -> int:
         return len(self.graphs)

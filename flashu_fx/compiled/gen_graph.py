@@ -11,7 +11,8 @@ variant of the captured forward, built on first use:
     then                passes.partition.partition_showo2_graph, and with the pruned FFN phase
                         passes.ffn_slicing.slice_ffn_inputs (each layer's "gen" range as weight views)
 
-Compiled parts are shared by every variant (one artifact per part structure and input layout). The caller's
+Compiled parts are shared by every variant (one artifact per part structure and input layout); on CUDA each
+variant is replayed as a CUDA graph (``compiled.cuda_graphs``), the call's latents and t copied in. The caller's
 classifier-free guidance, and the guidance scale of each call, are the plan's (``begin_image`` returns it).
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
+from flashu_fx.compiled.cuda_graphs import CudaGraphs
 from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
@@ -31,6 +33,8 @@ from passes.ffn_slicing import slice_ffn_inputs
 from passes.head_cache import expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
+
+MAX_GRAPHS = 64  # captured variants kept, least recently used dropped
 
 
 @dataclass
@@ -46,12 +50,15 @@ class GenGraphExecutor:
     """Runs one captured generation forward under FlashU's plans (``config=None``: every call the whole forward)."""
 
     def __init__(self, gm: fx.GraphModule, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int]] | None,
-                 compile_part: Callable[[fx.GraphModule, list], Callable], slot_len: int, num_layers: int) -> None:
+                 compile_part: Callable[[fx.GraphModule, list], Callable], slot_len: int, num_layers: int,
+                 cuda_graphs: bool = False) -> None:
         self.gm, self.config, self.ffn_ranges, self.compile_part = gm, config, ffn_ranges, compile_part
+        self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.slot_len = slot_len
         self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
         self.captured = mark_provenance(gm)
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.fixed = [name.startswith("l_self_") for name in self.names]  # the weights keep their addresses
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
         self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
@@ -70,8 +77,12 @@ class GenGraphExecutor:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
         graph, extras = self._variant(skipped, measure, plan.head, plan.ffn_pruned, args)
         self.graph = graph
-        inputs = (*args, st.head_cache) if plan.head == "reuse" else args
-        out = graph.root(*inputs)
+        inputs, fixed = ((*args, st.head_cache), [*self.fixed, False]) if plan.head == "reuse" else (args, self.fixed)
+        if self.cuda_graphs is not None and args[0].is_cuda:
+            out = self.cuda_graphs.call((skipped, measure, plan.head, plan.ffn_pruned), graph.root, inputs, fixed,
+                                        f"{plan.head}{'-measure' if measure else ''}")
+        else:
+            out = graph.root(*inputs)
         found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
         out = out[: len(out) - len(extras)]
         importance = None

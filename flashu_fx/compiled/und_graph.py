@@ -55,7 +55,6 @@ class UndGraphExecutor:
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
-        self._static_inputs: dict[tuple, list] = {}  # CUDA-graph key -> the call's inputs at fixed addresses
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
         self._artifacts: dict[tuple, Callable] = {}  # (part signature, input layout) -> compiled part, shared
@@ -112,7 +111,8 @@ class UndGraphExecutor:
             graph, extras = variant(skipped, layers == "measure", args)
             self.graphs[kind] = graph
             if self.cuda_graphs is not None and args[names.index("l_tokens_")].is_cuda:
-                out = self._replay((kind, skipped, layers == "measure"), graph, args, fixed)
+                label = "prefill" if kind == "prefill" else "measure" if layers == "measure" else f"skip{list(skipped)}"
+                out = self.cuda_graphs.call((kind, skipped, layers == "measure"), graph.root, args, fixed, label)
             else:
                 out = graph.root(*args)
             found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
@@ -128,20 +128,3 @@ class UndGraphExecutor:
             return out
 
         return run
-
-    def _replay(self, variant: tuple, graph: PartitionedGraph, args: tuple, fixed: list[bool]) -> tuple:
-        """Run ``graph`` as a CUDA graph: one per variant, concrete sizes and the addresses of the weights and caches
-        it reads (another cache of the same shape is another graph, never stale buffers). The call's own tensors
-        (tokens, latents, offsets, mask) are copied into inputs at fixed addresses first."""
-        where = tuple(a.data_ptr() if is_fixed else a for a, is_fixed in zip(args, fixed, strict=True)
-                      if is_fixed or isinstance(a, int))
-        key = (variant, where)
-        inputs = self._static_inputs.get(key)
-        if inputs is None:
-            inputs = self._static_inputs[key] = [a if is_fixed or not isinstance(a, Tensor) else a.clone()
-                                                 for a, is_fixed in zip(args, fixed, strict=True)]
-        for buffer, a in zip(inputs, args, strict=True):
-            if buffer is not a and isinstance(a, Tensor):
-                buffer.copy_(a)
-        label = "prefill" if variant[0] == "prefill" else "measure" if variant[2] else f"skip{list(variant[1])}"
-        return self.cuda_graphs.run(key, lambda: graph.root(*inputs), label)

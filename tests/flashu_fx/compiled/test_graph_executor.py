@@ -146,3 +146,19 @@ def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_comp
     out, backend = compiled_images(tiny_model, [[1, 2, 3]], piece_backend="inductor")
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) < 1e-5
     assert sum(backend.piece_captures.values()) == 5
+
+
+@pytest.mark.gpu
+def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model) -> None:
+    model, layout = permuted_with_layout(tiny_model, 2)
+    model = model.cuda()
+    prompts = [[5, 6, 7], [7, 8]]
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    gen = torch.compile(model, backend=backend)
+    for seed in (0, 1):  # the second image replays the captured variants
+        eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=seed)
+        out = generate_images_compiled(gen, backend, prompts, baseline_steps=30, guidance=4.0, seed=seed)
+        assert rel_err(out, eager.latents) < 1e-3
+        assert [(r.skip_set, r.head) for r in backend.records] == [(r.skipped, r.head) for r in eager.records]
+    assert backend.compiles == 1 and backend.cuda_graph_captures > 0
