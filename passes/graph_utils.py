@@ -60,3 +60,10 @@ def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_n
         node.meta[DERIVED_BY] = pass_name
         if sources:
             node.meta[SOURCE] = tuple(sources)
+
+
+def split_extra_outputs(outputs: tuple, extras: tuple[str, ...]) -> tuple[tuple, dict[str, object]]:
+    """A rewritten graph's outputs -> (the original outputs, {name: value} of the ``extras`` that passes appended
+    after them, in order: e.g. a measurement the executor reads)."""
+    cut = len(outputs) - len(extras)
+    return tuple(outputs[:cut]), dict(zip(extras, outputs[cut:], strict=True))

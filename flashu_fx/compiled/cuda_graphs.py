@@ -77,3 +77,12 @@ class CudaGraphs:
 
     def __len__(self) -> int:
         return len(self.graphs)
+
+
+def run_maybe_graphed(graphs: CudaGraphs | None, key: Hashable, fn: Callable[..., T], args: Sequence[object],
+                      fixed: Sequence[bool], label: str = "graph") -> T:
+    """``fn(*args)``: through ``graphs.call`` when there are graphs and the first tensor argument is on CUDA."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if graphs is None or first is None or not first.is_cuda:
+        return fn(*args)
+    return graphs.call(key, fn, args, fixed, label)

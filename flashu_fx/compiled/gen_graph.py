@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, run_maybe_graphed
 from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.schedule import StepPlan
 from passes.ffn_slicing import slice_ffn_inputs
+from passes.graph_utils import split_extra_outputs
 from passes.head_cache import expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
@@ -78,13 +79,9 @@ class GenGraphExecutor:
         graph, extras = self._variant(skipped, measure, plan.head, plan.ffn_pruned, args)
         self.graph = graph
         inputs, fixed = ((*args, st.head_cache), [*self.fixed, False]) if plan.head == "reuse" else (args, self.fixed)
-        if self.cuda_graphs is not None and args[0].is_cuda:
-            out = self.cuda_graphs.call((skipped, measure, plan.head, plan.ffn_pruned), graph.root, inputs, fixed,
-                                        f"{plan.head}{'-measure' if measure else ''}")
-        else:
-            out = graph.root(*inputs)
-        found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
-        out = out[: len(out) - len(extras)]
+        out, found = split_extra_outputs(run_maybe_graphed(
+            self.cuda_graphs, (skipped, measure, plan.head, plan.ffn_pruned), graph.root, inputs, fixed,
+            f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
             importance = found["importance"].tolist()  # the one host read of a measuring call

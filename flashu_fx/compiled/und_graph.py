@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, run_maybe_graphed
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
 from flashu_fx.schedule import und_step_layers
 from passes.ffn_slicing import slice_ffn_inputs
+from passes.graph_utils import split_extra_outputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.vnorm_token_pruning import prune_tokens_after_layer
@@ -110,13 +111,9 @@ class UndGraphExecutor:
             skipped = st.skip_set if layers == "skip" else ()
             graph, extras = variant(skipped, layers == "measure", args)
             self.graphs[kind] = graph
-            if self.cuda_graphs is not None and args[names.index("l_tokens_")].is_cuda:
-                label = "prefill" if kind == "prefill" else "measure" if layers == "measure" else f"skip{list(skipped)}"
-                out = self.cuda_graphs.call((kind, skipped, layers == "measure"), graph.root, args, fixed, label)
-            else:
-                out = graph.root(*args)
-            found = dict(zip(extras, out[len(out) - len(extras):], strict=True))
-            out = out[: len(out) - len(extras)]
+            label = "prefill" if kind == "prefill" else "measure" if layers == "measure" else f"skip{list(skipped)}"
+            out, found = split_extra_outputs(run_maybe_graphed(
+                self.cuda_graphs, (kind, skipped, layers == "measure"), graph.root, args, fixed, label), extras)
             importance = None
             if "importance" in found:
                 importance = tuple(found["importance"].tolist())  # the one host read of a measuring step

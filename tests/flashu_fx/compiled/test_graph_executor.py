@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
-from compiled_oracles import rel_err
+from compiled_oracles import permuted_with_layout, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig, generate_images
 from flashu_fx.compiled import flashu_backend, generate_images_compiled
-from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_gen import generate_images_flashu
 from flashu_fx.layout import build_gen_batch
 
@@ -79,21 +78,10 @@ def test_an_unknown_executor_is_refused() -> None:
 TINY_GEN = FlashUConfig.for_task("gen", skip_ratio=0.5, skip_interval=2, ffn_width_multiple=8)
 
 
-def permuted_with_layout(model, seed: int):
-    work = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    layers, inter = work.config.num_layers, work.config.intermediate_size
-    keep = {t: top_k_mask(torch.rand(layers, inter, generator=gen), TINY_GEN.kept_ffn_width(inter))
-            for t in ("gen", "und")}
-    layout = build_ffn_layout(keep)
-    permute_ffn_weights(work, layout.order)
-    return work, layout
-
-
 @settings(deadline=None, max_examples=3)
 @given(prompt_len=st.integers(1, 12), seed=st.integers(0, 100))
 def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len: int, seed: int) -> None:
-    model, layout = permuted_with_layout(tiny_model, seed)
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, seed)
     prompts = [[(5 * i + 2) % 200 for i in range(prompt_len)], [7, 8]]
     eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=seed)
     torch._dynamo.reset()
@@ -110,7 +98,7 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
 
 
 def test_a_head_reuse_runs_no_trunk(tiny_model) -> None:
-    model, layout = permuted_with_layout(tiny_model, 0)
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, 0)
     torch._dynamo.reset()
     backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
     gen = torch.compile(model, backend=backend)
@@ -150,7 +138,7 @@ def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_comp
 
 @pytest.mark.gpu
 def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model) -> None:
-    model, layout = permuted_with_layout(tiny_model, 2)
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, 2)
     model = model.cuda()
     prompts = [[5, 6, 7], [7, 8]]
     torch._dynamo.reset()

@@ -10,14 +10,13 @@ import copy
 
 import pytest
 import torch
-from compiled_oracles import rel_err
+from compiled_oracles import permuted_with_layout, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig
 from flashu_fx.compiled import answer_question_compiled, flashu_backend
-from flashu_fx.ffn_layout import build_ffn_layout, permute_ffn_weights, top_k_mask
 from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import answer_question, decode_cached
@@ -66,18 +65,6 @@ def test_exact_graph_executor_equals_eager_answers(tiny_model, question_len: int
     assert answer.ids == want_ids and answer.kept_positions is None
     got_ids, got = logits_of(und, latents, question, 5)
     assert got_ids == want_ids and max(rel_err(a, b) for a, b in zip(got, want, strict=True)) < 1e-5
-
-
-def permuted_with_layout(model, config: FlashUConfig, seed: int):
-    """A copy with its FFN permuted for random "gen" and "und" neuron scores (so und's range starts vary)."""
-    work = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    layers, inter = work.config.num_layers, work.config.intermediate_size
-    keep = {t: top_k_mask(torch.rand(layers, inter, generator=gen), config.kept_ffn_width(inter))
-            for t in ("gen", "und")}
-    layout = build_ffn_layout(keep)
-    permute_ffn_weights(work, layout.order)
-    return work, layout
 
 
 @settings(deadline=None, max_examples=4)
