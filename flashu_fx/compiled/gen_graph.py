@@ -71,6 +71,10 @@ class GenGraphExecutor:
 
     def __call__(self, plan: StepPlan, args: tuple) -> tuple:
         """Call ``plan.call`` of the image on the forward's inputs ``args`` -> the forward's outputs."""
+        # The call's own tensors in one layout: compiled parts are specialised to their inputs' strides, and a
+        # caller's t is often an expanded scalar (stride 0) that a CUDA graph's input copy would not keep.
+        args = tuple(a.contiguous() if isinstance(a, Tensor) and not is_fixed else a
+                     for a, is_fixed in zip(args, self.fixed, strict=True))
         st = self.state
         skipped = st.skip_set if plan.layers == "skip" else ()
         measure = plan.layers == "measure"
