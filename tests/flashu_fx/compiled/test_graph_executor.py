@@ -95,6 +95,9 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
     assert heads == {"compute", "store", "reuse"} and any(r.skip_set for r in backend.records)
     assert any(not r.trunk_ran for r in backend.records)  # a plain reuse ran no trunk at all
     assert backend.compiles == 1
+    graph = backend.captured  # the last call's variant: every node computes something Dynamo handed over
+    inputs = {n.name for n in graph.root.graph.nodes if n.op == "placeholder"}
+    assert set().union(*(p.sources for p in graph.parts)) <= set(graph.captured_nodes) | inputs
 
 
 def test_a_head_reuse_runs_no_trunk(tiny_model) -> None:
