@@ -105,6 +105,9 @@ class UndGraphExecutor:
             st = self.state
             if kind == "prefill":
                 self.state = st = UndAnswerState(step=0, prompt_len=args[names.index("l_tokens_")].shape[1])
+            elif not st.records:
+                raise RuntimeError("flashu_backend: a decode step (cache=..., latents=None) came before any prefill; "
+                                   "call the model with the prompt and its image first")
             else:
                 st.step += 1
             layers = und_step_layers(self.config, st.step)

@@ -21,6 +21,7 @@ from flashu_fx.flashu_und import answer_question_flashu
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import answer_question, decode_cached
 from flashu_fx.tokenizer import get_tokenizer
+from flashu_fx.und_cache import UndCache
 
 # Token pruning alone: 8 of the tiny model's 16 image tokens kept after layer 1.
 PRUNE_ONLY = FlashUConfig.for_task("und", skip_ratio=0.0, ffn_prune_ratio=0.0)
@@ -164,3 +165,11 @@ def test_cuda_graph_replays_equal_eager_flashu_on_the_gpu(tiny_model) -> None:
         assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
         assert [s.skipped for s in ours.steps] == [s.skipped for s in eager.steps]
     assert backend.compiles == 2 and backend.cuda_graph_captures > 0
+
+
+def test_a_decode_step_before_any_prefill_is_refused(tiny_model) -> None:
+    _, und = graph_backend(tiny_model)
+    cache = UndCache.for_model(tiny_model, 64, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="decode step .* came before any prefill"), torch.no_grad():
+        und(torch.tensor([[5]]), None, None, None, None, cache=cache)
+    torch._dynamo.reset()
