@@ -70,7 +70,9 @@ class GenGraphExecutor:
         self.state = GenImageState()
 
     def __call__(self, plan: StepPlan, args: tuple) -> tuple:
-        """Call ``plan.call`` of the image on the forward's inputs ``args`` -> the forward's outputs."""
+        """Call ``plan.call`` of the image on the captured forward's inputs ``args`` (the caller's tokens (M, L),
+        latents (M, C, h, w), t (M,), offsets (M,), mask (M, 1, L, L), and the lifted weights) -> its outputs
+        (the velocity (M, C, h, w))."""
         # The call's own tensors in one layout: compiled parts are specialised to their inputs' strides, and a
         # caller's t is often an expanded scalar (stride 0) that a CUDA graph's input copy would not keep.
         args = tuple(a.contiguous() if isinstance(a, Tensor) and not is_fixed else a
@@ -110,19 +112,13 @@ class GenGraphExecutor:
         if head == "store" and expose_head_output(work):
             extras.append("head_out")
         examples = list(args)
-        if head == "reuse":
+        if head == "reuse":  # compiled for the stored output's shape, dtype and device (``__call__`` checked it)
             if not reuse_head_output(work):
                 raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
-            examples.append(self._head_example(args))
+            examples.append(self.state.head_cache)
         graph = partition_showo2_graph(work, self.captured, expect_layers=head != "reuse" or measure)
         if ffn_pruned and self.ffn_ranges is not None:
             slice_ffn_inputs(graph.root, self.ffn_ranges)
         compile_parts(graph, self.compile_part, examples, self._artifacts)
         self._variants[key] = graph, tuple(extras)
         return self._variants[key]
-
-    def _head_example(self, args: tuple) -> Tensor:
-        """A stand-in head output to compile a reuse variant with (its shape, dtype and device)."""
-        if self.state.head_cache is None:
-            raise RuntimeError("flashu_backend: a head reuse needs a stored head output")
-        return self.state.head_cache
