@@ -191,7 +191,8 @@ class Showo2(nn.Module):
         n = tokens.shape[1]
         if latents is None:
             x = self.showo.model.embed_tokens(tokens)
-            mask = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()[None, None]
+            # one new token needs no mask among the new rows (its cache sees it); several are causal
+            mask = None if n == 1 else torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()[None, None]
         else:
             c = self.time_embeds(torch.ones(1, device=latents.device))
             x = self.embed_inputs(tokens, offsets, self.image_embeds(latents), c)

@@ -9,7 +9,7 @@ valid slots does not depend on where they lie, since RoPE is applied before K is
 
 Shapes (C = capacity, KV = key/value heads, d = head dim, n = rows of the call):
 
-    LayerCache.k, .v: (1, KV, C, d);  .valid: bool (C,);  .length: int64 (1,)
+    LayerCache.k, .v: (1, KV, C, d);  .written: (C,) additive mask, 0 where a slot holds an entry;  .length: int64 (1,)
     UndCache.position: int64 (1,) RoPE position of the next row;  .cos, .sin: (C, d) RoPE tables
 """
 
@@ -23,32 +23,40 @@ from flashu_fx.layers import rope_cos_sin, rope_inv_freq
 
 
 class LayerCache(nn.Module):
-    """K/V of one decoder layer, appended to in place (static shapes for compile and CUDA graphs)."""
+    """K/V of one decoder layer, appended to in place (static shapes for compile and CUDA graphs).
+
+    Which slots hold entries is kept as an additive mask (0 where written, -inf elsewhere) in the cache dtype: the
+    form SDPA converts a boolean mask to on every call, so a decode step's mask is a view, made by no kernel.
+    """
 
     def __init__(self, n_kv: int, capacity: int, head_dim: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         shape = (1, n_kv, capacity, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("valid", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("written", torch.full((capacity,), float("-inf"), dtype=dtype, device=device),
+                             persistent=False)
         self.register_buffer("length", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
 
-    def append(self, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store k, v (1, KV, n, d) after this layer's entries; ``mask``: bool (1, 1, n, n) among the new rows.
+    def append(self, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Store k, v (1, KV, n, d) after this layer's entries; ``mask``: bool (1, 1, n, n) among the new rows (None
+        for one row).
 
-        Returns the whole cache (1, KV, C, d) twice and the mask (1, 1, n, C) of the new rows over it: every slot
-        written before, plus the new rows' own mask at their slots.
+        Returns the whole cache (1, KV, C, d) twice and the additive mask (1, 1, n, C) of the new rows over it:
+        every slot written before, plus the new rows' own mask at their slots.
         """
         n = k.shape[2]
-        slots = self.length + torch.arange(n, device=k.device)
+        # A decode step's one slot is the fill count itself (two kernels fewer per layer and token).
+        slots = self.length if n == 1 else self.length + torch.arange(n, device=k.device)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         if n == 1:  # a decode step: the new row sees every earlier slot and itself
-            self.valid.index_fill_(0, slots, True)
-            full = self.valid[None, None, None, :]
+            self.written.index_fill_(0, slots, 0.0)
+            full = self.written[None, None, None, :]
         else:
-            full = self.valid.expand(n, -1).clone().index_copy_(1, slots, mask[0, 0])[None, None]
-            self.valid.index_fill_(0, slots, True)
+            own = torch.zeros(n, n, dtype=self.written.dtype, device=k.device).masked_fill(~mask[0, 0], float("-inf"))
+            full = self.written.expand(n, -1).clone().index_copy_(1, slots, own)[None, None]
+            self.written.index_fill_(0, slots, 0.0)
         self.length.add_(n)
         return self.k, self.v, full
 
@@ -84,10 +92,10 @@ class UndCache(nn.Module):
         return cls(model.config, capacity, dtype, device, cos, sin)
 
     def reset(self) -> None:
-        """Empty every layer and restart at position 0 (the K/V values stay; no slot is valid)."""
+        """Empty every layer and restart at position 0 (the K/V values stay; no slot counts as written)."""
         self.position.zero_()
         for layer in self.layers:
-            layer.valid.zero_()
+            layer.written.fill_(float("-inf"))
             layer.length.zero_()
 
     def advance(self, n: int) -> Tensor:
