@@ -1,8 +1,8 @@
 """The static cache of understanding: what ``Showo2.forward(..., cache=cache)`` prefills and each decode step extends.
 
 gpt-fast's pattern (a model forward over preallocated K/V buffers, one shape for the prefill and one per decode
-step), with one difference that FlashU needs: every decoder layer keeps its own fill count and validity mask.
-A layer appends its new rows where its own entries end, and attends to every slot it has written plus the new
+step), with one difference that FlashU needs: every decoder layer keeps its own fill count and a mask of the slots
+it wrote. A layer appends its new rows where its own entries end, and attends to every slot it has written plus the new
 rows. So a layer that received fewer rows (V-norm token pruning compacts the rows after layer p) or none at all (a
 skipped layer on a decode step) stays consistent without any slot arithmetic outside it: attention over the set of
 valid slots does not depend on where they lie, since RoPE is applied before K is stored.
