@@ -63,7 +63,16 @@ def ffn_ranges_per_layer(
     The model's FFN weights must already be permuted by ``layout.order`` (ffn_layout.permute_ffn_weights);
     each layer's kept width must be ``config.kept_ffn_width(I)``.
     """
-    num_layers, inter = model.config.num_layers, model.config.intermediate_size
+    ranges = layout_ranges(config, layout, task, model.config.num_layers, model.config.intermediate_size)
+    if config.ffn_prune_ratio > 0:
+        check_layout_matches(model, layout)
+    return ranges
+
+
+def layout_ranges(config: FlashUConfig, layout: FFNLayout | None, task: str, num_layers: int,
+                  inter: int) -> list[NeuronRanges | None]:
+    """``ffn_ranges_per_layer`` for a model of ``num_layers`` layers of ``inter`` neurons, known by its shapes only
+    (a captured graph's): the same checks of the layout against the config, without the weights' probe."""
     if config.ffn_prune_ratio == 0:
         return [None] * num_layers
     if layout is None or task not in layout.ranges:
@@ -82,7 +91,6 @@ def ffn_ranges_per_layer(
                 f"FFNLayout keeps {got} {task!r} neurons in layer {i}, but FlashUConfig(ffn_prune_ratio="
                 f"{config.ffn_prune_ratio}, ffn_width_multiple={config.ffn_width_multiple}) keeps {width} of {inter}"
             )
-    check_layout_matches(model, layout)
     return ranges
 
 

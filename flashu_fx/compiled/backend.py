@@ -45,6 +45,7 @@ from flashu_fx.compiled.und_runtime import CACHE_BUCKET, UndRuntime, round_up
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.flashu_gen import layout_ranges
 from flashu_fx.inputs import check_guidance, is_int
 from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
@@ -270,8 +271,7 @@ class FlashUBackend:
                                           self.piece_captures, self.merge_projections, self.eager_numerics,
                                           self.inductor_options)
         shapes = {k: tuple(example_inputs[i].shape) for k, i in match.param_inputs.items()}
-        num_layers = graph_depths(gm)[0] if graph_depths(gm) else len({k.split(".")[3] for k in shapes
-                                                                        if k.startswith("showo.model.layers.")})
+        num_layers = len({k.split(".")[3] for k in shapes if k.startswith("showo.model.layers.")})
         slot_len = shapes["position_embedding.weight"][0] + 1  # the time token and the configured grid
         executor = self._gen_graph = GenGraphExecutor(gm, self.config, self._gen_ffn_ranges(shapes, num_layers),
                                                       compile_part, slot_len, num_layers, self.cuda_graphs and cuda)
@@ -288,10 +288,7 @@ class FlashUBackend:
 
     def _gen_ffn_ranges(self, shapes: dict[str, tuple[int, ...]], num_layers: int) -> list[tuple[int, int]] | None:
         """Each layer's "gen" neuron range (None: FFN pruning off), checked against the captured widths."""
-        if self.config is None or self.config.ffn_prune_ratio == 0:
-            return None
-        inter = shapes["showo.model.layers.0.mlp.gate_proj.weight"][0]
-        return task_ranges(self.layout, self.config, "gen", num_layers, inter)
+        return self._ffn_ranges("gen", num_layers, shapes["showo.model.layers.0.mlp.gate_proj.weight"][0])
 
     def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
         """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``) run by this
@@ -306,11 +303,16 @@ class FlashUBackend:
 
     def _und_ffn_ranges(self, gm: fx.GraphModule) -> list[tuple[int, int]] | None:
         """Each layer's "und" neuron range (None: FFN pruning off), checked against the captured widths."""
-        if self.config is None or self.config.ffn_prune_ratio == 0:
-            return None
         gates = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("mlp_modules_gate_proj_"
                                                                                           "parameters_weight_")]
-        return task_ranges(self.layout, self.config, "und", len(gates), gates[0].meta["example_value"].shape[0])
+        return self._ffn_ranges("und", len(gates), gates[0].meta["example_value"].shape[0])
+
+    def _ffn_ranges(self, task: str, num_layers: int, inter: int) -> list[tuple[int, int]] | None:
+        """The single neuron range per layer of ``task``'s pruned FFN (None: FFN pruning off), the layout checked
+        against the config and the captured widths (``flashu_gen.layout_ranges``)."""
+        if self.config is None or self.config.ffn_prune_ratio == 0:
+            return None
+        return [r[0] for r in layout_ranges(self.config, self.layout, task, num_layers, inter)]
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:
@@ -405,23 +407,6 @@ class FlashUBackend:
 def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
     """Where every parameter lives now: a runtime built over other addresses would read stale weights."""
     return tuple(p.data_ptr() for p in model.parameters())
-
-
-def task_ranges(layout: FFNLayout | None, config: FlashUConfig, task: str, num_layers: int,
-                inter: int) -> list[tuple[int, int]]:
-    """Each layer's ``task`` neuron range from ``layout``; raises naming what does not match the captured model
-    (``num_layers`` layers of ``inter`` neurons) or the config's kept width."""
-    if layout is None or task not in layout.ranges or len(layout.ranges[task]) != num_layers:
-        have = None if layout is None else {t: len(r) for t, r in layout.ranges.items()}
-        raise ValueError(f"FlashUConfig.ffn_prune_ratio={config.ffn_prune_ratio} needs an FFNLayout with {task!r} "
-                         f"ranges for {num_layers} layers, got {have}")
-    ranges = list(layout.ranges[task])
-    width = config.kept_ffn_width(inter)
-    wrong = {i: hi - lo for i, (lo, hi) in enumerate(ranges) if hi - lo != width}
-    if wrong:
-        raise ValueError(f"FFNLayout keeps {wrong} {task!r} neurons in layers {sorted(wrong)}, but the config keeps "
-                         f"{width} of {inter}")
-    return ranges
 
 
 def is_und_call(gm: fx.GraphModule) -> bool:
