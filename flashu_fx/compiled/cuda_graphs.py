@@ -86,3 +86,15 @@ def run_maybe_graphed(graphs: CudaGraphs | None, key: Hashable, fn: Callable[...
     if graphs is None or first is None or not first.is_cuda:
         return fn(*args)
     return graphs.call(key, fn, args, fixed, label)
+
+
+def contiguous_per_call(args: Sequence[object], per_call: Sequence[int]) -> tuple:
+    """``args`` with the tensors at the ``per_call`` positions (the caller's own inputs, not the weights or caches)
+    made contiguous: compiled parts are specialised to their inputs' strides, a caller's tensors arrive with any
+    (an expanded t, latents sliced from a batch), and a graph's input copy would not keep them. Only those positions
+    are visited: the weights are hundreds of arguments on every call."""
+    out = list(args)
+    for i in per_call:
+        if isinstance(out[i], torch.Tensor):
+            out[i] = out[i].contiguous()
+    return tuple(out)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs, run_maybe_graphed
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed
 from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
@@ -60,6 +60,7 @@ class GenGraphExecutor:
         self.captured = mark_provenance(gm)
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.fixed = [name.startswith("l_self_") for name in self.names]  # the weights keep their addresses
+        self.per_call = [i for i, is_fixed in enumerate(self.fixed) if not is_fixed]  # tokens, latents, t, ...
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
         self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
@@ -73,10 +74,7 @@ class GenGraphExecutor:
         """Call ``plan.call`` of the image on the captured forward's inputs ``args`` (the caller's tokens (M, L),
         latents (M, C, h, w), t (M,), offsets (M,), mask (M, 1, L, L), and the lifted weights) -> its outputs
         (the velocity (M, C, h, w))."""
-        # The call's own tensors in one layout: compiled parts are specialised to their inputs' strides, and a
-        # caller's t is often an expanded scalar (stride 0) that a CUDA graph's input copy would not keep.
-        args = tuple(a.contiguous() if isinstance(a, Tensor) and not is_fixed else a
-                     for a, is_fixed in zip(args, self.fixed, strict=True))
+        args = contiguous_per_call(args, self.per_call)
         st = self.state
         skipped = st.skip_set if plan.layers == "skip" else ()
         measure = plan.layers == "measure"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs, run_maybe_graphed
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
@@ -65,16 +65,16 @@ class UndGraphExecutor:
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         kind = "prefill" if "l_latents_" in names else "decode"
         captured = mark_provenance(gm)
-        num_layers = len({int(n.split("_modules_layers_modules_")[1].split("_")[0])
-                          for n in names if n.startswith("l_self_modules_showo_modules_model_modules_layers_")})
+        num_layers = sum(name.endswith("_buffers_length_") for name in names)  # one fill count per layer's cache
         num_skipped = self.config.num_skipped_layers(num_layers)
         table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_")) \
             if kind == "prefill" else None
         variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
         fixed = [name.startswith(("l_self_", "l_cache_")) for name in names]  # weights and caches: fixed addresses
+        per_call = [i for i, is_fixed in enumerate(fixed) if not is_fixed]  # tokens, latents, offsets, mask, sizes
 
         def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
-            key = (skipped, measure, tuple(a for a in args if isinstance(a, int)))
+            key = (skipped, measure, tuple(args[i] for i in per_call if isinstance(args[i], int)))
             if key not in variants:
                 work, extras = copy.deepcopy(gm), []
                 if skipped:
@@ -98,10 +98,7 @@ class UndGraphExecutor:
             return variants[key]
 
         def run(*args):
-            # The call's own tensors in one layout (compiled parts are specialised to their inputs' strides; latents
-            # sliced from a batch arrive with any strides). Weights and caches keep theirs: they never change.
-            args = tuple(a.contiguous() if isinstance(a, Tensor) and not is_fixed else a
-                         for a, is_fixed in zip(args, fixed, strict=True))
+            args = contiguous_per_call(args, per_call)
             st = self.state
             if kind == "prefill":
                 self.state = st = UndAnswerState(step=0, prompt_len=args[names.index("l_tokens_")].shape[1])
