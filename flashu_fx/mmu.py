@@ -54,9 +54,7 @@ def check_image_latents(cfg: Showo2Config, latents: Tensor) -> None:
 def prompt_embeddings(model: Showo2, latents: Tensor, prompt: MmuPrompt) -> Tensor:
     """Embeddings (1, L0, H) of the prompt with the image slot filled; the image is clean (t = 1)."""
     device = latents.device
-    c = model.time_embeds(torch.ones(1, device=device))
-    offsets = torch.tensor([prompt.offset], device=device)
-    return model.embed_inputs(prompt.tokens.to(device), offsets, model.image_embeds(latents), c)
+    return model.embed_prompt(prompt.tokens.to(device), torch.tensor([prompt.offset], device=device), latents)
 
 
 def cache_length(positions: int) -> int:

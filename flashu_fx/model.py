@@ -122,6 +122,14 @@ class Showo2(nn.Module):
         idx = offsets[:, None] + torch.arange(slot.shape[1], device=tokens.device)[None]
         return x.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), slot)
 
+    def embed_prompt(self, tokens: Tensor, offsets: Tensor, latents: Tensor) -> Tensor:
+        """An understanding prompt's embeddings, its slot holding the CLEAN image (t = 1, the time token included).
+
+        tokens: (M, L) int; offsets: (M,) slot starts (time token); latents: (M, C, h, w) -> (M, L, H)
+        """
+        c = self.time_embeds(torch.ones(tokens.shape[0], device=latents.device))
+        return self.embed_inputs(tokens, offsets, self.image_embeds(latents), c)
+
     # ---- trunk and head ----------------------------------------------------------------------------
     def rope(self, seq_len: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """cos/sin (L, d) for the LLM and for the head, positions 0..L-1."""
@@ -194,8 +202,7 @@ class Showo2(nn.Module):
             # one new token needs no mask among the new rows (its cache sees it); several are causal
             mask = None if n == 1 else torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()[None, None]
         else:
-            c = self.time_embeds(torch.ones(1, device=latents.device))
-            x = self.embed_inputs(tokens, offsets, self.image_embeds(latents), c)
+            x = self.embed_prompt(tokens, offsets, latents)
         positions = cache.advance(n)
         hidden = self.showo(x, cache.cos[positions], cache.sin[positions], mask, cache.layers)
         # One row as a vector (a GEMV, as the eager decoders compute it: the same logits bit for bit).

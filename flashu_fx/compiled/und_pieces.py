@@ -32,8 +32,7 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
 
 def prompt_embeddings(model: Showo2, latents: Tensor, tokens: Tensor, offsets: Tensor) -> Tensor:
     """SigLIP + fusion of the clean image (t = 1) in the prompt's slot: tokens (1, R) -> (1, R, H)."""
-    c = model.time_embeds(torch.ones(1, device=latents.device))
-    return model.embed_inputs(tokens, offsets, model.image_embeds(latents), c)
+    return model.embed_prompt(tokens, offsets, latents)
 
 
 def prefill_layer(layer: Qwen2DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,

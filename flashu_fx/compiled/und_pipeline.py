@@ -25,7 +25,7 @@ from flashu_fx.flashu_gen import ffn_ranges_per_layer
 from flashu_fx.flashu_und import FlashUAnswer
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
-from flashu_fx.mmu import check_image_latents, decode_cached
+from flashu_fx.mmu import check_image_latents, decode_cached, next_token
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from passes.vnorm_token_pruning import kept_image_positions
 
@@ -75,8 +75,8 @@ def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, lat
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
-    ids = decode_cached(compiled, latents, prompt, budget, lambda logits: int(logits.argmax()), stop_at_eos,
-                        progress=False, cache=cache)
+    greedy = lambda logits: next_token(logits, 0.0, 1, None)
+    ids = decode_cached(compiled, latents, prompt, budget, greedy, stop_at_eos, progress=False, cache=cache)
     state = backend.und_state
     kept = None
     if state.kept_rows is not None:
