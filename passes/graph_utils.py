@@ -62,6 +62,19 @@ def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_n
             node.meta[SOURCE] = tuple(sources)
 
 
+def output_node(graph: fx.Graph) -> fx.Node:
+    """The graph's output node (the last node)."""
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def append_output(graph: fx.Graph, value: fx.Node) -> None:
+    """Make the graph also return ``value``, after what it returns (an extra output ``split_extra_outputs`` takes
+    off again)."""
+    output = output_node(graph)
+    results = output.args[0]
+    output.args = ((*results, value) if isinstance(results, (tuple, list)) else (results, value),)
+
+
 def split_extra_outputs(outputs: tuple, extras: tuple[str, ...]) -> tuple[tuple, dict[str, object]]:
     """A rewritten graph's outputs -> (the original outputs, {name: value} of the ``extras`` that passes appended
     after them, in order: e.g. a measurement the executor reads)."""

@@ -19,7 +19,7 @@ import warnings
 
 from torch import fx
 
-from passes.graph_utils import DERIVED_BY
+from passes.graph_utils import DERIVED_BY, append_output
 from passes.layer_skipping import layer_boundaries
 
 HEAD_CACHE_INPUT = "head_cache"
@@ -40,9 +40,7 @@ def expose_head_output(gm: fx.GraphModule) -> int:
     node = head_output(gm)
     if node is None:
         return 0
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    results = output.args[0]
-    output.args = ((*results, node) if isinstance(results, (tuple, list)) else (results, node),)
+    append_output(gm.graph, node)
     gm.graph.lint()
     gm.recompile()
     return 1

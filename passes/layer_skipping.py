@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from passes.graph_utils import DERIVED_BY, inherit_provenance
+from passes.graph_utils import DERIVED_BY, append_output, inherit_provenance, output_node
 from passes.partition import anchor
 
 
@@ -120,9 +120,8 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
                       "measured", stacklevel=2)
         return 0
     graph = gm.graph
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
     measured = []
-    with graph.inserting_before(output):
+    with graph.inserting_before(output_node(graph)):
         for index in sorted(boundaries):
             b = boundaries[index]
             if offsets is None:
@@ -133,8 +132,7 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
             inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
         stacked = graph.call_function(torch.stack, (measured,))
         stacked.meta[DERIVED_BY] = "measure_layer_importance"
-    results = output.args[0]
-    output.args = ((*results, stacked) if isinstance(results, (tuple, list)) else (results, stacked),)
+    append_output(graph, stacked)
     graph.lint()
     gm.recompile()
     return len(measured)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, fx
 
 import triton_kernels  # noqa: F401  (registers torch.ops.flashu.vnorm_topk)
-from passes.graph_utils import inherit_provenance, linear_calls
+from passes.graph_utils import append_output, inherit_provenance, linear_calls
 from passes.partition import anchor
 
 PASS_NAME = "vnorm_token_pruning"
@@ -128,9 +128,7 @@ def prune_tokens_after_layer(gm: fx.GraphModule, layer: int, num_image: int, kee
     for user in after:
         for old, new in replacement.items():
             user.replace_input_with(old, new)
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    results = output.args[0]
-    output.args = ((*results, selected) if isinstance(results, (tuple, list)) else (results, selected),)
+    append_output(graph, selected)
     graph.lint()
     gm.recompile()
     return len(crossing)
