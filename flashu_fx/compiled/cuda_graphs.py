@@ -52,7 +52,8 @@ class CudaGraphs:
             outputs = body()
         torch.cuda.current_stream().wait_stream(self._stream)
         if self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+            dropped, _ = self.graphs.popitem(last=False)
+            self._inputs.pop(dropped, None)  # its fixed-address inputs go with it
         self.graphs[key] = (graph, outputs)
         self.captures[label] += 1
         return first

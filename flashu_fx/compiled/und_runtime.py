@@ -122,9 +122,13 @@ class UndRuntime:
         self.decode_finish = one_row(und_pieces.decode_finish, "und_decode_finish", [])
         self.states: dict[int, _Static] = {}
         self.weights_key: tuple[int, ...] = ()  # the parameters' addresses this runtime was built over
-        self.graph_captures: Counter = Counter()
         self.keep_logits = False
         self.logits: list[Tensor] = []  # every step's logits of the last answer, when keep_logits
+
+    @property
+    def graph_captures(self) -> Counter:
+        """CUDA-graph captures per variant ("prefill", "measure", "skip[...]"), over every cache capacity."""
+        return sum((st.graphs.captures for st in self.states.values()), Counter())
 
     @staticmethod
     def _ffn_weights(mlp: torch.nn.Module, ranges) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,8 +284,5 @@ class UndRuntime:
         if not self.cuda_graphs:
             step()
             return
-        before = sum(st.graphs.captures.values())
         label = key[0] if key[0] == "prefill" else "measure" if key[1] else f"skip{list(key[0])}"
         st.graphs.run(key, step, label)
-        if sum(st.graphs.captures.values()) > before:
-            self.graph_captures[label] += 1
