@@ -7,6 +7,8 @@ and computes logits for every position (the comparison baseline).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -116,10 +118,13 @@ def all_position_logits(lm_head: nn.Linear, hidden: Tensor) -> Tensor:
 
 
 def decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, progress,
-                  cache: UndCache | None = None) -> list[int]:
+                  cache: UndCache | None = None,
+                  decode_context: Callable[[int], AbstractContextManager] | None = None) -> list[int]:
     """The prefill into a static cache, then one model call per token (gpt-fast's loop; ``Showo2.understand``).
 
     ``cache``: an ``UndCache`` of capacity >= L0 + max_new_tokens to reuse (emptied first); None: a new one.
+    ``decode_context``: decode step i (0-based) runs inside ``decode_context(i)`` (a compiled caller's
+    ``flashu_fx.compiled.repeat_calls.loop_call``).
     """
     cfg, device, n0 = model.config, latents.device, prompt.tokens.shape[1]
     if cache is None:
@@ -135,10 +140,12 @@ def decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, pro
     logits = model(tokens, latents, None, offsets, mask, cache=cache).logits
     ids = [step(logits[0, -1])]
     token = torch.empty(1, 1, dtype=torch.long, device=device)
-    for _ in tqdm(range(1, max_new_tokens), desc="decoding", disable=not progress, leave=False):
+    for i in tqdm(range(max_new_tokens - 1), desc="decoding", disable=not progress, leave=False):
         if stop_at_eos and ids[-1] == cfg.specials.eos:
             break
-        ids.append(step(model(token.fill_(ids[-1]), None, None, None, None, cache=cache).logits[0, -1]))
+        with nullcontext() if decode_context is None else decode_context(i):
+            logits = model(token.fill_(ids[-1]), None, None, None, None, cache=cache).logits
+        ids.append(step(logits[0, -1]))
     return ids
 
 

@@ -25,6 +25,22 @@ def module_path(node: fx.Node) -> str | None:
 
 
 
+_LIFTED_ATTRIBUTE = re.compile(r"^l_self_(?:modules_)?(.*)_$")
+
+
+def lifted_state_dict(gm: fx.GraphModule, inputs: list) -> dict[str, Tensor]:
+    """The compiled module's parameters and buffers among a captured graph's ``inputs``, by state-dict key.
+    Dynamo lifts each as a placeholder named after its attribute path
+    (``l_self_modules_showo_modules_model_..._parameters_weight_`` -> ``showo.model....weight``)."""
+    lifted = {}
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), inputs, strict=False):
+        match = _LIFTED_ATTRIBUTE.match(node.name)
+        if match and isinstance(value, Tensor):
+            key = re.sub(r"_(?:modules|parameters|buffers)_", ".", match.group(1))
+            lifted[key] = value
+    return lifted
+
+
 def linear_calls(gm: fx.GraphModule) -> Iterator[tuple[str, str, fx.Node]]:
     """(parent module path, module name, node) of every ``F.linear`` call made by a module, in graph order."""
     for node in gm.graph.nodes:

@@ -40,6 +40,7 @@ from torch import Tensor, fx
 from flashu_fx.compiled.gen_graph import GenGraphExecutor
 from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
 from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
+from flashu_fx.compiled.repeat_calls import full_guards
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
 from flashu_fx.compiled.und_runtime import CACHE_BUCKET, UndRuntime, round_up
 from flashu_fx.config import PRESETS, Showo2Config
@@ -52,6 +53,7 @@ from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.schedule import StepPlan
 from flashu_fx.und_cache import UndCache
+from passes.graph_utils import lifted_state_dict
 from passes.partition import PartitionedGraph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
@@ -264,12 +266,14 @@ class FlashUBackend:
     def _graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
         """executor="graph": the captured forward itself, rewritten per call by FlashU's passes (``gen_graph``) and
         split at module boundaries (``passes.partition``), each distinct part compiled once (``merge_projections``
-        merges where the captured weights already share buffers, e.g. after ``colocate_projections``); on CUDA each
-        variant replays as a CUDA graph."""
+        merges each q/k/v and gate/up group, whose weights it first colocates in one buffer); on CUDA each variant
+        replays as a CUDA graph."""
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
+        # The user's own Parameters, colocated once as the runtime does: merge_projections then merges every layer.
+        merge = self.merge_projections and self._colocated({k: example_inputs[i]
+                                                            for k, i in match.param_inputs.items()})
         compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                          self.piece_captures, self.merge_projections, self.eager_numerics,
-                                          self.inductor_options)
+                                          self.piece_captures, merge, self.eager_numerics, self.inductor_options)
         shapes = {k: tuple(example_inputs[i].shape) for k, i in match.param_inputs.items()}
         num_layers = len({k.split(".")[3] for k in shapes if k.startswith("showo.model.layers.")})
         slot_len = shapes["position_embedding.weight"][0] + 1  # the time token and the configured grid
@@ -295,10 +299,16 @@ class FlashUBackend:
         backend's ``UndGraphExecutor``: FlashU's token pruning, layer skipping and pruned FFN as passes over it."""
         if self._und_graph is None:
             cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
-            compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                              self.piece_captures, False, False, self.inductor_options)
+            # The inputs hold the user's own Parameters: colocated once, as the runtime does, so that
+            # merge_projections finds each q/k/v and gate/up group in one buffer in every part.
+            merge = self.merge_projections and self._colocated(lifted_state_dict(gm, example_inputs))
+            piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
+            # No eager_numerics, as the runtime's pieces; tune_decode: the one-row decode parts as its one-row pieces.
+            compile_part = make_part_compiler(piece_backend, self.piece_captures, merge, False, self.inductor_options)
+            compile_one_row = make_part_compiler(piece_backend, self.piece_captures, merge, False,
+                                                 self.inductor_options, coordinate_descent=self.tune_decode)
             self._und_graph = UndGraphExecutor(self.config, self._und_ffn_ranges(gm), compile_part,
-                                               cuda_graphs=self.cuda_graphs and cuda)
+                                               cuda_graphs=self.cuda_graphs and cuda, compile_one_row=compile_one_row)
         return self._und_graph.runner(gm, example_inputs)
 
     def _und_ffn_ranges(self, gm: fx.GraphModule) -> list[tuple[int, int]] | None:
@@ -326,7 +336,8 @@ class FlashUBackend:
 
     def _runner(self, match: Showo2GraphMatch, example_inputs: list):
         def run(*args: Tensor):
-            return self._run(match, args)
+            with full_guards():  # the runtime's pieces are torch.compile'd: a first use on a later call compiles
+                return self._run(match, args)
 
         return run
 

@@ -91,7 +91,9 @@ class GenGraphExecutor:
             importance = found["importance"].tolist()  # the one host read of a measuring call
             st.skip_set = choose_skip_set(importance, self.num_skipped)
         if plan.head == "store":
-            st.head_cache = found["head_out"]
+            # A copy: a replayed CUDA graph's outputs live in the pool its graphs share, where another graph's
+            # replay (captured later over memory this one freed) may overwrite them before the reuse call reads.
+            st.head_cache = found["head_out"].clone() if self.cuda_graphs is not None else found["head_out"]
         elif plan.head == "compute":
             st.head_cache = None  # as the eager twin: after the first store, only the full phase computes
         st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))

@@ -105,17 +105,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
 
 
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
-                       eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None
-                       ) -> Callable[[fx.GraphModule, list], Callable]:
+                       eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
+                       coordinate_descent: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
     """The compiler of the parts of a captured graph (``passes.partition.compile_parts``): each part's graph is
-    already captured, so it goes straight to ``compile_graph``. ``captures`` counts compilations per part name."""
+    already captured, so it goes straight to ``compile_graph``. ``captures`` counts compilations per part name;
+    the other settings are ``make_piece_compiler``'s."""
     extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
         if captures is not None:
             captures[name] += 1
-        return compile_graph(gm, list(example_inputs), backend, merge, False, eager_numerics, False, extra_patches,
-                             name)
+        return compile_graph(gm, list(example_inputs), backend, merge, False, eager_numerics, coordinate_descent,
+                             extra_patches, name)
 
     return compile_part

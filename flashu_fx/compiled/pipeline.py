@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
+from flashu_fx.compiled.repeat_calls import loop_call
 from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch
 from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
@@ -28,10 +29,11 @@ from flashu_fx.tokenizer import TextTokenizer
 
 def stepped_velocity(compiled: torch.nn.Module, backend: FlashUBackend, batch: GenBatch) -> VelocityFn:
     """The compiled model as a VelocityFn for ``euler_sample``: call ``step`` runs inside ``backend.step``.
-    The CFG sampler feeds equal cond/null latents, so the image features are computed once."""
+    The CFG sampler feeds equal cond/null latents, so the image features are computed once. Calls after the
+    image's first run only the Dynamo guards that tell captured graphs apart (``repeat_calls.loop_call``)."""
 
     def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
-        with backend.step(step, cfg_shared_latents=batch.guided):
+        with backend.step(step, cfg_shared_latents=batch.guided), loop_call(step):
             return compiled(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False).velocity
 
     return velocity

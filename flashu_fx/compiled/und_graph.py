@@ -52,9 +52,13 @@ class UndGraphExecutor:
     """The understanding executor of one backend: its config, the "und" FFN ranges, and the compiled variants."""
 
     def __init__(self, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int] | None] | None,
-                 compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True) -> None:
+                 compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True,
+                 compile_one_row: Callable[[fx.GraphModule, list], Callable] | None = None) -> None:
+        """``compile_part`` compiles the prefill's parts, ``compile_one_row`` (default: the same) the decode
+        step's, which run on one row."""
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
+        self.compile_one_row = compile_part if compile_one_row is None else compile_one_row
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
@@ -93,7 +97,8 @@ class UndGraphExecutor:
                 # compile_parts runs the root once for its parts' inputs: on copies of the caches it appends to
                 examples = [x.clone() if name.startswith("l_cache_") else x
                             for name, x in zip(names, args, strict=True)]
-                compile_parts(graph, self.compile_part, examples, self._artifacts)
+                compiler = self.compile_part if kind == "prefill" else self.compile_one_row
+                compile_parts(graph, compiler, examples, self._artifacts)
                 variants[key] = graph, tuple(extras)
             return variants[key]
 
@@ -118,8 +123,11 @@ class UndGraphExecutor:
             if "importance" in found:
                 importance = tuple(found["importance"].tolist())  # the one host read of a measuring step
                 st.skip_set = choose_skip_set(importance, num_skipped)
-            if kind == "prefill":
-                st.kept_rows = found.get("kept_rows")
+            if kind == "prefill" and "kept_rows" in found:
+                # Read after the decode steps: a copy, since their replays may reuse the memory of a graph's
+                # outputs in the pool the graphs share (gen_graph's stored head output likewise).
+                kept = found["kept_rows"]
+                st.kept_rows = kept.clone() if self.cuda_graphs is not None else kept
             st.records.append(UndStepRecord(st.step, st.prompt_len - 1 + st.step, layers, skipped, importance,
                                             st.skip_set))
             return out

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
+from flashu_fx.compiled.repeat_calls import loop_call
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import ffn_ranges_per_layer
 from flashu_fx.flashu_und import FlashUAnswer
@@ -76,7 +77,9 @@ def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, lat
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
     greedy = lambda logits: next_token(logits, 0.0, 1, None)
-    ids = decode_cached(compiled, latents, prompt, budget, greedy, stop_at_eos, progress=False, cache=cache)
+    # The first decode step runs every Dynamo guard, the later ones only those telling prefill from decode.
+    ids = decode_cached(compiled, latents, prompt, budget, greedy, stop_at_eos, progress=False, cache=cache,
+                        decode_context=loop_call)
     state = backend.und_state
     kept = None
     if state.kept_rows is not None:

@@ -118,7 +118,25 @@ def test_both_understanding_graphs_come_from_the_captured_graphs(tiny_model) -> 
         assert {f"layer.{i}" for i in range(tiny_model.config.num_layers)} <= {p.name for p in graph.parts}
     prefill = backend.und_graphs["prefill"]
     derived = [n for p in prefill.parts for n in p.module.graph.nodes if n.meta.get("derived_by")]
-    assert {n.meta["derived_by"] for n in derived} == {"vnorm_token_pruning"}  # the pass's nodes, named
+    # every node a pass made is named after it: the pruning pass's, and the merged q/k/v and gate/up products
+    assert {n.meta["derived_by"] for n in derived} == {"vnorm_token_pruning", "merge_projections"}
+
+
+def test_projections_are_merged_in_both_graphs(tiny_model) -> None:
+    """The backend colocates each q/k/v and gate/up group of the captured weights, so merge_projections turns
+    every layer's 7 linears into 4, in the prefill and in the decode step, and the answer is unchanged."""
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(tiny_model)
+    latents, question = latents_for(4), question_for(5)
+    want = answer_question(model, latents, question, max_new_tokens=4, stop_at_eos=False)
+    backend, und = graph_backend(model)
+    got = answer_question_compiled(und, backend, latents, question, max_new_tokens=4, stop_at_eos=False)
+    assert got.ids == want.ids
+    for kind, graph in backend.und_graphs.items():
+        layer = next(p for p in graph.parts if p.name == "layer.0").module
+        linears = sum(n.op == "call_function" and n.target is F.linear for n in layer.graph.nodes)
+        assert linears == 4, kind
 
 
 def test_a_changed_model_forward_changes_the_compiled_answer_the_same_way(tiny_model) -> None:
