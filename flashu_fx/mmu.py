@@ -94,7 +94,8 @@ def answer_question(
     gen = torch.Generator().manual_seed(seed)
     step = lambda logits: next_token(logits, temperature, top_k, gen)
     if kv_cache:
-        ids = decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, progress)
+        greedy = temperature == 0 or top_k == 1
+        ids = decode_cached(model, latents, prompt, max_new_tokens, None if greedy else step, stop_at_eos, progress)
     else:
         x = prompt_embeddings(model, latents, prompt)
         ids = decode_uncached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress)
@@ -117,14 +118,15 @@ def all_position_logits(lm_head: nn.Linear, hidden: Tensor) -> Tensor:
     return torch.cat([F.linear(hidden, weight[:split]), F.linear(hidden, weight[split:])], dim=-1)
 
 
-def decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, progress,
-                  cache: UndCache | None = None,
+def decode_cached(model, latents, prompt, max_new_tokens, step: Callable[[Tensor], int] | None, stop_at_eos,
+                  progress, cache: UndCache | None = None,
                   decode_context: Callable[[int], AbstractContextManager] | None = None) -> list[int]:
     """The prefill into a static cache, then one model call per token (gpt-fast's loop; ``Showo2.understand``).
 
-    ``cache``: an ``UndCache`` of capacity >= L0 + max_new_tokens to reuse (emptied first); None: a new one.
-    ``decode_context``: decode step i (0-based) runs inside ``decode_context(i)`` (a compiled caller's
-    ``flashu_fx.compiled.repeat_calls.loop_call``).
+    ``step``: logits (V,) -> the next id; None: greedy, chosen on the device, and each id is read on the host while
+    the next step already runs (``greedy_on_device``). ``cache``: an ``UndCache`` of capacity >= L0 +
+    max_new_tokens to reuse (emptied first); None: a new one. ``decode_context``: decode step i (0-based) runs
+    inside ``decode_context(i)`` (a compiled caller's ``flashu_fx.compiled.repeat_calls.loop_call``).
     """
     cfg, device, n0 = model.config, latents.device, prompt.tokens.shape[1]
     if cache is None:
@@ -138,15 +140,48 @@ def decode_cached(model, latents, prompt, max_new_tokens, step, stop_at_eos, pro
     tokens, mask = prompt.tokens.to(device), prompt.mask(cfg).to(device)
     mark_prompt_dynamic(tokens, mask)
     logits = model(tokens, latents, None, offsets, mask, cache=cache).logits
+
+    def decode(token: Tensor, i: int) -> Tensor:
+        with nullcontext() if decode_context is None else decode_context(i):
+            return model(token, None, None, None, None, cache=cache).logits
+
+    if step is None:
+        return greedy_on_device(decode, logits, max_new_tokens, cfg.specials.eos if stop_at_eos else None, progress)
     ids = [step(logits[0, -1])]
     token = torch.empty(1, 1, dtype=torch.long, device=device)
     for i in tqdm(range(max_new_tokens - 1), desc="decoding", disable=not progress, leave=False):
         if stop_at_eos and ids[-1] == cfg.specials.eos:
             break
-        with nullcontext() if decode_context is None else decode_context(i):
-            logits = model(token.fill_(ids[-1]), None, None, None, None, cache=cache).logits
-        ids.append(step(logits[0, -1]))
+        ids.append(step(decode(token.fill_(ids[-1]), i)[0, -1]))
     return ids
+
+
+def greedy_on_device(decode: Callable[[Tensor, int], Tensor], logits: Tensor, max_new_tokens: int, eos: int | None,
+                     progress: bool) -> list[int]:
+    """Greedy decoding with the host one step behind: each new id is chosen on the device and fed to the next
+    step there, and the host reads id i (for the stop check) while step i + 1 already runs, so the host's work per
+    step (the call, a compiled model's guards) overlaps the device's instead of adding to it. Without a stop
+    token nothing is read until the end. Same ids as ``next_token``'s greedy loop; after a stop token one extra
+    step has run, its id dropped.
+
+    decode(token (1, 1), i) -> the logits (1, 1, V) of decode step i; logits: the prefill's (1, 1, V).
+    """
+    chosen = [logits[0, -1].argmax().view(1, 1)]
+    pinned = chosen[0].is_cuda
+    host = torch.empty(max_new_tokens, dtype=torch.long, pin_memory=pinned)
+    for i in tqdm(range(max_new_tokens - 1), desc="decoding", disable=not progress, leave=False):
+        if eos is not None:
+            host[i : i + 1].copy_(chosen[i].view(1), non_blocking=pinned)
+            read = torch.cuda.Event() if pinned else None
+            if read is not None:
+                read.record()
+        chosen.append(decode(chosen[i], i)[0, -1].argmax().view(1, 1))
+        if eos is not None:
+            if read is not None:
+                read.synchronize()  # id i only: step i + 1 keeps the device busy meanwhile
+            if int(host[i]) == eos:
+                return host[: i + 1].tolist()
+    return torch.cat(chosen).view(-1).tolist()
 
 
 def decode_uncached(model, x, prompt, max_new_tokens, step, stop_at_eos, progress) -> list[int]:

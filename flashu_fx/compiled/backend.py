@@ -284,7 +284,7 @@ class FlashUBackend:
             self._serve(match)
             if self._step == 0:
                 executor.begin()
-            out = executor(self._plans[self._step], args)
+            out = executor(self._plans[self._step], args, cfg_shared=self._cfg_shared)
             self.captured = executor.graph
             return out
 

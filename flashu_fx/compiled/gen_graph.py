@@ -8,6 +8,7 @@ variant of the captured forward, built on first use:
     layers "measure"    passes.layer_skipping.measure_layer_importance over the image slots (+ importance output)
     head "store"        passes.head_cache.expose_head_output (+ the head blocks' output)
     head "reuse"        passes.head_cache.reuse_head_output: the stored output is an input, the dead trunk is gone
+    CFG pair            passes.cfg_shared_features: the image features on half the batch (equal halves promised)
     then                passes.partition.partition_showo2_graph, and with the pruned FFN phase
                         passes.ffn_slicing.slice_ffn_inputs (each layer's "gen" range as weight views)
 
@@ -29,6 +30,7 @@ from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.schedule import StepPlan
+from passes.cfg_shared_features import share_cfg_features
 from passes.ffn_slicing import slice_ffn_inputs
 from passes.graph_utils import split_extra_outputs
 from passes.head_cache import expose_head_output, reuse_head_output
@@ -70,21 +72,23 @@ class GenGraphExecutor:
         """Forget the skip set, the stored head output and the records (a new image)."""
         self.state = GenImageState()
 
-    def __call__(self, plan: StepPlan, args: tuple) -> tuple:
+    def __call__(self, plan: StepPlan, args: tuple, cfg_shared: bool = False) -> tuple:
         """Call ``plan.call`` of the image on the captured forward's inputs ``args`` (the caller's tokens (M, L),
         latents (M, C, h, w), t (M,), offsets (M,), mask (M, 1, L, L), and the lifted weights) -> its outputs
-        (the velocity (M, C, h, w))."""
+        (the velocity (M, C, h, w)). ``cfg_shared``: the caller promises the latents' two halves are equal (a CFG
+        pair), so the image features are computed once for both."""
         args = contiguous_per_call(args, self.per_call)
         st = self.state
         skipped = st.skip_set if plan.layers == "skip" else ()
         measure = plan.layers == "measure"
         if plan.head == "reuse" and st.head_cache is None:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
-        graph, extras = self._variant(skipped, measure, plan.head, plan.ffn_pruned, args)
+        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse")
+        graph, extras = self._variant(key, args)
         self.graph = graph
         inputs, fixed = ((*args, st.head_cache), [*self.fixed, False]) if plan.head == "reuse" else (args, self.fixed)
         out, found = split_extra_outputs(run_maybe_graphed(
-            self.cuda_graphs, (skipped, measure, plan.head, plan.ffn_pruned), graph.root, inputs, fixed,
+            self.cuda_graphs, key, graph.root, inputs, fixed,
             f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
@@ -99,12 +103,14 @@ class GenGraphExecutor:
         st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))
         return out
 
-    def _variant(self, skipped: tuple[int, ...], measure: bool, head: str, ffn_pruned: bool,
-                 args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
-        key = (skipped, measure, head, ffn_pruned)
+    def _variant(self, key: tuple, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
+        """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared), built once."""
         if key in self._variants:
             return self._variants[key]
+        skipped, measure, head, ffn_pruned, cfg_shared = key
         work, extras = copy.deepcopy(self.gm), []
+        if cfg_shared:  # (a head-reuse call has no image features left to share)
+            share_cfg_features(work)
         if skipped:
             skip_layers(work, skipped)
         if measure and measure_layer_importance(work, ("l_offsets_", self.slot_len)):

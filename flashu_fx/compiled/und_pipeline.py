@@ -26,7 +26,7 @@ from flashu_fx.flashu_gen import ffn_ranges_per_layer
 from flashu_fx.flashu_und import FlashUAnswer
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
-from flashu_fx.mmu import check_image_latents, decode_cached, next_token
+from flashu_fx.mmu import check_image_latents, decode_cached
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from passes.vnorm_token_pruning import kept_image_positions
 
@@ -76,12 +76,13 @@ def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, lat
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
-    greedy = lambda logits: next_token(logits, 0.0, 1, None)
-    # The first decode step runs every Dynamo guard, the later ones only those telling prefill from decode.
-    ids = decode_cached(compiled, latents, prompt, budget, greedy, stop_at_eos, progress=False, cache=cache,
+    # Greedy on the device, the host one step behind; the first decode step runs every Dynamo guard, the later
+    # ones only those telling prefill from decode.
+    ids = decode_cached(compiled, latents, prompt, budget, None, stop_at_eos, progress=False, cache=cache,
                         decode_context=loop_call)
     state = backend.und_state
     kept = None
     if state.kept_rows is not None:
         kept = kept_image_positions(state.kept_rows, prompt.offset, config.kept_tokens(cfg.num_image_tokens))
-    return FlashUAnswer(ids, tok.decode(ids), kept, list(state.records), prompt.tokens.shape[1])
+    # one record per id: after a stop token the loop ran one step more, whose id it dropped
+    return FlashUAnswer(ids, tok.decode(ids), kept, state.records[: len(ids)], prompt.tokens.shape[1])

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from flashu_fx import FlashUConfig, answer_question, generate_images, generate_images_flashu
-from flashu_fx import mmu as mmu_module
-from flashu_fx.layout import build_gen_batch
+from flashu_fx import FlashUConfig, answer_question, generate_images, generate_images_flashu, mmu
+from flashu_fx.inputs import question_ids
+from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.sampler import draw_noise
+from flashu_fx.tokenizer import get_tokenizer
 
 PROMPTS = ["a red cube", "two cats"]
 
@@ -94,32 +95,41 @@ def latents_for(model, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(seed))
 
 
-def record_logits(monkeypatch) -> list[torch.Tensor]:
-    """Wrap the sampler step of mmu to keep every logit vector it sees."""
+def answer_loop(model, latents, question: str, budget: int, kv_cache: bool, step, stop_at_eos: bool = False
+                ) -> list[int]:
+    """The ids of one answer loop (cached, or upstream's full recompute) with the host ``step`` choosing each id."""
+    cfg = model.config
+    tok = get_tokenizer(cfg)
+    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
+    if kv_cache:
+        return mmu.decode_cached(model, latents, prompt, budget, step, stop_at_eos, progress=False)
+    x = mmu.prompt_embeddings(model, latents, prompt)
+    return mmu.decode_uncached(model, x, prompt, budget, step, stop_at_eos, progress=False)
+
+
+def greedy_logits(model, latents, question: str, budget: int, kv_cache: bool) -> tuple[list[int], list[torch.Tensor]]:
+    """The greedy ids and every step's logits of one answer loop."""
     seen: list[torch.Tensor] = []
-    original = mmu_module.next_token
 
-    def recording(logits, temperature, top_k, generator):
+    def step(logits: torch.Tensor) -> int:
         seen.append(logits.detach().clone())
-        return original(logits, temperature, top_k, generator)
+        return int(logits.argmax())
 
-    monkeypatch.setattr(mmu_module, "next_token", recording)
-    return seen
+    return answer_loop(model, latents, question, budget, kv_cache, step), seen
 
 
-def test_kv_cache_and_full_recompute_give_the_same_logits(tiny_model, monkeypatch):
-    seen = record_logits(monkeypatch)
+def test_kv_cache_and_full_recompute_give_the_same_logits(tiny_model):
     latents = latents_for(tiny_model)
-    cached = answer_question(tiny_model, latents, "what?", max_new_tokens=6, kv_cache=True, stop_at_eos=False)
-    cached_logits = list(seen)
-    seen.clear()
-    full = answer_question(tiny_model, latents, "what?", max_new_tokens=6, kv_cache=False, stop_at_eos=False)
-    assert cached.ids == full.ids and len(full.ids) == 6
-    assert len(cached_logits) == len(seen) == 6
-    for a, b in zip(cached_logits, seen, strict=True):
+    cached_ids, cached_logits = greedy_logits(tiny_model, latents, "what?", 6, kv_cache=True)
+    full_ids, full_logits = greedy_logits(tiny_model, latents, "what?", 6, kv_cache=False)
+    assert cached_ids == full_ids and len(full_ids) == 6
+    assert len(cached_logits) == len(full_logits) == 6
+    for a, b in zip(cached_logits, full_logits, strict=True):
         assert a.shape == (tiny_model.config.vocab_size,)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert float((cached_logits[0] - cached_logits[1]).abs().max()) > 1e-4  # the steps are not all alike
+    # answer_question's greedy loop (ids chosen on the device, read a step behind) gives the same ids
+    assert answer_question(tiny_model, latents, "what?", max_new_tokens=6, stop_at_eos=False).ids == cached_ids
 
 
 def test_sampled_decoding_same_seed_same_ids(tiny_model):
@@ -134,17 +144,13 @@ def test_sampled_decoding_same_seed_same_ids(tiny_model):
 
 
 @pytest.mark.parametrize("kv_cache", [True, False])
-def test_stops_at_eos(tiny_model, monkeypatch, kv_cache):
+def test_stops_at_eos(tiny_model, kv_cache):
     eos = tiny_model.config.specials.eos
-    script = iter([5, 7, eos, 9, 9, 9, 9, 9])
-    monkeypatch.setattr(mmu_module, "next_token", lambda logits, temperature, top_k, gen: next(script))
-    answer = answer_question(tiny_model, latents_for(tiny_model), "q", max_new_tokens=8, kv_cache=kv_cache)
-    assert answer.ids == [5, 7, eos]  # the stop token is kept
-    script = iter([5, 7, eos, 9, 9, 9, 9, 9])
-    answer = answer_question(
-        tiny_model, latents_for(tiny_model), "q", max_new_tokens=5, kv_cache=kv_cache, stop_at_eos=False
-    )
-    assert answer.ids == [5, 7, eos, 9, 9]
+    for stop_at_eos, budget, want in ((True, 8, [5, 7, eos]), (False, 5, [5, 7, eos, 9, 9])):
+        script = iter([5, 7, eos, 9, 9, 9, 9, 9])
+        ids = answer_loop(tiny_model, latents_for(tiny_model), "q", budget, kv_cache,
+                          lambda logits, script=script: next(script), stop_at_eos)
+        assert ids == want  # the stop token is kept
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 8, 8), (16, 8, 8), (1, 16, 6, 6)])

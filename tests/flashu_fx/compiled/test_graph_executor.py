@@ -44,6 +44,9 @@ def test_every_compiled_part_comes_from_the_captured_graph(tiny_model) -> None:
     assert sum(backend.piece_captures.values()) == 5
     covered = [s for p in graph.parts for s in p.sources]
     assert sorted(covered) == sorted(graph.captured_nodes)  # every captured node computed, in exactly one part
+    # the sampler's CFG pair shares its latents: the image features ran once for both (passes.cfg_shared_features)
+    embed = next(p for p in graph.parts if p.name == "embed").module
+    assert any(n.meta.get("derived_by") == "cfg_shared_features" for n in embed.graph.nodes)
 
 
 def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
