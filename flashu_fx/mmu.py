@@ -158,24 +158,37 @@ def decode_cached(model, latents, prompt, max_new_tokens, step: Callable[[Tensor
 
 def greedy_on_device(decode: Callable[[Tensor, int], Tensor], logits: Tensor, max_new_tokens: int, eos: int | None,
                      progress: bool) -> list[int]:
-    """Greedy decoding with the host one step behind: each new id is chosen on the device and fed to the next
-    step there, and the host reads id i (for the stop check) while step i + 1 already runs, so the host's work per
-    step (the call, a compiled model's guards) overlaps the device's instead of adding to it. Without a stop
-    token nothing is read until the end. Same ids as ``next_token``'s greedy loop; after a stop token one extra
-    step has run, its id dropped.
+    """Greedy decoding with the host one step behind (``read_one_step_behind``): each new id is chosen on the
+    device and fed to the next step there. Same ids as ``next_token``'s greedy loop.
 
     decode(token (1, 1), i) -> the logits (1, 1, V) of decode step i; logits: the prefill's (1, 1, V).
     """
-    chosen = [logits[0, -1].argmax().view(1, 1)]
-    pinned = chosen[0].is_cuda
+    first = logits[0, -1].argmax().view(1, 1)
+    return read_one_step_behind(lambda token, i: decode(token, i)[0, -1].argmax().view(1, 1), first, max_new_tokens,
+                                eos, progress)
+
+
+def read_one_step_behind(next_id: Callable[[Tensor, int], Tensor], first: Tensor, max_new_tokens: int,
+                         eos: int | None, progress: bool) -> list[int]:
+    """Run decode steps whose ids stay on the device, the host reading id i (for the stop check) while step i + 1
+    already runs: the host's work per step (the call, a compiled model's guards, a graph launch) overlaps the
+    device's instead of adding to it. Without a stop token nothing is read until the end. After a stop token one
+    extra step has run; its id is dropped.
+
+    next_id(id (1, 1) of step i, i) runs decode step i and returns its new id (1, 1), a tensor of its own (not a
+    buffer the next step overwrites); first: the prefill's id (1, 1). -> the ids, the stop token included.
+    """
+    chosen = [first]
+    pinned = first.is_cuda
     host = torch.empty(max_new_tokens, dtype=torch.long, pin_memory=pinned)
     for i in tqdm(range(max_new_tokens - 1), desc="decoding", disable=not progress, leave=False):
+        read = None
         if eos is not None:
             host[i : i + 1].copy_(chosen[i].view(1), non_blocking=pinned)
-            read = torch.cuda.Event() if pinned else None
-            if read is not None:
+            if pinned:
+                read = torch.cuda.Event()
                 read.record()
-        chosen.append(decode(chosen[i], i)[0, -1].argmax().view(1, 1))
+        chosen.append(next_id(chosen[i], i))
         if eos is not None:
             if read is not None:
                 read.synchronize()  # id i only: step i + 1 keeps the device busy meanwhile

@@ -14,8 +14,9 @@ CACHE_BUCKET, shared by all requests and graphs): per-layer K/V caches and valid
 prefill's inputs (latents, padded ids, L0 and the slot offsets as device scalars, so one graph serves every
 prompt of its bucket) and (1,)-sized buffers the decode graphs read and advance themselves: the token to
 feed, its RoPE position, and the next slot of each layer group (layers <= p have slot base L0, layers > p
-base K0). Per request the host writes the prefill inputs, then reads one id per step (the stop check),
-plus the importances on a measuring step and the kept positions once.
+base K0). Per request the host writes the prefill inputs, then reads each id one step behind (the stop check,
+``mmu.read_one_step_behind``: the next step already runs meanwhile), plus the importances on a measuring step and
+the kept positions once.
 
 Every rule (which steps measure, which layers skip, which tokens stay, slot bases, positions) is the eager
 twin's: the host-side plan is a ``flashu_fx.flashu_und.FlashUUndDecoder`` (used for its rules, not run) and
@@ -41,6 +42,7 @@ from flashu_fx.flashu_gen import choose_skip_set, ffn_ranges_per_layer
 from flashu_fx.flashu_und import FlashUUndDecoder, UndStepRecord
 from flashu_fx.layout import MmuPrompt
 from flashu_fx.masks import omni_mask
+from flashu_fx.mmu import read_one_step_behind
 from flashu_fx.model import Showo2
 from flashu_fx.schedule import und_step_layers
 
@@ -170,7 +172,6 @@ class UndRuntime:
         plan = FlashUUndDecoder(self.model, self.config, self.layout, prompt, max_new_tokens)  # the twin's rules
         self.logits = []
         st, pre = self._prefill(plan, latents)
-        ids = [int(st.token)]  # the host read of step 0 (the GPU finished the prefill)
         skip_set: tuple[int, ...] = ()
         layers = und_step_layers(self.config, 0)
         importance = None
@@ -182,21 +183,26 @@ class UndRuntime:
             kept_positions = tuple(pre.kept[plan.image_start : plan.image_start + plan.keep].tolist())
         steps = [UndStepRecord(0, plan.prompt_len - 1, layers, (), importance, skip_set)]
         self._keep(st)
-        eos = self.model.config.specials.eos
-        for d in range(1, max_new_tokens):
-            if stop_at_eos and ids[-1] == eos:
-                break
+
+        def decode_step(_previous: Tensor, i: int) -> Tensor:
+            nonlocal skip_set
+            d = i + 1
             layers = und_step_layers(self.config, d)
             skipped = skip_set if layers == "skip" else ()
-            self._decode(st, skipped, layers == "measure")
-            ids.append(int(st.token))  # the one host read of a decode step: the stop check
+            self._decode(st, skipped, layers == "measure")  # feeds itself st.token, on the device
             measured = None
             if layers == "measure":
                 measured = tuple(st.importance.tolist())
                 skip_set = choose_skip_set(measured, plan.num_skipped)
             steps.append(UndStepRecord(d, plan.prompt_len - 1 + d, layers, skipped, measured, skip_set))
             self._keep(st)
-        return ids, kept_positions, steps
+            return st.token.clone()  # the next step overwrites st.token
+
+        # The host reads each id one step behind (the stop check) while the next step runs.
+        eos = self.model.config.specials.eos if stop_at_eos else None
+        ids = read_one_step_behind(decode_step, st.token.clone(), max_new_tokens, eos, progress=False)
+        del self.logits[len(ids):]  # after a stop token one step more ran: its record and logits are dropped
+        return ids, kept_positions, steps[: len(ids)]
 
     def _keep(self, st: _Static) -> None:
         if self.keep_logits:

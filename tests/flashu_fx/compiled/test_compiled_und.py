@@ -6,6 +6,7 @@ backend and no CUDA graphs; the ``gpu`` test replays CUDA graphs."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -85,6 +86,31 @@ def test_flashu_compiled_matches_eager_twin(tiny_model, seed, question_len, two_
     assert len(answer.steps) < 4 or any(s.skipped for s in answer.steps), "layer skipping must act"
     assert len(got) == len(logits)
     assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("stop_at", [0, 3])
+@torch.no_grad()
+def test_a_stop_token_ends_the_answer_as_in_the_eager_twin(tiny_model, stop_at: int) -> None:
+    """The runtime reads ids one step behind: on a stop token it has run one step more, whose id, record and
+    logits it drops. The stop token is made the id the answer reaches at step ``stop_at``."""
+    torch._dynamo.reset()
+    model, layout = pruned_model(tiny_model, TINY_UND, 5, False)
+    gen = torch.Generator().manual_seed(5)
+    latents, question = torch.randn(1, 16, 8, 8, generator=gen), [11, 12, 13, 14]
+    original = model.config
+
+    def with_eos(eos: int):  # the stop token is also in the prompt's template: the answer changes with it
+        model.config = dataclasses.replace(original, specials=dataclasses.replace(original.specials, eos=eos))
+        return eager_flashu(model, TINY_UND, layout, latents, question, 9, False)[1]
+
+    candidates = eager_flashu(model, TINY_UND, layout, latents, question, 9, False)[1]
+    stop, free = next((c, ids) for c in candidates if c in (ids := with_eos(c))[stop_at:])
+    decoder, ids, logits = eager_flashu(model, TINY_UND, layout, latents, question, 9, True)
+    assert ids == free[: free.index(stop) + 1] and len(ids) < 9
+    answer, got = compiled_answer(model, flashu_backend("und", TINY_UND, layout), latents, question, 9, True)
+    assert answer.ids == ids
+    assert [s.step for s in answer.steps] == [s.step for s in decoder.steps] == list(range(len(ids)))
+    assert len(got) == len(logits) == len(ids)
 
 
 @settings(deadline=None, max_examples=4)
