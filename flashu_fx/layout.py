@@ -36,6 +36,21 @@ class GenBatch:
     def guided(self) -> bool:
         return self.tokens.shape[0] == 2 * self.num_prompts
 
+    def through_last_slot(self, image_slot_len: int, multiple: int) -> GenBatch:
+        """The batch cut after the latest-ending image slot, rounded up to ``multiple`` positions (at most L).
+
+        Exact: the positions after every row's slot (eoi, eos, padding) come after the slot in the causal omni
+        mask, so no slot row attends to them, and RoPE positions and the mask are a top-left corner of the full
+        ones: the slot rows, and so the velocity, are the same. At Show-o2's 1024 positions a short prompt leaves
+        about a quarter of them after the slot."""
+        if multiple < 1:
+            raise ValueError(f"multiple={multiple} is invalid: allowed an integer >= 1")
+        length = self.tokens.shape[1]
+        end = int(self.offsets.max()) + image_slot_len
+        keep = min(length, -(-end // multiple) * multiple)
+        return GenBatch(self.tokens[:, :keep], self.offsets, self.mask[:, :, :keep, :keep], self.num_prompts,
+                        self.prompt_lens)
+
     def to(self, device) -> GenBatch:
         return GenBatch(
             self.tokens.to(device), self.offsets.to(device), self.mask.to(device), self.num_prompts, self.prompt_lens

@@ -83,7 +83,8 @@ class GenGraphExecutor:
         measure = plan.layers == "measure"
         if plan.head == "reuse" and st.head_cache is None:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
-        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse")
+        sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
+        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse", sizes)
         graph, extras = self._variant(key, args)
         self.graph = graph
         inputs, fixed = ((*args, st.head_cache), [*self.fixed, False]) if plan.head == "reuse" else (args, self.fixed)
@@ -104,10 +105,11 @@ class GenGraphExecutor:
         return out
 
     def _variant(self, key: tuple, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
-        """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared), built once."""
+        """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared, the sizes its
+        parts are compiled for), built once."""
         if key in self._variants:
             return self._variants[key]
-        skipped, measure, head, ffn_pruned, cfg_shared = key
+        skipped, measure, head, ffn_pruned, cfg_shared, _ = key
         work, extras = copy.deepcopy(self.gm), []
         if cfg_shared:  # (a head-reuse call has no image features left to share)
             share_cfg_features(work)

@@ -39,6 +39,9 @@ def stepped_velocity(compiled: torch.nn.Module, backend: FlashUBackend, batch: G
     return velocity
 
 
+CUTS = 16  # the graph executor's batch lengths: multiples of max_seq_len / CUTS, each a compile of its parts
+
+
 @torch.no_grad()
 def generate_images_compiled(
     compiled: torch.nn.Module,
@@ -62,7 +65,16 @@ def generate_images_compiled(
                          "(allowed a finite number > 0)")
     cfg = compiled.config
     device = next(compiled.parameters()).device
-    batch = build_gen_batch(cfg, ids, guided=True).to(device)
+    batch = build_gen_batch(cfg, ids, guided=True)
+    if backend.executor == "graph":
+        # Slot-only positions: the batch ends after the last slot (exact), and its length is a symbol, so one
+        # capture serves every cut; the executor compiles its parts once per cut (at most CUTS of them).
+        batch = batch.through_last_slot(cfg.image_slot_len, max(1, cfg.max_seq_len // CUTS)).to(device)
+        torch._dynamo.mark_dynamic(batch.tokens, 1)
+        torch._dynamo.mark_dynamic(batch.mask, 2)
+        torch._dynamo.mark_dynamic(batch.mask, 3)
+    else:
+        batch = batch.to(device)  # the runtime drops these positions itself (its prefix buckets)
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)
     plans = backend.begin_image(points - 1, guidance)
     h, w = cfg.latent_size

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashu_fx.config import get_config
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt, gen_row
@@ -126,3 +128,28 @@ def test_mmu_masks_demo_block_is_shifted_by_one():
     # training: the time token is in the block; eoi is not
     assert bool(m_train[off, off + 5]) and not bool(m_train[off + 1, eoi])
     assert torch.equal(m_demo, omni_mask(torch.tensor([off + 1]), demo.tokens.shape[1], 730)[0, 0])
+
+
+@settings(deadline=None, max_examples=12)
+@given(lens=st.lists(st.integers(1, 20), min_size=1, max_size=3), multiple=st.integers(1, 20), seed=st.integers(0, 99))
+def test_cutting_the_batch_after_its_last_slot_keeps_the_velocity(tiny_model, lens, multiple, seed) -> None:
+    """GenBatch.through_last_slot is exact: the positions after every slot are never attended by a slot row."""
+    cfg = tiny_model.config
+    batch = build_gen_batch(cfg, [[(7 * i + j + seed) % 200 for j in range(n)] for i, n in enumerate(lens)])
+    cut = batch.through_last_slot(cfg.image_slot_len, multiple)
+    length = cut.tokens.shape[1]
+    assert int(batch.offsets.max()) + cfg.image_slot_len <= length <= cfg.max_seq_len
+    assert length == cfg.max_seq_len or length % multiple == 0
+    assert torch.equal(cut.mask, batch.mask[:, :, :length, :length])
+    m = batch.tokens.shape[0]
+    latents = torch.randn(m, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((m,), 0.4)
+    with torch.no_grad():
+        full = tiny_model(batch.tokens, latents, t, batch.offsets, batch.mask, return_logits=False).velocity
+        short = tiny_model(cut.tokens, latents, t, cut.offsets, cut.mask, return_logits=False).velocity
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cut_multiple_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="multiple=0"):
+        build_gen_batch(CFG, [[1, 2]]).through_last_slot(CFG.image_slot_len, 0)
