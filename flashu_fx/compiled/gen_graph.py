@@ -84,6 +84,7 @@ class GenGraphExecutor:
         if plan.head == "reuse" and st.head_cache is None:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
         sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
+        # (a head-reuse call computes no image features: nothing to share)
         key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse", sizes)
         graph, extras = self._variant(key, args)
         self.graph = graph
@@ -96,8 +97,8 @@ class GenGraphExecutor:
             importance = found["importance"].tolist()  # the one host read of a measuring call
             st.skip_set = choose_skip_set(importance, self.num_skipped)
         if plan.head == "store":
-            # A copy: a replayed CUDA graph's outputs live in the pool its graphs share, where another graph's
-            # replay (captured later over memory this one freed) may overwrite them before the reuse call reads.
+            # A copy: the graphs share one memory pool, and a graph captured before this one may have freed the
+            # memory this output lives in; its replay would overwrite the output before the reuse call reads it.
             st.head_cache = found["head_out"].clone() if self.cuda_graphs is not None else found["head_out"]
         elif plan.head == "compute":
             st.head_cache = None  # as the eager twin: after the first store, only the full phase computes
@@ -111,7 +112,7 @@ class GenGraphExecutor:
             return self._variants[key]
         skipped, measure, head, ffn_pruned, cfg_shared, _ = key
         work, extras = copy.deepcopy(self.gm), []
-        if cfg_shared:  # (a head-reuse call has no image features left to share)
+        if cfg_shared:
             share_cfg_features(work)
         if skipped:
             skip_layers(work, skipped)
