@@ -85,6 +85,15 @@ def build_gen_batch(cfg: Showo2Config, prompts: list[list[int]], guided: bool = 
     return GenBatch(torch.tensor(rows), off, omni_mask(off, cfg.max_seq_len, cfg.image_slot_len), len(prompts), lens)
 
 
+def mark_length_dynamic(tokens: Tensor, mask: Tensor) -> None:
+    """Give a batch's sequence length a symbol under torch.compile (no effect in eager): one capture then serves
+    every length (an understanding prompt's, a generation batch cut after its last slot), and a pass that changes
+    the row count after a layer (V-norm token pruning) finds the count later layers size their views with as that
+    symbol. tokens: (M, L); mask: (M, 1, L, L)."""
+    torch._dynamo.mark_dynamic(tokens, 1)
+    torch._dynamo.mark_dynamic(mask, 2)
+    torch._dynamo.mark_dynamic(mask, 3)
+
 @dataclass
 class MmuPrompt:
     """One understanding prompt. tokens: (1, L0); ``offset`` = the time token; ``block_offset`` = where the

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from flashu_fx.config import Showo2Config
 from flashu_fx.inputs import question_ids
-from flashu_fx.layout import MmuPrompt, build_mmu_prompt
+from flashu_fx.layout import MmuPrompt, build_mmu_prompt, mark_length_dynamic
 from flashu_fx.masks import additive_mask, omni_mask
 from flashu_fx.model import Showo2
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
-from flashu_fx.und_cache import UndCache, mark_prompt_dynamic
+from flashu_fx.und_cache import UndCache
 
 
 @dataclass
@@ -138,7 +138,7 @@ def decode_cached(model, latents, prompt, max_new_tokens, step: Callable[[Tensor
     cache.reset()
     offsets = torch.tensor([prompt.offset], device=device)
     tokens, mask = prompt.tokens.to(device), prompt.mask(cfg).to(device)
-    mark_prompt_dynamic(tokens, mask)
+    mark_length_dynamic(tokens, mask)
     logits = model(tokens, latents, None, offsets, mask, cache=cache).logits
 
     def decode(token: Tensor, i: int) -> Tensor:

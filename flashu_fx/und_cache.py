@@ -103,12 +103,3 @@ class UndCache(nn.Module):
         positions = self.position + torch.arange(n, device=self.position.device)
         self.position.add_(n)
         return positions
-
-
-def mark_prompt_dynamic(tokens: Tensor, mask: Tensor) -> None:
-    """Give a prefill's prompt length a symbol under torch.compile (no effect in eager): one captured prefill then
-    serves every prompt length, and a pass that changes the row count after a layer (V-norm token pruning) finds
-    the count later layers size their views with as that symbol. tokens: (1, L0); mask: (1, 1, L0, L0)."""
-    torch._dynamo.mark_dynamic(tokens, 1)
-    torch._dynamo.mark_dynamic(mask, 2)
-    torch._dynamo.mark_dynamic(mask, 3)

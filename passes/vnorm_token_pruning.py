@@ -64,7 +64,7 @@ def _is_weight_or_cache(node: fx.Node) -> bool:
 def prune_tokens_after_layer(gm: fx.GraphModule, layer: int, num_image: int, keep: int) -> int:
     """Rewrite ``gm`` (a captured ``Showo2.understand`` prefill) to prune image tokens after decoder ``layer``.
 
-    The prompt length must be symbolic (``mark_prompt_dynamic``): later layers then read their row count from
+    The prompt length must be symbolic (``mark_length_dynamic``): later layers then read their row count from
     a symbol, which the pass replaces by the kept count. Returns the number of values gathered to the kept rows
     (0: the graph is unchanged, with a warning). A rewritten graph returns one more output, last: the kept prompt
     rows (``kept_rows``), for the executor to record and drop before the caller sees the outputs.
@@ -83,7 +83,7 @@ def prune_tokens_after_layer(gm: fx.GraphModule, layer: int, num_image: int, kee
     length = v_node.meta["example_value"].shape[1]
     if isinstance(length, int):
         return refuse(f"the prompt length is static ({length}): capture the prefill with a symbolic one "
-                      "(flashu_fx.und_cache.mark_prompt_dynamic)")
+                      "(flashu_fx.layout.mark_length_dynamic)")
     rows = {str(length), *(str(size) for size in inputs["l_mask_"].meta["example_value"].shape[2:])}
     nodes = list(gm.graph.nodes)
     later = [i for i, n in enumerate(nodes)

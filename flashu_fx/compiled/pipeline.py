@@ -21,7 +21,7 @@ from torch import Tensor
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.compiled.repeat_calls import loop_call
 from flashu_fx.inputs import check_baseline_steps, check_guidance
-from flashu_fx.layout import GenBatch, build_gen_batch
+from flashu_fx.layout import GenBatch, build_gen_batch, mark_length_dynamic
 from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
 from flashu_fx.t2i import encode_prompts
 from flashu_fx.tokenizer import TextTokenizer
@@ -70,9 +70,7 @@ def generate_images_compiled(
         # Slot-only positions: the batch ends after the last slot (exact), and its length is a symbol, so one
         # capture serves every cut; the executor compiles its parts once per cut (at most CUTS of them).
         batch = batch.through_last_slot(cfg.image_slot_len, max(1, cfg.max_seq_len // CUTS)).to(device)
-        torch._dynamo.mark_dynamic(batch.tokens, 1)
-        torch._dynamo.mark_dynamic(batch.mask, 2)
-        torch._dynamo.mark_dynamic(batch.mask, 3)
+        mark_length_dynamic(batch.tokens, batch.mask)
     else:
         batch = batch.to(device)  # the runtime drops these positions itself (its prefix buckets)
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from flashu_fx.flashu_gen import layer_importance
-from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.layout import build_mmu_prompt, mark_length_dynamic
 from flashu_fx.tokenizer import get_tokenizer
-from flashu_fx.und_cache import UndCache, mark_prompt_dynamic
+from flashu_fx.und_cache import UndCache
 from passes.ffn_slicing import slice_ffn_inputs
 from passes.layer_skipping import layer_boundaries, measure_layer_importance, skip_layers
 from passes.partition import partition_showo2_graph
@@ -32,7 +32,7 @@ def prefill_inputs(model, seed: int = 0):
     prompt = build_mmu_prompt(cfg, get_tokenizer(cfg), [5, 6, 7])
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
     tokens, mask = prompt.tokens.clone(), prompt.mask(cfg)
-    mark_prompt_dynamic(tokens, mask)
+    mark_length_dynamic(tokens, mask)
     return tokens, latents, None, torch.tensor([prompt.offset]), mask
 
 

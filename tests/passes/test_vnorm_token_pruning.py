@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashu_fx.flashu_und import select_kept_positions
-from flashu_fx.layout import build_mmu_prompt
+from flashu_fx.layout import build_mmu_prompt, mark_length_dynamic
 from flashu_fx.tokenizer import get_tokenizer
-from flashu_fx.und_cache import UndCache, mark_prompt_dynamic
+from flashu_fx.und_cache import UndCache
 from passes.vnorm_token_pruning import kept_image_positions, kept_rows, prune_tokens_after_layer
 
 
@@ -22,7 +22,7 @@ def prefill_inputs(model, question_len: int, seed: int, dynamic: bool = True):
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
     tokens, mask = prompt.tokens.clone(), prompt.mask(cfg)
     if dynamic:
-        mark_prompt_dynamic(tokens, mask)
+        mark_length_dynamic(tokens, mask)
     return prompt, (tokens, latents, None, torch.tensor([prompt.offset]), mask)
 
 
