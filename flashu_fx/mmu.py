@@ -181,12 +181,11 @@ def read_one_step_behind(next_id: Callable[[Tensor, int], Tensor], first: Tensor
     chosen = [first]
     pinned = first.is_cuda
     host = torch.empty(max_new_tokens, dtype=torch.long, pin_memory=pinned)
+    read = torch.cuda.Event() if pinned else None  # marks where id i's copy to the host ends in the stream
     for i in tqdm(range(max_new_tokens - 1), desc="decoding", disable=not progress, leave=False):
-        read = None
         if eos is not None:
             host[i : i + 1].copy_(chosen[i].view(1), non_blocking=pinned)
-            if pinned:
-                read = torch.cuda.Event()
+            if read is not None:
                 read.record()
         chosen.append(next_id(chosen[i], i))
         if eos is not None:

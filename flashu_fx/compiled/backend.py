@@ -269,16 +269,13 @@ class FlashUBackend:
         merges each q/k/v and gate/up group, whose weights it first colocates in one buffer); on CUDA each variant
         replays as a CUDA graph."""
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
-        # The user's own Parameters, colocated once as the runtime does: merge_projections then merges every layer.
-        merge = self.merge_projections and self._colocated({k: example_inputs[i]
-                                                            for k, i in match.param_inputs.items()})
-        compile_part = make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"),
-                                          self.piece_captures, merge, self.eager_numerics, self.inductor_options)
-        shapes = {k: tuple(example_inputs[i].shape) for k, i in match.param_inputs.items()}
-        num_layers = len({k.split(".")[3] for k in shapes if k.startswith("showo.model.layers.")})
-        slot_len = shapes["position_embedding.weight"][0] + 1  # the time token and the configured grid
-        executor = self._gen_graph = GenGraphExecutor(gm, self.config, self._gen_ffn_ranges(shapes, num_layers),
-                                                      compile_part, slot_len, num_layers, self.cuda_graphs and cuda)
+        weights = {k: example_inputs[i] for k, i in match.param_inputs.items()}
+        merge = self._merged(weights)
+        compile_part = self._part_compiler(cuda, merge, self.eager_numerics)
+        slot_len = weights["position_embedding.weight"].shape[0] + 1  # the time token and the configured grid
+        ranges = self._graph_ffn_ranges("gen", weights)
+        executor = self._gen_graph = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len,
+                                                      num_decoder_layers(weights), self.cuda_graphs and cuda)
 
         def run(*args: Tensor):
             self._serve(match)
@@ -290,39 +287,39 @@ class FlashUBackend:
 
         return run
 
-    def _gen_ffn_ranges(self, shapes: dict[str, tuple[int, ...]], num_layers: int) -> list[tuple[int, int]] | None:
-        """Each layer's "gen" neuron range (None: FFN pruning off), checked against the captured widths."""
-        return self._ffn_ranges("gen", num_layers, shapes["showo.model.layers.0.mlp.gate_proj.weight"][0])
-
     def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
         """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``) run by this
         backend's ``UndGraphExecutor``: FlashU's token pruning, layer skipping and pruned FFN as passes over it."""
         if self._und_graph is None:
             cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
-            # The inputs hold the user's own Parameters: colocated once, as the runtime does, so that
-            # merge_projections finds each q/k/v and gate/up group in one buffer in every part.
-            merge = self.merge_projections and self._colocated(lifted_state_dict(gm, example_inputs))
-            piece_backend = self.piece_backend or ("inductor" if cuda else "eager")
+            weights = lifted_state_dict(gm, example_inputs)
+            merge = self._merged(weights)
             # No eager_numerics, as the runtime's pieces; tune_decode: the one-row decode parts as its one-row pieces.
-            compile_part = make_part_compiler(piece_backend, self.piece_captures, merge, False, self.inductor_options)
-            compile_one_row = make_part_compiler(piece_backend, self.piece_captures, merge, False,
-                                                 self.inductor_options, coordinate_descent=self.tune_decode)
-            self._und_graph = UndGraphExecutor(self.config, self._und_ffn_ranges(gm), compile_part,
-                                               cuda_graphs=self.cuda_graphs and cuda, compile_one_row=compile_one_row)
+            self._und_graph = UndGraphExecutor(
+                self.config, self._graph_ffn_ranges("und", weights), self._part_compiler(cuda, merge, False),
+                cuda_graphs=self.cuda_graphs and cuda,
+                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode))
         return self._und_graph.runner(gm, example_inputs)
 
-    def _und_ffn_ranges(self, gm: fx.GraphModule) -> list[tuple[int, int]] | None:
-        """Each layer's "und" neuron range (None: FFN pruning off), checked against the captured widths."""
-        gates = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("mlp_modules_gate_proj_"
-                                                                                          "parameters_weight_")]
-        return self._ffn_ranges("und", len(gates), gates[0].meta["example_value"].shape[0])
-
-    def _ffn_ranges(self, task: str, num_layers: int, inter: int) -> list[tuple[int, int]] | None:
+    def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
         """The single neuron range per layer of ``task``'s pruned FFN (None: FFN pruning off), the layout checked
         against the config and the captured widths (``flashu_gen.layout_ranges``)."""
         if self.config is None or self.config.ffn_prune_ratio == 0:
             return None
-        return [r[0] for r in layout_ranges(self.config, self.layout, task, num_layers, inter)]
+        inter = weights["showo.model.layers.0.mlp.gate_proj.weight"].shape[0]
+        return [r[0] for r in layout_ranges(self.config, self.layout, task, num_decoder_layers(weights), inter)]
+
+    def _merged(self, weights: dict[str, Tensor]) -> bool:
+        """Whether the graph executor's parts merge projections: the captured weights (the user's own Parameters)
+        are colocated once, as the runtime does, so merge_projections finds each q/k/v and gate/up group in one
+        buffer in every layer."""
+        return self.merge_projections and self._colocated(weights)
+
+    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False):
+        """The part compiler of the graph executors, with this backend's shared settings (``_piece_compiler``'s
+        twin for captured parts)."""
+        return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
+                                  eager_numerics, self.inductor_options, coordinate_descent)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:
@@ -418,6 +415,11 @@ class FlashUBackend:
 def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
     """Where every parameter lives now: a runtime built over other addresses would read stale weights."""
     return tuple(p.data_ptr() for p in model.parameters())
+
+
+def num_decoder_layers(weights: dict[str, Tensor]) -> int:
+    """The LLM's depth, from the captured weights' state-dict keys."""
+    return len({k.split(".")[3] for k in weights if k.startswith("showo.model.layers.")})
 
 
 def is_und_call(gm: fx.GraphModule) -> bool:

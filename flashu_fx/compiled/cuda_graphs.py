@@ -7,8 +7,11 @@
 On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
 same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
 advances it exactly once, and the first call returns the real run's outputs. Later uses replay the graph and return
-the captured outputs (static tensors, overwritten by the next replay of that key). Graphs share one memory pool,
-which is safe because they never run concurrently; beyond ``max_graphs`` the least recently used is dropped.
+the captured outputs (static tensors). Graphs share one memory pool, which is safe because they never run
+concurrently, with one consequence for callers: an output is valid until the next replay of ANY graph of the
+helper (a graph captured earlier may have freed the memory a later graph's outputs live in, and its replay writes
+there), so a caller that keeps an output past the next call copies it. Beyond ``max_graphs`` the least recently
+used graph is dropped.
 """
 
 from __future__ import annotations

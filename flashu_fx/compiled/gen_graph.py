@@ -97,9 +97,7 @@ class GenGraphExecutor:
             importance = found["importance"].tolist()  # the one host read of a measuring call
             st.skip_set = choose_skip_set(importance, self.num_skipped)
         if plan.head == "store":
-            # A copy: the graphs share one memory pool, and a graph captured before this one may have freed the
-            # memory this output lives in; its replay would overwrite the output before the reuse call reads it.
-            st.head_cache = found["head_out"].clone() if self.cuda_graphs is not None else found["head_out"]
+            st.head_cache = found["head_out"].clone()  # kept past later calls (see ``CudaGraphs``: outputs)
         elif plan.head == "compute":
             st.head_cache = None  # as the eager twin: after the first store, only the full phase computes
         st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))

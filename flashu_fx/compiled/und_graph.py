@@ -124,10 +124,7 @@ class UndGraphExecutor:
                 importance = tuple(found["importance"].tolist())  # the one host read of a measuring step
                 st.skip_set = choose_skip_set(importance, num_skipped)
             if kind == "prefill" and "kept_rows" in found:
-                # Read after the decode steps: a copy, since the graphs share one memory pool and a graph captured
-                # before the prefill's may have freed the memory this output lives in (gen_graph's head output too).
-                kept = found["kept_rows"]
-                st.kept_rows = kept.clone() if self.cuda_graphs is not None else kept
+                st.kept_rows = found["kept_rows"].clone()  # read after the decode steps (``CudaGraphs``: outputs)
             st.records.append(UndStepRecord(st.step, st.prompt_len - 1 + st.step, layers, skipped, importance,
                                             st.skip_set))
             return out
