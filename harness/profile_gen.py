@@ -1,6 +1,6 @@
 """Profile one compiled generation call at real shapes: where the time goes (kernel table, launch count).
 
-    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu]
+    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu] [--executor graph]
 """
 
 from __future__ import annotations
@@ -9,7 +9,13 @@ import time
 
 import torch
 
-from flashu_fx.compiled import flashu_backend, generate_images_compiled, lean_guard_options, stepped_velocity
+from flashu_fx.compiled import (
+    executor_batch,
+    flashu_backend,
+    generate_images_compiled,
+    lean_guard_options,
+    stepped_velocity,
+)
 from flashu_fx.config import get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import build_gen_batch
@@ -24,7 +30,7 @@ def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> lis
     """One image through the sampler (``gen``: ``model`` compiled with ``backend``) with the device synchronised
     around every model call: ms per call."""
     device = next(model.parameters()).device
-    batch = build_gen_batch(model.config, prompt).to(device)
+    batch = executor_batch(backend, model.config, build_gen_batch(model.config, prompt).to(device))
     points = steps if backend.config is None else backend.config.num_points(steps)
     plans = backend.begin_image(points - 1, 10.0)
     velocity = stepped_velocity(gen, backend, batch)
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
     parser.add_argument("--no-graphs", action="store_true", help="run the pieces without CUDA graphs")
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
+    parser.add_argument("--executor", default="runtime", choices=("runtime", "graph"),
+                        help="flashu_backend's executor")
     parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.flashu:
         config = FlashUConfig.for_task("gen")
         layout = permute_for(model, config, random_ffn_scores(model))
-    backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs)
+    backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs, executor=args.executor)
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
     prompt = [[100 + i for i in range(20)]]
     for _ in range(2):
@@ -80,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
-    print(f"{args.preset} graphs={not args.no_graphs} flashu={args.flashu}: {total:.3f} s for {calls} calls "
-          f"({1000 * total / calls:.2f} ms/call); piece captures {dict(backend.piece_captures)}")
+    print(f"{args.preset} executor={args.executor} graphs={not args.no_graphs} flashu={args.flashu}: "
+          f"{total:.3f} s for {calls} calls ({1000 * total / calls:.2f} ms/call); "
+          f"piece captures {dict(backend.piece_captures)}")
     return 0
 
 

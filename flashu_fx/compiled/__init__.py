@@ -9,7 +9,7 @@ from flashu_fx.compiled.backend import (
     lean_guard_options,
     register_flashu_backend,
 )
-from flashu_fx.compiled.pipeline import generate_images_compiled, stepped_velocity
+from flashu_fx.compiled.pipeline import executor_batch, generate_images_compiled, stepped_velocity
 from flashu_fx.compiled.und_pipeline import answer_question_compiled
 
 # torch.compile(model, backend="flashu", options={...}) finds ``flashu_compiler`` through the package's
@@ -21,5 +21,10 @@ __all__ = [
     "flashu_compiler",
     "lean_guard_options",
     "register_flashu_backend",
-    "FlashUBackend", "answer_question_compiled", "flashu_backend", "generate_images_compiled", "stepped_velocity"
+    "FlashUBackend",
+    "answer_question_compiled",
+    "executor_batch",
+    "flashu_backend",
+    "generate_images_compiled",
+    "stepped_velocity",
 ]

@@ -8,6 +8,7 @@ so every layer of a stack reuses one artifact.
 from __future__ import annotations
 
 import logging
+import time
 import types
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -101,7 +102,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
     if coordinate_descent:
         settings["coordinate_descent_tuning"] = True
     settings.update(patches)
-    return compile_fx(gm, example_inputs, config_patches=settings)
+    start = time.perf_counter()
+    compiled = compile_fx(gm, example_inputs, config_patches=settings)
+    log.info("%s: compiled in %.1f s", name, time.perf_counter() - start)
+    return compiled
 
 
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,

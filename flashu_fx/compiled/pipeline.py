@@ -20,6 +20,7 @@ from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.compiled.repeat_calls import loop_call
+from flashu_fx.config import Showo2Config
 from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch, mark_length_dynamic
 from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
@@ -40,6 +41,18 @@ def stepped_velocity(compiled: torch.nn.Module, backend: FlashUBackend, batch: G
 
 
 CUTS = 16  # the graph executor's batch lengths: multiples of max_seq_len / CUTS, each a compile of its parts
+
+
+def executor_batch(backend: FlashUBackend, config: Showo2Config, batch: GenBatch) -> GenBatch:
+    """The batch to call the compiled model with. For the graph executor: slot-only positions, the batch cut
+    after its last slot (exact: ``GenBatch.through_last_slot``) with its length a Dynamo symbol, so one capture
+    serves every cut and the executor compiles its parts once per cut (at most CUTS of them). The runtime
+    executor drops these positions itself (its prefix buckets) and takes the batch as it is."""
+    if backend.executor != "graph":
+        return batch
+    batch = batch.through_last_slot(config.image_slot_len, max(1, config.max_seq_len // CUTS))
+    mark_length_dynamic(batch.tokens, batch.mask)
+    return batch
 
 
 @torch.no_grad()
@@ -65,14 +78,7 @@ def generate_images_compiled(
                          "(allowed a finite number > 0)")
     cfg = compiled.config
     device = next(compiled.parameters()).device
-    batch = build_gen_batch(cfg, ids, guided=True)
-    if backend.executor == "graph":
-        # Slot-only positions: the batch ends after the last slot (exact), and its length is a symbol, so one
-        # capture serves every cut; the executor compiles its parts once per cut (at most CUTS of them).
-        batch = batch.through_last_slot(cfg.image_slot_len, max(1, cfg.max_seq_len // CUTS)).to(device)
-        mark_length_dynamic(batch.tokens, batch.mask)
-    else:
-        batch = batch.to(device)  # the runtime drops these positions itself (its prefix buckets)
+    batch = executor_batch(backend, cfg, build_gen_batch(cfg, ids, guided=True).to(device))
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)
     plans = backend.begin_image(points - 1, guidance)
     h, w = cfg.latent_size
