@@ -2,7 +2,7 @@
 
     graphs = CudaGraphs(max_graphs=64)
     outputs = graphs.run(key, body)   # body() reads and writes only static buffers; returns its static outputs
-    outputs = graphs.call(key, fn, args, fixed)   # fn(*args), the non-fixed tensors copied to fixed addresses
+    outputs = graphs.call(key, fn, args, per_call)   # fn(*args), the per-call tensors copied to fixed addresses
 
 On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
 same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
@@ -61,22 +61,24 @@ class CudaGraphs:
         self.captures[label] += 1
         return first
 
-    def call(self, key: Hashable, fn: Callable[..., T], args: Sequence[object], fixed: Sequence[bool],
+    def call(self, key: Hashable, fn: Callable[..., T], args: Sequence[object], per_call: Sequence[int],
              label: str = "graph") -> T:
-        """``fn(*args)`` as a CUDA graph. ``fixed[i]``: ``args[i]`` keeps its address from call to call (weights,
-        caches): the graph reads it in place, and its address is part of the key, so other tensors of the same shape
-        get their own graph rather than stale reads. The other tensor arguments are copied into inputs at fixed
-        addresses first; other values (sizes) are part of the key."""
-        where = tuple(a.data_ptr() if is_fixed else a for a, is_fixed in zip(args, fixed, strict=True)
-                      if is_fixed or not isinstance(a, torch.Tensor))
-        key = (key, where)
+        """``fn(*args)`` as a CUDA graph. ``per_call``: the positions of the arguments that change from call to
+        call: their tensors are copied into inputs at fixed addresses first, their other values (sizes) join the
+        key. Every other argument (weights, caches) is read in place, so ``key`` must tell apart the addresses they
+        live at: a caller folds in ``tensor_addresses`` of them, taken once per image or answer rather than per
+        call (a model's weights are hundreds of arguments, and the call's own work is a replay)."""
+        key = (key, tuple(args[i] for i in per_call if not isinstance(args[i], torch.Tensor)))
         inputs = self._inputs.get(key)
         if inputs is None:
-            inputs = self._inputs[key] = [a if is_fixed or not isinstance(a, torch.Tensor) else a.clone()
-                                          for a, is_fixed in zip(args, fixed, strict=True)]
-        for buffer, a in zip(inputs, args, strict=True):
-            if buffer is not a and isinstance(a, torch.Tensor):
-                buffer.copy_(a)
+            inputs = self._inputs[key] = list(args)
+            for i in per_call:
+                if isinstance(args[i], torch.Tensor):
+                    inputs[i] = args[i].clone()
+        else:
+            for i in per_call:
+                if isinstance(args[i], torch.Tensor):
+                    inputs[i].copy_(args[i])
         return self.run(key, lambda: fn(*inputs), label)
 
     def __len__(self) -> int:
@@ -84,12 +86,17 @@ class CudaGraphs:
 
 
 def run_maybe_graphed(graphs: CudaGraphs | None, key: Hashable, fn: Callable[..., T], args: Sequence[object],
-                      fixed: Sequence[bool], label: str = "graph") -> T:
+                      per_call: Sequence[int], label: str = "graph") -> T:
     """``fn(*args)``: through ``graphs.call`` when there are graphs and the first tensor argument is on CUDA."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if graphs is None or first is None or not first.is_cuda:
         return fn(*args)
-    return graphs.call(key, fn, args, fixed, label)
+    return graphs.call(key, fn, args, per_call, label)
+
+
+def tensor_addresses(args: Sequence[object], positions: Sequence[int]) -> tuple[int, ...]:
+    """Where the tensors at ``positions`` live: a ``CudaGraphs.call`` key part for the arguments read in place."""
+    return tuple(args[i].data_ptr() for i in positions if isinstance(args[i], torch.Tensor))
 
 
 def contiguous_per_call(args: Sequence[object], per_call: Sequence[int]) -> tuple:

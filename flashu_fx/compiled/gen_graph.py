@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed, tensor_addresses
 from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
@@ -47,6 +47,7 @@ class GenImageState:
     skip_set: tuple[int, ...] = ()
     head_cache: Tensor | None = None
     records: list[CallRecord] = field(default_factory=list)
+    weight_addresses: tuple[int, ...] | None = None  # taken at the image's first call (CUDA-graph keys)
 
 
 class GenGraphExecutor:
@@ -61,8 +62,10 @@ class GenGraphExecutor:
         self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
         self.captured = mark_provenance(gm)
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.fixed = [name.startswith("l_self_") for name in self.names]  # the weights keep their addresses
-        self.per_call = [i for i, is_fixed in enumerate(self.fixed) if not is_fixed]  # tokens, latents, t, ...
+        weights = [name.startswith("l_self_") for name in self.names]  # read in place by a CUDA graph
+        self.weight_positions = [i for i, is_weight in enumerate(weights) if is_weight]
+        self.per_call = [i for i, is_weight in enumerate(weights) if not is_weight]  # tokens, latents, t, ...
+        self.per_call_reuse = [*self.per_call, len(self.names)]  # and the stored head output, a last input
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
         self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
@@ -88,9 +91,12 @@ class GenGraphExecutor:
         key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse", sizes)
         graph, extras = self._variant(key, args)
         self.graph = graph
-        inputs, fixed = ((*args, st.head_cache), [*self.fixed, False]) if plan.head == "reuse" else (args, self.fixed)
+        if st.weight_addresses is None:  # once per image: the weights do not move within one
+            st.weight_addresses = tensor_addresses(args, self.weight_positions)
+        inputs, per_call = ((*args, st.head_cache), self.per_call_reuse) if plan.head == "reuse" \
+            else (args, self.per_call)
         out, found = split_extra_outputs(run_maybe_graphed(
-            self.cuda_graphs, key, graph.root, inputs, fixed,
+            self.cuda_graphs, (key, st.weight_addresses), graph.root, inputs, per_call,
             f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:

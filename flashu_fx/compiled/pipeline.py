@@ -50,9 +50,11 @@ def executor_batch(backend: FlashUBackend, config: Showo2Config, batch: GenBatch
     executor drops these positions itself (its prefix buckets) and takes the batch as it is."""
     if backend.executor != "graph":
         return batch
-    batch = batch.through_last_slot(config.image_slot_len, max(1, config.max_seq_len // CUTS))
-    mark_length_dynamic(batch.tokens, batch.mask)
-    return batch
+    cut = batch.through_last_slot(config.image_slot_len, max(1, config.max_seq_len // CUTS))
+    # contiguous once here, not copied on every call (``contiguous_per_call``)
+    cut = GenBatch(cut.tokens.contiguous(), cut.offsets, cut.mask.contiguous(), cut.num_prompts, cut.prompt_lens)
+    mark_length_dynamic(cut.tokens, cut.mask)
+    return cut
 
 
 @torch.no_grad()

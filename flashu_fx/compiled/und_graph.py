@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed, tensor_addresses
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
@@ -46,6 +46,7 @@ class UndAnswerState:
     skip_set: tuple[int, ...] = ()
     kept_rows: Tensor | None = None
     records: list[UndStepRecord] = field(default_factory=list)
+    addresses: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per kind: weights and cache (CUDA graphs)
 
 
 class UndGraphExecutor:
@@ -74,8 +75,9 @@ class UndGraphExecutor:
         table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_")) \
             if kind == "prefill" else None
         variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
-        fixed = [name.startswith(("l_self_", "l_cache_")) for name in names]  # weights and caches: fixed addresses
-        per_call = [i for i, is_fixed in enumerate(fixed) if not is_fixed]  # tokens, latents, offsets, mask, sizes
+        in_place = [name.startswith(("l_self_", "l_cache_")) for name in names]  # weights and caches
+        in_place_positions = [i for i, is_in_place in enumerate(in_place) if is_in_place]
+        per_call = [i for i, is_in_place in enumerate(in_place) if not is_in_place]  # tokens, latents, mask, sizes
 
         def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
             key = (skipped, measure, tuple(args[i] for i in per_call if isinstance(args[i], int)))
@@ -117,8 +119,11 @@ class UndGraphExecutor:
             graph, extras = variant(skipped, layers == "measure", args)
             self.graphs[kind] = graph
             label = "prefill" if kind == "prefill" else "measure" if layers == "measure" else f"skip{list(skipped)}"
+            if kind not in st.addresses:  # once per answer: its weights and cache do not move within it
+                st.addresses[kind] = tensor_addresses(args, in_place_positions)
             out, found = split_extra_outputs(run_maybe_graphed(
-                self.cuda_graphs, (kind, skipped, layers == "measure"), graph.root, args, fixed, label), extras)
+                self.cuda_graphs, (kind, skipped, layers == "measure", st.addresses[kind]), graph.root, args,
+                per_call, label), extras)
             importance = None
             if "importance" in found:
                 importance = tuple(found["importance"].tolist())  # the one host read of a measuring step

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashu_fx.compiled.cuda_graphs import CudaGraphs
+from flashu_fx.compiled.cuda_graphs import CudaGraphs, tensor_addresses
 
 
 @pytest.mark.parametrize("max_graphs", [0, -3])
@@ -29,3 +29,26 @@ def test_state_advances_once_per_call_and_outputs_are_the_step_s() -> None:
     assert graphs.captures["add"] == 1 and len(graphs) == 1
     graphs.run("other", step, "other")  # the limit drops "add"
     assert list(graphs.graphs) == ["other"] and float(counter) == 5
+
+
+@pytest.mark.gpu
+def test_call_copies_the_per_call_arguments_and_reads_the_others_in_place() -> None:
+    weight = torch.ones(3, device="cuda")
+    graphs = CudaGraphs()
+
+    def fn(x, w, n):
+        return x * w + n
+
+    for value in (1.0, 2.0, 3.0):
+        out = graphs.call("f", fn, (torch.full((3,), value, device="cuda"), weight, 0), per_call=[0, 2])
+        assert out.tolist() == [value] * 3
+    weight.fill_(2.0)  # read in place: the replay sees the new values without a new capture
+    assert graphs.call("f", fn, (torch.ones(3, device="cuda"), weight, 0), per_call=[0, 2]).tolist() == [2.0] * 3
+    assert graphs.call("f", fn, (torch.ones(3, device="cuda"), weight, 5), per_call=[0, 2]).tolist() == [7.0] * 3
+    assert graphs.captures["graph"] == 2  # a new size value is a new key, a new tensor value is not
+
+
+def test_tensor_addresses_name_where_the_tensors_at_the_positions_live() -> None:
+    a, b = torch.zeros(2), torch.zeros(3)
+    assert tensor_addresses((a, 7, b), [0, 1, 2]) == (a.data_ptr(), b.data_ptr())
+    assert tensor_addresses((a, 7, b), [2]) == (b.data_ptr(),)
