@@ -121,15 +121,21 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
         return 0
     graph = gm.graph
     measured = []
-    with graph.inserting_before(output_node(graph)):
-        for index in sorted(boundaries):
-            b = boundaries[index]
+    for index in sorted(boundaries):
+        b = boundaries[index]
+        # Right after the layer and inside its module: a partition keeps each measurement in its layer's part (one
+        # shared artifact for every layer) and frees the layer's input early, instead of one final part that
+        # holds every layer's input and output and fuses all the measurements (a long compile).
+        with graph.inserting_after(b.output):
             if offsets is None:
                 measured.append(graph.call_function(layer_importance_of, (b.input, b.output)))
             else:
                 measured.append(graph.call_function(image_block_importance_of,
                                                     (b.input, b.output, offsets, image_slot[1])))
-            inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
+        if "nn_module_stack" in b.output.meta:
+            measured[-1].meta["nn_module_stack"] = dict(b.output.meta["nn_module_stack"])
+        inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
+    with graph.inserting_before(output_node(graph)):
         stacked = graph.call_function(torch.stack, (measured,))
         stacked.meta[DERIVED_BY] = "measure_layer_importance"
     append_output(graph, stacked)

@@ -87,8 +87,8 @@ class GenGraphExecutor:
         if plan.head == "reuse" and st.head_cache is None:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
         sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
-        # (a head-reuse call computes no image features: nothing to share)
-        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and plan.head != "reuse", sizes)
+        # (a head-reuse call computes image features only when it measures the trunk: otherwise nothing to share)
+        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and (plan.head != "reuse" or measure), sizes)
         graph, extras = self._variant(key, args)
         self.graph = graph
         if st.weight_addresses is None:  # once per image: the weights do not move within one

@@ -125,3 +125,15 @@ def test_ffn_inputs_are_sliced_in_the_root(tiny_model) -> None:
     assert slice_ffn_inputs(graph.root, ranges) == 3  # layer 1 keeps its whole FFN
     sliced = [n for n in graph.root.graph.nodes if n.meta.get("derived_by") == "slice_ffn_inputs"]
     assert len(sliced) == 9 and all(n.target.__name__ == "getitem" for n in sliced)
+
+
+def test_each_layer_part_measures_its_own_layer(tiny_model) -> None:
+    _, _, gm = run_prefill(tiny_model, prefill_inputs(tiny_model))
+    work = copy.deepcopy(gm)
+    assert measure_layer_importance(work) == tiny_model.config.num_layers
+    graph = partition_showo2_graph(work)
+    layers = [p for p in graph.parts if p.name.startswith("layer.")]
+    measured = {p.name: sum(n.meta.get("derived_by") == "measure_layer_importance" for n in p.module.graph.nodes)
+                for p in layers}
+    assert measured == {p.name: 1 for p in layers}  # not gathered into the final part
+    assert len({p.signature for p in layers}) == 1  # one compiled artifact for every measuring layer
