@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,28 +28,63 @@ from harness.random_model import build_random_model
 from harness.rows import synchronize
 
 
-def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> list[float]:
-    """One image through the sampler (``gen``: ``model`` compiled with ``backend``) with the device synchronised
-    around every model call: ms per call."""
+@dataclass
+class CallTiming:
+    """One model call, timed from an idle device: ``host_ms`` until the call returned (Python, Dynamo, launches),
+    ``device_ms`` between CUDA events around it (the device's work, plus any wait for the host's first launch),
+    ``total_ms`` until the device finished."""
+
+    host_ms: float
+    device_ms: float
+    total_ms: float
+
+
+def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> list[CallTiming]:
+    """One image through the sampler (``gen``: ``model`` compiled with ``backend``), the device synchronised
+    around every model call."""
     device = next(model.parameters()).device
     batch = executor_batch(backend, model.config, build_gen_batch(model.config, prompt).to(device))
     points = steps if backend.config is None else backend.config.num_points(steps)
     plans = backend.begin_image(points - 1, 10.0)
     velocity = stepped_velocity(gen, backend, batch)
-    per_call: list[float] = []
+    per_call: list[CallTiming] = []
+    cuda = device.type == "cuda"
 
     def timed(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         synchronize(device)
+        begin, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda \
+            else (None, None)
+        if cuda:
+            begin.record()
         start = time.perf_counter()
         v = velocity(x, t, step)
+        returned = time.perf_counter()
+        if cuda:
+            end.record()
         synchronize(device)
-        per_call.append(1000 * (time.perf_counter() - start))
+        done = time.perf_counter()
+        device_ms = begin.elapsed_time(end) if cuda else 1000 * (done - start)
+        per_call.append(CallTiming(1000 * (returned - start), device_ms, 1000 * (done - start)))
         return v
 
     noise = draw_noise((1, model.config.latent_channels, *model.config.latent_size), 0).to(device)
     with torch.no_grad():
         euler_sample(timed, noise, time_grid(points), [p.guidance for p in plans])
     return per_call
+
+
+def call_kind_table(records, timings: list[CallTiming]) -> str:
+    """Median host, device and total ms per kind of call (head action, trunk run, layers skipped, measuring)."""
+    kinds: dict[tuple, list[CallTiming]] = {}
+    for record, timing in zip(records, timings, strict=True):
+        kind = (record.head, int(record.trunk_ran), len(record.skip_set), int(record.importance is not None))
+        kinds.setdefault(kind, []).append(timing)
+    lines = ["head     trunk skipped measure  calls  host ms  device ms  total ms"]
+    for (head, trunk, skipped, measure), group in sorted(kinds.items()):
+        med = [statistics.median(getattr(t, f) for t in group) for f in ("host_ms", "device_ms", "total_ms")]
+        lines.append(f"{head:8s} {trunk:5d} {skipped:7d} {measure:7d} {len(group):6d} {med[0]:8.2f} {med[1]:10.2f} "
+                     f"{med[2]:9.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     per_call = timed_calls(gen, backend, model, prompt, args.steps)
-    records = backend.records
-    for r, ms in zip(records, per_call, strict=True):
-        print(f"call {r.call:2d} head={r.head:7s} trunk={int(r.trunk_ran)} skip={len(r.skip_set)} "
-              f"measure={int(r.importance is not None)}: {ms:6.2f} ms")
+    print(call_kind_table(backend.records, per_call))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import zlib
@@ -370,6 +371,29 @@ def test_gpu_profilers_say_they_need_a_gpu(capsys):
         profile_gen.main(["--preset", "tiny"])
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "python -m harness bench" in err  # where to go instead
+
+
+@pytest.mark.parametrize("executor", ["runtime", "graph"])
+def test_profile_gen_times_every_call_by_kind(tiny_model, executor: str):
+    from flashu_fx.compiled import flashu_backend, lean_guard_options
+    from flashu_fx.flashu_config import FlashUConfig
+    from harness import profile_gen
+    from harness.flashu_rows import permute_for, random_ffn_scores
+
+    model, config = copy.deepcopy(tiny_model), FlashUConfig.for_task("gen")
+    layout = permute_for(model, config, random_ffn_scores(model))
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", config, layout, piece_backend="eager", executor=executor)
+    gen = torch.compile(model, backend=backend, options=lean_guard_options())
+    timings = profile_gen.timed_calls(gen, backend, model, [[5, 6, 7]], steps=8)
+    torch._dynamo.reset()
+    records = backend.records
+    assert len(timings) == len(records) == FlashUConfig.for_task("gen").num_points(8) - 1
+    assert all(0 < t.host_ms <= t.total_ms for t in timings)
+    table = profile_gen.call_kind_table(records, timings).splitlines()
+    kinds = {(r.head, r.trunk_ran, len(r.skip_set), r.importance is not None) for r in records}
+    assert len(table) == 1 + len(kinds)  # a header, then one line per kind of call
+    assert sum(int(line.split()[4]) for line in table[1:]) == len(records)
 
 
 def test_guard_cost_reports_every_variant(capsys):
