@@ -89,10 +89,14 @@ def mark_length_dynamic(tokens: Tensor, mask: Tensor) -> None:
     """Give a batch's sequence length a symbol under torch.compile (no effect in eager): one capture then serves
     every length (an understanding prompt's, a generation batch cut after its last slot), and a pass that changes
     the row count after a layer (V-norm token pruning) finds the count later layers size their views with as that
-    symbol. tokens: (M, L); mask: (M, 1, L, L)."""
-    torch._dynamo.mark_dynamic(tokens, 1)
-    torch._dynamo.mark_dynamic(mask, 2)
-    torch._dynamo.mark_dynamic(mask, 3)
+    symbol. tokens: (M, L); mask: (M, 1, L, L).
+
+    ``maybe_mark_dynamic``, not ``mark_dynamic``: the executors hand these same tensors to compiled parts that see
+    the length as a specialised size on their first call (``make_part_compiler(dynamic_lengths=True)``), where a
+    hard mark would be an error rather than a hint."""
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    torch._dynamo.maybe_mark_dynamic(mask, 2)
+    torch._dynamo.maybe_mark_dynamic(mask, 3)
 
 @dataclass
 class MmuPrompt:

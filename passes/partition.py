@@ -26,6 +26,7 @@ A graph without decoder layers (not a Show-o2 forward) is left whole, as one par
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 from collections import Counter
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.split_module import split_module
 
 from passes.graph_utils import SOURCE, module_path
@@ -47,6 +49,8 @@ ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 # The unanchored regions in the order the forward runs them: before the first layer, between the layers and
 # the head blocks, after the last head block.
 REGIONS = ("embed", "head_in", "final")
+
+log = logging.getLogger(__name__)
 
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
 
@@ -186,19 +190,24 @@ def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None
 
 
 def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any],
-                  compiled: dict[tuple, Callable[..., Any]] | None = None) -> dict[str, int]:
+                  compiled: dict[tuple, tuple[Callable[..., Any], str, fx.GraphModule]] | None = None,
+                  ) -> dict[str, int]:
     """Replace each part of ``graph.root`` with a compiled callable, compiling once per structural signature and
     input layout (the first part of a group; the others call its result with their own inputs). ``example_inputs``
     are the root's inputs, run once through the uncompiled parts to give each compiler its parts' example inputs
     (a pass over the root may have changed their shapes, e.g. sliced weights). ``compiled``: artifacts to reuse
-    and extend, shared by several partitions of variants of one graph.
+    and extend, shared by several partitions of variants of one graph (key -> (callable, part name, module)).
+    A part that reuses an artifact another variant compiled for its own name (a new prompt length, for a compiler
+    with ``dynamic_lengths``) takes that variant's module as its own: the module its artifact was compiled from,
+    with the same captured nodes.
 
     Returns signature -> how many parts share its one compiled artifact.
     """
     examples = _part_inputs(graph, example_inputs)
     compiled = {} if compiled is None else compiled
+    symbolic = symbolic_part_inputs(graph) if getattr(compiler, "dynamic_lengths", False) else {}
     for part in graph.parts:
-        key = (part.signature, _layout(examples[part.name]))
+        key = (part.signature, _layout(examples[part.name], symbolic.get(part.name)))
         if key not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
             # Passes over the part read its inputs' example values (shapes, storage sharing); a pass over the root
@@ -207,15 +216,69 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
             for node, value in zip(inputs, examples[part.name], strict=True):
                 if isinstance(value, torch.Tensor):
                     node.meta["example_value"] = value
-            compiled[key] = compiler(part.module, examples[part.name])
-        setattr(graph.root, part.attribute, _Compiled(compiled[key]))
+            compiled[key] = compiler(part.module, examples[part.name]), part.name, part.module
+        artifact, compiled_for, module = compiled[key]
+        if compiled_for == part.name and module is not part.module:
+            part.module = module
+        setattr(graph.root, part.attribute, _Compiled(artifact))
     graph.root.recompile()
     return dict(Counter(part.signature for part in graph.parts))
 
 
-def _layout(inputs: Sequence[Any]) -> tuple:
-    """What a compiled part is specialised to: each tensor input's shape, strides and dtype, each other value."""
-    return tuple((tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+def _layout(inputs: Sequence[Any], symbolic: Sequence[tuple[bool, ...] | bool] | None = None) -> tuple:
+    """What a compiled part is specialised to: each tensor input's shape, strides and dtype, each other value.
+    ``symbolic`` (``symbolic_part_inputs``, for a compiler that handles varying lengths itself): sizes Dynamo captured
+    as symbols are left out, and so are the strides of a tensor with one."""
+    if symbolic is None:
+        symbolic = [False] * len(inputs)
+    layout = []
+    for x, sym in zip(inputs, symbolic, strict=True):
+        if isinstance(x, torch.Tensor):
+            dims = sym if isinstance(sym, tuple) else (False,) * x.dim()
+            shape = tuple(None if s else n for n, s in zip(x.shape, dims, strict=True))
+            layout.append((shape, None if any(dims) else x.stride(), x.dtype))
+        else:
+            layout.append(None if sym is True else x)
+    return tuple(layout)
+
+
+def symbolic_part_inputs(graph: PartitionedGraph) -> dict[str, list[tuple[bool, ...] | bool]]:
+    """Per part, per input: for a tensor, which of its sizes are symbols of the captured graph (a prompt length,
+    or one a pass derived from it, such as the rows left after token pruning); for a size input, whether it is
+    one. Found by propagating the root's captured fake inputs through the root, passes included. ``{}`` where the
+    root has no fake inputs or does not propagate (every size then counts as static: correct, only compiled
+    once per length)."""
+    inputs = [n.meta.get("example_value") for n in graph.root.graph.nodes if n.op == "placeholder"]
+    mode = torch._guards.detect_fake_mode(inputs)
+    if mode is None:
+        return {}
+    names = {part.attribute: part.name for part in graph.parts}
+    found: dict[str, list[tuple[bool, ...] | bool]] = {}
+
+    class Recorder(FakeTensorProp):
+        def call_module(self, target, args, kwargs):
+            if target in names:
+                found.setdefault(names[target], [_symbols_of(a) for a in args])
+            return super().call_module(target, args, kwargs)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Recorder(graph.root, mode).propagate_dont_convert_inputs(*inputs)
+    except Exception as error:  # noqa: BLE001 - no symbolic layout: fall back to static keys, which are exact
+        log.debug("symbolic_part_inputs: the root does not propagate fake inputs (%s)", error)
+        return {}
+    return found
+
+
+def _symbols_of(value: Any) -> tuple[bool, ...] | bool:
+    if isinstance(value, torch.Tensor):
+        return tuple(_is_symbol(n) for n in value.shape)
+    return _is_symbol(value)
+
+
+def _is_symbol(value: Any) -> bool:
+    return isinstance(value, torch.SymInt) and not value.node.is_constant()
 
 
 class _Compiled(torch.nn.Module):

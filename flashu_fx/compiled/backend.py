@@ -295,8 +295,10 @@ class FlashUBackend:
             weights = lifted_state_dict(gm, example_inputs)
             merge = self._merged(weights)
             # No eager_numerics, as the runtime's pieces; tune_decode: the one-row decode parts as its one-row pieces.
+            # The prefill's parts serve every prompt length (dynamic_lengths), as the runtime's prefill pieces do.
             self._und_graph = UndGraphExecutor(
-                self.config, self._graph_ffn_ranges("und", weights), self._part_compiler(cuda, merge, False),
+                self.config, self._graph_ffn_ranges("und", weights),
+                self._part_compiler(cuda, merge, False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode))
         return self._und_graph.runner(gm, example_inputs)
@@ -315,11 +317,12 @@ class FlashUBackend:
         buffer in every layer."""
         return self.merge_projections and self._colocated(weights)
 
-    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False):
+    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
+                       dynamic_lengths: bool = False):
         """The part compiler of the graph executors, with this backend's shared settings (``_piece_compiler``'s
         twin for captured parts)."""
         return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
-                                  eager_numerics, self.inductor_options, coordinate_descent)
+                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:

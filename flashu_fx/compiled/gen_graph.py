@@ -69,7 +69,7 @@ class GenGraphExecutor:
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
         self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
-        self._artifacts: dict[tuple, Callable] = {}
+        self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
 
     def begin(self) -> None:
         """Forget the skip set, the stored head output and the records (a new image)."""

@@ -7,6 +7,7 @@ so every layer of a stack reuses one artifact.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -110,17 +111,34 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
 
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
                        eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
-                       coordinate_descent: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
-    """The compiler of the parts of a captured graph (``passes.partition.compile_parts``): each part's graph is
-    already captured, so it goes straight to ``compile_graph``. ``captures`` counts compilations per part name;
-    the other settings are ``make_piece_compiler``'s."""
+                       coordinate_descent: bool = False,
+                       dynamic_lengths: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
+    """The compiler of the parts of a captured graph (``passes.partition.compile_parts``). ``captures`` counts
+    compilations per part name; the other settings are ``make_piece_compiler``'s.
+
+    A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
+    example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill, whose prompt length varies from
+    question to question): Dynamo captures the part once more and compiles it on its first call, and a call with a
+    second length recompiles it once with the length symbolic, as the runtime's pieces do, instead of compiling
+    every part again for every prompt length. ``compile_parts`` then shares one artifact across lengths
+    (``dynamic_lengths`` is set on the returned compiler)."""
     extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
-        if captures is not None:
-            captures[name] += 1
-        return compile_graph(gm, list(example_inputs), backend, merge, False, eager_numerics, coordinate_descent,
-                             extra_patches, name)
 
+        def part_backend(captured: fx.GraphModule, inputs: list, merge_here: bool = merge) -> Callable:
+            if captures is not None:
+                captures[name] += 1
+            return compile_graph(captured, list(inputs), backend, merge_here, False, eager_numerics,
+                                 coordinate_descent, extra_patches, name)
+
+        if not dynamic_lengths:
+            return part_backend(gm, example_inputs)
+        if merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
+            log.debug("%s: merge_projections -> %s", name, merge_projections(gm))
+        return torch.compile(gm, backend=functools.partial(part_backend, merge_here=False), fullgraph=True,
+                             dynamic=None)
+
+    compile_part.dynamic_lengths = dynamic_lengths  # type: ignore[attr-defined]
     return compile_part

@@ -12,18 +12,23 @@ the layers the following steps skip. What runs for a call is a variant of its ca
     both      partition_showo2_graph, then slice_ffn_inputs (the "und" FFN of each layer as weight views)
 
 Variants are built on first use and compiled part by part, sharing compiled parts across variants (a new skip
-set reuses every layer's artifact) and specialised to the call's concrete sizes (one prefill per prompt length).
+set reuses every layer's artifact). A prompt length is a new prefill variant (its passes and partition, no
+compile once warm): the prefill's parts are compiled through Dynamo (``make_part_compiler(dynamic_lengths=True)``),
+specialised to the first length and made symbolic in it by the second, as the runtime's prefill pieces are. The
+decode step's parts are specialised to their one row and the cache.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from torch import Tensor, fx
 
 from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed, tensor_addresses
+from flashu_fx.compiled.repeat_calls import full_guards
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
@@ -63,7 +68,7 @@ class UndGraphExecutor:
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
-        self._artifacts: dict[tuple, Callable] = {}  # (part signature, input layout) -> compiled part, shared
+        self._artifacts: dict[tuple, tuple] = {}  # (part signature, input layout) -> compiled part, shared
 
     def runner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         """The callable Dynamo runs in place of ``gm`` (a captured prefill or decode step)."""
@@ -121,9 +126,11 @@ class UndGraphExecutor:
             label = "prefill" if kind == "prefill" else "measure" if layers == "measure" else f"skip{list(skipped)}"
             if kind not in st.addresses:  # once per answer: its weights and cache do not move within it
                 st.addresses[kind] = tensor_addresses(args, in_place_positions)
-            out, found = split_extra_outputs(run_maybe_graphed(
-                self.cuda_graphs, (kind, skipped, layers == "measure", st.addresses[kind]), graph.root, args,
-                per_call, label), extras)
+            # the prefill's parts are torch.compile'd (``dynamic_lengths``): a new length may compile, never skip guards
+            with full_guards() if kind == "prefill" else nullcontext():
+                out, found = split_extra_outputs(run_maybe_graphed(
+                    self.cuda_graphs, (kind, skipped, layers == "measure", st.addresses[kind]), graph.root, args,
+                    per_call, label), extras)
             importance = None
             if "importance" in found:
                 importance = tuple(found["importance"].tolist())  # the one host read of a measuring step

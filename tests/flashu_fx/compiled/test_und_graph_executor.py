@@ -191,3 +191,25 @@ def test_a_decode_step_before_any_prefill_is_refused(tiny_model) -> None:
     with pytest.raises(RuntimeError, match="decode step .* came before any prefill"), torch.no_grad():
         und(torch.tensor([[5]]), None, None, None, None, cache=cache)
     torch._dynamo.reset()
+
+
+def test_new_prompt_lengths_reuse_the_prefill_parts_and_answer_as_eager(tiny_model) -> None:
+    """After two prompt lengths the prefill's parts are symbolic in the length (``dynamic_lengths``): later
+    lengths compile nothing, and their answers, kept tokens and skip sets are the eager twin's."""
+    model, layout = permuted_with_layout(tiny_model, FULL, 5)
+    torch._dynamo.reset()
+    backend = flashu_backend("und", FULL, layout, executor="graph")
+    und = torch.compile(model, backend=backend)
+    for length in (2, 30):  # warm-up: a first length, then a second one
+        answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=6,
+                                 stop_at_eos=False)
+    warm = dict(backend.piece_captures)
+    for length in (7, 19):
+        ours = answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=6,
+                                        stop_at_eos=False)
+        eager = answer_question_flashu(model, latents_for(length), question_for(length), FULL, layout,
+                                       max_new_tokens=6, stop_at_eos=False)
+        assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
+        assert [r.skip_set for r in ours.steps] == [r.skip_set for r in eager.steps]
+    assert dict(backend.piece_captures) == warm  # no part compiled again
+    torch._dynamo.reset()
