@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from passes.graph_utils import DERIVED_BY, append_output, inherit_provenance, output_node
 from passes.partition import anchor
@@ -134,6 +135,10 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
                                                     (b.input, b.output, offsets, image_slot[1])))
         if "nn_module_stack" in b.output.meta:
             measured[-1].meta["nn_module_stack"] = dict(b.output.meta["nn_module_stack"])
+        captured = b.output.meta.get("example_value")
+        if isinstance(captured, FakeTensor):  # its example value, as Dynamo gives every node: an fp32 scalar
+            with captured.fake_mode:
+                measured[-1].meta["example_value"] = torch.empty((), dtype=torch.float32, device=captured.device)
         inherit_provenance([measured[-1]], [b.output], "measure_layer_importance")
     with graph.inserting_before(output_node(graph)):
         stacked = graph.call_function(torch.stack, (measured,))

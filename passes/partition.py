@@ -245,9 +245,15 @@ def _layout(inputs: Sequence[Any], symbolic: Sequence[tuple[bool, ...] | bool] |
 def symbolic_part_inputs(graph: PartitionedGraph) -> dict[str, list[tuple[bool, ...] | bool]]:
     """Per part, per input: for a tensor, which of its sizes are symbols of the captured graph (a prompt length,
     or one a pass derived from it, such as the rows left after token pruning); for a size input, whether it is
-    one. Found by propagating the root's captured fake inputs through the root, passes included. ``{}`` where the
+    one. Read from the parts' captured example values, or where a pass inserted a value between parts, found by
+    propagating the root's captured fake inputs through the root, passes included. ``{}`` where the
     root has no fake inputs or does not propagate (every size then counts as static: correct, only compiled
     once per length)."""
+    captured = {part.name: [n.meta.get("example_value", n.meta.get("val")) for n in part.module.graph.nodes
+                            if n.op == "placeholder"] for part in graph.parts}
+    if all(v is not None for values in captured.values() for v in values):
+        # every part input keeps the value Dynamo captured (no pass inserted a value between parts): read them
+        return {name: [_symbols_of(v) for v in values] for name, values in captured.items()}
     inputs = [n.meta.get("example_value") for n in graph.root.graph.nodes if n.op == "placeholder"]
     mode = torch._guards.detect_fake_mode(inputs)
     if mode is None:

@@ -271,7 +271,8 @@ class FlashUBackend:
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
         weights = {k: example_inputs[i] for k, i in match.param_inputs.items()}
         merge = self._merged(weights)
-        compile_part = self._part_compiler(cuda, merge, self.eager_numerics)
+        # Parts serve every batch length (the cut after the last slot follows the prompt): see dynamic_lengths.
+        compile_part = self._part_compiler(cuda, merge, self.eager_numerics, dynamic_lengths=True)
         slot_len = weights["position_embedding.weight"].shape[0] + 1  # the time token and the configured grid
         ranges = self._graph_ffn_ranges("gen", weights)
         executor = self._gen_graph = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len,

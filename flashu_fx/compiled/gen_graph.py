@@ -27,6 +27,7 @@ from torch import Tensor, fx
 
 from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed, tensor_addresses
 from flashu_fx.compiled.gen_runtime import CallRecord
+from flashu_fx.compiled.repeat_calls import full_guards
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.schedule import StepPlan
@@ -95,9 +96,10 @@ class GenGraphExecutor:
             st.weight_addresses = tensor_addresses(args, self.weight_positions)
         inputs, per_call = ((*args, st.head_cache), self.per_call_reuse) if plan.head == "reuse" \
             else (args, self.per_call)
-        out, found = split_extra_outputs(run_maybe_graphed(
-            self.cuda_graphs, (key, st.weight_addresses), graph.root, inputs, per_call,
-            f"{plan.head}{'-measure' if measure else ''}"), extras)
+        with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
+            out, found = split_extra_outputs(run_maybe_graphed(
+                self.cuda_graphs, (key, st.weight_addresses), graph.root, inputs, per_call,
+                f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
             importance = found["importance"].tolist()  # the one host read of a measuring call
