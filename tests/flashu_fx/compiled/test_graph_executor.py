@@ -165,3 +165,16 @@ def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_m
         assert rel_err(out, eager.latents) < 1e-3
         assert [(r.skip_set, r.head) for r in backend.records] == [(r.skipped, r.head) for r in eager.records]
     assert backend.compiles == 1 and backend.cuda_graph_captures > 0
+
+
+def test_executor_batch_cuts_the_batch_for_the_graph_executor_only(tiny_model) -> None:
+    from flashu_fx.compiled import executor_batch
+
+    cfg = tiny_model.config
+    batch = build_gen_batch(cfg, [[1, 2, 3]])
+    assert executor_batch(flashu_backend("gen"), cfg, batch) is batch  # the runtime drops positions itself
+    cut = executor_batch(flashu_backend("gen", executor="graph"), cfg, batch)
+    # slot 5 + 17 = 22 positions, rounded up to a multiple of 48 / 16 = 3; contiguous once, not per call
+    assert cut.tokens.shape[1] == 24 and cut.tokens.is_contiguous() and cut.mask.is_contiguous()
+    assert torch.equal(cut.tokens, batch.tokens[:, :24]) and torch.equal(cut.mask, batch.mask[:, :, :24, :24])
+    assert torch.equal(cut.offsets, batch.offsets)
