@@ -2,20 +2,24 @@
 
 Eager twin: ``Showo2.forward`` itself, whose call structure the parts follow:
 
-    embed          image features (SigLIP, fusion), time embedding, token embeddings, RoPE tables, masks
+    embed          the image patches' embedding, the time embedding, ...   (what runs before the first SigLIP layer)
+    siglip.k       und_trans.layers[k]                                     (a SigLIP encoder layer)
+    fuse           SigLIP's final norm, the fusion, token embeddings, RoPE tables, masks
     layer.i        showo.model.layers[i]                                   (hidden -> hidden)
     head_in        the trunk's final norm, the slot mask, diff_proj
     head_block.j   diffusion_head_a[j]                                     (modulated attention block)
     final          diffusion_head_b and the velocity's unpatchify
 
 An understanding call (``Showo2.understand``: a prefill or a decode step through the cache) has no head: its parts
-are embed, layer.i (each appending to its layer's cache) and final (the trunk's final norm and lm_head).
+are embed, siglip.k and fuse (the prefill only: a decode step has no image), layer.i (each appending to its layer's
+cache) and final (the trunk's final norm and lm_head).
 
 A node belongs to the part of its innermost module (``node.meta["nn_module_stack"]``) when that module lies
-inside a decoder layer or a head block; any other node belongs to the region it sits in (before the first layer:
-embed; between the trunk and the head: head_in; after the last head block: final). Dynamo lifts every weight to a
-graph input, so the parts take their weights as inputs, and structurally identical parts (every decoder layer,
-every head block) have the same ``structural_signature``: ``compile_parts`` compiles one of them and calls the
+inside a SigLIP layer, a decoder layer or a head block; any other node belongs to the region it sits in (before
+the first layer: embed; between SigLIP and the trunk: fuse; between the trunk and the head: head_in; after the last
+head block: final). Dynamo lifts every weight to a graph input, so the parts take their weights as inputs, and
+structurally identical parts (every SigLIP layer, every decoder layer, every head block) have the same
+``structural_signature``: ``compile_parts`` compiles one of them and calls the
 result with each part's own inputs, as vLLM's piecewise compilation does. Each node of a part keeps the name of
 the captured node it was copied from in ``node.meta["source"]`` (its provenance; a pass that rewrites a part passes
 it on with ``passes.graph_utils.inherit_provenance``).
@@ -43,12 +47,14 @@ from passes.graph_utils import SOURCE, module_path
 
 # Parts a module path anchors: (kind, pattern of the module path prefix with the index as group 1).
 ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("siglip", re.compile(r"^und_trans\.layers\.(\d+)(\.|$)")),
     ("layer", re.compile(r"^showo\.model\.layers\.(\d+)(\.|$)")),
     ("head_block", re.compile(r"^diffusion_head_a\.(\d+)(\.|$)")),
 )
 # The unanchored regions in the order the forward runs them: before the first layer, between the layers and
-# the head blocks, after the last head block.
+# the head blocks, after the last head block; and between the SigLIP layers and the decoder layers.
 REGIONS = ("embed", "head_in", "final")
+FUSE = "fuse"
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,8 @@ def part_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
     for i, (node, found) in enumerate(zip(nodes, anchors, strict=True)):
         if found is not None:
             current = f"{found[0]}.{found[1]}"
+        elif current.startswith("siglip.") and i > last["siglip"]:
+            current = FUSE  # past the last SigLIP layer: its final norm, the fusion, the text side, RoPE, masks
         elif current.startswith("layer.") and i > last["layer"]:
             # past the last decoder layer: the head's input, or the end of a forward without head blocks (the
             # understanding calls: final norm and lm_head)

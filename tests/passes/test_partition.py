@@ -19,7 +19,8 @@ from passes.graph_utils import DERIVED_BY, SOURCE
 from passes.merge_projections import merge_projections
 from passes.partition import compile_parts, partition_showo2_graph
 
-PARTS = ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "head_in", "head_block.0", "head_block.1", "final"]
+PARTS = ["embed", "siglip.0", "siglip.1", "fuse", "layer.0", "layer.1", "layer.2", "layer.3", "head_in",
+         "head_block.0", "head_block.1", "final"]
 
 
 def forward_inputs(model, seed: int = 0, t: float = 0.3):
@@ -44,7 +45,8 @@ def test_parts_follow_the_forward(captured) -> None:
     graph = partition_showo2_graph(gm)
     assert [p.name for p in graph.parts] == PARTS
     groups = sorted(graph.groups().values())
-    assert groups == sorted([["embed"], ["layer.0", "layer.1", "layer.2", "layer.3"], ["head_in"],
+    assert groups == sorted([["embed"], ["siglip.0", "siglip.1"], ["fuse"],
+                             ["layer.0", "layer.1", "layer.2", "layer.3"], ["head_in"],
                              ["head_block.0", "head_block.1"], ["final"]])
 
 
@@ -53,7 +55,7 @@ def test_every_part_node_comes_from_the_captured_graph_once(captured) -> None:
     graph = partition_showo2_graph(gm)
     sources = [s for part in graph.parts for s in part.sources]
     assert sorted(sources) == sorted(compute_nodes(gm))  # each captured node in exactly one part
-    layer = graph.parts[1].module
+    layer = next(p for p in graph.parts if p.name == "layer.0").module
     ops = {n.target for n in layer.graph.nodes if n.op == "call_function"}
     assert F.scaled_dot_product_attention in ops and F.linear in ops
     assert all(SOURCE in n.meta for n in layer.graph.nodes if n.op == "call_function")
@@ -67,7 +69,7 @@ def test_provenance_survives_a_pass(tiny_model) -> None:
     with torch.no_grad():
         gm, _ = capture(model, *forward_inputs(model))
     graph = partition_showo2_graph(gm)
-    layer = graph.parts[1]
+    layer = next(p for p in graph.parts if p.name == "layer.0")
     before = layer.sources
     assert merge_projections(layer.module) == 2  # q/k/v and gate/up
     assert layer.sources == before
@@ -108,7 +110,7 @@ def test_compile_parts_compiles_once_per_structure(captured) -> None:
         return module.forward
 
     shared = compile_parts(graph, compiler, example)
-    assert len(compiled) == 5 and sorted(shared.values()) == [1, 1, 1, 2, 4]
+    assert len(compiled) == 7 and sorted(shared.values()) == [1, 1, 1, 1, 2, 2, 4]
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
 
@@ -123,8 +125,9 @@ def test_a_changed_forward_changes_the_parts_as_it_changes_eager(tiny_model) -> 
         before = tiny_model(*inputs[:5], return_logits=False).velocity
     graph = partition_showo2_graph(gm)
     # Only layer 2 changed structure: it no longer shares the other layers' artifact.
-    assert sorted(graph.groups().values()) == sorted([["embed"], ["layer.0", "layer.1", "layer.3"], ["layer.2"],
-                                                      ["head_in"], ["head_block.0", "head_block.1"], ["final"]])
+    assert sorted(graph.groups().values()) == sorted([["embed"], ["siglip.0", "siglip.1"], ["fuse"],
+                                                      ["layer.0", "layer.1", "layer.3"], ["layer.2"], ["head_in"],
+                                                      ["head_block.0", "head_block.1"], ["final"]])
     compile_parts(graph, lambda module, _: module.forward, example)
     with torch.no_grad():
         (velocity,) = graph.root(*example)

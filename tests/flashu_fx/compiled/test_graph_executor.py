@@ -40,13 +40,15 @@ def test_every_compiled_part_comes_from_the_captured_graph(tiny_model) -> None:
     assert graph is not None and backend.compiles == 1
     names = [p.name for p in graph.parts]
     assert names[0] == "embed" and names[-1] == "final" and "layer.3" in names and "head_block.1" in names
-    # One compilation per distinct part: embed, one for all decoder layers, head_in, one for the head blocks, final.
-    assert sum(backend.piece_captures.values()) == 5
+    # One compilation per distinct part: embed, one for all SigLIP layers, fuse, one for all decoder layers, head_in,
+    # one for the head blocks, final.
+    assert sum(backend.piece_captures.values()) == 7
     covered = [s for p in graph.parts for s in p.sources]
     assert sorted(covered) == sorted(graph.captured_nodes)  # every captured node computed, in exactly one part
     # the sampler's CFG pair shares its latents: the image features ran once for both (passes.cfg_shared_features)
-    embed = next(p for p in graph.parts if p.name == "embed").module
-    assert any(n.meta.get("derived_by") == "cfg_shared_features" for n in embed.graph.nodes)
+    shared = [p.name for p in graph.parts
+              if any(n.meta.get("derived_by") == "cfg_shared_features" for n in p.module.graph.nodes)]
+    assert shared and set(shared) <= {"embed", "siglip.0", "siglip.1", "fuse"}  # before the trunk
 
 
 def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
@@ -60,7 +62,8 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     # in it by the next ones (make_part_compiler(dynamic_lengths=True))
     assert backend.compiles == 1
     warm = dict(backend.piece_captures)
-    assert set(warm) == {"part[embed]", "part[layer.0]", "part[head_in]", "part[head_block.0]", "part[final]"}
+    assert set(warm) == {"part[embed]", "part[siglip.0]", "part[fuse]", "part[layer.0]", "part[head_in]",
+                         "part[head_block.0]", "part[final]"}
     for prompt in (list(range(1, 11)), list(range(2, 15))):  # new lengths, 30 and 33: nothing compiles
         out = generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
         assert rel_err(out, generate_images(tiny_model, [prompt], steps=3, guidance=3.0)) < 1e-6
@@ -77,7 +80,7 @@ def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_
     eager = generate_images(model, [[1, 2, 3]], steps=4, guidance=4.0)
     assert rel_err(out, eager) < 1e-6
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) > 1e-3
-    assert sum(backend.piece_captures.values()) == 6  # layer 1 is its own part now
+    assert sum(backend.piece_captures.values()) == 8  # layer 1 is its own part now
 
 
 def test_an_unknown_executor_is_refused() -> None:
@@ -148,7 +151,7 @@ def test_merged_projections_are_a_pass_over_the_parts(tiny_model) -> None:
 def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_compiler) -> None:
     out, backend = compiled_images(tiny_model, [[1, 2, 3]], piece_backend="inductor")
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) < 1e-5
-    assert sum(backend.piece_captures.values()) == 5
+    assert sum(backend.piece_captures.values()) == 7
 
 
 @pytest.mark.gpu

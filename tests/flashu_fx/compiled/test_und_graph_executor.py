@@ -108,9 +108,13 @@ def test_both_understanding_graphs_come_from_the_captured_graphs(tiny_model) -> 
                                  stop_at_eos=False)
     assert backend.compiles == 2  # one prefill, one decode step: no recompile across prompt lengths
     assert set(backend.und_graphs) == {"prefill", "decode"}
-    for graph in backend.und_graphs.values():
+    layers = [f"layer.{i}" for i in range(tiny_model.config.num_layers)]
+    siglip = [f"siglip.{k}" for k in range(tiny_model.config.und_num_layers)]
+    for kind, graph in backend.und_graphs.items():
         names = [p.name for p in graph.parts]
-        assert names == ["embed", *(f"layer.{i}" for i in range(tiny_model.config.num_layers)), "final"]
+        # the prefill encodes the image (SigLIP layers, then the fusion); a decode step has no image
+        assert names == (["embed", *siglip, "fuse", *layers, "final"] if kind == "prefill" else
+                         ["embed", *layers, "final"])
         covered = set().union(*(p.sources for p in graph.parts))
         inputs = {n.name for n in graph.root.graph.nodes if n.op == "placeholder"}
         # every node computes something Dynamo handed over (a gathered mask or row count: the input it replaces)
