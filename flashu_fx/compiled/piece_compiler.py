@@ -117,8 +117,8 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     compilations per part name; the other settings are ``make_piece_compiler``'s.
 
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
-    example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill, whose prompt length varies from
-    question to question): Dynamo captures the part once more and compiles it on its first call, and a call with a
+    example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
+    prompt length, and so the batch cut after the last slot, varies from request to request): Dynamo captures the part once more and compiles it on its first call, and a call with a
     second length recompiles it once with the length symbolic, as the runtime's pieces do, instead of compiling
     every part again for every prompt length. ``compile_parts`` then shares one artifact across lengths
     (``dynamic_lengths`` is set on the returned compiler)."""
