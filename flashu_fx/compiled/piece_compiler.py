@@ -118,10 +118,10 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
 
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
     example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
-    prompt length, and so the batch cut after the last slot, varies from request to request): Dynamo captures the part once more and compiles it on its first call, and a call with a
-    second length recompiles it once with the length symbolic, as the runtime's pieces do, instead of compiling
-    every part again for every prompt length. ``compile_parts`` then shares one artifact across lengths
-    (``dynamic_lengths`` is set on the returned compiler)."""
+    prompt length, and so the batch cut after the last slot, varies from request to request): Dynamo captures the
+    part once more and compiles it on its first call, and a call with a second length recompiles it once with the
+    length symbolic, as the runtime's pieces do, instead of compiling every part again for every prompt length.
+    ``compile_parts`` then shares one artifact across lengths (``dynamic_lengths`` is set on the returned compiler)."""
     extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
