@@ -99,10 +99,12 @@ def layer_importance_of(inputs: Tensor, outputs: Tensor) -> Tensor:
 def image_block_importance_of(inputs: Tensor, outputs: Tensor, offsets: Tensor, slot_len: int) -> Tensor:
     """1 - cos(input, output) over every row's image slot in fp32: generation's measurement (``FlashUGenVelocity``'s
     ``layer_importance`` of ``image_block``s). inputs, outputs (M, L, H); offsets (M,) slot starts."""
-    index = (offsets[:, None] + torch.arange(slot_len, device=offsets.device)[None])[..., None]
-    index = index.expand(-1, -1, inputs.shape[-1])
-    a, b = inputs.gather(1, index), outputs.gather(1, index)
-    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+    # The cosine of every position first, then the slot's gathered: gathering the (M, L, H) rows inside the
+    # reduction made inductor emit one poorly parallel kernel (measured: 148 us per layer at 1.5B on an H200, 4 ms
+    # per measuring call); one reduction per position plus a gather of (M, slot_len) scalars is the same values.
+    cosine = F.cosine_similarity(inputs.float(), outputs.float(), dim=-1)  # (M, L)
+    index = offsets[:, None] + torch.arange(slot_len, device=offsets.device)[None]
+    return 1.0 - cosine.gather(1, index).mean()
 
 
 def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | None = None) -> int:

@@ -101,6 +101,7 @@ class FlashUBackend:
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self.executor = executor
         self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
+        self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
         self._und_graph: UndGraphExecutor | None = None  # executor="graph", understanding
         self._gen_graph: GenGraphExecutor | None = None  # executor="graph", generation
         self._plans: list[StepPlan] = []  # the current image's plans
@@ -283,7 +284,7 @@ class FlashUBackend:
             if self._step == 0:
                 executor.begin()
             out = executor(self._plans[self._step], args, cfg_shared=self._cfg_shared)
-            self.captured = executor.graph
+            self.captured, self.captured_prefix = executor.graph, executor.prefix_graph
             return out
 
         return run

@@ -9,6 +9,9 @@ variant of the captured forward, built on first use:
     head "store"        passes.head_cache.expose_head_output (+ the head blocks' output)
     head "reuse"        passes.head_cache.reuse_head_output: the stored output is an input, the dead trunk is gone
     CFG pair            passes.cfg_shared_features: the image features on half the batch (equal halves promised)
+    every call          passes.prefix_hoisting.attend_slots_only: the image slot's positions alone, reading the
+                        prompt prefix's keys and values, computed once per image and layer variant by the prefix
+                        graph (passes.prefix_hoisting.hoist_prefix_kv)
     then                passes.partition.partition_showo2_graph, and with the pruned FFN phase
                         passes.ffn_slicing.slice_ffn_inputs (each layer's "gen" range as weight views)
 
@@ -20,6 +23,7 @@ classifier-free guidance, and the guidance scale of each call, are the plan's (`
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +41,7 @@ from passes.graph_utils import split_extra_outputs
 from passes.head_cache import expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
+from passes.prefix_hoisting import MASK, OFFSETS, TOKENS, attend_slots_only, hoist_prefix_kv, prefix_is_causal
 
 MAX_GRAPHS = 64  # captured variants kept, least recently used dropped
 
@@ -49,6 +54,8 @@ class GenImageState:
     head_cache: Tensor | None = None
     records: list[CallRecord] = field(default_factory=list)
     weight_addresses: tuple[int, ...] | None = None  # taken at the image's first call (CUDA-graph keys)
+    # (skip set, FFN pruned) -> the prefix's keys and values by attention name, and their addresses (CUDA-graph keys)
+    prefix: dict[tuple, tuple[dict[str, tuple[Tensor, Tensor]], tuple[int, ...]]] = field(default_factory=dict)
 
 
 class GenGraphExecutor:
@@ -69,7 +76,10 @@ class GenGraphExecutor:
         self.per_call_reuse = [*self.per_call, len(self.names)]  # and the stored head output, a last input
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
-        self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...]]] = {}
+        self.prefix_graph: PartitionedGraph | None = None  # the prefix graph that ran last
+        self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...], list[str]]] = {}
+        self._prefix_variants: dict[tuple, tuple[PartitionedGraph, list[str]]] = {}
+        self.hoisting = self._can_hoist()
         self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
 
     def begin(self) -> None:
@@ -87,18 +97,24 @@ class GenGraphExecutor:
         measure = plan.layers == "measure"
         if plan.head == "reuse" and st.head_cache is None:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
-        sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
-        # (a head-reuse call computes image features only when it measures the trunk: otherwise nothing to share)
-        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and (plan.head != "reuse" or measure), sizes)
-        graph, extras = self._variant(key, args)
-        self.graph = graph
         if st.weight_addresses is None:  # once per image: the weights do not move within one
             st.weight_addresses = tensor_addresses(args, self.weight_positions)
-        inputs, per_call = ((*args, st.head_cache), self.per_call_reuse) if plan.head == "reuse" \
-            else (args, self.per_call)
+        sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
+        trunk = plan.head != "reuse" or measure
+        prefix, prefix_addresses = {}, ()
+        if trunk and self.hoisting:
+            with full_guards():  # its parts may compile now
+                prefix, prefix_addresses = self._prefix(skipped, plan.ffn_pruned, args)
+        # (a head-reuse call computes image features only when it measures the trunk: otherwise nothing to share)
+        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and trunk, sizes)
+        graph, extras, prefix_names = self._variant(key, args, prefix)
+        self.graph = graph
+        inputs = (*args, st.head_cache) if plan.head == "reuse" else args
+        inputs = (*inputs, *(t for name in prefix_names for t in prefix[name]))
+        per_call = self.per_call_reuse if plan.head == "reuse" else self.per_call
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
-                self.cuda_graphs, (key, st.weight_addresses), graph.root, inputs, per_call,
+                self.cuda_graphs, (key, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
                 f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
@@ -111,9 +127,11 @@ class GenGraphExecutor:
         st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))
         return out
 
-    def _variant(self, key: tuple, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
+    def _variant(self, key: tuple, args: tuple, prefix: dict[str, tuple[Tensor, Tensor]],
+                 ) -> tuple[PartitionedGraph, tuple[str, ...], list[str]]:
         """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared, the sizes its
-        parts are compiled for), built once."""
+        parts are compiled for), built once: its partitioned graph, extra outputs, and the attentions whose prefix
+        keys and values are its last inputs."""
         if key in self._variants:
             return self._variants[key]
         skipped, measure, head, ffn_pruned, cfg_shared, _ = key
@@ -131,9 +149,73 @@ class GenGraphExecutor:
             if not reuse_head_output(work):
                 raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
             examples.append(self.state.head_cache)
+        prefix_names: list[str] = []
+        if self.hoisting:
+            found = attend_slots_only(work, self.slot_len)
+            if found is None:  # the captured forward split (``_can_hoist``), so a variant of it must: a pass bug
+                raise RuntimeError(f"flashu_backend: the variant {key[:5]} does not run on the image slot alone")
+            prefix_names = found
+            examples.extend(t for name in prefix_names for t in prefix[name])
         graph = partition_showo2_graph(work, self.captured, expect_layers=head != "reuse" or measure)
         if ffn_pruned and self.ffn_ranges is not None:
             slice_ffn_inputs(graph.root, self.ffn_ranges)
         compile_parts(graph, self.compile_part, examples, self._artifacts)
-        self._variants[key] = graph, tuple(extras)
+        self._variants[key] = graph, tuple(extras), prefix_names
         return self._variants[key]
+
+    def _can_hoist(self) -> bool:
+        """Whether the captured forward splits into a prefix and a slot graph (``passes.prefix_hoisting``), decided
+        once: every variant's head output must have one layout (the slot's, or the whole batch's)."""
+        return attend_slots_only(copy.deepcopy(self.gm), self.slot_len) is not None \
+            and bool(hoist_prefix_kv(copy.deepcopy(self.gm)))
+
+    def _prefix(self, skipped: tuple[int, ...], ffn_pruned: bool, args: tuple,
+                ) -> tuple[dict[str, tuple[Tensor, Tensor]], tuple[int, ...]]:
+        """The prompt prefix's keys and values under (skip set, FFN pruned), by attention name, computed on the
+        image's first call that needs them (its inputs ``args``), and their addresses."""
+        st = self.state
+        if (skipped, ffn_pruned) in st.prefix:
+            return st.prefix[skipped, ffn_pruned]
+        position = {name: i for i, name in enumerate(self.names)}
+        tokens, mask = args[position[TOKENS]], args[position[MASK]]
+        if not st.prefix and not prefix_is_causal(mask, args[position[OFFSETS]]):
+            warnings.warn("flashu_backend: the batch's mask lets the prompt attend to the image slot, so the prompt's "
+                          "keys and values change with the latents; every call now runs the whole batch", stacklevel=3)
+            self.hoisting = False
+            self._variants.clear()
+            return {}, ()
+        length = tokens.shape[1]
+        cut = length - self.slot_len  # the prefix buffer: every row's prompt (and a shorter row's slot, masked)
+        prefix_args = list(args)
+        prefix_args[position[TOKENS]] = tokens[:, :cut].contiguous()
+        prefix_args[position[MASK]] = mask[:, :, :cut, :cut].contiguous()
+        for i in self.per_call:
+            if isinstance(args[i], int) and args[i] == length:
+                prefix_args[i] = cut
+        sizes = tuple(prefix_args[i] for i in self.per_call if isinstance(prefix_args[i], int))
+        graph, names = self._prefix_variant((skipped, ffn_pruned, sizes), prefix_args)
+        self.prefix_graph = graph
+        out = run_maybe_graphed(self.cuda_graphs, ("prefix", skipped, ffn_pruned, sizes, st.weight_addresses),
+                                graph.root, prefix_args, self.per_call, "prefix")
+        # On CUDA these are the prefix graph's own outputs, rewritten only when it replays (the next image): the slot
+        # graphs read them in place, at addresses that stay the same from image to image.
+        found = {name: (out[2 * i], out[2 * i + 1]) for i, name in enumerate(names)}
+        st.prefix[skipped, ffn_pruned] = found, tensor_addresses([t for kv in found.values() for t in kv],
+                                                                 range(2 * len(found)))
+        return st.prefix[skipped, ffn_pruned]
+
+    def _prefix_variant(self, key: tuple, args: list) -> tuple[PartitionedGraph, list[str]]:
+        """The prefix graph for ``key`` = (skip set, FFN pruned, sizes), built once."""
+        if key in self._prefix_variants:
+            return self._prefix_variants[key]
+        skipped, ffn_pruned, _ = key
+        work = copy.deepcopy(self.gm)
+        if skipped:
+            skip_layers(work, skipped)
+        names = hoist_prefix_kv(work)
+        graph = partition_showo2_graph(work, self.captured)
+        if ffn_pruned and self.ffn_ranges is not None:
+            slice_ffn_inputs(graph.root, self.ffn_ranges)
+        compile_parts(graph, self.compile_part, args, self._artifacts)
+        self._prefix_variants[key] = graph, names
+        return self._prefix_variants[key]

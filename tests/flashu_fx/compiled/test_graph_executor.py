@@ -41,14 +41,37 @@ def test_every_compiled_part_comes_from_the_captured_graph(tiny_model) -> None:
     names = [p.name for p in graph.parts]
     assert names[0] == "embed" and names[-1] == "final" and "layer.3" in names and "head_block.1" in names
     # One compilation per distinct part: embed, one for all SigLIP layers, fuse, one for all decoder layers, head_in,
-    # one for the head blocks, final.
-    assert sum(backend.piece_captures.values()) == 7
-    covered = [s for p in graph.parts for s in p.sources]
-    assert sorted(covered) == sorted(graph.captured_nodes)  # every captured node computed, in exactly one part
+    # one for the head blocks, final; and the prefix graph's (passes.prefix_hoisting): embed, one for all decoder
+    # layers, head_in, the head blocks but the last, and the last (its keys and values alone).
+    assert sum(backend.piece_captures.values()) == 7 + 5
+    for parts in (graph.parts, backend.captured_prefix.parts):  # each captured node in at most one part of each
+        covered = [s for p in parts for s in p.sources]
+        assert len(covered) == len(set(covered))
+    # Every captured node is computed by the slot graph or the prefix graph (passes.prefix_hoisting), but the slot's
+    # write into the batch's embeddings and its index, and the size checks Dynamo leaves (nothing reads them).
+    covered = {s for parts in (graph.parts, backend.captured_prefix.parts) for p in parts for s in p.sources}
+    captured = {n.name: n for n in backend._gen_graph.gm.graph.nodes}
+    write = next(n for n in captured.values() if n.op == "call_method" and n.target == "scatter")
+    index = write.args[2]
+    only_for_write = {write.name, *(n.name for n in _ancestors(index) if set(n.users) <= {*_ancestors(index), write})}
+    sizes = {name for name, n in captured.items()
+             if isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymBool, int, bool))}
+    assert set(graph.captured_nodes) - covered == (only_for_write | sizes) & set(graph.captured_nodes)
     # the sampler's CFG pair shares its latents: the image features ran once for both (passes.cfg_shared_features)
     shared = [p.name for p in graph.parts
               if any(n.meta.get("derived_by") == "cfg_shared_features" for n in p.module.graph.nodes)]
     assert shared and set(shared) <= {"embed", "siglip.0", "siglip.1", "fuse"}  # before the trunk
+
+
+def _ancestors(node) -> set:
+    """``node`` and every node it is computed from (placeholders excluded)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen and n.op != "placeholder":
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
@@ -63,7 +86,7 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     assert backend.compiles == 1
     warm = dict(backend.piece_captures)
     assert set(warm) == {"part[embed]", "part[siglip.0]", "part[fuse]", "part[layer.0]", "part[head_in]",
-                         "part[head_block.0]", "part[final]"}
+                         "part[head_block.0]", "part[final]", "part[head_block.1]"}  # the prefix's last head block
     for prompt in (list(range(1, 11)), list(range(2, 15))):  # new lengths, 30 and 33: nothing compiles
         out = generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
         assert rel_err(out, generate_images(tiny_model, [prompt], steps=3, guidance=3.0)) < 1e-6
@@ -80,7 +103,7 @@ def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_
     eager = generate_images(model, [[1, 2, 3]], steps=4, guidance=4.0)
     assert rel_err(out, eager) < 1e-6
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) > 1e-3
-    assert sum(backend.piece_captures.values()) == 8  # layer 1 is its own part now
+    assert sum(backend.piece_captures.values()) == 8 + 6  # layer 1 is its own part now, in both graphs
 
 
 def test_an_unknown_executor_is_refused() -> None:
@@ -151,7 +174,7 @@ def test_merged_projections_are_a_pass_over_the_parts(tiny_model) -> None:
 def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_compiler) -> None:
     out, backend = compiled_images(tiny_model, [[1, 2, 3]], piece_backend="inductor")
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) < 1e-5
-    assert sum(backend.piece_captures.values()) == 7
+    assert sum(backend.piece_captures.values()) == 7 + 5  # and the prefix graph's
 
 
 @pytest.mark.gpu
