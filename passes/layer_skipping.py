@@ -107,10 +107,18 @@ def image_block_importance_of(inputs: Tensor, outputs: Tensor, offsets: Tensor, 
     return 1.0 - cosine.gather(1, index).mean()
 
 
-def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | None = None) -> int:
+def every_position_importance_of(inputs: Tensor, outputs: Tensor) -> Tensor:
+    """1 - cos(input, output) over every row and position in fp32: ``image_block_importance_of`` on a graph whose
+    rows hold the image slot alone (``passes.prefix_hoisting``). inputs, outputs (M, S, H)."""
+    return 1.0 - F.cosine_similarity(inputs.float(), outputs.float(), dim=-1).mean()
+
+
+def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | None = None,
+                             every_position: bool = False) -> int:
     """Make ``gm`` also return every layer's importance (num_layers,) fp32 as its last output: at the last row
     (understanding), or with ``image_slot`` = (name of the slot-offsets input, slot length) over every row's image
-    slot (generation). Returns the number of layers measured (0: unchanged, with a warning, when any layer lacks a
+    slot (generation), or with ``every_position`` over every row and position (generation on the slot alone).
+    Returns the number of layers measured (0: unchanged, with a warning, when any layer lacks a
     boundary or the offsets input is missing: a partial vector would misplace the skip set)."""
     boundaries, reasons = layer_boundaries(gm)
     offsets = None
@@ -130,7 +138,9 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
         # shared artifact for every layer) and frees the layer's input early, instead of one final part that
         # holds every layer's input and output and fuses all the measurements (a long compile).
         with graph.inserting_after(b.output):
-            if offsets is None:
+            if every_position:
+                measured.append(graph.call_function(every_position_importance_of, (b.input, b.output)))
+            elif offsets is None:
                 measured.append(graph.call_function(layer_importance_of, (b.input, b.output)))
             else:
                 measured.append(graph.call_function(image_block_importance_of,

@@ -38,10 +38,19 @@ from flashu_fx.schedule import StepPlan
 from passes.cfg_shared_features import share_cfg_features
 from passes.ffn_slicing import slice_ffn_inputs
 from passes.graph_utils import split_extra_outputs
-from passes.head_cache import expose_head_output, reuse_head_output
+from passes.head_cache import HEAD_CACHE_INPUT, expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
-from passes.prefix_hoisting import MASK, OFFSETS, TOKENS, attend_slots_only, hoist_prefix_kv, prefix_is_causal
+from passes.prefix_hoisting import (
+    MASK,
+    OFFSETS,
+    PREFIX_K,
+    PREFIX_V,
+    TOKENS,
+    attend_slots_only,
+    hoist_prefix_kv,
+    prefix_is_causal,
+)
 
 MAX_GRAPHS = 64  # captured variants kept, least recently used dropped
 
@@ -73,13 +82,15 @@ class GenGraphExecutor:
         weights = [name.startswith("l_self_") for name in self.names]  # read in place by a CUDA graph
         self.weight_positions = [i for i, is_weight in enumerate(weights) if is_weight]
         self.per_call = [i for i, is_weight in enumerate(weights) if not is_weight]  # tokens, latents, t, ...
-        self.per_call_reuse = [*self.per_call, len(self.names)]  # and the stored head output, a last input
         self.state = GenImageState()
         self.graph: PartitionedGraph | None = None  # the variant that ran last
         self.prefix_graph: PartitionedGraph | None = None  # the prefix graph that ran last
         self._variants: dict[tuple, tuple[PartitionedGraph, tuple[str, ...], list[str]]] = {}
         self._prefix_variants: dict[tuple, tuple[PartitionedGraph, list[str]]] = {}
-        self.hoisting = self._can_hoist()
+        # The slot graph every variant starts from, rewritten once here, while the capture's length is still the
+        # symbol it was traced with (a later fake-tensor pass over a part may tie it to the value it ran with).
+        self.slot_gm, self.attentions = self._slot_graph()
+        self.hoisting = self.slot_gm is not None
         self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
 
     def begin(self) -> None:
@@ -107,11 +118,10 @@ class GenGraphExecutor:
                 prefix, prefix_addresses = self._prefix(skipped, plan.ffn_pruned, args)
         # (a head-reuse call computes image features only when it measures the trunk: otherwise nothing to share)
         key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and trunk, sizes)
-        graph, extras, prefix_names = self._variant(key, args, prefix)
+        graph, extras, positions, per_call = self._variant(key, args, prefix)
         self.graph = graph
-        inputs = (*args, st.head_cache) if plan.head == "reuse" else args
-        inputs = (*inputs, *(t for name in prefix_names for t in prefix[name]))
-        per_call = self.per_call_reuse if plan.head == "reuse" else self.per_call
+        available = (*args, st.head_cache, *(t for name in self.attentions for t in prefix.get(name, (None, None))))
+        inputs = [available[i] for i in positions]
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
                 self.cuda_graphs, (key, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
@@ -128,46 +138,54 @@ class GenGraphExecutor:
         return out
 
     def _variant(self, key: tuple, args: tuple, prefix: dict[str, tuple[Tensor, Tensor]],
-                 ) -> tuple[PartitionedGraph, tuple[str, ...], list[str]]:
+                 ) -> tuple[PartitionedGraph, tuple[str, ...], list[int], list[int]]:
         """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared, the sizes its
-        parts are compiled for), built once: its partitioned graph, extra outputs, and the attentions whose prefix
-        keys and values are its last inputs."""
+        parts are compiled for), built once: its partitioned graph, its extra outputs, where each of its inputs is
+        (an index into the call's args, then the stored head output, then the prefix's keys and values in
+        ``self.attentions`` order), and which of its inputs change from call to call."""
         if key in self._variants:
             return self._variants[key]
         skipped, measure, head, ffn_pruned, cfg_shared, _ = key
-        work, extras = copy.deepcopy(self.gm), []
+        work, extras = copy.deepcopy(self.slot_gm if self.hoisting else self.gm), []
         if cfg_shared:
             share_cfg_features(work)
         if skipped:
             skip_layers(work, skipped)
-        if measure and measure_layer_importance(work, ("l_offsets_", self.slot_len)):
+        if measure and measure_layer_importance(work, None if self.hoisting else (OFFSETS, self.slot_len),
+                                                every_position=self.hoisting):
             extras.append("importance")
         if head == "store" and expose_head_output(work):
             extras.append("head_out")
-        examples = list(args)
-        if head == "reuse":  # compiled for the stored output's shape, dtype and device (``__call__`` checked it)
-            if not reuse_head_output(work):
-                raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
-            examples.append(self.state.head_cache)
-        prefix_names: list[str] = []
-        if self.hoisting:
-            found = attend_slots_only(work, self.slot_len)
-            if found is None:  # the captured forward split (``_can_hoist``), so a variant of it must: a pass bug
-                raise RuntimeError(f"flashu_backend: the variant {key[:5]} does not run on the image slot alone")
-            prefix_names = found
-            examples.extend(t for name in prefix_names for t in prefix[name])
+        if head == "reuse" and not reuse_head_output(work):
+            raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
+        for node in [n for n in work.graph.nodes if n.op == "placeholder"]:
+            if node.name.startswith((PREFIX_K, PREFIX_V)) and not node.users:  # a skipped layer's keys and values
+                work.graph.erase_node(node)
+        work.recompile()
+        where = {name: i for i, name in enumerate(self.names)}
+        where[HEAD_CACHE_INPUT] = len(self.names)
+        for i, name in enumerate(self.attentions):
+            where[PREFIX_K + name], where[PREFIX_V + name] = len(self.names) + 1 + 2 * i, len(self.names) + 2 + 2 * i
+        names = [n.name for n in work.graph.nodes if n.op == "placeholder"]
+        positions = [where[name] for name in names]
+        per_call = [i for i, name in enumerate(names) if name == HEAD_CACHE_INPUT or where[name] in self.per_call]
+        available = (*args, self.state.head_cache, *(t for n in self.attentions for t in prefix.get(n, (None, None))))
+        examples = [available[i] for i in positions]
         graph = partition_showo2_graph(work, self.captured, expect_layers=head != "reuse" or measure)
         if ffn_pruned and self.ffn_ranges is not None:
             slice_ffn_inputs(graph.root, self.ffn_ranges)
         compile_parts(graph, self.compile_part, examples, self._artifacts)
-        self._variants[key] = graph, tuple(extras), prefix_names
+        self._variants[key] = graph, tuple(extras), positions, per_call
         return self._variants[key]
 
-    def _can_hoist(self) -> bool:
-        """Whether the captured forward splits into a prefix and a slot graph (``passes.prefix_hoisting``), decided
-        once: every variant's head output must have one layout (the slot's, or the whole batch's)."""
-        return attend_slots_only(copy.deepcopy(self.gm), self.slot_len) is not None \
-            and bool(hoist_prefix_kv(copy.deepcopy(self.gm)))
+    def _slot_graph(self) -> tuple[fx.GraphModule | None, list[str]]:
+        """The captured forward on the image slot alone (``passes.prefix_hoisting``) and its masked attentions, or
+        (None, []) where it does not split into a prefix and a slot graph."""
+        slot = copy.deepcopy(self.gm)
+        names = attend_slots_only(slot, self.slot_len)
+        if not names or not hoist_prefix_kv(copy.deepcopy(self.gm)):
+            return None, []
+        return slot, names
 
     def _prefix(self, skipped: tuple[int, ...], ffn_pruned: bool, args: tuple,
                 ) -> tuple[dict[str, tuple[Tensor, Tensor]], tuple[int, ...]]:
