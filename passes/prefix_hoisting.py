@@ -180,7 +180,10 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
     length = _value(tokens).shape[1]
     if not _is_symbol(length):
         raise _Refused(f"the batch length {length} is not a symbol of the capture (mark it dynamic)")
-    symbol = next(iter(length.node.expr.free_symbols))
+    symbols = length.node.expr.free_symbols
+    if len(symbols) != 1:
+        raise _Refused(f"the batch length {length} is not one symbol of the capture (a pass tied it to a value)")
+    symbol = next(iter(symbols))
 
     def has_symbol(sizes: tuple) -> bool:
         return any(_is_symbol(s) and symbol in s.node.expr.free_symbols for s in sizes)
