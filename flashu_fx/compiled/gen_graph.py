@@ -120,8 +120,11 @@ class GenGraphExecutor:
         key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and trunk, sizes)
         graph, extras, positions, per_call = self._variant(key, args, prefix)
         self.graph = graph
-        available = (*args, st.head_cache, *(t for name in self.attentions for t in prefix.get(name, (None, None))))
-        inputs = [available[i] for i in positions]
+        # A variant's inputs are the captured forward's, in order, then its own (``_variant``): only those are looked up
+        # (the captured ones are ~900 weights, and a head-reuse call's whole work is a sub-millisecond replay).
+        n = len(args)
+        extra = (st.head_cache, *(t for name in self.attentions for t in prefix.get(name, (None, None))))
+        inputs = (*args, *(extra[i - n] for i in positions[n:]))
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
                 self.cuda_graphs, (key, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
@@ -168,6 +171,8 @@ class GenGraphExecutor:
             where[PREFIX_K + name], where[PREFIX_V + name] = len(self.names) + 1 + 2 * i, len(self.names) + 2 + 2 * i
         names = [n.name for n in work.graph.nodes if n.op == "placeholder"]
         positions = [where[name] for name in names]
+        if positions[: len(self.names)] != list(range(len(self.names))):  # passes add inputs, never drop or reorder
+            raise RuntimeError(f"flashu_backend: the variant {key[:5]} reorders the captured forward's inputs")
         per_call = [i for i, name in enumerate(names) if name == HEAD_CACHE_INPUT or where[name] in self.per_call]
         available = (*args, self.state.head_cache, *(t for n in self.attentions for t in prefix.get(n, (None, None))))
         examples = [available[i] for i in positions]
