@@ -30,7 +30,7 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from passes.graph_utils import DERIVED_BY, SOURCE
+from passes.graph_utils import mark_glue
 
 LATENTS = "l_latents_"
 WEIGHT_PREFIX = "l_self_"
@@ -144,7 +144,7 @@ def _rewrite(gm: fx.GraphModule, latents: fx.Node, region: list[fx.Node], m: int
     graph, inside = gm.graph, set(region)
     with graph.inserting_after(latents):
         half = graph.call_function(operator.getitem, (latents, slice(0, m // 2)))
-    _mark_glue(half, next(u for u in region if latents in u.all_input_nodes))
+    mark_glue(half, PASS_NAME, next(u for u in region if latents in u.all_input_nodes))
     for node in region:
         node.replace_input_with(latents, half)
         if node.op == "call_method" and node.target in _SIZED_METHODS:
@@ -155,19 +155,11 @@ def _rewrite(gm: fx.GraphModule, latents: fx.Node, region: list[fx.Node], m: int
             continue
         with graph.inserting_after(node):
             both = graph.call_function(torch.cat, ([node, node], 0))
-        _mark_glue(both, node)
+        mark_glue(both, PASS_NAME, node)
         for user in outside:
             user.replace_input_with(node, both)
     graph.lint()
     gm.recompile()
-
-
-def _mark_glue(glue: fx.Node, neighbour: fx.Node) -> None:
-    """A node the pass inserted (the slice, a repeat): it computes nothing of the captured graph itself (empty
-    provenance), is named after the pass, and sits in its neighbour's module, so partitioning keeps it there."""
-    glue.meta[SOURCE], glue.meta[DERIVED_BY] = (), PASS_NAME
-    if "nn_module_stack" in neighbour.meta:
-        glue.meta["nn_module_stack"] = dict(neighbour.meta["nn_module_stack"])
 
 
 def _halve_leading_size(args: tuple, m: int) -> tuple:

@@ -78,6 +78,15 @@ def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_n
             node.meta[SOURCE] = tuple(sources)
 
 
+def mark_glue(node: fx.Node, pass_name: str, neighbour: fx.Node | None = None) -> fx.Node:
+    """A node a pass inserted that computes nothing of the captured graph itself (a slice, a repeat, an index): empty
+    provenance, named after the pass, and in ``neighbour``'s module, so partitioning keeps it in that part."""
+    node.meta[SOURCE], node.meta[DERIVED_BY] = (), pass_name
+    if neighbour is not None and "nn_module_stack" in neighbour.meta:
+        node.meta["nn_module_stack"] = dict(neighbour.meta["nn_module_stack"])
+    return node
+
+
 def output_node(graph: fx.Graph) -> fx.Node:
     """The graph's output node (the last node)."""
     return next(n for n in reversed(graph.nodes) if n.op == "output")

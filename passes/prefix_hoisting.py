@@ -40,7 +40,7 @@ from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from passes.graph_utils import DERIVED_BY, SOURCE, output_node
+from passes.graph_utils import DERIVED_BY, SOURCE, mark_glue, output_node
 from passes.head_cache import HEAD_CACHE_INPUT
 from passes.layer_skipping import image_block_importance_of
 
@@ -291,12 +291,7 @@ def _prefix_value(value: Tensor, slot_len: int) -> Tensor:
 
 
 def _glue(node: fx.Node, neighbour: fx.Node | None = None) -> fx.Node:
-    """A node the pass inserted: named after the pass, with no captured provenance of its own, in its neighbour's
-    module (so partitioning keeps it in the neighbour's part)."""
-    node.meta[SOURCE], node.meta[DERIVED_BY] = (), PASS_NAME
-    if neighbour is not None and "nn_module_stack" in neighbour.meta:
-        node.meta["nn_module_stack"] = dict(neighbour.meta["nn_module_stack"])
-    return node
+    return mark_glue(node, PASS_NAME, neighbour)
 
 
 def _propagate(gm: fx.GraphModule) -> None:

@@ -63,8 +63,9 @@ class GenImageState:
     head_cache: Tensor | None = None
     records: list[CallRecord] = field(default_factory=list)
     weight_addresses: tuple[int, ...] | None = None  # taken at the image's first call (CUDA-graph keys)
-    # (skip set, FFN pruned) -> the prefix's keys and values by attention name, and their addresses (CUDA-graph keys)
-    prefix: dict[tuple, tuple[dict[str, tuple[Tensor, Tensor]], tuple[int, ...]]] = field(default_factory=dict)
+    # (skip set, FFN pruned) -> the prefix's keys and values, (k, v) per attention in the executor's ``attentions``
+    # order (None for a skipped layer's), and their addresses (CUDA-graph keys)
+    prefix: dict[tuple, tuple[tuple[Tensor | None, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
 class GenGraphExecutor:
@@ -91,6 +92,12 @@ class GenGraphExecutor:
         # symbol it was traced with (a later fake-tensor pass over a part may tie it to the value it ran with).
         self.slot_gm, self.attentions = self._slot_graph()
         self.hoisting = self.slot_gm is not None
+        # where a variant's input comes from: the call's args, then the stored head output, then the prefix's k, v
+        self._input_index = {name: i for i, name in enumerate(self.names)}
+        self._input_index[HEAD_CACHE_INPUT] = len(self.names)
+        for i, name in enumerate(self.attentions):
+            self._input_index[PREFIX_K + name] = len(self.names) + 1 + 2 * i
+            self._input_index[PREFIX_V + name] = len(self.names) + 2 + 2 * i
         self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
 
     def begin(self) -> None:
@@ -112,7 +119,7 @@ class GenGraphExecutor:
             st.weight_addresses = tensor_addresses(args, self.weight_positions)
         sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
         trunk = plan.head != "reuse" or measure
-        prefix, prefix_addresses = {}, ()
+        prefix, prefix_addresses = (None,) * (2 * len(self.attentions)), ()
         if trunk and self.hoisting:
             with full_guards():  # its parts may compile now
                 prefix, prefix_addresses = self._prefix(skipped, plan.ffn_pruned, args)
@@ -123,7 +130,7 @@ class GenGraphExecutor:
         # A variant's inputs are the captured forward's, in order, then its own (``_variant``): only those are looked up
         # (the captured ones are ~900 weights, and a head-reuse call's whole work is a sub-millisecond replay).
         n = len(args)
-        extra = (st.head_cache, *(t for name in self.attentions for t in prefix.get(name, (None, None))))
+        extra = (st.head_cache, *prefix)
         inputs = (*args, *(extra[i - n] for i in positions[n:]))
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
@@ -140,7 +147,7 @@ class GenGraphExecutor:
         st.records.append(CallRecord(plan.call, skipped, plan.head, plan.needs_trunk, importance))
         return out
 
-    def _variant(self, key: tuple, args: tuple, prefix: dict[str, tuple[Tensor, Tensor]],
+    def _variant(self, key: tuple, args: tuple, prefix: tuple[Tensor | None, ...],
                  ) -> tuple[PartitionedGraph, tuple[str, ...], list[int], list[int]]:
         """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared, the sizes its
         parts are compiled for), built once: its partitioned graph, its extra outputs, where each of its inputs is
@@ -165,16 +172,13 @@ class GenGraphExecutor:
             if node.name.startswith((PREFIX_K, PREFIX_V)) and not node.users:  # a skipped layer's keys and values
                 work.graph.erase_node(node)
         work.recompile()
-        where = {name: i for i, name in enumerate(self.names)}
-        where[HEAD_CACHE_INPUT] = len(self.names)
-        for i, name in enumerate(self.attentions):
-            where[PREFIX_K + name], where[PREFIX_V + name] = len(self.names) + 1 + 2 * i, len(self.names) + 2 + 2 * i
+        where = self._input_index
         names = [n.name for n in work.graph.nodes if n.op == "placeholder"]
         positions = [where[name] for name in names]
         if positions[: len(self.names)] != list(range(len(self.names))):  # passes add inputs, never drop or reorder
             raise RuntimeError(f"flashu_backend: the variant {key[:5]} reorders the captured forward's inputs")
         per_call = [i for i, name in enumerate(names) if name == HEAD_CACHE_INPUT or where[name] in self.per_call]
-        available = (*args, self.state.head_cache, *(t for n in self.attentions for t in prefix.get(n, (None, None))))
+        available = (*args, self.state.head_cache, *prefix)
         examples = [available[i] for i in positions]
         graph = partition_showo2_graph(work, self.captured, expect_layers=head != "reuse" or measure)
         if ffn_pruned and self.ffn_ranges is not None:
@@ -188,25 +192,25 @@ class GenGraphExecutor:
         (None, []) where it does not split into a prefix and a slot graph."""
         slot = copy.deepcopy(self.gm)
         names = attend_slots_only(slot, self.slot_len)
-        if not names or not hoist_prefix_kv(copy.deepcopy(self.gm)):
-            return None, []
-        return slot, names
+        # names: the slot's write and the masked attentions were found, all the prefix graph (hoist_prefix_kv) needs
+        return (slot, names) if names else (None, [])
 
     def _prefix(self, skipped: tuple[int, ...], ffn_pruned: bool, args: tuple,
-                ) -> tuple[dict[str, tuple[Tensor, Tensor]], tuple[int, ...]]:
-        """The prompt prefix's keys and values under (skip set, FFN pruned), by attention name, computed on the
-        image's first call that needs them (its inputs ``args``), and their addresses."""
+                ) -> tuple[tuple[Tensor | None, ...], tuple[int, ...]]:
+        """The prompt prefix's keys and values under (skip set, FFN pruned), (k, v) per attention in ``attentions``
+        order (None for a skipped layer's), computed on the image's first call that needs them (its inputs
+        ``args``), and their addresses."""
         st = self.state
         if (skipped, ffn_pruned) in st.prefix:
             return st.prefix[skipped, ffn_pruned]
-        position = {name: i for i, name in enumerate(self.names)}
+        position = self._input_index
         tokens, mask = args[position[TOKENS]], args[position[MASK]]
         if not st.prefix and not prefix_is_causal(mask, args[position[OFFSETS]]):
             warnings.warn("flashu_backend: the batch's mask lets the prompt attend to the image slot, so the prompt's "
                           "keys and values change with the latents; every call now runs the whole batch", stacklevel=3)
             self.hoisting = False
             self._variants.clear()
-            return {}, ()
+            return (None,) * (2 * len(self.attentions)), ()
         length = tokens.shape[1]
         cut = length - self.slot_len  # the prefix buffer: every row's prompt (and a shorter row's slot, masked)
         prefix_args = list(args)
@@ -223,8 +227,8 @@ class GenGraphExecutor:
         # On CUDA these are the prefix graph's own outputs, rewritten only when it replays (the next image): the slot
         # graphs read them in place, at addresses that stay the same from image to image.
         found = {name: (out[2 * i], out[2 * i + 1]) for i, name in enumerate(names)}
-        st.prefix[skipped, ffn_pruned] = found, tensor_addresses([t for kv in found.values() for t in kv],
-                                                                 range(2 * len(found)))
+        flat = tuple(t for name in self.attentions for t in found.get(name, (None, None)))
+        st.prefix[skipped, ffn_pruned] = flat, tensor_addresses(out, range(len(out)))
         return st.prefix[skipped, ffn_pruned]
 
     def _prefix_variant(self, key: tuple, args: list) -> tuple[PartitionedGraph, list[str]]:
