@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-und", type=int, default=d.batch_und, help="understanding rows per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--foreground-weight", type=float, default=d.foreground_weight, metavar="W",
+                   help="extra flow-loss weight on latent positions covered by objects, so the black background "
+                        "does not dominate the MSE (0: unweighted)")
     p.add_argument("--compile", default=d.compile, metavar="BACKEND",
                    help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
                             warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
                             seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
-                            category_weights=args.category_weights)
+                            category_weights=args.category_weights, foreground_weight=args.foreground_weight)
     rng = world.rng_for("train", args.seed)
     gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen,
                                       category_weights=train_cfg.category_weights), device)

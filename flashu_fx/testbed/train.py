@@ -4,7 +4,7 @@ One step draws ``batch_gen`` generation rows and ``batch_und`` understanding row
 forward of ``Showo2`` over all of them:
 - flow matching on the generation rows (docs/SHOWO2.md §3.3, §3.9): x_t = t x1 + (1 - t) x0, the velocity target
   x1 - x0, t logit-normal with Show-o2's resolution shift; the caption is dropped (the CFG null row) with
-  probability ``caption_dropout``;
+  probability ``caption_dropout``; ``foreground_weight`` > 0 up-weights the MSE at latent positions on objects;
 - next-token cross-entropy on the answers of the understanding rows (clean image, t = 1).
 AdamW with warm-up and cosine decay, bf16 autocast on CUDA, gradient clipping, and an EMA of the weights (the
 weights that ship).
@@ -45,6 +45,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     caption_dropout: float = 0.1  # share of generation rows trained as the CFG null row
     und_loss_weight: float = 1.0  # weight of the answer cross-entropy against the flow loss
+    # Extra flow-loss weight on latent positions covered by objects (1 + w * covered share, each row's mean
+    # rescaled to 1): the black background otherwise dominates the MSE and small objects' colour and shape go
+    # weakly rewarded. 0: the plain MSE.
+    foreground_weight: float = 0.0
     ema_decay: float = 0.999  # EMA of the weights, the ones saved
     pool_gen: int = 300_000  # rendered generation examples
     pool_und: int = 300_000  # rendered understanding examples
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout} must lie in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if not self.foreground_weight >= 0:  # also refuses NaN
+            raise ValueError(f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: unweighted)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +110,15 @@ def lr_at(step: int, done: float, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
+def flow_weights(images: Tensor, foreground_weight: float) -> Tensor:
+    """Per-position flow-loss weights of clean images uint8 (B, S, S, 3): fp32 (B, 1, S/2, S/2), 1 +
+    ``foreground_weight`` * the share of the position's 2x2 pixel block that is not black, scaled so each row's
+    mean is 1 (the loss keeps the unweighted MSE's scale; ``foreground_weight`` = 0 gives all ones)."""
+    covered = (images > 0).any(dim=-1)[:, None].float()  # (B, 1, S, S): any channel lit
+    weight = 1 + foreground_weight * F.avg_pool2d(covered, codec.FACTOR)
+    return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, generator: torch.Generator
                 ) -> dict[str, Tensor]:
     """One step's rows [generation ..., understanding ...] with their inputs and targets, on the pools' device.
@@ -121,7 +136,8 @@ def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, gen
     drop = torch.rand(cfg.batch_gen, **draw) < cfg.caption_dropout
     g_tokens = torch.where(drop[:, None], gen.null_tokens[None], gen.tokens[gi])
     g_offsets = torch.where(drop, torch.full_like(gen.offsets[gi], 2), gen.offsets[gi])
-    x1 = codec.encode(gen.images[gi])
+    images = gen.images[gi]
+    x1 = codec.encode(images)
     x0 = torch.randn(x1.shape, **draw)
     t = sample_flow_time(cfg.batch_gen, mcfg.image_slot_len, generator, device)
     xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
@@ -135,15 +151,21 @@ def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, gen
         offsets=torch.cat([g_offsets, und.offsets[ui]]),
         mask=mask,
         velocity_target=x1 - x0,
+        flow_weight=flow_weights(images, cfg.foreground_weight),
         answer_targets=und.targets[ui],
     )
 
 
 def joint_loss(model: Showo2, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, flow MSE, answer cross-entropy) of one joint batch."""
+    """(total, flow MSE, answer cross-entropy) of one joint batch; the flow MSE is weighted by ``flow_weight``
+    when ``cfg.foreground_weight`` > 0."""
     out = model(batch["tokens"], batch["latents"], batch["t"], batch["offsets"], batch["mask"], return_logits=True)
     n_gen = batch["velocity_target"].shape[0]
-    flow = F.mse_loss(out.velocity[:n_gen].float(), batch["velocity_target"])
+    velocity = out.velocity[:n_gen].float()
+    if cfg.foreground_weight:
+        flow = (batch["flow_weight"] * (velocity - batch["velocity_target"]).square()).mean()
+    else:  # the plain MSE, bit for bit as before the option
+        flow = F.mse_loss(velocity, batch["velocity_target"])
     logits = out.logits[n_gen:].float()
     ce = F.cross_entropy(logits.flatten(0, 1), batch["answer_targets"].flatten(), ignore_index=IGNORE)
     return flow + cfg.und_loss_weight * ce, flow, ce

@@ -6,14 +6,17 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashu_fx.config import get_config
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
 from flashu_fx.model import Showo2
-from flashu_fx.testbed import world
+from flashu_fx.testbed import codec, world
 from flashu_fx.testbed.data import IGNORE, build_gen_pool, build_und_pool
 from flashu_fx.testbed.tokenizer import WordTokenizer
-from flashu_fx.testbed.train import TrainConfig, init_for_training, joint_batch, joint_loss, train
+from flashu_fx.testbed.train import TrainConfig, flow_weights, init_for_training, joint_batch, joint_loss, train
 
 # The testbed's token layout (grid, sequence length, vocabulary) with a two-layer trunk: a CPU step in ~0.1 s.
 SMALL = dataclasses.replace(
@@ -85,6 +88,49 @@ def test_bad_train_config_names_the_field() -> None:
         TrainConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="TrainConfig.batch_und=0"):
         TrainConfig(batch_und=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.foreground_weight=-1 must be >= 0"):
+        TrainConfig(foreground_weight=-1)
+    with pytest.raises(ValueError, match="TrainConfig.foreground_weight=nan"):
+        TrainConfig(foreground_weight=float("nan"))
+
+
+def test_foreground_weight_zero_is_the_plain_mse(pools) -> None:
+    _, gen, und = pools
+    torch.manual_seed(0)
+    model = Showo2(SMALL)  # default init: a non-zero velocity, unlike init_for_training's
+    cfg = TrainConfig(batch_gen=4, batch_und=2)
+    batch = joint_batch(model, gen, und, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(batch["flow_weight"], torch.ones(4, 1, *batch["latents"].shape[2:]))
+    with torch.no_grad():
+        out = model(batch["tokens"], batch["latents"], batch["t"], batch["offsets"], batch["mask"])
+        _, flow, _ = joint_loss(model, batch, cfg)
+        assert torch.count_nonzero(out.velocity[:4]) > 0
+        assert torch.equal(flow, F.mse_loss(out.velocity[:4].float(), batch["velocity_target"]))
+        # The weighted path with all-one weights is the same MSE, to fp32 rounding.
+        _, weighted, _ = joint_loss(model, batch, dataclasses.replace(cfg, foreground_weight=1.0))
+    torch.testing.assert_close(weighted, flow, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(foreground_weight=st.floats(0.01, 100.0), seed=st.integers(0, 2**16))
+def test_foreground_weights_average_one_and_favour_objects(pools, foreground_weight, seed) -> None:
+    _, gen, und = pools
+    cfg = TrainConfig(batch_gen=8, batch_und=1, foreground_weight=foreground_weight)
+    generator = torch.Generator().manual_seed(seed)
+    batch = joint_batch(Showo2(SMALL), gen, und, cfg, generator)
+    weight = batch["flow_weight"]
+    assert weight.dtype == torch.float32 and weight.shape == (8, 1, *batch["latents"].shape[2:])
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3)), torch.ones(8))
+    t = batch["t"][:8, None, None, None]  # the clean images back from x_t and the velocity: x1 = x_t + (1 - t) v
+    images = codec.decode(batch["latents"][:8] + (1 - t) * batch["velocity_target"])
+    torch.testing.assert_close(weight, flow_weights(images, foreground_weight), rtol=0, atol=0)
+    share = F.avg_pool2d((images > 0).any(dim=-1)[:, None].float(), codec.FACTOR)
+    for w, s in zip(weight, share, strict=True):
+        assert (s == 1).any() and (s == 0).any()  # every render has an object and some background
+        assert w[s == 1].min() > w[s == 0].max()  # object positions outweigh black ones
+        assert torch.allclose(w[s == 0], w[s == 0][0]) and torch.allclose(w[s == 1], w[s == 1][0])
+        ratio = float(w[s == 1][0] / w[s == 0][0])
+        assert ratio == pytest.approx(1 + foreground_weight, rel=1e-5)  # 1 + w before the per-row rescale
 
 
 def test_a_compiled_training_step_follows_the_eager_one(pools) -> None:
