@@ -28,9 +28,8 @@ import warnings
 
 import torch
 from torch import fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from passes.graph_utils import mark_glue
+from passes.graph_utils import mark_glue, placeholder, propagate_fake
 
 LATENTS = "l_latents_"
 WEIGHT_PREFIX = "l_self_"
@@ -40,7 +39,7 @@ PASS_NAME = "cfg_shared_features"
 
 def latent_region(gm: fx.GraphModule) -> tuple[fx.Node | None, list[fx.Node]]:
     """The latents placeholder and the nodes computed from it and the weights alone, in graph order."""
-    latents = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == LATENTS), None)
+    latents = placeholder(gm, LATENTS)
     if latents is None:
         return None, []
     from_latents: set[fx.Node] = {latents}
@@ -180,12 +179,10 @@ def _halved(value: object) -> tuple[int, ...] | None:
 def _shapes_differ(gm: fx.GraphModule, expected: dict[str, tuple[int, ...] | None]) -> str | None:
     """Propagate the captured inputs' fake tensors through the rewritten graph; a message when a region node's
     shape is not its old shape at half batch (or the graph no longer runs), else None."""
-    inputs = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = torch._guards.detect_fake_mode(inputs)
-    if mode is None:
-        return "the captured inputs carry no fake tensors to check the rewritten shapes with"
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        propagate_fake(gm)
+    except LookupError as error:
+        return str(error)
     except Exception as error:  # noqa: BLE001 - any failure means the halved region is not batch-independent
         return f"the region does not run at half batch ({type(error).__name__}: {error})"
     for node in gm.graph.nodes:

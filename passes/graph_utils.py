@@ -1,13 +1,17 @@
-"""Helpers shared by the passes: where a node comes from (its module path), what tensor it stands for."""
+"""Helpers shared by the passes: where a node comes from (its module path), what tensor it stands for, and how a
+rewritten graph is checked on the captured fake inputs."""
 
 from __future__ import annotations
 
 import operator
 import re
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 _SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
 SOURCE = "source"  # node.meta key: the captured node(s) a node was copied or derived from (its provenance)
@@ -33,7 +37,7 @@ def lifted_state_dict(gm: fx.GraphModule, inputs: list) -> dict[str, Tensor]:
     Dynamo lifts each as a placeholder named after its attribute path
     (``l_self_modules_showo_modules_model_..._parameters_weight_`` -> ``showo.model....weight``)."""
     lifted = {}
-    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), inputs, strict=False):
+    for node, value in zip(placeholders(gm), inputs, strict=False):
         match = _LIFTED_ATTRIBUTE.match(node.name)
         if match and isinstance(value, Tensor):
             key = re.sub(r"_(?:modules|parameters|buffers)_", ".", match.group(1))
@@ -63,6 +67,38 @@ def fake_value(node: object) -> Tensor | None:
         base = fake_value(node.args[0])
         return None if base is None else base[node.args[1]]
     return None
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's inputs, in call order."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def placeholder(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """The input named ``name`` (Dynamo names a forward argument ``x`` as ``l_x_``), or None."""
+    return next((n for n in placeholders(gm) if n.name == name), None)
+
+
+def captured_value(node: object) -> object:
+    """What a node stood for when captured (Dynamo's ``example_value``; a propagation's ``val``), or None."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def propagate_fake(gm: fx.GraphModule, interpreter: type[FakeTensorProp] = FakeTensorProp) -> None:
+    """Run ``gm`` on its inputs' captured fake values; each node's new value lands in ``meta["val"]``.
+
+    It runs in the inputs' own fake mode (inside a backend call ``detect_fake_mode`` may return Dynamo's tracing
+    mode instead), with the ShapeEnv's guards suppressed: checking a rewrite must not tie the capture's symbolic
+    lengths to the example's values, which every later variant and part reads. Raises LookupError when the
+    inputs carry no fake tensor; any error of the graph itself propagates.
+    """
+    inputs = [captured_value(n) for n in placeholders(gm)]
+    mode = next((x.fake_mode for x in inputs if isinstance(x, FakeTensor)), None)
+    if mode is None:
+        raise LookupError("the captured inputs carry no fake tensors to check the rewritten shapes with")
+    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else nullcontext()
+    with quiet:
+        interpreter(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_name: str) -> None:

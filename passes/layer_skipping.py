@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from passes.graph_utils import DERIVED_BY, append_output, inherit_provenance, output_node
+from passes.graph_utils import DERIVED_BY, append_output, inherit_provenance, output_node, placeholder
 from passes.partition import anchor
 
 
@@ -123,7 +123,7 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
     boundaries, reasons = layer_boundaries(gm)
     offsets = None
     if image_slot is not None:
-        offsets = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == image_slot[0]), None)
+        offsets = placeholder(gm, image_slot[0])
         if offsets is None:
             reasons = {**reasons, -1: f"no input named {image_slot[0]!r}"}
     if reasons or not boundaries:

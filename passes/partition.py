@@ -43,7 +43,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.split_module import split_module
 
-from passes.graph_utils import SOURCE, module_path
+from passes.graph_utils import SOURCE, captured_value, module_path, placeholders, propagate_fake
 
 # Parts a module path anchors: (kind, pattern of the module path prefix with the index as group 1).
 ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -220,7 +220,7 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
             # Passes over the part read its inputs' example values (shapes, storage sharing); a pass over the root
             # may have changed them (weight views), so they become the inputs the part is compiled for.
-            inputs = [n for n in part.module.graph.nodes if n.op == "placeholder"]
+            inputs = placeholders(part.module)
             for node, value in zip(inputs, examples[part.name], strict=True):
                 if isinstance(value, torch.Tensor):
                     node.meta["example_value"] = value
@@ -257,15 +257,10 @@ def symbolic_part_inputs(graph: PartitionedGraph) -> dict[str, list[tuple[bool, 
     propagating the root's captured fake inputs through the root, passes included. ``{}`` where the
     root has no fake inputs or does not propagate (every size then counts as static: correct, only compiled
     once per length)."""
-    captured = {part.name: [n.meta.get("example_value", n.meta.get("val")) for n in part.module.graph.nodes
-                            if n.op == "placeholder"] for part in graph.parts}
+    captured = {part.name: [captured_value(n) for n in placeholders(part.module)] for part in graph.parts}
     if all(v is not None for values in captured.values() for v in values):
         # every part input keeps the value Dynamo captured (no pass inserted a value between parts): read them
         return {name: [_symbols_of(v) for v in values] for name, values in captured.items()}
-    inputs = [n.meta.get("example_value") for n in graph.root.graph.nodes if n.op == "placeholder"]
-    mode = torch._guards.detect_fake_mode(inputs)
-    if mode is None:
-        return {}
     names = {part.attribute: part.name for part in graph.parts}
     found: dict[str, list[tuple[bool, ...] | bool]] = {}
 
@@ -278,7 +273,7 @@ def symbolic_part_inputs(graph: PartitionedGraph) -> dict[str, list[tuple[bool, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            Recorder(graph.root, mode).propagate_dont_convert_inputs(*inputs)
+            propagate_fake(graph.root, Recorder)
     except Exception as error:  # noqa: BLE001 - no symbolic layout: fall back to static keys, which are exact
         log.debug("symbolic_part_inputs: the root does not propagate fake inputs (%s)", error)
         return {}

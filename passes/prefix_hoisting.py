@@ -37,10 +37,17 @@ import warnings
 
 import torch
 from torch import Tensor, fx
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from passes.graph_utils import DERIVED_BY, SOURCE, mark_glue, output_node
+from passes.graph_utils import (
+    DERIVED_BY,
+    SOURCE,
+    captured_value,
+    mark_glue,
+    output_node,
+    placeholder,
+    placeholders,
+    propagate_fake,
+)
 from passes.head_cache import HEAD_CACHE_INPUT
 from passes.layer_skipping import image_block_importance_of
 
@@ -157,27 +164,19 @@ def _slot_write(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _masked_attentions(gm: fx.GraphModule) -> list[fx.Node]:
-    mask = _placeholder(gm, MASK)
+    mask = placeholder(gm, MASK)
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _SDPA and mask is not None
             and n.kwargs.get("attn_mask") is mask and len(n.args) == 3]
 
 
-def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node | None:
-    return next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name), None)
-
-
-def _value(node: object) -> object:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
     graph = gm.graph
-    offsets, mask, tokens = (_placeholder(gm, name) for name in (OFFSETS, MASK, TOKENS))
-    cache = _placeholder(gm, HEAD_CACHE_INPUT)
+    offsets, mask, tokens = (placeholder(gm, name) for name in (OFFSETS, MASK, TOKENS))
+    cache = placeholder(gm, HEAD_CACHE_INPUT)
     write = _slot_write(gm)
     if offsets is None or tokens is None or (write is None and cache is None):
         raise _Refused("no offsets or tokens input, or no slot (neither the slot's write nor a head-cache input)")
-    length = _value(tokens).shape[1]
+    length = captured_value(tokens).shape[1]
     if not _is_symbol(length):
         raise _Refused(f"the batch length {length} is not a symbol of the capture (mark it dynamic)")
     symbols = length.node.expr.free_symbols
@@ -189,11 +188,10 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
         return any(_is_symbol(s) and symbol in s.node.expr.free_symbols for s in sizes)
 
     def has_length(node: object) -> bool:
-        value = _value(node)
+        value = captured_value(node)
         return has_symbol(tuple(value.shape) if isinstance(value, Tensor) else (value,))
 
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
+    with graph.inserting_after(placeholders(gm)[-1]):
         positions = _glue(graph.call_function(slot_positions, (offsets, slot_len)))
     with graph.inserting_after(positions):
         zero_offsets = _glue(graph.call_function(torch.zeros_like, (offsets,)))
@@ -209,11 +207,11 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
         """``arg`` (of the batch length) as ``user``'s slot computation reads it."""
         if arg in converted:
             return converted[arg]
-        shape = tuple(_value(arg).shape)
-        batch = _value(user).shape[0] if isinstance(_value(user), Tensor) else None
+        shape = tuple(captured_value(arg).shape)
+        batch = captured_value(user).shape[0] if isinstance(captured_value(user), Tensor) else None
         if len(shape) == 2 and has_length(arg) and _is_length(shape[0], symbol) and not has_symbol(shape[1:]):
             fn = table_at  # a per-position table, read by a (M, heads, S, d) value
-            if _value(user).dim() != 4:
+            if captured_value(user).dim() != 4:
                 raise _Refused(f"node {user.name} reads the per-position table {arg.name} outside attention heads")
         elif len(shape) >= 2 and shape[0] == batch and _is_length(shape[1], symbol) and not has_symbol(shape[2:]):
             fn = rows_at
@@ -238,10 +236,10 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
             name = attention_name(node)
             keys = []
             for prefix, value in ((PREFIX_K, k), (PREFIX_V, v)):
-                with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+                with graph.inserting_after(placeholders(gm)[-1]):
                     buffer = graph.placeholder(f"{prefix}{name}")
                 buffer.meta[DERIVED_BY] = PASS_NAME
-                buffer.meta["example_value"] = _prefix_value(_value(value), slot_len)
+                buffer.meta["example_value"] = _prefix_value(captured_value(value), slot_len)
                 with graph.inserting_before(node):
                     keys.append(_glue(graph.call_function(with_prefix, (buffer, value)), node))
             node.args = (q, *keys)
@@ -258,10 +256,10 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
             continue
         if node.op == "call_method" and node.target in _SIZED_METHODS:
             node.args = tuple(slot_len if isinstance(a, fx.Node) and a not in slot and has_length(a)
-                              and not isinstance(_value(a), Tensor) else a for a in node.args)
+                              and not isinstance(captured_value(a), Tensor) else a for a in node.args)
         for arg in node.all_input_nodes:
             if arg not in slot and has_length(arg):
-                if not isinstance(_value(arg), Tensor):
+                if not isinstance(captured_value(arg), Tensor):
                     raise _Refused(f"node {node.name} reads the batch length {arg.name}")
                 node.replace_input_with(arg, convert(arg, node))
     results = output_node(graph).all_input_nodes
@@ -269,7 +267,7 @@ def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
     if stray:
         raise _Refused(f"outputs {stray} keep the batch length")
     if cache is not None:
-        value = _value(cache)
+        value = captured_value(cache)
         cache.meta["example_value"] = value.new_empty((value.shape[0], slot_len, *value.shape[2:]))
     graph.eliminate_dead_code()
     graph.lint()
@@ -296,13 +294,10 @@ def _glue(node: fx.Node, neighbour: fx.Node | None = None) -> fx.Node:
 
 def _propagate(gm: fx.GraphModule) -> None:
     """Run the rewritten graph on its fake inputs; every node's example value becomes the new one."""
-    inputs = [_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    # the inputs' own mode: inside a backend call, Dynamo's tracing context may hold another one
-    mode = next((x.fake_mode for x in inputs if isinstance(x, FakeTensor)), None)
-    if mode is None:
-        raise _Refused("the captured inputs carry no fake tensors to check the rewritten shapes with")
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        propagate_fake(gm)
+    except LookupError as error:
+        raise _Refused(str(error)) from error
     except Exception as error:  # noqa: BLE001 - any failure means the slot graph does not hold together
         raise _Refused(f"the slot graph does not run ({type(error).__name__}: {error})") from error
     for node in gm.graph.nodes:

@@ -37,7 +37,7 @@ from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.schedule import StepPlan
 from passes.cfg_shared_features import share_cfg_features
 from passes.ffn_slicing import slice_ffn_inputs
-from passes.graph_utils import split_extra_outputs
+from passes.graph_utils import placeholders, split_extra_outputs
 from passes.head_cache import HEAD_CACHE_INPUT, expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
@@ -79,7 +79,7 @@ class GenGraphExecutor:
         self.slot_len = slot_len
         self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
         self.captured = mark_provenance(gm)
-        self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.names = [n.name for n in placeholders(gm)]
         weights = [name.startswith("l_self_") for name in self.names]  # read in place by a CUDA graph
         self.weight_positions = [i for i, is_weight in enumerate(weights) if is_weight]
         self.per_call = [i for i, is_weight in enumerate(weights) if not is_weight]  # tokens, latents, t, ...
@@ -168,12 +168,12 @@ class GenGraphExecutor:
             extras.append("head_out")
         if head == "reuse" and not reuse_head_output(work):
             raise RuntimeError("flashu_backend: the head cache cannot be used on this graph (no head boundary)")
-        for node in [n for n in work.graph.nodes if n.op == "placeholder"]:
+        for node in placeholders(work):
             if node.name.startswith((PREFIX_K, PREFIX_V)) and not node.users:  # a skipped layer's keys and values
                 work.graph.erase_node(node)
         work.recompile()
         where = self._input_index
-        names = [n.name for n in work.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in placeholders(work)]
         positions = [where[name] for name in names]
         if positions[: len(self.names)] != list(range(len(self.names))):  # passes add inputs, never drop or reorder
             raise RuntimeError(f"flashu_backend: the variant {key[:5]} reorders the captured forward's inputs")

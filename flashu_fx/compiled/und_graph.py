@@ -34,7 +34,7 @@ from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
 from flashu_fx.schedule import und_step_layers
 from passes.ffn_slicing import slice_ffn_inputs
-from passes.graph_utils import split_extra_outputs
+from passes.graph_utils import placeholders, split_extra_outputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.vnorm_token_pruning import prune_tokens_after_layer
@@ -72,7 +72,7 @@ class UndGraphExecutor:
 
     def runner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         """The callable Dynamo runs in place of ``gm`` (a captured prefill or decode step)."""
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in placeholders(gm)]
         kind = "prefill" if "l_latents_" in names else "decode"
         captured = mark_provenance(gm)
         num_layers = sum(name.endswith("_buffers_length_") for name in names)  # one fill count per layer's cache
