@@ -3,6 +3,7 @@
     python -m harness bench --task gen --preset showo2-1.5b --repeats 3 --warmup 1   # runs/bench/bench_gen.json
     python -m harness bench --task und --preset showo2-7b --rows eager-kv
     python -m harness bench --task gen --preset tiny --device cpu --repeats 1      # smoke test
+    python -m harness bench --task gen --batch 8 --rows eager-split,compiled-flashu   # 8 prompts per call
 
 Weight values do not change the time of a dense step, so the model is built on the meta device and filled
 with random, non-degenerate values on the target device (seconds at 7B). Timed region as docs/REFERENCE_MEASUREMENTS.md:
@@ -10,7 +11,10 @@ gen = the whole denoising loop for one prompt (50-point grid = 49 calls, CFG bat
 und = ``answer_question`` end to end (image features, prefill, exactly 32 new tokens: the eos stop is off)
 for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs (eager rows: at
 least ``--eager-repeats``, 5, as host-bound eager loops are the noisiest) with
-``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run.
+``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run, and
+for generation also against ``eager-split`` when it runs: upstream's work with the lm_head product split, since
+the single product takes a slow cuBLAS path on an H200 that no ratio should rest on. ``--batch N`` times N
+prompts of mixed lengths per call and reports images per second.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from harness.floors import device_rates, peak_tflops, row_floor_s, upstream_gen_
 from harness.random_model import ChunkTokenizer, build_random_model, und_question_ids
 from harness.rows import (
     BASELINES,
+    SPLIT_BASELINE,
     TASKS,
     GenContext,
     RowResult,
@@ -79,7 +84,10 @@ def profile_row(fn, ctx, device: torch.device) -> str:
     return profile_table(prepared.run, device)
 
 
-def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float | None, peak: float | None) -> dict:
+def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float | None, peak: float | None,
+               split: RowResult | None = None) -> dict:
+    """One row of the report; ``split``: the ``eager-split`` row when it ran (a second speedup, against upstream's
+    work without cuBLAS's slow lm_head path)."""
     rec = {
         "name": r.name,
         "note": r.note,
@@ -89,6 +97,7 @@ def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float |
         "unit": r.unit,
         "ms_per_unit": r.ms_per_unit,
         "speedup": base.seconds / r.seconds,
+        "speedup_vs_split": None if split is None else split.seconds / r.seconds,
         "peak_mem_gb": r.peak_mem_gb,
         "check": compare(task, r.output, base.output),
         "summary": summarize(task, r.output),
@@ -100,16 +109,20 @@ def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float |
 
 
 def report_table(records: list[dict]) -> str:
-    headers = ["row", "seconds", "count", "ms/unit", "speedup", "of floor", "peak GB", "check", "note"]
+    """The report's rows as a text table; "img/s" for generation, "vs split" where ``eager-split`` ran."""
+    images = any("images_per_s" in rec for rec in records)
+    vs_split = any(rec.get("speedup_vs_split") is not None for rec in records)
+    headers = ["row", "seconds", "count", "ms/unit", *(["img/s"] if images else []), "speedup",
+               *(["vs split"] if vs_split else []), "of floor", "peak GB", "check", "note"]
     rows = []
     for rec in records:
         check = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rec["check"].items())
         mem = "-" if rec["peak_mem_gb"] is None else f"{rec['peak_mem_gb']:.2f}"
         count, ms = f"{rec['count']} {rec['unit']}", f"{rec['ms_per_unit']:.2f}"
         floor = "-" if rec.get("pct_of_floor") is None else f"{rec['pct_of_floor']:.0f}%"
-        rows.append(
-            [rec["name"], f"{rec['seconds']:.3f}", count, ms, f"{rec['speedup']:.2f}x", floor, mem, check, rec["note"]]
-        )
+        rows.append([rec["name"], f"{rec['seconds']:.3f}", count, ms,
+                     *([f"{rec['images_per_s']:.2f}"] if images else []), f"{rec['speedup']:.2f}x",
+                     *([f"{rec['speedup_vs_split']:.2f}x"] if vs_split else []), floor, mem, check, rec["note"]])
     return format_table(headers, rows)
 
 
@@ -138,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights, noise and image latents")
     p.add_argument("--steps", type=int, default=50, help="gen: grid points (model calls = steps - 1)")
     p.add_argument("--guidance", type=float, default=10.0, help="gen: CFG scale (0 = no CFG, batch 1)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="gen: prompts per call, of mixed lengths (the bench prompt and shorter cuts of it); CFG "
+                        "doubles the rows. The table adds images per second")
     p.add_argument("--max-new-tokens", type=int, default=32, help="und: tokens generated (eos stop off)")
     p.add_argument(
         "--prompt-len", type=int, default=None, help="und: prompt positions incl. the image slot (default: slot + 50)"
@@ -168,16 +184,24 @@ def min_gen_steps() -> int:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name, low in (("repeats", 1), ("eager_repeats", 1), ("warmup", 0), ("steps", min_gen_steps()),
-                      ("max_new_tokens", 1), ("threads", 1)):
+                      ("max_new_tokens", 1), ("threads", 1), ("batch", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.task == "und" and args.batch != 1:
+        parser.error(f"--batch {args.batch} is for --task gen; an understanding request answers one question")
+
+
+def bench_prompts(ids: list[int], count: int) -> list[list[int]]:
+    """``count`` prompts of mixed lengths: ``ids``, then ever shorter cuts of it, down to about half its length
+    (a batch whose rows have different image-slot offsets, as a real batch of prompts has)."""
+    return [ids[: max(1, len(ids) - i * len(ids) // (2 * count))] for i in range(count)]
 
 
 def make_context(args: argparse.Namespace, model: Showo2, device: torch.device):
     cfg, tok = model.config, ChunkTokenizer(model.config)
     if args.task == "gen":
-        prompt = fit_prompt(cfg, tok.encode(GEN_PROMPT), "the bench prompt")
-        return GenContext(model, [prompt], args.steps, args.guidance, args.seed, tok)
+        prompts = bench_prompts(fit_prompt(cfg, tok.encode(GEN_PROMPT), "the bench prompt"), args.batch)
+        return GenContext(model, prompts, args.steps, args.guidance, args.seed, tok)
     gen = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(1, cfg.latent_channels, *cfg.latent_size, generator=gen).to(device)
     prompt_len = args.prompt_len or cfg.image_slot_len + 50
@@ -208,23 +232,30 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
     """Each row's physical floor (``harness.floors``) and the share of it the row reached; None where the
     device's rates were never measured or the row's path is not modelled."""
     rates = device_rates(device)
-    prefix = prompt_len = 0
-    if rates is not None and args.task == "gen":
-        offsets = build_gen_batch(cfg, ctx.prompts, guided=args.guidance != 0).offsets
-        prefix = prefix_bucket(int(offsets.max()), cfg.max_seq_len - cfg.image_slot_len)
+    prefixes, prompt_len = [0], 0
+    if rates is not None and args.task == "gen":  # one image per prompt, each with its own text prefix
+        offsets = build_gen_batch(cfg, ctx.prompts, guided=False).offsets
+        prefixes = [prefix_bucket(int(o), cfg.max_seq_len - cfg.image_slot_len) for o in offsets]
     elif rates is not None:
         prompt_len = build_mmu_prompt(cfg, ctx.tokenizer, ctx.question).tokens.shape[1]
     for rec in records:
-        floor = None if rates is None else row_floor_s(args.task, rec["name"], cfg, rates, args.steps, prefix,
-                                                        prompt_len, rec["count"])
+        floors = [] if rates is None else [row_floor_s(args.task, rec["name"], cfg, rates, args.steps, prefix,
+                                                       prompt_len, rec["count"]) for prefix in prefixes]
+        floor = None if not floors or None in floors else sum(floors)
         rec["floor_s"] = floor
         rec["pct_of_floor"] = None if floor is None else 100 * floor / rec["seconds"]
 
 
 def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:
     cfg, name = model.config, device_name(next(model.parameters()).device)
-    flops = upstream_gen_call_flops(cfg, 2 if args.guidance != 0 else 1) if args.task == "gen" else None
-    records = [row_record(args.task, r, results[0], flops and flops["total"], peak_tflops(name)) for r in results]
+    rows_per_call = args.batch * (2 if args.guidance != 0 else 1)
+    flops = upstream_gen_call_flops(cfg, rows_per_call) if args.task == "gen" else None
+    split = next((r for r in results if r.name == SPLIT_BASELINE), None) if args.task == "gen" else None
+    records = [row_record(args.task, r, results[0], flops and flops["total"], peak_tflops(name), split)
+               for r in results]
+    for rec in records:
+        if args.task == "gen":
+            rec["images_per_s"] = args.batch / rec["seconds"]
     for rec in records:
         if rec["name"] in profiles:
             rec["profile"] = profiles[rec["name"]]

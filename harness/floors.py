@@ -205,7 +205,7 @@ def row_floor_s(task: str, row: str, cfg: Showo2Config, rates: Rates, steps: int
     not one of the counted paths (the no-cache loop re-runs the prompt per token: its floor is not modelled)."""
     flashu = "flashu" in row
     if task == "gen":
-        if row == "eager":
+        if row in ("eager", "eager-split"):  # the same work, its lm_head product split or not
             return rates.compute_s((steps - 1) * upstream_gen_call_flops(cfg, 2)["total"])
         if row.startswith(("compiled-", "flashu-")):
             return rates.compute_s(gen_image_flops(cfg, FlashUConfig.for_task("gen") if flashu else None, steps,

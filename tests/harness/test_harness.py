@@ -469,3 +469,62 @@ def test_object_tokens_marks_lit_cells():
     image = np.zeros((1, 4, 4, 3), dtype=np.uint8)
     image[0, 3, 0, 1] = 255  # a pixel in the bottom-left 2 x 2 cell
     assert object_tokens(image, (2, 2)).tolist() == [[False, False, True, False]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 60), count=st.integers(1, 8))
+def test_bench_prompts_are_cuts_of_mixed_lengths(length: int, count: int):
+    ids = list(range(100, 100 + length))
+    prompts = bench.bench_prompts(ids, count)
+    assert len(prompts) == count and prompts[0] == ids
+    lengths = [len(p) for p in prompts]
+    assert lengths == sorted(lengths, reverse=True) and min(lengths) >= max(1, length // 2)
+    assert all(p == ids[: len(p)] for p in prompts)
+    if count > 1 and length >= 2 * count:  # room for every cut to differ
+        assert len(set(lengths)) == count
+
+
+def test_bench_times_a_batch_of_prompts_against_both_eager_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--task", "gen", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--steps", "3", "--batch", "3", "--out", str(out), "--rows", "eager-split,compiled-exact"]
+    bench.main(argv)
+    report = json.loads(out.read_text())
+    by_name = {r["name"]: r for r in report["rows"]}
+    assert list(by_name) == ["eager", "eager-split", "compiled-exact"]
+    assert report["settings"]["batch"] == 3
+    assert by_name["eager-split"]["check"]["rel_err"] == 0.0  # the same images as upstream's eager row
+    assert "latents (3, " in by_name["compiled-exact"]["summary"]
+    assert by_name["compiled-exact"]["check"]["rel_err"] < 1e-5
+    for rec in by_name.values():
+        assert rec["images_per_s"] == pytest.approx(3 / rec["seconds"])
+        split = by_name["eager-split"]["seconds"]
+        assert rec["speedup_vs_split"] == pytest.approx(split / rec["seconds"])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("row "))
+    assert "img/s" in header and "vs split" in header
+
+
+def test_bench_batch_is_for_generation_only(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "und", "--preset", "tiny", "--batch", "2"])
+    assert "--batch 2 is for --task gen" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "gen", "--preset", "tiny", "--batch", "0"])
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_split_lm_head_computes_the_logits_once_per_call_and_leaves_no_hook(tiny_model, monkeypatch):
+    cfg = tiny_model.config
+    batch = rows.build_gen_batch(cfg, [[5, 6, 7]], guided=True)
+    x = torch.randn(2, cfg.latent_channels, *cfg.latent_size)
+    seen = []
+    monkeypatch.setattr(rows, "all_position_logits", lambda head, hidden: seen.append(head(hidden)))
+    with torch.no_grad():
+        want = tiny_model(batch.tokens, x, torch.full((2,), 0.3), batch.offsets, batch.mask, return_logits=True)
+        with rows.split_lm_head(tiny_model):
+            got = tiny_model(batch.tokens, x, torch.full((2,), 0.3), batch.offsets, batch.mask, return_logits=False)
+    assert len(seen) == 1 and torch.equal(seen[0], want.logits) and torch.equal(got.velocity, want.velocity)
+    assert not tiny_model.showo._forward_hooks
+    with pytest.raises(RuntimeError, match="inside"), rows.split_lm_head(tiny_model):
+        raise RuntimeError("inside")
+    assert not tiny_model.showo._forward_hooks
