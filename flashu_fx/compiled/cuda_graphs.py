@@ -3,6 +3,7 @@
     graphs = CudaGraphs(max_graphs=64)
     outputs = graphs.run(key, body)   # body() reads and writes only static buffers; returns its static outputs
     outputs = graphs.call(key, fn, args, per_call)   # fn(*args), the per-call tensors copied to fixed addresses
+    outputs = graphs.run(key, body, keep_outputs=True)   # outputs that outlive other graphs' replays
 
 On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
 same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
@@ -10,8 +11,10 @@ advances it exactly once, and the first call returns the real run's outputs. Lat
 the captured outputs (static tensors). Graphs share one memory pool, which is safe because they never run
 concurrently, with one consequence for callers: an output is valid until the next replay of ANY graph of the
 helper (a graph captured earlier may have freed the memory a later graph's outputs live in, and its replay writes
-there), so a caller that keeps an output past the next call copies it. Beyond ``max_graphs`` the least recently
-used graph is dropped.
+there), so a caller that keeps an output past the next call copies it. ``keep_outputs=True`` does that copy inside
+the graph, into tensors allocated outside the shared pool on the key's first (real) run: the outputs then stay
+valid until the same key runs again, at the same addresses from the first call on (what a prefix's keys and values,
+read by every later call of an image, need). Beyond ``max_graphs`` the least recently used graph is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
+from torch.utils import _pytree as pytree
 
 T = TypeVar("T")
 
@@ -35,11 +39,15 @@ class CudaGraphs:
         self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = OrderedDict()
         self.captures: Counter = Counter()  # per label: captures (a capture is not a compilation)
         self._inputs: dict[Hashable, list] = {}  # call(): each key's inputs at fixed addresses
+        self._kept: dict[Hashable, list] = {}  # keep_outputs: each key's outputs, outside the shared pool
         self._stream: torch.cuda.Stream | None = None
         self._pool = None
 
-    def run(self, key: Hashable, body: Callable[[], T], label: str = "graph") -> T:
-        """Replay ``key``'s graph (capturing ``body`` first if it has none); returns ``body``'s outputs."""
+    def run(self, key: Hashable, body: Callable[[], T], label: str = "graph", keep_outputs: bool = False) -> T:
+        """Replay ``key``'s graph (capturing ``body`` first if it has none); returns ``body``'s outputs.
+        ``keep_outputs``: they outlive other graphs' replays (see the module docstring)."""
+        if keep_outputs:
+            body = self._copied_out(key, body)
         entry = self.graphs.pop(key, None)
         if entry is not None:
             self.graphs[key] = entry  # most recently used last
@@ -56,18 +64,36 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(self._stream)
         if self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
             dropped, _ = self.graphs.popitem(last=False)
-            self._inputs.pop(dropped, None)  # its fixed-address inputs go with it
+            self._inputs.pop(dropped, None)  # its fixed-address inputs and kept outputs go with it
+            self._kept.pop(dropped, None)
         self.graphs[key] = (graph, outputs)
         self.captures[label] += 1
         return first
 
+    def _copied_out(self, key: Hashable, body: Callable[[], T]) -> Callable[[], T]:
+        """``body`` with its tensor outputs copied into the key's own tensors (made by the first, uncaptured run)."""
+
+        def copied() -> T:
+            leaves, spec = pytree.tree_flatten(body())
+            kept = self._kept.get(key)
+            if kept is None:  # the real run before the capture: these come from the ordinary allocator
+                kept = self._kept[key] = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            else:
+                for mine, x in zip(kept, leaves, strict=True):
+                    if isinstance(x, torch.Tensor):
+                        mine.copy_(x)
+            return pytree.tree_unflatten(kept, spec)
+
+        return copied
+
     def call(self, key: Hashable, fn: Callable[..., T], args: Sequence[object], per_call: Sequence[int],
-             label: str = "graph") -> T:
+             label: str = "graph", keep_outputs: bool = False) -> T:
         """``fn(*args)`` as a CUDA graph. ``per_call``: the positions of the arguments that change from call to
         call: their tensors are copied into inputs at fixed addresses first, their other values (sizes) join the
         key. Every other argument (weights, caches) is read in place, so ``key`` must tell apart the addresses they
         live at: a caller folds in ``tensor_addresses`` of them, taken once per image or answer rather than per
-        call (a model's weights are hundreds of arguments, and the call's own work is a replay)."""
+        call (a model's weights are hundreds of arguments, and the call's own work is a replay). ``keep_outputs``:
+        as ``run``'s."""
         key = (key, tuple(args[i] for i in per_call if not isinstance(args[i], torch.Tensor)))
         inputs = self._inputs.get(key)
         if inputs is None:
@@ -79,19 +105,19 @@ class CudaGraphs:
             for i in per_call:
                 if isinstance(args[i], torch.Tensor):
                     inputs[i].copy_(args[i])
-        return self.run(key, lambda: fn(*inputs), label)
+        return self.run(key, lambda: fn(*inputs), label, keep_outputs)
 
     def __len__(self) -> int:
         return len(self.graphs)
 
 
 def run_maybe_graphed(graphs: CudaGraphs | None, key: Hashable, fn: Callable[..., T], args: Sequence[object],
-                      per_call: Sequence[int], label: str = "graph") -> T:
+                      per_call: Sequence[int], label: str = "graph", keep_outputs: bool = False) -> T:
     """``fn(*args)``: through ``graphs.call`` when there are graphs and the first tensor argument is on CUDA."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if graphs is None or first is None or not first.is_cuda:
         return fn(*args)
-    return graphs.call(key, fn, args, per_call, label)
+    return graphs.call(key, fn, args, per_call, label, keep_outputs)
 
 
 def tensor_addresses(args: Sequence[object], positions: Sequence[int]) -> tuple[int, ...]:

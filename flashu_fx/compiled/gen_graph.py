@@ -222,10 +222,10 @@ class GenGraphExecutor:
         sizes = tuple(prefix_args[i] for i in self.per_call if isinstance(prefix_args[i], int))
         graph, names = self._prefix_variant((skipped, ffn_pruned, sizes), prefix_args)
         self.prefix_graph = graph
+        # The slot graphs read these in place on every later call of the image, between other graphs' replays: on
+        # CUDA they are kept outside the graphs' shared pool, at the same addresses from the first image on.
         out = run_maybe_graphed(self.cuda_graphs, ("prefix", skipped, ffn_pruned, sizes, st.weight_addresses),
-                                graph.root, prefix_args, self.per_call, "prefix")
-        # On CUDA these are the prefix graph's own outputs, rewritten only when it replays (the next image): the slot
-        # graphs read them in place, at addresses that stay the same from image to image.
+                                graph.root, prefix_args, self.per_call, "prefix", keep_outputs=True)
         found = {name: (out[2 * i], out[2 * i + 1]) for i, name in enumerate(names)}
         flat = tuple(t for name in self.attentions for t in found.get(name, (None, None)))
         st.prefix[skipped, ffn_pruned] = flat, tensor_addresses(out, range(len(out)))

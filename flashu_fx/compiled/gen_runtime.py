@@ -183,14 +183,17 @@ class GenRuntime:
     @torch.no_grad()
     def _fill_prefix(self, pruned: bool, skip: tuple[int, ...]) -> None:
         """Prefix K/V of every kept LLM layer and head block for this variant, once per image: a captured
-        graph whose outputs are the static prefix buffers the call graphs read."""
+        graph whose outputs are the static prefix buffers the call graphs read. They are read on every later call
+        of the image, between other graphs' replays, so they are kept outside the graphs' shared pool."""
         st = self.state
         key = (pruned, skip)
         if key not in st.filled:
-            st.buf.prefix[key] = self._graphed(("prefix", *key), lambda: self._prefix_body(pruned, skip))
+            body = functools.partial(self._prefix_body, pruned, skip)
+            st.buf.prefix[key] = _Prefix(*self._graphed(("prefix", *key), body, keep_outputs=True))
             st.filled.add(key)
 
-    def _prefix_body(self, pruned: bool, skip: tuple[int, ...]) -> _Prefix:
+    def _prefix_body(self, pruned: bool, skip: tuple[int, ...]) -> tuple[list, list]:
+        """(LLM layers' (k, v) or None, head blocks' (k, v)): ``_Prefix``'s fields, as a tree of tensors."""
         buf, m = self.state.buf, self.model
         n = buf.prefix_tokens.shape[1]
         x = m.showo.model.embed_tokens(buf.prefix_tokens)
@@ -209,7 +212,7 @@ class GenRuntime:
         for block in m.diffusion_head_a:
             h, k, v = self.head_prefix(block, h, hcos, hsin, causal)
             head_kv.append((k, v))
-        return _Prefix(llm_kv, head_kv)
+        return llm_kv, head_kv
 
     # ---- per call -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,13 +246,14 @@ class GenRuntime:
             st.skip_set = choose_skip_set(record.importance, self.config.num_skipped_layers(len(record.importance)))
         return velocity
 
-    def _graphed(self, kind: tuple, body):
+    def _graphed(self, kind: tuple, body, keep_outputs: bool = False):
         """Run ``body`` on the static buffers; on CUDA, replay its CUDA graph (captured on first use: after a
-        warm-up on a side stream, which compiles the pieces). Returns the body's (static) outputs."""
+        warm-up on a side stream, which compiles the pieces). Returns the body's (static) outputs;
+        ``keep_outputs``: valid past other graphs' replays (``CudaGraphs.run``)."""
         buf = self.state.buf
         if not (self.cuda_graphs and buf.x.is_cuda):
             return body()
-        return buf.graphs.run(kind, body, "call")
+        return buf.graphs.run(kind, body, "call", keep_outputs)
 
     def _call_body(self, kind: tuple) -> tuple[Tensor, Tensor | None]:
         """One model call on the static buffers: (velocity (M, C, h, w), importance (L,) | None)."""

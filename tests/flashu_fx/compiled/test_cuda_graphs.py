@@ -52,3 +52,38 @@ def test_tensor_addresses_name_where_the_tensors_at_the_positions_live() -> None
     a, b = torch.zeros(2), torch.zeros(3)
     assert tensor_addresses((a, 7, b), [0, 1, 2]) == (a.data_ptr(), b.data_ptr())
     assert tensor_addresses((a, 7, b), [2]) == (b.data_ptr(),)
+
+
+def test_kept_outputs_are_the_key_s_own_tensors_refreshed_on_every_run() -> None:
+    """``keep_outputs``' copy (CPU: the wrapper alone): the first run's outputs become the key's tensors, later runs
+    copy into them, so every run returns the same tensors at the same addresses; None leaves stay None."""
+    graphs, value = CudaGraphs(), torch.zeros(3)
+    body = graphs._copied_out("prefix", lambda: ((value + 1, None), [value * 2]))
+    first = body()
+    value.fill_(5.0)
+    second = body()
+    assert second[0][0] is first[0][0] and second[1][0] is first[1][0] and second[0][1] is None
+    assert first[0][0].tolist() == [6.0] * 3 and first[1][0].tolist() == [10.0] * 3
+    other = graphs._copied_out("other", lambda: (value,))()
+    assert other[0] is not value and other[0].data_ptr() != first[0][0].data_ptr()  # per key, never the body's own
+
+
+@pytest.mark.gpu
+def test_kept_outputs_outlive_the_replay_of_a_graph_captured_before() -> None:
+    """A graph captured first frees its temporaries into the shared pool at the end of its capture; a later graph's
+    outputs may be placed there, and every replay of the first graph then writes over them. Kept outputs live
+    outside the pool and stay what their own graph computed."""
+    n = 1 << 20
+    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    graphs = CudaGraphs()
+
+    def scratch():  # temporaries of the outputs' size, freed when its capture ends
+        return ((x * 2 + 1) * 3 - 4).sum()
+
+    graphs.run("scratch", scratch)
+    first = graphs.run("kept", lambda: y * 5, keep_outputs=True)
+    for _ in range(3):
+        kept = graphs.run("kept", lambda: y * 5, keep_outputs=True)
+        assert kept.data_ptr() == first.data_ptr()  # the first (uncaptured) run already returns the kept tensor
+        graphs.run("scratch", scratch)
+        torch.testing.assert_close(kept, y * 5, rtol=0, atol=0)

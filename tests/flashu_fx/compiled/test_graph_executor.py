@@ -178,19 +178,25 @@ def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_comp
 
 
 @pytest.mark.gpu
-def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model) -> None:
+@pytest.mark.parametrize("executor", ["graph", "runtime"])
+def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model, executor: str) -> None:
+    """Later images replay the captured graphs; each draws its own prompts (new words, the same lengths, so the
+    same graphs replay): the prompt's keys and values must be this image's, never an earlier image's."""
     model, layout = permuted_with_layout(tiny_model, TINY_GEN, 2)
     model = model.cuda()
-    prompts = [[5, 6, 7], [7, 8]]
     torch._dynamo.reset()
-    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    backend = flashu_backend("gen", TINY_GEN, layout, executor=executor)
     gen = torch.compile(model, backend=backend)
-    for seed in (0, 1):  # the second image replays the captured variants
+    images = [([[5, 6, 7], [7, 8]], 0), ([[9, 3, 1], [2, 4]], 1), ([[9, 3, 1], [2, 4]], 1)]  # 3: as 2, decisions too
+    captures = []
+    for prompts, seed in images:
         eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=seed)
         out = generate_images_compiled(gen, backend, prompts, baseline_steps=30, guidance=4.0, seed=seed)
         assert rel_err(out, eager.latents) < 1e-3
         assert [(r.skip_set, r.head) for r in backend.records] == [(r.skipped, r.head) for r in eager.records]
-    assert backend.compiles == 1 and backend.cuda_graph_captures > 0
+        captures.append(backend.cuda_graph_captures)
+    assert backend.compiles == 1 and captures[0] > 0
+    assert captures[1] == captures[2]  # the prefix's kept outputs keep their addresses: nothing new to capture
 
 
 def test_executor_batch_cuts_the_batch_for_the_graph_executor_only(tiny_model) -> None:
