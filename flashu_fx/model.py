@@ -82,6 +82,15 @@ class Showo2(nn.Module):
             self.llm_inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta)
             self.head_inv_freq = llama3_inv_freq(self.config.head_dim_head, self.config.head_rope_theta)
 
+    def _apply(self, fn, recurse: bool = True) -> Showo2:
+        """What ``to``, ``half`` and ``cuda`` run: the RoPE frequencies stay fp32 whatever dtype the weights take. A
+        bf16 cast would round them, and every position's angle with them (upstream's Qwen2 keeps them fp32)."""
+        super()._apply(fn, recurse)
+        freqs = (self.llm_inv_freq, self.head_inv_freq)
+        if not freqs[0].is_meta and any(f.dtype != torch.float32 for f in freqs):
+            self.reset_rope_buffers()
+        return self
+
     # ---- image and time inputs ---------------------------------------------------------------------
     def und_position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """(tokens, 1152): the SigLIP table, added directly when its size is the checkpoint config's grid,

@@ -62,6 +62,23 @@ def test_load_casts_to_dtype(saved_model, tmp_path):
     loaded = from_pretrained(save_pretrained(saved_model, tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not any(b.is_meta for b in loaded.buffers())
+    # the RoPE frequencies are not rounded with the weights: a position's angle stays the fp32 one
+    assert loaded.llm_inv_freq.dtype == loaded.head_inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.llm_inv_freq, saved_model.llm_inv_freq)
+    assert torch.equal(loaded.head_inv_freq, saved_model.head_inv_freq)
+
+
+@pytest.mark.parametrize("cast", ["to", "half", "bfloat16"])
+def test_rope_frequencies_stay_fp32_under_every_cast(cast):
+    model = init_random_weights(Showo2(get_config("tiny")), seed=2)
+    expected = model.llm_inv_freq.clone(), model.head_inv_freq.clone()
+    model = model.to(torch.bfloat16) if cast == "to" else getattr(model, cast)()
+    assert model.showo.lm_head.weight.dtype != torch.float32  # the weights did change dtype
+    assert torch.equal(model.llm_inv_freq, expected[0]) and torch.equal(model.head_inv_freq, expected[1])
+    cos, sin, head_cos, head_sin = model.rope(40, torch.bfloat16, "cpu")
+    # the tables: fp32 angles, rounded once, at the end
+    positions = torch.arange(40).float()[:, None]
+    assert torch.equal(cos, torch.cat([positions * expected[0]] * 2, -1).cos().to(torch.bfloat16))
 
 
 def test_tied_checkpoint_stores_both_copies(tmp_path):
