@@ -14,6 +14,7 @@ settings, loss log and scores, plus a grid PNG of held-out prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -32,6 +33,7 @@ from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_config
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
+from flashu_fx.testbed.diagnostics import flow_loss_parts
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, init_for_training, train
 from harness.arguments import command_parser
@@ -173,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     qa = scorer.answer_summary(items, correct_qa)
     print(f"answers: accuracy {qa['overall']['accuracy']:.3f}", flush=True)
 
+    # What the flow loss is made of (flashu_fx.testbed.diagnostics): drawing against removing the noise
+    flow_parts = flow_loss_parts(model, tok, n=min(32, args.eval_prompts))
+    for part in flow_parts:
+        print(f"flow loss at t={part.t}: {part.mse:.3f} = image directions {part.image_mse:.3f} + the 4 others "
+              f"{part.null_mse:.3f}; noise removed per direction {min(part.removal):.2f}-{max(part.removal):.2f}",
+              flush=True)
+
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
     if args.calib_gen:
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling=dict(guidance=best[0], steps=args.eval_steps),
         heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
                      answers=qa),
+        flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         calibration=calib,
         history=earlier_runs(args.init),
     )

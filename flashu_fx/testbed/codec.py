@@ -82,3 +82,13 @@ def measure_statistics(images: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std (16,) of the un-normalised latents of ``images``: how the constants were made."""
     z = mix_pixels(images).double()
     return z.mean(dim=(0, 2, 3)).float(), z.std(dim=(0, 2, 3)).float()
+
+
+def data_projector(device=None) -> Tensor:
+    """The orthogonal projector (16, 16) onto the 12 latent directions world images span (normalised coordinates).
+
+    Every encoded image lies in this subspace, so in the other 4 directions the flow target x1 - x0 is -x0 alone:
+    pure noise that nothing about the image predicts, only the noisy latents the model is given."""
+    mix, _, std = _constants(device, torch.float64)
+    basis, _ = torch.linalg.qr(mix[:, :DATA_CHANNELS] / std[:, 0])
+    return (basis @ basis.T).float()

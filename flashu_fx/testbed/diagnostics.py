@@ -1,0 +1,95 @@
+"""What the testbed's flow loss is made of: image content against noise removal, direction by direction.
+
+The flow target of a latent position is x1 - x0. Encoded images span 12 of the 16 latent directions
+(``codec.data_projector``); in the other 4 the target is -x0 alone, and in all 16 the target's x0 part is a linear
+function of the noisy input x_t = t x1 + (1 - t) x0. A model that has learned the noise removes it exactly, whatever
+it draws: regressed on x0 (least squares over background positions, one 16 x 16 map per latent pixel), its
+velocity's noise part is -I. ``flow_loss_parts`` measures both: the MSE inside and outside the image directions,
+and the eigenvalues of that map (1: the noise in a direction removed; 0: left in the picture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashu_fx.layout import build_gen_batch
+from flashu_fx.model import Showo2
+from flashu_fx.testbed import codec, world
+from flashu_fx.testbed.tokenizer import WordTokenizer
+
+
+@dataclass(frozen=True)
+class FlowLossParts:
+    """The flow MSE at one t, split over the image directions and the 4 others, and the noise-removal spectrum."""
+
+    t: float
+    image_mse: float  # per latent element, the image directions' share of the MSE
+    null_mse: float  # the same for the 4 directions no image uses (target -x0: 0.25 when predicted as 0)
+    removal: tuple[float, ...]  # eigenvalues (ascending, 16) of the map from x0 to minus the velocity's noise part
+
+    @property
+    def mse(self) -> float:
+        return self.image_mse + self.null_mse
+
+
+def _directions(projector: Tensor, z: Tensor) -> Tensor:
+    """(16, 16) projector applied to latents (B, 16, h, w) channel-wise."""
+    return torch.einsum("ij,bjhw->bihw", projector, z)
+
+
+@torch.no_grad()
+def flow_loss_parts(model: Showo2, tokenizer: WordTokenizer, times: Sequence[float] = (0.1, 0.4, 0.8),
+                    n: int = 32, seed: int = 0) -> list[FlowLossParts]:
+    """The flow loss of ``n`` held-out prompts' renders at each t in ``times``, one model call per t (the caption
+    given, no CFG), split as ``FlowLossParts``. Runs on the model's device and dtype."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    prompts = world.heldout_gen_prompts(n, seed)
+    rng = world.rng_for("heldout", seed + 1)
+    images = torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts]))
+    batch = build_gen_batch(model.config, [tokenizer.encode(p.caption) for p in prompts], guided=False).to(device)
+
+    def velocity(xt: Tensor, t: float) -> Tensor:
+        return model(batch.tokens, xt.to(dtype), torch.full((n,), t, device=device), batch.offsets, batch.mask,
+                     return_logits=False).velocity
+
+    shape = (n, codec.LATENT_CHANNELS, *model.config.latent_size)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return split_flow_loss(velocity, images, x0.to(device), times)
+
+
+def split_flow_loss(velocity: Callable[[Tensor, float], Tensor], images: Tensor, x0: Tensor,
+                    times: Sequence[float]) -> list[FlowLossParts]:
+    """``FlowLossParts`` of a velocity function (x_t (B, 16, h, w), t) -> (B, 16, h, w) on world images uint8
+    (B, 2h, 2w, 3) with noise ``x0`` (B, 16, h, w), at each t in ``times``."""
+    if not times or not all(0 < t < 1 for t in times):
+        raise ValueError(f"times must be values in (0, 1), got {list(times)}")
+    device = x0.device
+    x1 = codec.encode(images).to(device)
+    data = codec.data_projector(device)
+    null = torch.eye(data.shape[0], device=device) - data
+    # background latent positions (no lit pixel in their 2x2 block): the clean part there is known exactly
+    background = F.max_pool2d((images > 0).any(-1)[:, None].float(), codec.FACTOR)[:, 0].to(device) == 0
+    parts = []
+    for t in times:
+        v = velocity(t * x1 + (1 - t) * x0, t).float()
+        error = v - (x1 - x0)
+        noise_part = (x1 - v).permute(0, 2, 3, 1)[background].double()  # minus the velocity's noise part
+        source = x0.permute(0, 2, 3, 1)[background].double()
+        removal_map = torch.linalg.lstsq(source, noise_part).solution.T  # noise_part ~ source @ map.T
+        eigenvalues = torch.linalg.eigvalsh((removal_map + removal_map.T) / 2).cpu().numpy()
+        parts.append(FlowLossParts(
+            t=float(t),
+            image_mse=float(_directions(data, error).square().mean()),
+            null_mse=float(_directions(null, error).square().mean()),
+            removal=tuple(float(np.round(e, 4)) for e in eigenvalues),
+        ))
+    return parts

@@ -1,0 +1,69 @@
+"""The flow-loss split: exact on velocities whose errors are known, and consistent on the shipped testbed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashu_fx.layout import build_gen_batch
+from flashu_fx.testbed import codec, world
+from flashu_fx.testbed.checkpoint import load_testbed
+from flashu_fx.testbed.diagnostics import flow_loss_parts, split_flow_loss
+
+
+def renders(n: int, seed: int = 0) -> torch.Tensor:
+    _, images = world.training_batch_gen(np.random.default_rng(seed), n)
+    return torch.from_numpy(images)
+
+
+def test_data_projector_holds_every_image_and_nothing_else():
+    p = codec.data_projector()
+    assert torch.allclose(p @ p, p, atol=1e-5) and torch.allclose(p, p.T, atol=1e-6)
+    assert round(float(torch.trace(p))) == codec.DATA_CHANNELS
+    z = codec.encode(renders(4)).permute(0, 2, 3, 1).reshape(-1, codec.LATENT_CHANNELS)
+    assert torch.allclose(z @ p.T, z, atol=1e-4)  # encoded images lie in the 12 directions
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), keep=st.floats(0.0, 1.0))
+def test_a_velocity_that_removes_part_of_the_noise_is_measured_exactly(seed, keep):
+    """v = x1 - x0 + keep * P_null x0: the null directions keep ``keep`` of the noise, the image ones none."""
+    images = renders(4, seed)
+    x1 = codec.encode(images)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    null = torch.eye(16) - codec.data_projector()
+
+    def velocity(xt, t):
+        recovered = (xt - t * x1) / (1 - t)  # the noise, as a model that knows x1 would find it
+        return x1 - recovered + keep * torch.einsum("ij,bjhw->bihw", null, recovered)
+
+    for part in split_flow_loss(velocity, images, x0, times=(0.2, 0.7)):
+        assert part.image_mse == pytest.approx(0, abs=1e-8)
+        expected_null = keep**2 * float(torch.einsum("ij,bjhw->bihw", null, x0).square().mean())
+        assert part.null_mse == pytest.approx(expected_null, rel=1e-4, abs=1e-8)
+        removal = np.array(part.removal)
+        assert np.allclose(removal[:4], 1 - keep, atol=2e-3) and np.allclose(removal[4:], 1, atol=2e-3)
+
+
+def test_times_are_checked():
+    with pytest.raises(ValueError, match=r"times must be values in \(0, 1\), got \[1.0\]"):
+        split_flow_loss(lambda xt, t: xt, renders(1), torch.zeros(1, 16, 24, 24), times=(1.0,))
+
+
+def test_the_shipped_testbed_splits_its_own_flow_loss():
+    testbed = load_testbed()
+    model, n, seed, t = testbed.model, 3, 4, 0.5
+    (part,) = flow_loss_parts(model, testbed.tokenizer, times=(t,), n=n, seed=seed)
+    # the same call's MSE computed directly: the split adds up to it
+    prompts = world.heldout_gen_prompts(n, seed)
+    rng = world.rng_for("heldout", seed + 1)
+    x1 = codec.encode(torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])))
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    batch = build_gen_batch(model.config, [testbed.tokenizer.encode(p.caption) for p in prompts], guided=False)
+    with torch.no_grad():
+        v = model(batch.tokens, t * x1 + (1 - t) * x0, torch.full((n,), t), batch.offsets, batch.mask).velocity
+    assert part.mse == pytest.approx(float((v - (x1 - x0)).square().mean()), rel=1e-4)
+    assert len(part.removal) == 16 and all(np.isfinite(part.removal))
