@@ -11,6 +11,7 @@ Module attribute names are the checkpoint's, so ``state_dict()`` has exactly the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -82,12 +83,12 @@ class Showo2(nn.Module):
             self.llm_inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta)
             self.head_inv_freq = llama3_inv_freq(self.config.head_dim_head, self.config.head_rope_theta)
 
-    def _apply(self, fn, recurse: bool = True) -> Showo2:
-        """What ``to``, ``half`` and ``cuda`` run: the RoPE frequencies stay fp32 whatever dtype the weights take. A
-        bf16 cast would round them, and every position's angle with them (upstream's Qwen2 keeps them fp32)."""
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Showo2:
+        """What ``to``, ``half``, ``cuda`` and ``to_empty`` run: the RoPE frequencies are rebuilt in fp32 on the new
+        device, whatever dtype the weights take. A bf16 cast would round them, and every position's angle with them
+        (upstream's Qwen2 keeps them fp32); ``to_empty`` would leave them uninitialised."""
         super()._apply(fn, recurse)
-        freqs = (self.llm_inv_freq, self.head_inv_freq)
-        if not freqs[0].is_meta and any(f.dtype != torch.float32 for f in freqs):
+        if not self.llm_inv_freq.is_meta:
             self.reset_rope_buffers()
         return self
 

@@ -68,12 +68,17 @@ def test_load_casts_to_dtype(saved_model, tmp_path):
     assert torch.equal(loaded.head_inv_freq, saved_model.head_inv_freq)
 
 
-@pytest.mark.parametrize("cast", ["to", "half", "bfloat16"])
+@pytest.mark.parametrize("cast", ["to", "half", "bfloat16", "to_empty"])
 def test_rope_frequencies_stay_fp32_under_every_cast(cast):
     model = init_random_weights(Showo2(get_config("tiny")), seed=2)
     expected = model.llm_inv_freq.clone(), model.head_inv_freq.clone()
-    model = model.to(torch.bfloat16) if cast == "to" else getattr(model, cast)()
-    assert model.showo.lm_head.weight.dtype != torch.float32  # the weights did change dtype
+    if cast == "to_empty":  # a model built on the meta device, then given storage: its frequencies must be real
+        with torch.device("meta"):
+            model = Showo2(get_config("tiny"))
+        model = model.to_empty(device="cpu")
+    else:
+        model = model.to(torch.bfloat16) if cast == "to" else getattr(model, cast)()
+        assert model.showo.lm_head.weight.dtype != torch.float32  # the weights did change dtype
     assert torch.equal(model.llm_inv_freq, expected[0]) and torch.equal(model.head_inv_freq, expected[1])
     cos, sin, head_cos, head_sin = model.rope(40, torch.bfloat16, "cpu")
     # the tables: fp32 angles, rounded once, at the end
