@@ -169,6 +169,12 @@ class FlashUBackend:
             sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values()) + \
             sum(sum(graphs.captures.values()) for graphs in executors)
 
+    @property
+    def variant_builds(self) -> int:
+        """Graph variants the graph executor built so far (FlashU's passes run, the result partitioned): one per skip
+        set, head action and phase, never one per prompt length; 0 for the runtime executor."""
+        return sum(e.variant_builds for e in (self._und_graph, self._gen_graph) if e is not None)
+
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
         self.compiles += 1

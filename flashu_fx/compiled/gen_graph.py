@@ -99,6 +99,7 @@ class GenGraphExecutor:
             self._input_index[PREFIX_K + name] = len(self.names) + 1 + 2 * i
             self._input_index[PREFIX_V + name] = len(self.names) + 2 + 2 * i
         self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
+        self.variant_builds = 0  # slot and prefix variants built (the passes run), for warm-up checks
 
     def begin(self) -> None:
         """Forget the skip set, the stored head output and the records (a new image)."""
@@ -124,7 +125,7 @@ class GenGraphExecutor:
             with full_guards():  # its parts may compile now
                 prefix, prefix_addresses = self._prefix(skipped, plan.ffn_pruned, args)
         # (a head-reuse call computes image features only when it measures the trunk: otherwise nothing to share)
-        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and trunk, sizes)
+        key = (skipped, measure, plan.head, plan.ffn_pruned, cfg_shared and trunk)
         graph, extras, positions, per_call = self._variant(key, args, prefix)
         self.graph = graph
         # A variant's inputs are the captured forward's, in order, then its own (``_variant``): only those are looked up
@@ -134,7 +135,7 @@ class GenGraphExecutor:
         inputs = (*args, *(extra[i - n] for i in positions[n:]))
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
-                self.cuda_graphs, (key, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
+                self.cuda_graphs, (key, sizes, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
                 f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
@@ -149,13 +150,15 @@ class GenGraphExecutor:
 
     def _variant(self, key: tuple, args: tuple, prefix: tuple[Tensor | None, ...],
                  ) -> tuple[PartitionedGraph, tuple[str, ...], list[int], list[int]]:
-        """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared, the sizes its
-        parts are compiled for), built once: its partitioned graph, its extra outputs, where each of its inputs is
-        (an index into the call's args, then the stored head output, then the prefix's keys and values in
-        ``self.attentions`` order), and which of its inputs change from call to call."""
+        """The variant for ``key`` = (skip set, measure, head action, FFN pruned, features shared), built once: its
+        partitioned graph, its extra outputs, where each of its inputs is (an index into the call's args, then the
+        stored head output, then the prefix's keys and values in ``self.attentions`` order), and which of its inputs
+        change from call to call. A variant serves every prompt length: its graph keeps the capture's symbolic
+        length and its parts are compiled for varying lengths (``make_part_compiler(dynamic_lengths=True)``), so a
+        new length runs the passes no more (only a CUDA graph is captured for it)."""
         if key in self._variants:
             return self._variants[key]
-        skipped, measure, head, ffn_pruned, cfg_shared, _ = key
+        skipped, measure, head, ffn_pruned, cfg_shared = key
         work, extras = copy.deepcopy(self.slot_gm if self.hoisting else self.gm), []
         if cfg_shared:
             share_cfg_features(work)
@@ -185,6 +188,7 @@ class GenGraphExecutor:
             slice_ffn_inputs(graph.root, self.ffn_ranges)
         compile_parts(graph, self.compile_part, examples, self._artifacts)
         self._variants[key] = graph, tuple(extras), positions, per_call
+        self.variant_builds += 1
         return self._variants[key]
 
     def _slot_graph(self) -> tuple[fx.GraphModule | None, list[str]]:
@@ -220,7 +224,7 @@ class GenGraphExecutor:
             if isinstance(args[i], int) and args[i] == length:
                 prefix_args[i] = cut
         sizes = tuple(prefix_args[i] for i in self.per_call if isinstance(prefix_args[i], int))
-        graph, names = self._prefix_variant((skipped, ffn_pruned, sizes), prefix_args)
+        graph, names = self._prefix_variant((skipped, ffn_pruned), prefix_args)
         self.prefix_graph = graph
         # The slot graphs read these in place on every later call of the image, between other graphs' replays: on
         # CUDA they are kept outside the graphs' shared pool, at the same addresses from the first image on.
@@ -232,10 +236,11 @@ class GenGraphExecutor:
         return st.prefix[skipped, ffn_pruned]
 
     def _prefix_variant(self, key: tuple, args: list) -> tuple[PartitionedGraph, list[str]]:
-        """The prefix graph for ``key`` = (skip set, FFN pruned, sizes), built once."""
+        """The prefix graph for ``key`` = (skip set, FFN pruned), built once (for every prompt length, as
+        ``_variant``)."""
         if key in self._prefix_variants:
             return self._prefix_variants[key]
-        skipped, ffn_pruned, _ = key
+        skipped, ffn_pruned = key
         work = copy.deepcopy(self.gm)
         if skipped:
             skip_layers(work, skipped)
@@ -245,4 +250,5 @@ class GenGraphExecutor:
             slice_ffn_inputs(graph.root, self.ffn_ranges)
         compile_parts(graph, self.compile_part, args, self._artifacts)
         self._prefix_variants[key] = graph, names
+        self.variant_builds += 1
         return self._prefix_variants[key]

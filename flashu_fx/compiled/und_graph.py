@@ -69,6 +69,7 @@ class UndGraphExecutor:
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
         self._artifacts: dict[tuple, tuple] = {}  # (part signature, input layout) -> compiled part, shared
+        self.variant_builds = 0  # variants built (the passes run), for warm-up checks
 
     def runner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         """The callable Dynamo runs in place of ``gm`` (a captured prefill or decode step)."""
@@ -85,7 +86,8 @@ class UndGraphExecutor:
         per_call = [i for i, is_in_place in enumerate(in_place) if not is_in_place]  # tokens, latents, mask, sizes
 
         def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
-            key = (skipped, measure, tuple(args[i] for i in per_call if isinstance(args[i], int)))
+            # one variant for every prompt length: the graph keeps the symbolic length, the parts compile for it
+            key = (skipped, measure)
             if key not in variants:
                 work, extras = copy.deepcopy(gm), []
                 if skipped:
@@ -107,6 +109,7 @@ class UndGraphExecutor:
                 compiler = self.compile_part if kind == "prefill" else self.compile_one_row
                 compile_parts(graph, compiler, examples, self._artifacts)
                 variants[key] = graph, tuple(extras)
+                self.variant_builds += 1
             return variants[key]
 
         def run(*args):

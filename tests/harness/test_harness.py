@@ -312,15 +312,19 @@ def test_cli_dispatch(monkeypatch, capsys):
     assert "harness.no_such_module" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["gen", "und"])
-def test_check_recompiles_tiny(task, capsys):
+@pytest.mark.parametrize("task, options", [("gen", []), ("gen", ["executor=graph"]), ("und", ["tune_decode=off"])])
+def test_check_recompiles_tiny(task, options, capsys):
     from harness import check_recompiles
 
-    extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2", "--option", "tune_decode=off"]
+    extra = ["--steps", "3"] if task == "gen" else ["--new-tokens", "2"]
+    extra += [arg for option in options for arg in ("--option", option)]
     report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
                                     "--lengths", "1,4,9,27", *extra])
-    assert report["options"] == ({} if task == "gen" else {"tune_decode": False})
+    expected = {"executor": "graph"} if "executor=graph" in options else {}
+    assert report["options"] == (expected if task == "gen" else {"tune_decode": False})
     assert report["recompiles_after_warmup"] == 0
+    # the graph executor's variants (FlashU's passes) serve every length: new lengths build none
+    assert report["variant_builds_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
     with pytest.raises(SystemExit):

@@ -84,13 +84,14 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     # one capture (the length is a symbol); the 5 distinct parts compiled for the first length, and made symbolic
     # in it by the next ones (make_part_compiler(dynamic_lengths=True))
     assert backend.compiles == 1
-    warm = dict(backend.piece_captures)
+    warm, built = dict(backend.piece_captures), backend.variant_builds
     assert set(warm) == {"part[embed]", "part[siglip.0]", "part[fuse]", "part[layer.0]", "part[head_in]",
                          "part[head_block.0]", "part[final]", "part[head_block.1]"}  # the prefix's last head block
     for prompt in (list(range(1, 11)), list(range(2, 15))):  # new lengths, 30 and 33: nothing compiles
         out = generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
         assert rel_err(out, generate_images(tiny_model, [prompt], steps=3, guidance=3.0)) < 1e-6
     assert dict(backend.piece_captures) == warm
+    assert backend.variant_builds == built > 0  # no pass reran for a new length: the variants serve every length
     # calls numbered s = 1.. as the plans (and the default executor's records) number them
     assert [(r.call, r.skip_set, r.head, r.trunk_ran) for r in backend.records] == [(1, (), "compute", True),
                                                                                  (2, (), "compute", True)]

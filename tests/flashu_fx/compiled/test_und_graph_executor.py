@@ -207,7 +207,7 @@ def test_new_prompt_lengths_reuse_the_prefill_parts_and_answer_as_eager(tiny_mod
     for length in (2, 30):  # warm-up: a first length, then a second one
         answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=6,
                                  stop_at_eos=False)
-    warm = dict(backend.piece_captures)
+    warm, built = dict(backend.piece_captures), backend.variant_builds
     for length in (7, 19):
         ours = answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=6,
                                         stop_at_eos=False)
@@ -216,4 +216,6 @@ def test_new_prompt_lengths_reuse_the_prefill_parts_and_answer_as_eager(tiny_mod
         assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
         assert [r.skip_set for r in ours.steps] == [r.skip_set for r in eager.steps]
     assert dict(backend.piece_captures) == warm  # no part compiled again
+    # the same plans at new lengths run the variants built for the first: FlashU's passes do not run again
+    assert backend.variant_builds == built > 0
     torch._dynamo.reset()
