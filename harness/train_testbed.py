@@ -35,7 +35,7 @@ from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_conf
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
 from flashu_fx.testbed.diagnostics import flow_loss_parts
 from flashu_fx.testbed.tokenizer import WordTokenizer
-from flashu_fx.testbed.train import TrainConfig, init_for_training, train
+from flashu_fx.testbed.train import TrainConfig, init_for_training, param_groups, train
 from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-weights", type=category_weights, metavar="CAT=W,...",
                    help="how often each caption category is drawn, relative to 1 for the ones not named, e.g. "
                         f"position=3,color_attr=3 (categories: {', '.join(world.CATEGORIES)}; default: uniform)")
+    p.add_argument("--lr-scales", type=lr_scales, default=d.lr_scales, metavar="PREFIX=X,...",
+                   help="learning-rate multipliers for the parameters whose names start with PREFIX, e.g. "
+                        "image_embedder_gen=4,image_embedder_und=4,fusion_proj=4 (default: none)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts scored after training")
     p.add_argument("--eval-questions", type=int, default=60, help="held-out questions scored after training")
@@ -73,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
     p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
     return p
+
+
+def lr_scales(text: str) -> tuple[tuple[str, float], ...]:
+    """``"fusion_proj=4,image_embedder_gen=4"`` -> (("fusion_proj", 4.0), ("image_embedder_gen", 4.0)); whether each
+    prefix names a parameter is checked against the model when training starts."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        prefix, _, value = item.partition("=")
+        try:
+            scale = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--lr-scales: {item!r} in {text!r} needs a number after '=' "
+                                             "(e.g. fusion_proj=4)") from None
+        if not prefix.strip() or not scale > 0:
+            raise argparse.ArgumentTypeError(f"--lr-scales: {item!r} in {text!r} needs a parameter name prefix and a "
+                                             "multiplier > 0")
+        pairs.append((prefix.strip(), scale))
+    return tuple(pairs)
 
 
 def category_weights(text: str) -> tuple[float, ...]:
@@ -129,7 +150,8 @@ def earlier_runs(init: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     device = torch.device(args.device)
     cfg = get_config(PRESET)
@@ -137,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
                             warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
                             seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
-                            category_weights=args.category_weights, foreground_weight=args.foreground_weight)
+                            category_weights=args.category_weights, foreground_weight=args.foreground_weight,
+                            lr_scales=args.lr_scales)
+    with torch.device("meta"):  # the learning-rate prefixes checked before minutes of rendering, not after
+        try:
+            param_groups(Showo2(cfg), train_cfg)
+        except ValueError as err:
+            parser.error(f"--lr-scales: {err}")
     rng = world.rng_for("train", args.seed)
     gen_pool = pool_to(build_gen_pool(cfg, tok, rng, train_cfg.pool_gen,
                                       category_weights=train_cfg.category_weights), device)

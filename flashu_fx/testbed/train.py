@@ -57,6 +57,10 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = run every step)
     compile: str = ""  # torch.compile backend for the training forward and backward ("" = eager)
+    # (parameter-name prefix, learning-rate multiplier) pairs: e.g. the image embedders and fusion_proj, whose
+    # weights carry the noise the velocity must remove and get little gradient for it (docs/QUALITY.md). A
+    # parameter takes the first prefix it starts with; others the plain schedule.
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
@@ -70,6 +74,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must lie in [0, 1)")
         if not self.foreground_weight >= 0:  # also refuses NaN
             raise ValueError(f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: unweighted)")
+        object.__setattr__(self, "lr_scales", tuple((str(p), float(x)) for p, x in self.lr_scales))
+        for prefix, scale in self.lr_scales:
+            if not prefix or not scale > 0:
+                raise ValueError(f"TrainConfig.lr_scales has ({prefix!r}, {scale}): each needs a non-empty parameter "
+                                 "name prefix and a multiplier > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +109,26 @@ def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -
     t = torch.sigmoid(u).clamp(1e-5, 1 - 1e-5)
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
     return 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices but embeddings, and each group's ``lr_scale`` from ``cfg.lr_scales``
+    (1 for a parameter no prefix names). Raises on a prefix that names no parameter."""
+    groups: dict[tuple[bool, float], list[Tensor]] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        prefix = next((pre for pre, _ in cfg.lr_scales if name.startswith(pre)), None)
+        used.add(prefix)
+        scale = dict(cfg.lr_scales)[prefix] if prefix is not None else 1.0
+        decays = p.dim() >= 2 and "embed" not in name
+        groups.setdefault((decays, scale), []).append(p)
+    unused = [pre for pre, _ in cfg.lr_scales if pre not in used]
+    if unused:
+        tops = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
+        raise ValueError(f"TrainConfig.lr_scales prefixes {unused} name no parameter of the model; parameter names "
+                         f"start with one of {tops}")
+    return [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in groups.items()]
 
 
 def lr_at(step: int, done: float, cfg: TrainConfig) -> float:
@@ -179,12 +208,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
     """
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     generator = torch.Generator(gen.tokens.device).manual_seed(cfg.seed)
@@ -200,7 +224,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
             break
         lr = lr_at(step, done, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         batch = joint_batch(model, gen, und, cfg, generator)
         with autocast:
             loss, flow, ce = joint_loss(forward, batch, cfg)

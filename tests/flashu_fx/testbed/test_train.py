@@ -16,7 +16,15 @@ from flashu_fx.model import Showo2
 from flashu_fx.testbed import codec, world
 from flashu_fx.testbed.data import IGNORE, build_gen_pool, build_und_pool
 from flashu_fx.testbed.tokenizer import WordTokenizer
-from flashu_fx.testbed.train import TrainConfig, flow_weights, init_for_training, joint_batch, joint_loss, train
+from flashu_fx.testbed.train import (
+    TrainConfig,
+    flow_weights,
+    init_for_training,
+    joint_batch,
+    joint_loss,
+    param_groups,
+    train,
+)
 
 # The testbed's token layout (grid, sequence length, vocabulary) with a two-layer trunk: a CPU step in ~0.1 s.
 SMALL = dataclasses.replace(
@@ -149,3 +157,40 @@ def test_a_compiled_training_step_follows_the_eager_one(pools) -> None:
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
     for eager, compiled in zip(runs[0][1], runs[1][1], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@settings(deadline=None, max_examples=8)
+@given(scale=st.floats(0.1, 10.0).filter(lambda x: x != 1.0),
+       prefix=st.sampled_from(["fusion_proj", "image_embedder_gen", "showo.model.layers.1"]))
+def test_lr_scales_scale_exactly_the_named_parameters(scale: float, prefix: str) -> None:
+    with torch.device("meta"):
+        model = Showo2(SMALL)
+    groups = param_groups(model, TrainConfig(lr_scales=((prefix, scale),)))
+    names = {id(p): name for name, p in model.named_parameters()}
+    scaled = {names[id(p)] for g in groups if g["lr_scale"] == scale for p in g["params"]}
+    assert scaled == {name for name in names.values() if name.startswith(prefix)} and scaled
+    assert sum(len(g["params"]) for g in groups) == len(names)  # every parameter in exactly one group
+    assert all(g["weight_decay"] == 0.0 for g in groups for p in g["params"] if "embed" in names[id(p)])
+
+
+def test_lr_scales_refuse_a_prefix_that_names_nothing() -> None:
+    with torch.device("meta"):
+        model = Showo2(SMALL)
+    with pytest.raises(ValueError, match=r"\['fusion_projection'\] name no parameter.*fusion_proj"):
+        param_groups(model, TrainConfig(lr_scales=(("fusion_proj.0", 2.0), ("fusion_projection", 3.0))))
+    with pytest.raises(ValueError, match="multiplier > 0"):
+        TrainConfig(lr_scales=(("fusion_proj", 0.0),))
+
+
+def test_a_scaled_group_takes_a_scaled_step(pools) -> None:
+    """One AdamW step from the same state: the first step of Adam moves every weight by about lr, so a parameter
+    with lr_scale 4 moves about four times as far as with 1."""
+    tok, gen, und = pools
+    moves = []
+    for scale in (1.0, 4.0):
+        model = init_for_training(Showo2(SMALL), seed=0)
+        before = model.fusion_proj[1].weight.detach().clone()
+        cfg = TrainConfig(steps=1, batch_gen=4, batch_und=2, warmup=1, lr_scales=(("fusion_proj", scale),))
+        train(model, gen, und, cfg, progress=False)
+        moves.append((model.fusion_proj[1].weight.detach() - before).abs().mean())
+    assert torch.allclose(moves[1], 4 * moves[0], rtol=1e-3)
