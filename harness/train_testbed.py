@@ -35,7 +35,7 @@ from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_conf
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
 from flashu_fx.testbed.diagnostics import flow_loss_parts
 from flashu_fx.testbed.tokenizer import WordTokenizer
-from flashu_fx.testbed.train import TrainConfig, init_for_training, param_groups, train
+from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
 from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
@@ -85,15 +85,14 @@ def lr_scales(text: str) -> tuple[tuple[str, float], ...]:
     for item in filter(None, text.split(",")):
         prefix, _, value = item.partition("=")
         try:
-            scale = float(value)
+            pairs.append((prefix.strip(), float(value)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"--lr-scales: {item!r} in {text!r} needs a number after '=' "
                                              "(e.g. fusion_proj=4)") from None
-        if not prefix.strip() or not scale > 0:
-            raise argparse.ArgumentTypeError(f"--lr-scales: {item!r} in {text!r} needs a parameter name prefix and a "
-                                             "multiplier > 0")
-        pairs.append((prefix.strip(), scale))
-    return tuple(pairs)
+    try:
+        return check_lr_scales(pairs)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lr-scales {text!r}: {err}") from None
 
 
 def category_weights(text: str) -> tuple[float, ...]:

@@ -118,7 +118,6 @@ class GenGraphExecutor:
             raise RuntimeError(f"call {plan.call} reuses the head output but none is stored")
         if st.weight_addresses is None:  # once per image: the weights do not move within one
             st.weight_addresses = tensor_addresses(args, self.weight_positions)
-        sizes = tuple(args[i] for i in self.per_call if isinstance(args[i], int))  # a symbolic batch length's value
         trunk = plan.head != "reuse" or measure
         prefix, prefix_addresses = (None,) * (2 * len(self.attentions)), ()
         if trunk and self.hoisting:
@@ -135,7 +134,7 @@ class GenGraphExecutor:
         inputs = (*args, *(extra[i - n] for i in positions[n:]))
         with full_guards():  # the parts are torch.compile'd: a first use on a repeated loop call must compile
             out, found = split_extra_outputs(run_maybe_graphed(
-                self.cuda_graphs, (key, sizes, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
+                self.cuda_graphs, (key, st.weight_addresses, prefix_addresses), graph.root, inputs, per_call,
                 f"{plan.head}{'-measure' if measure else ''}"), extras)
         importance = None
         if "importance" in found:
@@ -155,7 +154,8 @@ class GenGraphExecutor:
         stored head output, then the prefix's keys and values in ``self.attentions`` order), and which of its inputs
         change from call to call. A variant serves every prompt length: its graph keeps the capture's symbolic
         length and its parts are compiled for varying lengths (``make_part_compiler(dynamic_lengths=True)``), so a
-        new length runs the passes no more (only a CUDA graph is captured for it)."""
+        new length runs the passes no more (only a CUDA graph is captured for it: ``CudaGraphs.call`` keys each
+        graph by the call's sizes)."""
         if key in self._variants:
             return self._variants[key]
         skipped, measure, head, ffn_pruned, cfg_shared = key
@@ -223,12 +223,11 @@ class GenGraphExecutor:
         for i in self.per_call:
             if isinstance(args[i], int) and args[i] == length:
                 prefix_args[i] = cut
-        sizes = tuple(prefix_args[i] for i in self.per_call if isinstance(prefix_args[i], int))
         graph, names = self._prefix_variant((skipped, ffn_pruned), prefix_args)
         self.prefix_graph = graph
         # The slot graphs read these in place on every later call of the image, between other graphs' replays: on
         # CUDA they are kept outside the graphs' shared pool, at the same addresses from the first image on.
-        out = run_maybe_graphed(self.cuda_graphs, ("prefix", skipped, ffn_pruned, sizes, st.weight_addresses),
+        out = run_maybe_graphed(self.cuda_graphs, ("prefix", skipped, ffn_pruned, st.weight_addresses),
                                 graph.root, prefix_args, self.per_call, "prefix", keep_outputs=True)
         found = {name: (out[2 * i], out[2 * i + 1]) for i, name in enumerate(names)}
         flat = tuple(t for name in self.attentions for t in found.get(name, (None, None)))

@@ -74,11 +74,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must lie in [0, 1)")
         if not self.foreground_weight >= 0:  # also refuses NaN
             raise ValueError(f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: unweighted)")
-        object.__setattr__(self, "lr_scales", tuple((str(p), float(x)) for p, x in self.lr_scales))
-        for prefix, scale in self.lr_scales:
-            if not prefix or not scale > 0:
-                raise ValueError(f"TrainConfig.lr_scales has ({prefix!r}, {scale}): each needs a non-empty parameter "
-                                 "name prefix and a multiplier > 0")
+        object.__setattr__(self, "lr_scales", check_lr_scales(self.lr_scales))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,15 +107,25 @@ def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -
     return 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
 
 
+def check_lr_scales(pairs) -> tuple[tuple[str, float], ...]:
+    """``pairs`` of (parameter-name prefix, learning-rate multiplier) as a tuple of (str, float); raises on an empty
+    prefix or a multiplier that is not > 0 (NaN included)."""
+    checked = tuple((str(prefix), float(scale)) for prefix, scale in pairs)
+    for prefix, scale in checked:
+        if not prefix or not scale > 0:
+            raise ValueError(f"lr_scales has ({prefix!r}, {scale}): each needs a non-empty parameter name prefix and "
+                             "a multiplier > 0")
+    return checked
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices but embeddings, and each group's ``lr_scale`` from ``cfg.lr_scales``
     (1 for a parameter no prefix names). Raises on a prefix that names no parameter."""
     groups: dict[tuple[bool, float], list[Tensor]] = {}
     used = set()
     for name, p in model.named_parameters():
-        prefix = next((pre for pre, _ in cfg.lr_scales if name.startswith(pre)), None)
+        prefix, scale = next(((pre, x) for pre, x in cfg.lr_scales if name.startswith(pre)), (None, 1.0))
         used.add(prefix)
-        scale = dict(cfg.lr_scales)[prefix] if prefix is not None else 1.0
         decays = p.dim() >= 2 and "embed" not in name
         groups.setdefault((decays, scale), []).append(p)
     unused = [pre for pre, _ in cfg.lr_scales if pre not in used]
