@@ -73,6 +73,114 @@ def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> lis
     return per_call
 
 
+@dataclass
+class PipelinedCall:
+    """One model call of an image sampled WITHOUT synchronising between calls (as a user runs it), in ms from the
+    image's start: when the host entered and left the call, and when the device reached its start and end marks.
+    ``device_wait_ms`` > 0: the device sat idle until the host launched this call (host-bound); ``host_ahead_ms``:
+    how far the host ran ahead of the device when it entered the call (about 0: host and device in lockstep)."""
+
+    host_start_ms: float
+    host_end_ms: float
+    device_start_ms: float
+    device_end_ms: float
+
+    @property
+    def host_ms(self) -> float:
+        return self.host_end_ms - self.host_start_ms
+
+    @property
+    def device_ms(self) -> float:
+        return self.device_end_ms - self.device_start_ms
+
+    @property
+    def host_ahead_ms(self) -> float:
+        return self.device_start_ms - self.host_start_ms
+
+
+def pipelined_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> tuple[list[PipelinedCall], float]:
+    """One image through the sampler with CUDA events around every call but no synchronisation in between ->
+    (one ``PipelinedCall`` per call, the image's device ms). CUDA only."""
+    device = next(model.parameters()).device
+    batch = executor_batch(backend, model.config, build_gen_batch(model.config, prompt).to(device))
+    points = steps if backend.config is None else backend.config.num_points(steps)
+    plans = backend.begin_image(points - 1, 10.0)
+    velocity = stepped_velocity(gen, backend, batch)
+    marks: list[tuple[float, float, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        start = time.perf_counter()
+        v = velocity(x, t, step)
+        returned = time.perf_counter()
+        end.record()
+        marks.append((start, returned, begin, end))
+        return v
+
+    noise = draw_noise((1, model.config.latent_channels, *model.config.latent_size), 0).to(device)
+    origin = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    origin.record()  # on an idle device: its time is the host's ``host_origin``
+    host_origin = time.perf_counter()
+    with torch.no_grad():
+        x = euler_sample(timed, noise, time_grid(points), [p.guidance for p in plans])
+    done = torch.cuda.Event(enable_timing=True)
+    done.record()
+    torch.cuda.synchronize()
+    del x
+    calls = [PipelinedCall(1000 * (s - host_origin), 1000 * (r - host_origin), origin.elapsed_time(b),
+                           origin.elapsed_time(e)) for s, r, b, e in marks]
+    return calls, origin.elapsed_time(done)
+
+
+def pipelined_table(records, calls: list[PipelinedCall]) -> str:
+    """Median host ms, device ms and host lead per kind of call, sampled without synchronisation."""
+    kinds: dict[tuple, list[PipelinedCall]] = {}
+    for record, call in zip(records, calls, strict=True):
+        kind = (record.head, int(record.trunk_ran), len(record.skip_set), int(record.importance is not None))
+        kinds.setdefault(kind, []).append(call)
+    lines = ["head     trunk skipped measure  calls  host ms  device ms  host ahead ms"]
+    for (head, trunk, skipped, measure), group in sorted(kinds.items()):
+        med = [statistics.median(getattr(c, f) for c in group) for f in ("host_ms", "device_ms", "host_ahead_ms")]
+        lines.append(f"{head:8s} {trunk:5d} {skipped:7d} {measure:7d} {len(group):6d} {med[0]:8.2f} {med[1]:10.2f} "
+                     f"{med[2]:14.2f}")
+    return "\n".join(lines)
+
+
+def kernels_launched(prof) -> int:
+    """Device kernels (and copies) in a ``torch.profiler`` run: inside CUDA graphs too."""
+    return sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA")
+
+
+def device_intervals(prof) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of every device kernel and copy in a ``torch.profiler`` run, by start."""
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
+    return sorted(spans, key=lambda span: span[1])
+
+
+def idle_gap_table(spans: list[tuple[str, float, float]], rows: int = 12) -> str:
+    """Where the device sat idle between its kernels: the busy and idle time from the first kernel's start to the
+    last one's end, then the idle time summed by the kernel that ended each gap (the work that came late)."""
+    if not spans:
+        return "no device kernels recorded"
+    busy = idle = 0.0
+    frontier = spans[0][1]
+    by_next: dict[str, list[float]] = {}
+    for name, start, end in spans:
+        if start > frontier:
+            gap = start - frontier
+            idle += gap
+            by_next.setdefault(name[:60], []).append(gap)
+        busy += max(0.0, end - max(start, frontier))
+        frontier = max(frontier, end)
+    lines = [f"device busy {busy / 1000:.1f} ms, idle between kernels {idle / 1000:.1f} ms over {len(spans)} kernels",
+             "idle ms  gaps  median us  kernel after the gap"]
+    for name, gaps in sorted(by_next.items(), key=lambda item: -sum(item[1]))[:rows]:
+        lines.append(f"{sum(gaps) / 1000:7.2f} {len(gaps):5d} {statistics.median(gaps):10.1f}  {name}")
+    return "\n".join(lines)
+
+
 def call_kind_table(records, timings: list[CallTiming]) -> str:
     """Median host, device and total ms per kind of call (head action, trunk run, layers skipped, measuring)."""
     kinds: dict[tuple, list[CallTiming]] = {}
@@ -95,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", default="runtime", choices=("runtime", "graph"),
                         help="flashu_backend's executor")
     parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
+    parser.add_argument("--trace", default="", help="also write the profiled image's Chrome trace to this path")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: it times and profiles GPU kernels (CPU checks: python -m harness bench)")
@@ -115,12 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     per_call = timed_calls(gen, backend, model, prompt, args.steps)
+    print("every call synchronised:")
     print(call_kind_table(backend.records, per_call))
+    pipelined, image_ms = pipelined_calls(gen, backend, model, prompt, args.steps)
+    print(f"no synchronisation between calls (as sampled): {image_ms:.1f} ms for the image")
+    print(pipelined_table(backend.records, pipelined))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(f"device kernels and copies per image: {kernels_launched(prof)}")
+    print(idle_gap_table(device_intervals(prof)))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
     print(f"{args.preset} executor={args.executor} graphs={not args.no_graphs} flashu={args.flashu}: "
           f"{total:.3f} s for {calls} calls ({1000 * total / calls:.2f} ms/call); "

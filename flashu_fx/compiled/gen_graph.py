@@ -9,6 +9,7 @@ variant of the captured forward, built on first use:
     head "store"        passes.head_cache.expose_head_output (+ the head blocks' output)
     head "reuse"        passes.head_cache.reuse_head_output: the stored output is an input, the dead trunk is gone
     CFG pair            passes.cfg_shared_features: the image features on half the batch (equal halves promised)
+    once                passes.part_layout.contiguous_part_outputs: a value one part hands the next is contiguous
     every call          passes.prefix_hoisting.attend_slots_only: the image slot's positions alone, reading the
                         prompt prefix's keys and values, computed once per image and layer variant by the prefix
                         graph (passes.prefix_hoisting.hoist_prefix_kv)
@@ -40,6 +41,7 @@ from passes.ffn_slicing import slice_ffn_inputs
 from passes.graph_utils import placeholders, split_extra_outputs
 from passes.head_cache import HEAD_CACHE_INPUT, expose_head_output, reuse_head_output
 from passes.layer_skipping import measure_layer_importance, skip_layers
+from passes.part_layout import contiguous_part_outputs
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.prefix_hoisting import (
     MASK,
@@ -79,6 +81,8 @@ class GenGraphExecutor:
         self.slot_len = slot_len
         self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
         self.captured = mark_provenance(gm)
+        # once, on the capture every variant copies: parts hand each other rows, not eager's transposed SigLIP stream
+        self.layout_rewrites = contiguous_part_outputs(gm)
         self.names = [n.name for n in placeholders(gm)]
         weights = [name.startswith("l_self_") for name in self.names]  # read in place by a CUDA graph
         self.weight_positions = [i for i, is_weight in enumerate(weights) if is_weight]

@@ -36,6 +36,7 @@ from flashu_fx.schedule import und_step_layers
 from passes.ffn_slicing import slice_ffn_inputs
 from passes.graph_utils import placeholders, split_extra_outputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
+from passes.part_layout import contiguous_part_outputs
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
 from passes.vnorm_token_pruning import prune_tokens_after_layer
 
@@ -76,6 +77,7 @@ class UndGraphExecutor:
         names = [n.name for n in placeholders(gm)]
         kind = "prefill" if "l_latents_" in names else "decode"
         captured = mark_provenance(gm)
+        contiguous_part_outputs(gm)  # the prefill's parts hand each other rows (passes.part_layout)
         num_layers = sum(name.endswith("_buffers_length_") for name in names)  # one fill count per layer's cache
         num_skipped = self.config.num_skipped_layers(num_layers)
         table = next(n for n in gm.graph.nodes if n.name.endswith("position_embedding_parameters_weight_")) \

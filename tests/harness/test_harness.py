@@ -400,6 +400,32 @@ def test_profile_gen_times_every_call_by_kind(tiny_model, executor: str):
     assert sum(int(line.split()[4]) for line in table[1:]) == len(records)
 
 
+def test_pipelined_table_groups_calls_by_kind_with_the_host_lead():
+    from flashu_fx.compiled.gen_runtime import CallRecord
+    from harness.profile_gen import PipelinedCall, pipelined_table
+
+    records = [CallRecord(0, (), "compute", True, [0.1]), CallRecord(1, (2,), "reuse", False, None),
+               CallRecord(2, (2,), "reuse", False, None)]
+    calls = [PipelinedCall(0.0, 1.0, 0.0, 15.0), PipelinedCall(1.0, 1.5, 15.0, 15.5),
+             PipelinedCall(1.5, 2.0, 15.5, 16.0)]
+    assert [c.host_ahead_ms for c in calls] == [0.0, 14.0, 14.0]  # the host launched the reuse calls early
+    table = pipelined_table(records, calls).splitlines()
+    assert len(table) == 3 and table[2].split()[:5] == ["reuse", "0", "1", "0", "2"]
+    assert [float(v) for v in table[2].split()[5:]] == [0.5, 0.5, 14.0]
+
+
+def test_idle_gap_table_sums_the_gaps_by_the_kernel_that_ended_them():
+    from harness.profile_gen import idle_gap_table
+
+    spans = [("gemm", 0.0, 100.0), ("norm", 90.0, 110.0), ("copy", 130.0, 140.0), ("gemm", 150.0, 250.0),
+             ("copy", 260.0, 262.0)]  # overlapping kernels count once; gaps 20, 10 and 10 us
+    lines = idle_gap_table(spans).splitlines()
+    assert lines[0].startswith("device busy 0.2 ms, idle between kernels 0.0 ms over 5 kernels")
+    rows = {line.split()[-1]: line.split()[:3] for line in lines[2:]}
+    assert rows == {"copy": ["0.03", "2", "15.0"], "gemm": ["0.01", "1", "10.0"]}
+    assert idle_gap_table([]) == "no device kernels recorded"
+
+
 def test_guard_cost_reports_every_variant(capsys):
     from harness import guard_cost
 

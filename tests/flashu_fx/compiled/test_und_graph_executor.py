@@ -122,8 +122,9 @@ def test_both_understanding_graphs_come_from_the_captured_graphs(tiny_model) -> 
         assert {f"layer.{i}" for i in range(tiny_model.config.num_layers)} <= {p.name for p in graph.parts}
     prefill = backend.und_graphs["prefill"]
     derived = [n for p in prefill.parts for n in p.module.graph.nodes if n.meta.get("derived_by")]
-    # every node a pass made is named after it: the pruning pass's, and the merged q/k/v and gate/up products
-    assert {n.meta["derived_by"] for n in derived} == {"vnorm_token_pruning", "merge_projections"}
+    # every node a pass made is named after it: the pruning pass's, the merged q/k/v and gate/up products, and the
+    # SigLIP stream handed over in rows
+    assert {n.meta["derived_by"] for n in derived} == {"vnorm_token_pruning", "merge_projections", "part_layout"}
 
 
 def test_projections_are_merged_in_both_graphs(tiny_model) -> None:
