@@ -15,7 +15,7 @@ setup(
     install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm"],
     extras_require={
         # Upper bounds where a new major version can change behaviour the suite relies on.
-        "test": ["pytest>=8,<10", "hypothesis>=6,<7", "transformers>=4.47,<6", "ruff", "matplotlib"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3", "hypothesis>=6,<7", "transformers>=4.47,<6", "ruff", "matplotlib"],
         "plots": ["matplotlib"],
         "vae": ["diffusers>=0.33", "Pillow"],  # 0.33: the first release with AutoencoderKLWan
         "tokenizer": ["transformers>=4.47,<6"],
