@@ -136,16 +136,7 @@ def pipelined_calls(gen, backend, model, prompt: list[list[int]], steps: int) ->
 
 def pipelined_table(records, calls: list[PipelinedCall]) -> str:
     """Median host ms, device ms and host lead per kind of call, sampled without synchronisation."""
-    kinds: dict[tuple, list[PipelinedCall]] = {}
-    for record, call in zip(records, calls, strict=True):
-        kind = (record.head, int(record.trunk_ran), len(record.skip_set), int(record.importance is not None))
-        kinds.setdefault(kind, []).append(call)
-    lines = ["head     trunk skipped measure  calls  host ms  device ms  host ahead ms"]
-    for (head, trunk, skipped, measure), group in sorted(kinds.items()):
-        med = [statistics.median(getattr(c, f) for c in group) for f in ("host_ms", "device_ms", "host_ahead_ms")]
-        lines.append(f"{head:8s} {trunk:5d} {skipped:7d} {measure:7d} {len(group):6d} {med[0]:8.2f} {med[1]:10.2f} "
-                     f"{med[2]:14.2f}")
-    return "\n".join(lines)
+    return _kind_table(records, calls, "host_ahead_ms", "host ahead ms")
 
 
 def kernels_launched(prof) -> int:
@@ -183,15 +174,22 @@ def idle_gap_table(spans: list[tuple[str, float, float]], rows: int = 12) -> str
 
 def call_kind_table(records, timings: list[CallTiming]) -> str:
     """Median host, device and total ms per kind of call (head action, trunk run, layers skipped, measuring)."""
-    kinds: dict[tuple, list[CallTiming]] = {}
+    return _kind_table(records, timings, "total_ms", "total ms")
+
+
+def _kind_table(records, timings: list, last: str, last_header: str) -> str:
+    """Medians of ``host_ms``, ``device_ms`` and ``last`` per kind of call (head action, trunk run, layers skipped,
+    measuring): one line per kind after a header."""
+    kinds: dict[tuple, list] = {}
     for record, timing in zip(records, timings, strict=True):
         kind = (record.head, int(record.trunk_ran), len(record.skip_set), int(record.importance is not None))
         kinds.setdefault(kind, []).append(timing)
-    lines = ["head     trunk skipped measure  calls  host ms  device ms  total ms"]
+    lines = [f"head     trunk skipped measure  calls  host ms  device ms  {last_header}"]
+    width = len(last_header) + 1
     for (head, trunk, skipped, measure), group in sorted(kinds.items()):
-        med = [statistics.median(getattr(t, f) for t in group) for f in ("host_ms", "device_ms", "total_ms")]
+        med = [statistics.median(getattr(t, f) for t in group) for f in ("host_ms", "device_ms", last)]
         lines.append(f"{head:8s} {trunk:5d} {skipped:7d} {measure:7d} {len(group):6d} {med[0]:8.2f} {med[1]:10.2f} "
-                     f"{med[2]:9.2f}")
+                     f"{med[2]:{width}.2f}")
     return "\n".join(lines)
 
 
