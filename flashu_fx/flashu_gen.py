@@ -69,17 +69,22 @@ def ffn_ranges_per_layer(
     return ranges
 
 
+def check_layout_has_task(config: FlashUConfig, layout: FFNLayout | None, task: str) -> None:
+    """Raise unless FFN pruning is off or ``layout`` holds ``task``'s neuron ranges."""
+    if config.ffn_prune_ratio > 0 and (layout is None or task not in layout.ranges):
+        have = None if layout is None else sorted(layout.ranges)
+        raise ValueError(
+            f"FlashUConfig.ffn_prune_ratio={config.ffn_prune_ratio} needs an FFNLayout with {task!r} ranges, got {have}"
+        )
+
+
 def layout_ranges(config: FlashUConfig, layout: FFNLayout | None, task: str, num_layers: int,
                   inter: int) -> list[NeuronRanges | None]:
     """``ffn_ranges_per_layer`` for a model of ``num_layers`` layers of ``inter`` neurons, known by its shapes only
     (a captured graph's): the same checks of the layout against the config, without the weights' probe."""
     if config.ffn_prune_ratio == 0:
         return [None] * num_layers
-    if layout is None or task not in layout.ranges:
-        have = None if layout is None else sorted(layout.ranges)
-        raise ValueError(
-            f"FlashUConfig.ffn_prune_ratio={config.ffn_prune_ratio} needs an FFNLayout with {task!r} ranges, got {have}"
-        )
+    check_layout_has_task(config, layout, task)
     if len(layout.ranges[task]) != num_layers:
         raise ValueError(f"FFNLayout has {len(layout.ranges[task])} {task!r} layers, the model {num_layers}")
     width = config.kept_ffn_width(inter)

@@ -91,6 +91,15 @@ def select_kept_positions(layer: torch.nn.Module, h: Tensor, image_start: int, n
     return torch.cat([seq[:image_start], kept.to(h.device), seq[image_start + num_image :]])
 
 
+def check_token_prune_layer(config: FlashUConfig, num_layers: int) -> None:
+    """Raise unless token pruning is off or its layer is one of the model's ``num_layers``."""
+    if config.token_prune_ratio > 0 and config.token_prune_layer >= num_layers:
+        raise ValueError(
+            f"FlashUConfig.token_prune_layer={config.token_prune_layer} is invalid: the model has "
+            f"{num_layers} layers (allowed 0..{num_layers - 1})"
+        )
+
+
 class FlashUUndDecoder:
     """Stateful FlashU decoding of one prompt: ``prefill(x)`` once, then ``step(token)`` per new token.
 
@@ -104,11 +113,7 @@ class FlashUUndDecoder:
         cfg = model.config
         if config.task != "und":
             raise ValueError(f"FlashUConfig.task={config.task!r} is invalid here: understanding needs 'und'")
-        if config.token_prune_ratio > 0 and config.token_prune_layer >= cfg.num_layers:
-            raise ValueError(
-                f"FlashUConfig.token_prune_layer={config.token_prune_layer} is invalid: the model has "
-                f"{cfg.num_layers} layers (allowed 0..{cfg.num_layers - 1})"
-            )
+        check_token_prune_layer(config, cfg.num_layers)
         self.model, self.config, self.prompt = model, config, prompt
         self.ffn_ranges = ffn_ranges_per_layer(model, config, layout, "und")
         self.skipping = config.skip_ratio > 0 and config.skip_interval > 0

@@ -8,7 +8,7 @@ Calls are numbered s = 1..S (S = grid points - 1). Rules, in the reference's ord
   layers: measure on s = 1, 1 + T_LS, ... (skip nothing, record similarities), else skip the current set;
   head: store when s % T_cache == 0, reuse when a stored output exists, else compute.
 With the defaults both fractions are 0.3, so the two phase splits coincide (calls 25..34 of 34).
-The plan is host data: the runtime reads it outside any traced code.
+The plan is host data: the compiled executors read it outside any traced code.
 
 Understanding has one rule per token step d (0 = the prefill): ``und_step_layers``.
 """
@@ -81,10 +81,17 @@ def gen_schedule(config: FlashUConfig, num_calls: int, guidance: float) -> list[
     return plans
 
 
+def exact_schedule(num_calls: int, guidance: float) -> list[StepPlan]:
+    """Plans of calls 1..num_calls without FlashU: every call runs the whole network at guidance ``guidance``."""
+    if num_calls < 1:
+        raise ValueError(f"num_calls must be >= 1, got {num_calls}")
+    return [StepPlan(s, guidance, False, "all", "compute") for s in range(1, num_calls + 1)]
+
+
 def und_step_layers(config: FlashUConfig, step: int) -> LayerMode:
     """Understanding's layer mode at token step ``step`` (0 = the prefill, d >= 1 = decode step d): with layer
     skipping on, measure (run every layer, record each one's importance) on d = 0, T_LS, 2 T_LS, ..., else skip the
-    current set; "all" with skipping off. The eager decoder and the compiled runtime both follow it."""
+    current set; "all" with skipping off. The eager decoder and the compiled executor both follow it."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if not (config.skip_ratio > 0 and config.skip_interval > 0):

@@ -21,6 +21,15 @@ from torch import Tensor, nn
 from flashu_fx.config import Showo2Config
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
 
+CACHE_BUCKET = 256  # capacities are a multiple of this: answers of similar length share cache shapes (and graphs)
+
+
+def cache_capacity(positions: int) -> int:
+    """The capacity of a cache holding ``positions`` (prompt + new tokens): rounded up to CACHE_BUCKET."""
+    if positions < 1:
+        raise ValueError(f"positions={positions} is invalid: allowed an integer >= 1")
+    return -(-positions // CACHE_BUCKET) * CACHE_BUCKET
+
 
 class LayerCache(nn.Module):
     """K/V of one decoder layer, appended to in place (static shapes for compile and CUDA graphs).

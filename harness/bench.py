@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flashu_fx.compiled.gen_runtime import prefix_bucket
+from flashu_fx.compiled import compiled_batch
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layout import build_gen_batch, build_mmu_prompt
@@ -234,8 +234,9 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
     rates = device_rates(device)
     prefixes, prompt_len = [0], 0
     if rates is not None and args.task == "gen":  # one image per prompt, each with its own text prefix
-        offsets = build_gen_batch(cfg, ctx.prompts, guided=False).offsets
-        prefixes = [prefix_bucket(int(o), cfg.max_seq_len - cfg.image_slot_len) for o in offsets]
+        # the prefix the compiled rows compute: every position of the batch before the slot's end, cut as they cut it
+        prefixes = [compiled_batch(cfg, build_gen_batch(cfg, [p], guided=False)).tokens.shape[1] - cfg.image_slot_len
+                    for p in ctx.prompts]
     elif rates is not None:
         prompt_len = build_mmu_prompt(cfg, ctx.tokenizer, ctx.question).tokens.shape[1]
     for rec in records:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         "first_request_s": round(first, 1), "warm_piece_captures": sum(warm.values()),
         "recompiles_after_warmup": recompiles, "whole_graph_captures": backend.compiles,
         "cuda_graph_captures_after_warmup": backend.cuda_graph_captures - warm_graphs,
-        # graph executor: FlashU's passes rerun for a plan not met in warm-up (a new skip set), never for a length
+        # FlashU's passes rerun for a plan not met in warm-up (a new skip set), never for a length
         "variant_builds_after_warmup": backend.variant_builds - warm_variants,
         "seconds_per_request": [round(s, 3) for s in seconds],
     }

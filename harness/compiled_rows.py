@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashu_fx.compiled import BACKEND_OPTIONS, executor_batch, flashu_backend, lean_guard_options, stepped_velocity
-from flashu_fx.compiled.piece_compiler import check_inductor_options
+from flashu_fx.compiled import BACKEND_OPTIONS, compiled_batch, flashu_backend, lean_guard_options, stepped_velocity
+from flashu_fx.compiled.part_compiler import check_inductor_options
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import FlashUGenVelocity
 from flashu_fx.sampler import euler_sample
@@ -83,7 +83,7 @@ def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
         # variants) run one after another, so start each from a clean cache, far from the recompile limit.
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, options=lean_guard_options())
-        velocity = stepped_velocity(compiled, backend, executor_batch(backend, model.config, batch))
+        velocity = stepped_velocity(compiled, backend, compiled_batch(model.config, batch))
 
         def run() -> Tensor:
             plans = backend.begin_image(points - 1, ctx.guidance)

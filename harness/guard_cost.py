@@ -3,8 +3,9 @@
     python -m harness.guard_cost --preset showo2-1.5b
 
 The model has the preset's depths (LLM layers, SigLIP layers, head blocks: what sets the number of guards)
-and the tiny preset's widths (so it builds in a second on a CPU). The backend's step is replaced by a
-do-nothing runtime, so what is timed is the compiled call's host path: Dynamo's guards plus the dispatch.
+and the tiny preset's widths (so it builds in a second on a CPU). The compiled call runs a backend that returns a
+do-nothing callable for the captured forward (the guards depend on the traced graph, not on the backend), so what
+is timed is the compiled call's host path: Dynamo's guards plus the dispatch.
 Rows: every guard, ``lean_guard_options()`` (module guards dropped except layer counts), and every module
 guard dropped (torch's ``skip_guard_on_all_nn_modules_unsafe``, for comparison).
 """
@@ -18,7 +19,7 @@ import time
 import torch
 
 from flashu_fx import Showo2, get_config, init_random_weights
-from flashu_fx.compiled import flashu_backend, lean_guard_options
+from flashu_fx.compiled import lean_guard_options
 from flashu_fx.layout import build_gen_batch
 from harness.arguments import command_parser
 
@@ -40,15 +41,13 @@ def guard_cost_us(preset: str, calls: int) -> dict[str, float]:
     x, t = torch.randn(2, cfg.latent_channels, *cfg.latent_size), torch.full((2,), 0.5)
     velocity = torch.zeros_like(x)
 
-    def do_nothing(match, args) -> tuple[torch.Tensor]:  # stands in for the runtime: only the host path remains
-        return (velocity,)
+    def do_nothing_backend(gm, example_inputs):  # stands in for the executor: only the host path remains
+        return lambda *args: (velocity,)
 
     result = {}
     for name, options in VARIANTS.items():
         torch._dynamo.reset()
-        backend = flashu_backend("gen")
-        backend._run = do_nothing
-        compiled = torch.compile(model, backend=backend, options=options())
+        compiled = torch.compile(model, backend=do_nothing_backend, options=options())
         for _ in range(3):
             compiled(batch.tokens, x, t, batch.offsets, batch.mask, return_logits=False)
         start = time.perf_counter()

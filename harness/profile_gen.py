@@ -1,6 +1,6 @@
 """Profile one compiled generation call at real shapes: where the time goes (kernel table, launch count).
 
-    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu] [--executor graph]
+    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flashu_fx.compiled import (
-    executor_batch,
+    compiled_batch,
     flashu_backend,
     generate_images_compiled,
     lean_guard_options,
@@ -43,7 +43,7 @@ def timed_calls(gen, backend, model, prompt: list[list[int]], steps: int) -> lis
     """One image through the sampler (``gen``: ``model`` compiled with ``backend``), the device synchronised
     around every model call."""
     device = next(model.parameters()).device
-    batch = executor_batch(backend, model.config, build_gen_batch(model.config, prompt).to(device))
+    batch = compiled_batch(model.config, build_gen_batch(model.config, prompt).to(device))
     points = steps if backend.config is None else backend.config.num_points(steps)
     plans = backend.begin_image(points - 1, 10.0)
     velocity = stepped_velocity(gen, backend, batch)
@@ -102,7 +102,7 @@ def pipelined_calls(gen, backend, model, prompt: list[list[int]], steps: int) ->
     """One image through the sampler with CUDA events around every call but no synchronisation in between ->
     (one ``PipelinedCall`` per call, the image's device ms). CUDA only."""
     device = next(model.parameters()).device
-    batch = executor_batch(backend, model.config, build_gen_batch(model.config, prompt).to(device))
+    batch = compiled_batch(model.config, build_gen_batch(model.config, prompt).to(device))
     points = steps if backend.config is None else backend.config.num_points(steps)
     plans = backend.begin_image(points - 1, 10.0)
     velocity = stepped_velocity(gen, backend, batch)
@@ -198,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
     parser.add_argument("--no-graphs", action="store_true", help="run the pieces without CUDA graphs")
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
-    parser.add_argument("--executor", default="runtime", choices=("runtime", "graph"),
-                        help="flashu_backend's executor")
     parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
     parser.add_argument("--trace", default="", help="also write the profiled image's Chrome trace to this path")
     args = parser.parse_args(argv)
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.flashu:
         config = FlashUConfig.for_task("gen")
         layout = permute_for(model, config, random_ffn_scores(model))
-    backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs, executor=args.executor)
+    backend = flashu_backend("gen", config, layout, cuda_graphs=not args.no_graphs)
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
     prompt = [[100 + i for i in range(20)]]
     for _ in range(2):
@@ -237,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         prof.export_chrome_trace(args.trace)
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
-    print(f"{args.preset} executor={args.executor} graphs={not args.no_graphs} flashu={args.flashu}: "
+    print(f"{args.preset} graphs={not args.no_graphs} flashu={args.flashu}: "
           f"{total:.3f} s for {calls} calls ({1000 * total / calls:.2f} ms/call); "
           f"piece captures {dict(backend.piece_captures)}")
     return 0

@@ -1,7 +1,7 @@
 """Pass: the image features once per classifier-free-guidance pair.
 
-Eager twin: the runtime's ``compiled.pieces.block_embeddings_cfg_shared`` (``Showo2.image_embeds`` on the
-conditional half, repeated). A CFG batch stacks the conditional and the null rows of the same latents, so the
+Eager twin: ``Showo2.image_embeds`` on the whole CFG batch (the pass computes it on the conditional half and
+repeats it). A CFG batch stacks the conditional and the null rows of the same latents, so the
 SigLIP stack and the fusion see two equal halves and compute the same features twice.
 
     latents (M, C, h, w) ─ image embedders, und_trans, fusion ─ features (M, S, H) ─ rest of the forward

@@ -32,17 +32,22 @@ def module_path(node: fx.Node) -> str | None:
 _LIFTED_ATTRIBUTE = re.compile(r"^l_self_(?:modules_)?(.*)_$")
 
 
-def lifted_state_dict(gm: fx.GraphModule, inputs: list) -> dict[str, Tensor]:
-    """The compiled module's parameters and buffers among a captured graph's ``inputs``, by state-dict key.
-    Dynamo lifts each as a placeholder named after its attribute path
-    (``l_self_modules_showo_modules_model_..._parameters_weight_`` -> ``showo.model....weight``)."""
-    lifted = {}
-    for node, value in zip(placeholders(gm), inputs, strict=False):
+def lifted_names(gm: fx.GraphModule) -> list[str | None]:
+    """Per placeholder of a captured graph, the state-dict key of the module parameter or buffer Dynamo lifted
+    into it (named after its attribute path: ``l_self_modules_showo_modules_model_..._parameters_weight_`` ->
+    ``showo.model....weight``), or None for the caller's own inputs."""
+    names: list[str | None] = []
+    for node in placeholders(gm):
         match = _LIFTED_ATTRIBUTE.match(node.name)
-        if match and isinstance(value, Tensor):
-            key = re.sub(r"_(?:modules|parameters|buffers)_", ".", match.group(1))
-            lifted[key] = value
-    return lifted
+        names.append(re.sub(r"_(?:modules|parameters|buffers)_", ".", match.group(1)) if match else None)
+    return names
+
+
+def lifted_state_dict(gm: fx.GraphModule, inputs: list) -> dict[str, Tensor]:
+    """The compiled module's parameters and buffers among a captured graph's ``inputs``, by state-dict key
+    (``lifted_names``)."""
+    return {key: value for key, value in zip(lifted_names(gm), inputs, strict=False)
+            if key is not None and isinstance(value, Tensor)}
 
 
 def linear_calls(gm: fx.GraphModule) -> Iterator[tuple[str, str, fx.Node]]:

@@ -1,8 +1,8 @@
 """Passes: dynamic layer skipping and its measurement, over a captured forward's decoder layers.
 
 Eager twins: ``FlashUUndDecoder.step`` (a skipped layer is the identity and writes no K/V; a measuring step runs
-every layer and records importance_l = 1 - cos(input_l, output_l) at the last row, ``layer_importance``) and the
-generation runtime's skip and measure calls.
+every layer and records importance_l = 1 - cos(input_l, output_l) at the last row, ``layer_importance``) and
+``FlashUGenVelocity``'s skip and measure calls (the importance averaged over the image slots).
 
     skip_layers(gm, {2}):        ... h1 = layer1(h0) ; h2 = layer2(h1) ; h3 = layer3(h2) ...
                              ->  ... h1 = layer1(h0) ;                    h3 = layer3(h1) ...

@@ -10,7 +10,7 @@ Exact (the same dot products), and no weight is copied: it needs the siblings' w
 other in one storage, which ``flashu_fx.projection_layout.colocate_projections`` arranges. Adjacency is
 checked on the graph's example values; siblings that are not adjacent stay separate matmuls (a warning,
 unless they are FFN slices). The caller must give every set of weights that runs through the compiled graph
-the same layout (the runtimes colocate the whole model).
+the same layout (the backend colocates the whole model, and again when its weights are replaced).
 
 FFN slices (``passes.ffn_slicing``: gate[lo:hi] and up[lo:hi]) are two row blocks of the gate/up buffer, so
 no 2-D view spans them; with ``ffn_slices=True`` they run as one batched matmul over the (2, hi - lo, H)

@@ -1,7 +1,7 @@
 """Pass: slot-only positions, with the prompt prefix's keys and values hoisted out of the per-call graphs.
 
-Eager twin: the generation runtime's prefix buckets (``GenRuntime._fill_prefix`` with
-``compiled.pieces.llm_prefix_layer`` and ``head_prefix_block``, after which every call runs the image slot alone).
+Eager twin: ``Showo2.forward`` over the whole batch, which recomputes the prompt's keys and values in every call
+although the omni mask keeps them independent of the latents.
 
 Row m of a generation batch holds the prompt's text at positions [0, offset_m), the image slot (time token and image
 tokens) at [offset_m, offset_m + S), and, in a row shorter than the batch, trailing positions. A call's result (the

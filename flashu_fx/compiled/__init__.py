@@ -1,4 +1,4 @@
-"""The compiled path: ``flashu_backend`` for ``torch.compile`` and the runtime behind it."""
+"""The compiled path: ``flashu_backend`` for ``torch.compile``, the executors behind it, and the loops that drive it."""
 
 from flashu_fx.compiled.backend import (
     BACKEND_OPTIONS,
@@ -9,7 +9,7 @@ from flashu_fx.compiled.backend import (
     lean_guard_options,
     register_flashu_backend,
 )
-from flashu_fx.compiled.pipeline import executor_batch, generate_images_compiled, stepped_velocity
+from flashu_fx.compiled.pipeline import compiled_batch, generate_images_compiled, stepped_velocity
 from flashu_fx.compiled.und_pipeline import answer_question_compiled
 
 # torch.compile(model, backend="flashu", options={...}) finds ``flashu_compiler`` through the package's
@@ -23,7 +23,7 @@ __all__ = [
     "register_flashu_backend",
     "FlashUBackend",
     "answer_question_compiled",
-    "executor_batch",
+    "compiled_batch",
     "flashu_backend",
     "generate_images_compiled",
     "stepped_velocity",

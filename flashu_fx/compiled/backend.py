@@ -10,17 +10,16 @@
             v = gen(tokens, x, t, offsets, mask, return_logits=False).velocity
         # CFG with plan.guidance, Euler update ...
 
-Dynamo captures ``Showo2.forward`` once; the backend recognises the Show-o2 graph (passes.showo2_graph),
-rebuilds a module view over the graph's own weight tensors, and returns a callable that runs the
-generation runtime (compiled pieces chosen per call on the host). A model call outside
-``backend.step(k)``, or out of order, raises. A graph that is not a Show-o2 forward is compiled
-unchanged (inductor), with a warning. ``config=None`` gives the exact optimizations only.
+Dynamo captures ``Showo2.forward`` once; the backend recognises the Show-o2 graph (``passes.showo2_graph``) and
+returns a callable that runs that graph under FlashU's plan of each call (``gen_graph.GenGraphExecutor``): FlashU's
+decisions and the exact optimizations as passes over the captured graph, the result split into parts at module
+boundaries, each distinct part compiled once, each variant replayed as a CUDA graph. A model call outside
+``backend.step(k)``, or out of order, raises. A graph that is not a Show-o2 forward is compiled unchanged
+(inductor), with a warning. ``config=None`` gives the exact optimizations only.
 
-``task="und"``: with ``executor="graph"`` the answer loop's model calls (``Showo2.understand``: the prefill and each
-decode step) are captured by Dynamo and run as FlashU-rewritten parts of those graphs (``und_graph``);
-``answer_question(und, ...)`` or ``answer_question_compiled(und, backend, ...)``. With the default executor,
-``answer_question_compiled`` builds the hand-written understanding runtime from the module behind ``und``
-(``und_runtime``), until the graph executor is measured as fast on the GPU.
+``task="und"``: the answer loop's model calls (``Showo2.understand``: the prefill and each decode step) are captured
+by Dynamo and run as FlashU-rewritten parts of those graphs (``und_graph.UndGraphExecutor``);
+``answer_question(und, ...)`` or ``answer_question_compiled(und, backend, ...)``.
 """
 
 from __future__ import annotations
@@ -37,48 +36,24 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, fx
 
-from flashu_fx.compiled.gen_graph import GenGraphExecutor
-from flashu_fx.compiled.gen_runtime import CallRecord, GenRuntime
-from flashu_fx.compiled.piece_compiler import check_inductor_options, make_part_compiler, make_piece_compiler
-from flashu_fx.compiled.repeat_calls import full_guards
+from flashu_fx.compiled.cuda_graphs import tensor_addresses
+from flashu_fx.compiled.gen_graph import CallRecord, GenGraphExecutor
+from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
-from flashu_fx.compiled.und_runtime import CACHE_BUCKET, UndRuntime, round_up
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout
 from flashu_fx.flashu_config import FlashUConfig
-from flashu_fx.flashu_gen import layout_ranges
+from flashu_fx.flashu_gen import check_layout_has_task, layout_ranges
 from flashu_fx.inputs import check_guidance, is_int
-from flashu_fx.layout import GenBatch
 from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
-from flashu_fx.schedule import StepPlan
-from flashu_fx.und_cache import UndCache
+from flashu_fx.schedule import StepPlan, exact_schedule, gen_schedule
+from flashu_fx.und_cache import UndCache, cache_capacity
 from passes.graph_utils import lifted_state_dict
 from passes.partition import PartitionedGraph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
-# How captured graphs run: "runtime" (the default), the runtimes' compiled pieces chosen per call; "graph", the
-# captured graphs themselves, rewritten per call by FlashU's passes and split into parts.
-EXECUTORS = ("runtime", "graph")
-
-
-def infer_model_config(shapes: dict[str, tuple[int, ...]], latents: tuple[int, ...], seq_len: int) -> Showo2Config:
-    """The preset whose hidden size matches, adjusted to the graph's vocabulary, depths, grid and length."""
-    hidden = shapes["showo.model.embed_tokens.weight"][1]
-    base = next((p for p in PRESETS.values() if p.hidden_size == hidden), None)
-    if base is None:
-        raise ValueError(f"unsupported Show-o2 model: hidden_size={hidden}; pass model_config= to flashu_backend")
-    count = lambda prefix: len({k.split(".")[len(prefix.split("."))] for k in shapes if k.startswith(prefix + ".")})
-    return dataclasses.replace(
-        base,
-        vocab_size=shapes["showo.model.embed_tokens.weight"][0],
-        num_layers=count("showo.model.layers"),
-        und_num_layers=count("und_trans.layers"),
-        head_num_layers=count("diffusion_head_a"),
-        image_grid=(latents[-2] // base.patch_size, latents[-1] // base.patch_size),
-        max_seq_len=seq_len,
-    )
 
 
 class FlashUBackend:
@@ -87,35 +62,35 @@ class FlashUBackend:
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
-                 tune_decode: bool = True, merge_ffn_slices: bool = False,
-                 inductor_options: dict | None = None, executor: str = "runtime") -> None:
+                 tune_decode: bool = True, inductor_options: dict | None = None) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
-        if executor not in EXECUTORS:
-            raise ValueError(f"flashu_backend executor={executor!r} is invalid: allowed one of {EXECUTORS}")
         if config is not None and config.task != task:
             raise ValueError(f"FlashUConfig.task={config.task!r} does not match the backend task {task!r}")
+        if config is not None:
+            check_layout_has_task(config, layout, task)  # now, not inside Dynamo's first compile
+        if piece_backend not in (None, "inductor", "eager"):
+            raise ValueError(f"flashu_backend piece_backend={piece_backend!r} is invalid: allowed None, 'inductor' "
+                             "or 'eager'")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
-        self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
+        self.eager_numerics, self.tune_decode = eager_numerics, tune_decode
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
-        self.executor = executor
-        self.captured: PartitionedGraph | None = None  # executor="graph": the parts of the last captured forward
+        self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
-        self._und_graph: UndGraphExecutor | None = None  # executor="graph", understanding
-        self._gen_graph: GenGraphExecutor | None = None  # executor="graph", generation
+        self._und_graph: UndGraphExecutor | None = None  # understanding: the executor of every captured call
+        self._gen_graph: GenGraphExecutor | None = None  # generation: the executor of the last captured forward
         self._plans: list[StepPlan] = []  # the current image's plans
-        self.und_caches: dict[tuple, UndCache] = {}  # executor="graph": one cache per capacity, reused by answers
-        self._runtimes: dict[tuple[int, ...], GenRuntime] = {}  # by the weights' storage addresses
-        self._und_runtimes: dict[int, UndRuntime] = {}  # by id of the original module
+        self.und_caches: dict[tuple, UndCache] = {}  # one cache per capacity, reused by answers
+        self._merged_weights: set[tuple[int, ...]] = set()  # addresses of weight sets laid out for merged projections
         self._num_calls: int | None = None
         self._guidance = 0.0
         self._step: int | None = None
+        self._next_step = 0  # the call the current image expects next
         self._cfg_shared = False
         self._served = False  # whether the current step's model call reached this backend
-        self._image_runtime: GenRuntime | None = None
         self.compiles = 0  # whole-graph captures handed to this backend
-        self.piece_captures: Counter = Counter()  # per compiled piece: captures (after warm-up: recompiles)
+        self.piece_captures: Counter = Counter()  # per compiled part: captures (after warm-up: recompiles)
 
     # ---- the step protocol ----------------------------------------------------------------------------
     def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
@@ -124,11 +99,11 @@ class FlashUBackend:
             raise ValueError(f"num_calls={num_calls!r} is invalid: allowed an integer >= 1")
         check_guidance(guidance, per_call=False)
         self._num_calls, self._guidance = num_calls, guidance
-        self._step = None
-        self._image_runtime = None
-        for rt in self._runtimes.values():
-            rt.state = None
-        self._plans = GenRuntime.plans_for(self.config, num_calls, guidance)
+        self._step, self._next_step = None, 0
+        if self.config is None:
+            self._plans = exact_schedule(num_calls, guidance)
+        else:
+            self._plans = gen_schedule(self.config, num_calls, guidance)
         return self._plans
 
     @contextlib.contextmanager
@@ -141,6 +116,12 @@ class FlashUBackend:
         """
         if self._num_calls is None:
             raise RuntimeError("flashu_backend: call begin_image(num_calls, guidance) before step(k)")
+        if not is_int(k) or not 0 <= k < self._num_calls:
+            raise ValueError(f"step k={k!r} is invalid: allowed an integer in [0, {self._num_calls}) "
+                             f"(begin_image planned {self._num_calls} calls)")
+        if k != self._next_step:
+            raise RuntimeError(f"flashu_backend: expected call {self._next_step} of this image, got step({k}): calls "
+                               "run in order, and begin_image(num_calls, guidance) starts a new image")
         self._step, self._cfg_shared, self._served = k, cfg_shared_latents, False
         try:
             yield
@@ -151,39 +132,35 @@ class FlashUBackend:
                     "model eagerly: most often Dynamo's recompile limit (torch._dynamo.config.recompile_limit), "
                     "since every torch.compile of one model class with a new backend adds a cache entry to its "
                     "forward; call torch._dynamo.reset() before compiling again.")
+            self._next_step = k + 1
         finally:
             self._step, self._cfg_shared = None, False
 
     @property
     def records(self) -> list[CallRecord]:
         """What each call of the last (or current) image did: ``CallRecord``s (skip set, head use, measurement)."""
-        if self.executor == "graph":
-            return [] if self._gen_graph is None else list(self._gen_graph.state.records)
-        return [] if self._image_runtime is None else self._image_runtime.records
+        return [] if self._gen_graph is None else list(self._gen_graph.state.records)
 
     @property
     def cuda_graph_captures(self) -> int:
-        """CUDA graphs captured by this backend's runtimes so far (a capture is not a compilation)."""
+        """CUDA graphs captured by this backend's executors so far (a capture is not a compilation)."""
         executors = [e.cuda_graphs for e in (self._und_graph, self._gen_graph) if e is not None and e.cuda_graphs]
-        return sum(rt.num_graphs for rt in self._runtimes.values()) + \
-            sum(sum(rt.graph_captures.values()) for rt in self._und_runtimes.values()) + \
-            sum(sum(graphs.captures.values()) for graphs in executors)
+        return sum(sum(graphs.captures.values()) for graphs in executors)
 
     @property
     def variant_builds(self) -> int:
-        """Graph variants the graph executor built so far (FlashU's passes run, the result partitioned): one per skip
-        set, head action and phase, never one per prompt length; 0 for the runtime executor."""
+        """Graph variants built so far (FlashU's passes run, the result partitioned): one per skip set, head action
+        and phase, never one per prompt length."""
         return sum(e.variant_builds for e in (self._und_graph, self._gen_graph) if e is not None)
 
     # ---- torch.compile entry ----------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> object:
         self.compiles += 1
         if is_und_call(gm):
-            if self.task != "und" or self.executor != "graph":
+            if self.task != "und":
                 raise RuntimeError(
-                    f"flashu_backend(task={self.task!r}, executor={self.executor!r}) was handed an understanding call "
-                    "(the model called with cache=...): compile it with flashu_backend('und', executor='graph'), or "
-                    "answer through answer_question_compiled with the default executor")
+                    f"flashu_backend(task={self.task!r}) was handed an understanding call (the model called with "
+                    "cache=...): compile the model for answers with flashu_backend('und')")
             return self._und_graph_runner(gm, example_inputs)
         if self.task == "und":
             return _refuse_und_forward
@@ -202,45 +179,18 @@ class FlashUBackend:
             warnings.warn(f"flashu_backend: not a Show-o2 forward ({why}); compiling the graph unchanged",
                           stacklevel=2)
             return self._exact_fallback(gm, example_inputs)
-        if self.executor == "graph":
-            return self._graph_runner(gm, match, example_inputs)
-        return self._runner(match, example_inputs)
+        return self._gen_graph_runner(gm, match, example_inputs)
 
     def und_cache(self, compiled: torch.nn.Module, positions: int, device) -> UndCache:
-        """executor="graph": the cache an answer of ``positions`` (prompt + new tokens) uses, of capacity rounded up
-        to CACHE_BUCKET; one per capacity, reused (a new capacity is new cache shapes: one recompile)."""
+        """The cache an answer of ``positions`` (prompt + new tokens) uses, of capacity rounded up to CACHE_BUCKET;
+        one per capacity, reused (a new capacity is new cache shapes: one recompile)."""
         dtype = compiled.showo.model.embed_tokens.weight.dtype
-        capacity = round_up(positions, CACHE_BUCKET)
+        capacity = cache_capacity(positions)
         key = (capacity, dtype, torch.device(device))
         cache = self.und_caches.get(key)
         if cache is None:
             cache = self.und_caches[key] = UndCache.for_model(compiled, capacity, dtype, device)
         return cache
-
-    def und_runtime(self, compiled: torch.nn.Module) -> UndRuntime:
-        """The understanding runtime of ``compiled = torch.compile(model, backend=self)``, built on first use."""
-        if self.task != "und":
-            raise RuntimeError(f"flashu_backend(task={self.task!r}) has no understanding runtime; use task='und'")
-        model = getattr(compiled, "_orig_mod", compiled)
-        if not isinstance(model, Showo2):
-            raise TypeError(f"expected torch.compile(<Showo2>, backend=...), got {type(model).__name__}")
-        rt = self._und_runtimes.get(id(model))
-        if rt is None or rt.model is not model or rt.weights_key != weight_addresses(model):
-            # New weights (load_state_dict(assign=True), .data = ...) get a new runtime: the old one holds views
-            # of (and CUDA graphs over) the old tensors, and its merged projections assume their layout.
-            cuda = model.showo.lm_head.weight.is_cuda
-            merge = self.merge_projections and self._colocated(model)
-            # No eager_numerics here: decode attention, and with tune_decode each one-row product, is a
-            # multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
-            # decode 1.70 -> 1.94 ms/token, 1.5B).
-            compile_piece = self._piece_compiler(cuda, merge, eager_numerics=False)
-            compile_one_row = self._piece_compiler(cuda, merge, eager_numerics=False,
-                                                   coordinate_descent=self.tune_decode)
-            rt = UndRuntime(model, self.config, self.layout, compile_piece, cuda_graphs=self.cuda_graphs and cuda,
-                            compile_one_row=compile_one_row)
-            rt.weights_key = weight_addresses(model)  # after colocation, which may have moved them
-            self._und_runtimes[id(model)] = rt
-        return rt
 
     def _expected_keys(self, example_inputs: list, gm: fx.GraphModule) -> list[str]:
         """Checkpoint keys of a Show-o2 with the graph's depths (key names do not depend on widths)."""
@@ -270,11 +220,11 @@ class FlashUBackend:
         run._boxed_call = getattr(compiled, "_boxed_call", False)
         return run
 
-    def _graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
-        """executor="graph": the captured forward itself, rewritten per call by FlashU's passes (``gen_graph``) and
-        split at module boundaries (``passes.partition``), each distinct part compiled once (``merge_projections``
-        merges each q/k/v and gate/up group, whose weights it first colocates in one buffer); on CUDA each variant
-        replays as a CUDA graph."""
+    def _gen_graph_runner(self, gm: fx.GraphModule, match: Showo2GraphMatch, example_inputs: list):
+        """The captured forward itself, rewritten per call by FlashU's passes (``gen_graph``) and split at module
+        boundaries (``passes.partition``), each distinct part compiled once (``merge_projections`` merges each
+        q/k/v and gate/up group, whose weights it first colocates in one buffer); on CUDA each variant replays as a
+        CUDA graph."""
         cuda = example_inputs[match.user_inputs["latents"]].is_cuda
         weights = {k: example_inputs[i] for k, i in match.param_inputs.items()}
         merge = self._merged(weights)
@@ -282,12 +232,20 @@ class FlashUBackend:
         compile_part = self._part_compiler(cuda, merge, self.eager_numerics, dynamic_lengths=True)
         slot_len = weights["position_embedding.weight"].shape[0] + 1  # the time token and the configured grid
         ranges = self._graph_ffn_ranges("gen", weights)
-        executor = self._gen_graph = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len,
-                                                      num_decoder_layers(weights), self.cuda_graphs and cuda)
+        executor = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len, num_decoder_layers(weights),
+                                    self.cuda_graphs and cuda)
+        if self._gen_graph is not None and self._step:
+            # Dynamo captured the forward again within an image (new input shapes or grad mode): the image goes on
+            executor.continue_image(self._gen_graph.state)
+        self._gen_graph = executor
+        weight_inputs = list(match.param_inputs.items())
 
+        @torch.no_grad()  # an inference backend: no autograd graph, whatever the caller's grad mode
         def run(*args: Tensor):
             self._serve(match)
             if self._step == 0:
+                if merge:  # once per image: weights swapped in since the capture get the layout the parts assume
+                    self._keep_merged({k: args[i] for k, i in weight_inputs})
                 executor.begin()
             out = executor(self._plans[self._step], args, cfg_shared=self._cfg_shared)
             self.captured, self.captured_prefix = executor.graph, executor.prefix_graph
@@ -296,20 +254,22 @@ class FlashUBackend:
         return run
 
     def _und_graph_runner(self, gm: fx.GraphModule, example_inputs: list):
-        """executor="graph", understanding: the captured prefill or decode step (``Showo2.understand``) run by this
-        backend's ``UndGraphExecutor``: FlashU's token pruning, layer skipping and pruned FFN as passes over it."""
+        """The captured prefill or decode step (``Showo2.understand``) run by this backend's ``UndGraphExecutor``:
+        FlashU's token pruning, layer skipping and pruned FFN as passes over it."""
+        weights = lifted_state_dict(gm, example_inputs)
         if self._und_graph is None:
             cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
-            weights = lifted_state_dict(gm, example_inputs)
             merge = self._merged(weights)
-            # No eager_numerics, as the runtime's pieces; tune_decode: the one-row decode parts as its one-row pieces.
-            # The prefill's parts serve every prompt length (dynamic_lengths), as the runtime's prefill pieces do.
+            # No eager_numerics: decode attention, and with tune_decode each one-row product, is a multiply-and-sum
+            # reduction, where emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94
+            # ms/token at 1.5B). The prefill's parts serve every prompt length (dynamic_lengths).
             self._und_graph = UndGraphExecutor(
                 self.config, self._graph_ffn_ranges("und", weights),
                 self._part_compiler(cuda, merge, False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
-                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode))
-        return self._und_graph.runner(gm, example_inputs)
+                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode),
+                prepare_weights=self._keep_merged if merge else None)
+        return torch.no_grad()(self._und_graph.runner(gm, example_inputs))  # inference only, as generation
 
     def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
         """The single neuron range per layer of ``task``'s pruned FFN (None: FFN pruning off), the layout checked
@@ -320,88 +280,48 @@ class FlashUBackend:
         return [r[0] for r in layout_ranges(self.config, self.layout, task, num_decoder_layers(weights), inter)]
 
     def _merged(self, weights: dict[str, Tensor]) -> bool:
-        """Whether the graph executor's parts merge projections: the captured weights (the user's own Parameters)
-        are colocated once, as the runtime does, so merge_projections finds each q/k/v and gate/up group in one
-        buffer in every layer."""
-        return self.merge_projections and self._colocated(weights)
-
-    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
-                       dynamic_lengths: bool = False):
-        """The part compiler of the graph executors, with this backend's shared settings (``_piece_compiler``'s
-        twin for captured parts)."""
-        return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
-                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths)
-
-    @property
-    def und_graphs(self) -> dict[str, PartitionedGraph]:
-        """executor="graph": the variants of the captured prefill and decode step that ran last, as parts."""
-        return {} if self._und_graph is None else self._und_graph.graphs
-
-    @property
-    def und_state(self) -> UndAnswerState | None:
-        """executor="graph": the answer in progress or last answered (step records, kept prompt rows)."""
-        return None if self._und_graph is None else self._und_graph.state
-
-    def _runner(self, match: Showo2GraphMatch, example_inputs: list):
-        def run(*args: Tensor):
-            with full_guards():  # the runtime's pieces are torch.compile'd: a first use on a later call compiles
-                return self._run(match, args)
-
-        return run
-
-    @staticmethod
-    def _colocated(named) -> bool:
-        """Colocate the projections; True if every group is adjacent (one merged artifact serves every layer, so
-        a single layer left apart would read the wrong rows: then nothing is merged)."""
-        if colocate_projections(named):
+        """Whether the parts merge projections: the captured weights (the user's own Parameters) are colocated
+        once, so merge_projections finds each q/k/v and gate/up group in one buffer in every layer."""
+        if not self.merge_projections:
+            return False
+        if colocate_projections(weights):
+            self._merged_weights.add(tensor_addresses(list(weights.values()), range(len(weights))))
             return True
         warnings.warn("flashu_backend: some q/k/v or gate/up weights cannot share a buffer (mixed dtypes or "
                       "devices); projections stay separate matmuls", stacklevel=3)
         return False
 
-    def _piece_compiler(self, cuda: bool, merge: bool, **settings):
-        """The piece compiler for weights on (or off) the GPU, with this backend's shared settings."""
-        return make_piece_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures,
-                                   merge, inductor_options=self.inductor_options, **settings)
+    def _keep_merged(self, weights: dict[str, Tensor]) -> None:
+        """Before an image or an answer: weights the merged parts have not seen (new tensors assigned to the model
+        since the capture, e.g. ``load_state_dict(assign=True)``, pass the shape guards) are colocated first, since
+        a merged projection reads its siblings' rows from one buffer. Same addresses as before: nothing to do."""
+        tensors = list(weights.values())
+        if tensor_addresses(tensors, range(len(tensors))) in self._merged_weights:
+            return
+        if not colocate_projections(weights):
+            raise RuntimeError("flashu_backend: the model's new q/k/v or gate/up weights cannot share a buffer "
+                               "(mixed dtypes or devices), but its compiled parts merge them: compile the model "
+                               "again (torch._dynamo.reset()) or use merge_projections=False")
+        self._merged_weights.add(tensor_addresses(tensors, range(len(tensors))))
 
-    def _runtime_for(self, match: Showo2GraphMatch, args) -> GenRuntime:
-        def weights_key() -> tuple[int, ...]:
-            return tuple(args[i].data_ptr() for i in sorted(set(match.param_inputs.values())))
+    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
+                       dynamic_lengths: bool = False):
+        """The part compiler of the executors, with this backend's shared settings."""
+        return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
+                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths)
 
-        key = weights_key()
-        rt = self._runtimes.get(key)
-        merge = False
-        if rt is None and self.merge_projections:
-            # args hold the user's own Parameters: colocating them lays out the user's model (values, shapes and
-            # strides unchanged) once, so later calls find this runtime under the new addresses.
-            merge = self._colocated({k: args[i] for k, i in match.param_inputs.items()})
-            key = weights_key()
-            rt = self._runtimes.get(key)
-        if rt is None:
-            cuda = args[match.user_inputs["latents"]].is_cuda
-            compile_piece = self._piece_compiler(cuda, merge, eager_numerics=self.eager_numerics,
-                                                 merge_ffn_slices=self.merge_ffn_slices)
-            rt = self._runtimes[key] = GenRuntime(self._model_view(match, args), self.config, self.layout,
-                                                  compile_piece, self.cuda_graphs)
-        return rt
+    @property
+    def und_graphs(self) -> dict[str, PartitionedGraph]:
+        """Understanding: the variants of the captured prefill and decode step that ran last, as parts."""
+        return {} if self._und_graph is None else self._und_graph.graphs
 
-    def _model_view(self, match: Showo2GraphMatch, args) -> Showo2:
-        state = {k: args[i] for k, i in match.param_inputs.items()}
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        latents, tokens = args[match.user_inputs["latents"]], args[match.user_inputs["tokens"]]
-        cfg = self.model_config or infer_model_config(shapes, tuple(latents.shape), tokens.shape[1])
-        with torch.device("meta"):
-            model = Showo2(cfg)
-        if "showo.lm_head.weight" not in state:  # not captured (logits not asked for): share the embedding
-            state["showo.lm_head.weight"] = state["showo.model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        model.reset_rope_buffers()
-        model.llm_inv_freq, model.head_inv_freq = model.llm_inv_freq.to(latents.device), \
-            model.head_inv_freq.to(latents.device)
-        return model.eval()
+    @property
+    def und_state(self) -> UndAnswerState | None:
+        """Understanding: the answer in progress or last answered (step records, kept prompt rows)."""
+        return None if self._und_graph is None else self._und_graph.state
 
     def _serve(self, match: Showo2GraphMatch) -> None:
-        """Checks every executor makes before a model call, which then counts as served."""
+        """Checks before a model call, which then counts as served."""
         if self._step is None:
             raise RuntimeError("flashu_backend: the compiled model was called outside `with backend.step(k):` "
                                "(after backend.begin_image(num_calls, guidance)); it cannot tell which call this is")
@@ -409,23 +329,6 @@ class FlashUBackend:
             raise RuntimeError("flashu_backend(task='gen') computes no logits: call the model with "
                                "return_logits=False")
         self._served = True
-
-    def _run(self, match: Showo2GraphMatch, args) -> tuple[Tensor, ...]:
-        self._serve(match)
-        u = {name: args[i] for name, i in match.user_inputs.items()}
-        if self._step == 0:  # a new image: find the runtime of these weights once, not per call
-            self._image_runtime = rt = self._runtime_for(match, args)
-            batch = GenBatch(u["tokens"], u["offsets"], u["mask"], u["tokens"].shape[0] // 2, [])
-            rt.begin(batch, self._num_calls, self._guidance)
-        rt = self._image_runtime
-        if rt is None:
-            raise RuntimeError("flashu_backend: the first call of an image must be step 0")
-        return (rt(u["latents"].float(), u["t"], self._step, self._cfg_shared),)
-
-
-def weight_addresses(model: torch.nn.Module) -> tuple[int, ...]:
-    """Where every parameter lives now: a runtime built over other addresses would read stale weights."""
-    return tuple(p.data_ptr() for p in model.parameters())
 
 
 def num_decoder_layers(weights: dict[str, Tensor]) -> int:
@@ -439,8 +342,9 @@ def is_und_call(gm: fx.GraphModule) -> bool:
 
 
 def _refuse_und_forward(*args):
-    raise RuntimeError("flashu_backend(task='und') runs understanding through answer_question_compiled(compiled, "
-                       "backend, latents, question); the model's forward is a generation call: use task='gen'")
+    raise RuntimeError("flashu_backend(task='und') runs understanding (answer_question_compiled(compiled, backend, "
+                       "latents, question), or the model called with cache=...); a forward without a cache is a "
+                       "generation call: use flashu_backend('gen')")
 
 
 def graph_depths(gm: fx.GraphModule) -> tuple[int, int, int] | None:
@@ -459,25 +363,22 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
-                   merge_ffn_slices: bool = False, inductor_options: dict | None = None,
-                   executor: str = "runtime") -> FlashUBackend:
-    """The FlashU backend for ``task`` ("gen" or "und"). ``config=None``: exact optimizations only. ``piece_backend``:
-    "inductor" (CUDA default) or "eager"; ``cuda_graphs``: replay each call kind as one CUDA graph;
-    ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into
-    shared buffers, in place: values, shapes and strides unchanged, no memory added); ``eager_numerics``: fused
-    kernels of the generation pieces round intermediates to the model dtype as eager does (bf16 results stay
-    close to eager's); ``tune_decode``: understanding's one-row pieces (first token, decode) compile with
-    inductor's coordinate-descent tuning, which lowers each one-row product to a tuned Triton reduction instead
-    of a cuBLAS GEMV (gpt-fast's decode setting; False: cuBLAS); ``merge_ffn_slices``: with
-    ``merge_projections``, the gate and up of generation's pruned FFN range run as one batched matmul over a
-    view of both (no weight copied);
-    ``inductor_options``: inductor config patches for every compiled piece, e.g. ``{"max_autotune_gemm": True}``
-    (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
-    ``executor``: "runtime" (default) or "graph", which runs the captured graphs themselves: FlashU's decisions as
-    passes over them (both tasks), split into parts at module boundaries with each distinct part compiled once
-    (``passes.partition``), each variant a CUDA graph on the GPU; not yet the runtime's exact optimizations."""
+                   inductor_options: dict | None = None) -> FlashUBackend:
+    """The FlashU backend for ``task`` ("gen" or "und").
+
+    ``config=None``: exact optimizations only. ``layout``: the FFN layout
+    of a pruned model (``ffn_layout``); ``model_config``: the Show-o2 config, when the captured graph's depths do not
+    name a preset's. ``piece_backend``: how each part of the captured graph compiles, "inductor" (CUDA default) or
+    "eager" (the rewritten FX graph as it is); ``cuda_graphs``: replay each call's variant as one CUDA graph;
+    ``merge_projections``: q/k/v and gate/up as one matmul each (on first use the model's weights are moved into shared
+    buffers, in place: values, shapes and strides unchanged, no memory added); ``eager_numerics``: fused kernels of the
+    generation parts round intermediates to the model dtype as eager does (bf16 results stay close to eager's);
+    ``tune_decode``: understanding's one-row parts (the decode step) compile with inductor's coordinate-descent tuning,
+    which lowers each one-row product to a tuned Triton reduction instead of a cuBLAS GEMV (gpt-fast's decode setting;
+    False: cuBLAS); ``inductor_options``: inductor config patches for every compiled part, e.g. ``{"max_autotune_gemm":
+    True}`` (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, merge_ffn_slices, inductor_options, executor)
+                         eager_numerics, tune_decode, inductor_options)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order
@@ -509,10 +410,11 @@ _TORCH_COMPILE_OPTIONS = ("guard_filter_fn",)  # torch.compile takes these out o
 def lean_guard_options() -> dict:
     """``torch.compile(model, backend=..., options=lean_guard_options())``: skip Dynamo's per-call guards on the
     model's modules and parameters (~900 checks at Show-o2 size: 286 -> 75 us of host time per call on a 2-core
-    CPU), keeping the ones on module-container lengths. Safe with this backend: it never runs the traced graph,
-    it rebuilds its runtime from the weights it is handed (new addresses or widths: a new runtime), and the
-    kept length guards make a model of another depth retrace (else its extra layers would be invisible to the
-    graph). A fresh dict per call, because torch.compile pops the entry."""
+    CPU), keeping the ones on module-container lengths. Safe with this backend: the weights are inputs of the
+    captured graph, shape guards stay, new weight tensors are laid out again for the merged projections before
+    the image or answer that first reads them (``FlashUBackend._keep_merged``) and are part of every CUDA graph's
+    key, and the kept length guards make a model of another depth retrace (else its extra layers would be
+    invisible to the graph). A fresh dict per call, because torch.compile pops the entry."""
     return {"guard_filter_fn": keep_depth_guards_only}
 
 

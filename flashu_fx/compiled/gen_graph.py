@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from torch import Tensor, fx
 
 from flashu_fx.compiled.cuda_graphs import CudaGraphs, contiguous_per_call, run_maybe_graphed, tensor_addresses
-from flashu_fx.compiled.gen_runtime import CallRecord
 from flashu_fx.compiled.repeat_calls import full_guards
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
@@ -55,6 +54,17 @@ from passes.prefix_hoisting import (
 )
 
 MAX_GRAPHS = 64  # captured variants kept, least recently used dropped
+
+
+@dataclass
+class CallRecord:
+    """What one call did (for equivalence tests against the eager twin, ``flashu_gen.GenCallRecord``)."""
+
+    call: int
+    skip_set: tuple[int, ...]
+    head: str
+    trunk_ran: bool
+    importance: list[float] | None = None
 
 
 @dataclass
@@ -108,6 +118,12 @@ class GenGraphExecutor:
     def begin(self) -> None:
         """Forget the skip set, the stored head output and the records (a new image)."""
         self.state = GenImageState()
+
+    def continue_image(self, state: GenImageState) -> None:
+        """Go on with the image another executor began (the same forward captured again mid-image): its skip set,
+        stored head output and records. The prompt prefix's keys and values are computed again for this capture's
+        inputs, and the weights' addresses taken again."""
+        self.state = GenImageState(state.skip_set, state.head_cache, state.records)
 
     def __call__(self, plan: StepPlan, args: tuple, cfg_shared: bool = False) -> tuple:
         """Call ``plan.call`` of the image on the captured forward's inputs ``args`` (the caller's tokens (M, L),

@@ -21,6 +21,7 @@ from torch import Tensor
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.compiled.repeat_calls import loop_call
 from flashu_fx.config import Showo2Config
+from flashu_fx.flashu_gen import ffn_ranges_per_layer
 from flashu_fx.inputs import check_baseline_steps, check_guidance
 from flashu_fx.layout import GenBatch, build_gen_batch, mark_length_dynamic
 from flashu_fx.sampler import VelocityFn, euler_sample, initial_noise, time_grid
@@ -40,16 +41,13 @@ def stepped_velocity(compiled: torch.nn.Module, backend: FlashUBackend, batch: G
     return velocity
 
 
-CUTS = 16  # the graph executor's batch lengths: multiples of max_seq_len / CUTS, each a compile of its parts
+CUTS = 16  # the compiled batch lengths are multiples of max_seq_len / CUTS
 
 
-def executor_batch(backend: FlashUBackend, config: Showo2Config, batch: GenBatch) -> GenBatch:
-    """The batch to call the compiled model with. For the graph executor: slot-only positions, the batch cut
-    after its last slot (exact: ``GenBatch.through_last_slot``) with its length a Dynamo symbol, so one capture
-    serves every cut and the executor compiles its parts once per cut (at most CUTS of them). The runtime
-    executor drops these positions itself (its prefix buckets) and takes the batch as it is."""
-    if backend.executor != "graph":
-        return batch
+def compiled_batch(config: Showo2Config, batch: GenBatch) -> GenBatch:
+    """The batch to call the compiled model with: the batch cut after its last slot (exact: the positions after it
+    are dead for the velocity, ``GenBatch.through_last_slot``) to a multiple of ``max_seq_len / CUTS``, with its
+    length a Dynamo symbol, so one capture serves every cut and the parts compile for a symbolic length."""
     cut = batch.through_last_slot(config.image_slot_len, max(1, config.max_seq_len // CUTS))
     # contiguous once here, not copied on every call (``contiguous_per_call``)
     cut = GenBatch(cut.tokens.contiguous(), cut.offsets, cut.mask.contiguous(), cut.num_prompts, cut.prompt_lens)
@@ -75,12 +73,14 @@ def generate_images_compiled(
     ids = encode_prompts(compiled, prompts, tokenizer)
     check_guidance(guidance, per_call=False)
     check_baseline_steps(baseline_steps, backend.config)
+    if backend.config is not None:  # the layout was made for these (permuted) weights: checked once per weight set
+        ffn_ranges_per_layer(compiled, backend.config, backend.layout, "gen")
     if guidance == 0:
         raise ValueError("guidance=0 is invalid here: generate_images_compiled needs classifier-free guidance "
                          "(allowed a finite number > 0)")
     cfg = compiled.config
     device = next(compiled.parameters()).device
-    batch = executor_batch(backend, cfg, build_gen_batch(cfg, ids, guided=True).to(device))
+    batch = compiled_batch(cfg, build_gen_batch(cfg, ids, guided=True).to(device))
     points = baseline_steps if backend.config is None else backend.config.num_points(baseline_steps)
     plans = backend.begin_image(points - 1, guidance)
     h, w = cfg.latent_size

@@ -26,6 +26,6 @@ def loop_call(index: int) -> AbstractContextManager:
 
 def full_guards() -> AbstractContextManager:
     """Every guard evaluated again, whatever the caller's stance: around code that calls ``torch.compile``d
-    functions of its own (the runtime's pieces), whose first use may come on a repeated call and must compile
-    rather than fail."""
+    functions of its own (the executors' parts compiled for varying lengths), whose first use may come on a
+    repeated call and must compile rather than fail."""
     return torch.compiler.set_stance("default")

@@ -14,7 +14,7 @@ the layers the following steps skip. What runs for a call is a variant of its ca
 Variants are built on first use and compiled part by part, sharing compiled parts across variants (a new skip
 set reuses every layer's artifact). A prompt length is a new prefill variant (its passes and partition, no
 compile once warm): the prefill's parts are compiled through Dynamo (``make_part_compiler(dynamic_lengths=True)``),
-specialised to the first length and made symbolic in it by the second, as the runtime's prefill pieces are. The
+specialised to the first length and made symbolic in it by the second. The
 decode step's parts are specialised to their one row and the cache.
 """
 
@@ -34,7 +34,7 @@ from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
 from flashu_fx.schedule import und_step_layers
 from passes.ffn_slicing import slice_ffn_inputs
-from passes.graph_utils import placeholders, split_extra_outputs
+from passes.graph_utils import lifted_names, placeholders, split_extra_outputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
 from passes.part_layout import contiguous_part_outputs
 from passes.partition import PartitionedGraph, compile_parts, mark_provenance, partition_showo2_graph
@@ -60,12 +60,15 @@ class UndGraphExecutor:
 
     def __init__(self, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int] | None] | None,
                  compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True,
-                 compile_one_row: Callable[[fx.GraphModule, list], Callable] | None = None) -> None:
+                 compile_one_row: Callable[[fx.GraphModule, list], Callable] | None = None,
+                 prepare_weights: Callable[[dict[str, Tensor]], None] | None = None) -> None:
         """``compile_part`` compiles the prefill's parts, ``compile_one_row`` (default: the same) the decode
-        step's, which run on one row."""
+        step's, which run on one row. ``prepare_weights``: called with the weights by state-dict key before each
+        prefill (the backend lays out new weights for merged projections there)."""
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
         self.compile_one_row = compile_part if compile_one_row is None else compile_one_row
+        self.prepare_weights = prepare_weights
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
@@ -86,6 +89,7 @@ class UndGraphExecutor:
         in_place = [name.startswith(("l_self_", "l_cache_")) for name in names]  # weights and caches
         in_place_positions = [i for i, is_in_place in enumerate(in_place) if is_in_place]
         per_call = [i for i, is_in_place in enumerate(in_place) if not is_in_place]  # tokens, latents, mask, sizes
+        weight_keys = {i: key for i, key in enumerate(lifted_names(gm)) if key is not None}
 
         def variant(skipped: tuple[int, ...], measure: bool, args: tuple) -> tuple[PartitionedGraph, tuple[str, ...]]:
             # one variant for every prompt length: the graph keeps the symbolic length, the parts compile for it
@@ -118,6 +122,8 @@ class UndGraphExecutor:
             args = contiguous_per_call(args, per_call)
             st = self.state
             if kind == "prefill":
+                if self.prepare_weights is not None:  # once per answer: the weights do not move within one
+                    self.prepare_weights({key: args[i] for i, key in weight_keys.items()})
                 self.state = st = UndAnswerState(step=0, prompt_len=args[names.index("l_tokens_")].shape[1])
             elif not st.records:
                 raise RuntimeError("flashu_backend: a decode step (cache=..., latents=None) came before any prefill; "

@@ -1,6 +1,7 @@
 """Understanding through a model compiled with ``flashu_backend(task="und")``: the eager pipeline's prompt,
-greedy decoding and stop rule (``answer_question(kv_cache=True)`` / ``answer_question_flashu``), run by the
-backend's understanding runtime (``flashu_fx.compiled.und_runtime``).
+greedy decoding and stop rule (``answer_question(kv_cache=True)`` / ``answer_question_flashu``). The loop calls the
+compiled model, so Dynamo captures the prefill and the decode step and hands them to the backend, which runs them
+rewritten by FlashU's passes (``flashu_fx.compiled.und_graph``).
 
 >>> import torch
 >>> from flashu_fx import FlashUConfig, Showo2, get_config, init_random_weights
@@ -21,9 +22,10 @@ from torch import Tensor
 
 from flashu_fx.compiled.backend import FlashUBackend
 from flashu_fx.compiled.repeat_calls import loop_call
+from flashu_fx.config import Showo2Config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import ffn_ranges_per_layer
-from flashu_fx.flashu_und import FlashUAnswer
+from flashu_fx.flashu_und import FlashUAnswer, check_token_prune_layer
 from flashu_fx.inputs import question_ids
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import check_image_latents, decode_cached
@@ -47,32 +49,19 @@ def answer_question_compiled(
     ``max_new_tokens`` defaults to ``config.max_new_tokens`` (128; also for ``config=None``). Returns the eager
     twin's ``FlashUAnswer``: ids, text, kept image positions (None without pruning) and one record per step.
     """
-    if backend.executor == "graph":
-        return _answer_through_graph(compiled, backend, latents, question, tokenizer, max_new_tokens, stop_at_eos)
-    rt = backend.und_runtime(compiled)
-    check_image_latents(rt.model.config, latents)  # before tracing: Dynamo would bury a shape error
-    budget = rt.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if budget < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-    cfg = rt.model.config
-    tok = tokenizer or get_tokenizer(cfg)
-    prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
-    ids, kept_positions, steps = rt.answer(latents, prompt, budget, stop_at_eos)
-    return FlashUAnswer(ids, tok.decode(ids), kept_positions, steps, prompt.tokens.shape[1])
-
-
-def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, latents: Tensor,
-                          question: str | list[int], tokenizer: TextTokenizer | None, max_new_tokens: int | None,
-                          stop_at_eos: bool) -> FlashUAnswer:
-    """executor="graph": the eager answer loop (``decode_cached``) calling the compiled model, so Dynamo captures
-    the prefill and the decode step and hands them to the backend; the kept image tokens come from its record."""
-    cfg = compiled.config
-    check_image_latents(cfg, latents)
+    if backend.task != "und":
+        raise ValueError(f"backend.task={backend.task!r} is invalid here: answer_question_compiled needs the backend "
+                         "of flashu_backend('und')")
+    cfg = getattr(compiled, "config", None)
+    if not isinstance(cfg, Showo2Config):
+        raise TypeError(f"expected torch.compile(<Showo2>, backend=...), got {type(compiled).__name__}")
+    check_image_latents(cfg, latents)  # before tracing: Dynamo would bury a shape error
     config = backend.config or FlashUConfig.off("und")
     budget = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     if budget < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+        raise ValueError(f"max_new_tokens={budget!r} is invalid: allowed an integer >= 1")
     ffn_ranges_per_layer(compiled, config, backend.layout, "und")  # the layout matches the permuted weights
+    check_token_prune_layer(config, cfg.num_layers)
     tok = tokenizer or get_tokenizer(cfg)
     prompt = build_mmu_prompt(cfg, tok, question_ids(cfg, question, tok))
     cache = backend.und_cache(compiled, prompt.tokens.shape[1] + budget, latents.device)
@@ -81,6 +70,9 @@ def _answer_through_graph(compiled: torch.nn.Module, backend: FlashUBackend, lat
     ids = decode_cached(compiled, latents, prompt, budget, None, stop_at_eos, progress=False, cache=cache,
                         decode_context=loop_call)
     state = backend.und_state
+    if state is None or state.prompt_len != prompt.tokens.shape[1]:
+        raise RuntimeError("answer_question_compiled: the model's calls never reached this backend; pass "
+                           "compiled = torch.compile(model, backend=backend) with the same backend")
     kept = None
     if state.kept_rows is not None:
         kept = kept_image_positions(state.kept_rows, prompt.offset, config.kept_tokens(cfg.num_image_tokens))

@@ -312,7 +312,7 @@ def test_cli_dispatch(monkeypatch, capsys):
     assert "harness.no_such_module" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task, options", [("gen", []), ("gen", ["executor=graph"]), ("und", ["tune_decode=off"])])
+@pytest.mark.parametrize("task, options", [("gen", []), ("gen", ["eager_numerics=off"]), ("und", ["tune_decode=off"])])
 def test_check_recompiles_tiny(task, options, capsys):
     from harness import check_recompiles
 
@@ -320,10 +320,10 @@ def test_check_recompiles_tiny(task, options, capsys):
     extra += [arg for option in options for arg in ("--option", option)]
     report = check_recompiles.main(["--preset", "tiny", "--task", task, "--device", "cpu",
                                     "--lengths", "1,4,9,27", *extra])
-    expected = {"executor": "graph"} if "executor=graph" in options else {}
+    expected = {"eager_numerics": False} if "eager_numerics=off" in options else {}
     assert report["options"] == (expected if task == "gen" else {"tune_decode": False})
     assert report["recompiles_after_warmup"] == 0
-    # the graph executor's variants (FlashU's passes) serve every length: new lengths build none
+    # the variants of the captured graph (FlashU's passes) serve every length: new lengths build none
     assert report["variant_builds_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
@@ -358,7 +358,7 @@ def test_bench_chart(tmp_path):
     from harness.charts import save_bench_chart
 
     rows_ = [{"name": "eager", "seconds": 2.2, "speedup": 1.0, "floor_s": 0.667},
-             {"name": "compiled-flashu[merge_ffn_slices=on]", "seconds": 0.29, "speedup": 7.6, "floor_s": 0.149},
+             {"name": "compiled-flashu[eager_numerics=off]", "seconds": 0.29, "speedup": 7.6, "floor_s": 0.149},
              {"name": "flashu-eager", "seconds": 0.81, "speedup": 2.7, "floor_s": None}]
     report = {"rows": rows_, "baseline": "eager", "task": "gen", "preset": "showo2-1.5b", "dtype": "bf16",
               "device": "NVIDIA H200"}
@@ -377,8 +377,7 @@ def test_gpu_profilers_say_they_need_a_gpu(capsys):
     assert "needs a CUDA device" in err and "python -m harness bench" in err  # where to go instead
 
 
-@pytest.mark.parametrize("executor", ["runtime", "graph"])
-def test_profile_gen_times_every_call_by_kind(tiny_model, executor: str):
+def test_profile_gen_times_every_call_by_kind(tiny_model):
     from flashu_fx.compiled import flashu_backend, lean_guard_options
     from flashu_fx.flashu_config import FlashUConfig
     from harness import profile_gen
@@ -387,7 +386,7 @@ def test_profile_gen_times_every_call_by_kind(tiny_model, executor: str):
     model, config = copy.deepcopy(tiny_model), FlashUConfig.for_task("gen")
     layout = permute_for(model, config, random_ffn_scores(model))
     torch._dynamo.reset()
-    backend = flashu_backend("gen", config, layout, piece_backend="eager", executor=executor)
+    backend = flashu_backend("gen", config, layout, piece_backend="eager")
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
     timings = profile_gen.timed_calls(gen, backend, model, [[5, 6, 7]], steps=8)
     torch._dynamo.reset()
@@ -401,7 +400,7 @@ def test_profile_gen_times_every_call_by_kind(tiny_model, executor: str):
 
 
 def test_pipelined_table_groups_calls_by_kind_with_the_host_lead():
-    from flashu_fx.compiled.gen_runtime import CallRecord
+    from flashu_fx.compiled.gen_graph import CallRecord
     from harness.profile_gen import PipelinedCall, pipelined_table
 
     records = [CallRecord(0, (), "compute", True, [0.1]), CallRecord(1, (2,), "reuse", False, None),

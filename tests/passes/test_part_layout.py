@@ -86,7 +86,7 @@ def test_the_backend_runs_it_once_per_capture() -> None:
     from flashu_fx.compiled import flashu_backend, generate_images_compiled
 
     model = init_random_weights(Showo2(get_config("tiny")), seed=1).eval()
-    backend = flashu_backend("gen", executor="graph", piece_backend="eager")
+    backend = flashu_backend("gen", piece_backend="eager")
     torch._dynamo.reset()
     try:
         generate_images_compiled(torch.compile(model, backend=backend), backend, [[5, 6, 7]], baseline_steps=3)

@@ -55,7 +55,7 @@ def test_flashu_compiled_matches_eager_flashu(tiny_model, seed: int, prompt_len:
     backend = flashu_backend("gen", TINY_GEN, layout)
     gen = torch.compile(model, backend=backend)
     out = generate_images_compiled(gen, backend, [prompt], baseline_steps=12, guidance=5.0, seed=seed)
-    records = next(iter(backend._runtimes.values())).records
+    records = backend.records
     assert [r.head for r in records] == [r.head for r in eager.records]
     assert [r.trunk_ran for r in records] == [r.trunk for r in eager.records]
     assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
@@ -82,13 +82,13 @@ def test_compiled_sampler_uses_each_plans_guidance(tiny_model) -> None:
     assert rel_err(out, tied.latents) > 1e-3
 
 
-def test_inductor_pieces_match_eager_flashu_on_the_cpu(tiny_model, cpp_compiler) -> None:
-    """The piece compiler for real (inductor with eager numerics, merged projections, FFN slices merged),
-    on the CPU: the same decisions and latents as eager FlashU."""
+def test_inductor_parts_match_eager_flashu_on_the_cpu(tiny_model, cpp_compiler) -> None:
+    """The part compiler for real (inductor with eager numerics, merged projections, sliced FFN inputs), on the
+    CPU: the same decisions and latents as eager FlashU."""
     torch._dynamo.reset()
     model, layout = pruned_model(tiny_model, TINY_GEN, 2)
     eager = generate_images_flashu(model, [[4, 5, 6]], TINY_GEN, layout, baseline_steps=12, guidance=5.0)
-    backend = flashu_backend("gen", TINY_GEN, layout, piece_backend="inductor", merge_ffn_slices=True)
+    backend = flashu_backend("gen", TINY_GEN, layout, piece_backend="inductor")
     out = generate_images_compiled(torch.compile(model, backend=backend), backend, [[4, 5, 6]], baseline_steps=12,
                                    guidance=5.0)
     assert [r.skip_set for r in backend.records] == [r.skipped for r in eager.records]
@@ -96,45 +96,35 @@ def test_inductor_pieces_match_eager_flashu_on_the_cpu(tiny_model, cpp_compiler)
     assert rel_err(out, eager.latents) < 1e-4
 
 
-def test_merged_ffn_slices_match_eager_flashu(tiny_model, monkeypatch) -> None:
-    import passes.merge_projections as merge_module
-
-    merged_slices = []
-    real = merge_module._merge_sliced_gate_up
-    monkeypatch.setattr(merge_module, "_merge_sliced_gate_up",
-                        lambda gm, gate, up: merged_slices.append(real(gm, gate, up)) or merged_slices[-1])
-    torch._dynamo.reset()
-    model, layout = pruned_model(tiny_model, TINY_GEN, 4)
-    eager = generate_images_flashu(model, [[7, 8, 9]], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=4)
-    backend = flashu_backend("gen", TINY_GEN, layout, merge_ffn_slices=True)
-    gen = torch.compile(model, backend=backend)
-    out = generate_images_compiled(gen, backend, [[7, 8, 9]], baseline_steps=12, guidance=5.0, seed=4)
-    records = next(iter(backend._runtimes.values())).records
-    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
-    assert merged_slices and all(merged_slices)  # every pruned piece ran its gate/up as one product
-    assert rel_err(out, eager.latents) < 1e-4
-
-
 def test_no_recompiles_across_prompt_lengths(tiny_model) -> None:
     backend = flashu_backend("gen")
     gen = torch.compile(tiny_model, backend=backend)
-    generate_images_compiled(gen, backend, [[1, 2, 3]], baseline_steps=3, guidance=3.0)
+    for n in (3, 9):  # a second length compiles each part once more, with the length a symbol
+        generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
     warm = dict(backend.piece_captures)
     for n in (1, 5, 11, 17, 24):
         generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
     assert backend.compiles == 1
     assert dict(backend.piece_captures) == warm
-    assert all(count == 1 for count in warm.values())
 
 
 def test_new_skip_set_costs_no_compilation(tiny_model) -> None:
+    """A skip set not met before builds a variant of the captured graph from parts already compiled. Random
+    weights measure the same skip set for every prompt, so the second image runs other weights (same shapes, same
+    layout: no new capture), whose measurement picks another set."""
     model, layout = pruned_model(tiny_model, TINY_GEN)
     backend = flashu_backend("gen", TINY_GEN, layout)
-    gen = torch.compile(model, backend=backend)
+    gen = torch.compile(model, backend=backend, options=lean_guard_options())
     generate_images_compiled(gen, backend, [[4, 5]], baseline_steps=12, guidance=5.0, seed=0)
-    warm = dict(backend.piece_captures)
-    generate_images_compiled(gen, backend, [[9, 9, 9, 9]], baseline_steps=12, guidance=5.0, seed=3)
-    assert dict(backend.piece_captures) == warm
+    seen, warm, builds = {r.skip_set for r in backend.records}, dict(backend.piece_captures), backend.variant_builds
+    other, _ = pruned_model(init_random_weights(copy.deepcopy(tiny_model), seed=1), TINY_GEN)
+    model.load_state_dict(other.state_dict(), assign=True)
+    out = generate_images_compiled(gen, backend, [[4, 5]], baseline_steps=12, guidance=5.0, seed=0)
+    eager = generate_images_flashu(other, [[4, 5]], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=0)
+    assert [r.skip_set for r in backend.records] == [r.skipped for r in eager.records]
+    assert {r.skip_set for r in backend.records} - seen, "the second weights must measure a new skip set"
+    assert rel_err(out, eager.latents) < 1e-4
+    assert dict(backend.piece_captures) == warm and backend.compiles == 1 and backend.variant_builds > builds
 
 
 def test_call_outside_step_raises(tiny_model) -> None:
@@ -151,6 +141,8 @@ def test_call_outside_step_raises(tiny_model) -> None:
         gen(b.tokens, x, torch.zeros(2), b.offsets, b.mask, return_logits=False)
     with pytest.raises(RuntimeError, match="expected call 1"), backend.step(2):
         gen(b.tokens, x, torch.zeros(2), b.offsets, b.mask, return_logits=False)
+    with pytest.raises(ValueError, match=r"step k=3 is invalid: allowed an integer in \[0, 3\)"), backend.step(3):
+        pass
 
 
 def test_logits_request_is_refused(tiny_model) -> None:
@@ -227,31 +219,12 @@ def test_bad_backend_arguments() -> None:
         flashu_backend("video")
     with pytest.raises(ValueError, match="does not match the backend task"):
         flashu_backend("gen", FlashUConfig.for_task("und"))
-    with pytest.raises(ValueError, match="needs an FFN layout"):
-        from flashu_fx.compiled.gen_runtime import GenRuntime
-        from flashu_fx.compiled.piece_compiler import make_piece_compiler
-        from flashu_fx.model import Showo2
-
-        GenRuntime(Showo2(dataclasses.replace(get_config("tiny"), num_layers=1)), TINY_GEN, None,
-                   make_piece_compiler("eager"))
-
-
-def test_prefix_buckets_stop_recompiling_after_the_second(tiny_model, monkeypatch) -> None:
-    """A new prefix bucket recompiles the attention pieces once (symbolic prefix length), then never."""
-    from flashu_fx.compiled import gen_runtime
-
-    monkeypatch.setattr(gen_runtime, "PREFIX_BUCKET", 8)
-    backend = flashu_backend("gen")
-    gen = torch.compile(tiny_model, backend=backend)
-    outputs = {}
-    for n in (2, 9):  # prefix buckets 8 and 16: the warm-up
-        outputs[n] = generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
-    warm = dict(backend.piece_captures)
-    for n in (3, 12, 17, 20, 25, 1):  # buckets 8, 16, 24, 24, 31, 8
-        out = generate_images_compiled(gen, backend, [list(range(1, n + 1))], baseline_steps=3, guidance=3.0)
-        ref = generate_images(tiny_model, [list(range(1, n + 1))], steps=3, guidance=3.0)
-        assert rel_err(out, ref) < 1e-5
-    assert dict(backend.piece_captures) == warm
+    with pytest.raises(ValueError, match="piece_backend='tvm' is invalid"):
+        flashu_backend("gen", piece_backend="tvm")
+    with pytest.raises(ValueError, match=r"num_calls=0 is invalid"):
+        flashu_backend("gen").begin_image(0, 3.0)
+    with pytest.raises(ValueError, match=r"ffn_prune_ratio=0.2 needs an FFNLayout with 'gen' ranges, got None"):
+        flashu_backend("gen", TINY_GEN)  # FFN pruning on, but no layout of the kept neurons
 
 
 def test_registered_backend_name_with_options(tiny_model) -> None:
@@ -277,18 +250,19 @@ def test_registered_backend_name_with_options(tiny_model) -> None:
 @pytest.mark.gpu
 def test_cuda_graphs_and_inductor_match_eager_flashu_on_gpu(tiny_model) -> None:
     """On the GPU: inductor pieces replayed as CUDA graphs give eager FlashU's decisions and latents (fp32),
-    and a second image with a new prompt length compiles nothing new."""
+    and once a second prompt length made the parts symbolic in it, a third length compiles nothing new."""
     model, layout = pruned_model(tiny_model, TINY_GEN)
     model = model.cuda()
     eager = generate_images_flashu(model, [[4, 5, 6]], TINY_GEN, layout, baseline_steps=12, guidance=5.0)
     backend = flashu_backend("gen", TINY_GEN, layout)
     gen = torch.compile(model, backend=backend)
     out = generate_images_compiled(gen, backend, [[4, 5, 6]], baseline_steps=12, guidance=5.0)
-    records = next(iter(backend._runtimes.values())).records
+    records = backend.records
     assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
     assert rel_err(out, eager.latents) < 1e-3  # inductor's fp32 matmuls may use TF32-free but reordered sums
+    generate_images_compiled(gen, backend, [[7] * 9], baseline_steps=12, guidance=5.0, seed=1)  # length now symbolic
     warm = dict(backend.piece_captures)
-    generate_images_compiled(gen, backend, [[7] * 9], baseline_steps=12, guidance=5.0, seed=1)
+    generate_images_compiled(gen, backend, [[2] * 14], baseline_steps=12, guidance=5.0, seed=2)
     assert dict(backend.piece_captures) == warm
 
 
@@ -327,29 +301,26 @@ def test_backend_matches_eager_flashu_on_random_configs(cfg, seed: int) -> None:
     backend = flashu_backend("gen", config, layout, model_config=cfg)
     gen = torch.compile(model, backend=backend)
     out = generate_images_compiled(gen, backend, [prompt], baseline_steps=12, guidance=5.0, seed=seed)
-    records = next(iter(backend._runtimes.values())).records
+    records = backend.records
     assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
     assert [r.head for r in records] == [r.head for r in eager.records]
     assert rel_err(out, eager.latents) < 1e-4
 
 
-def test_unknown_model_size_needs_model_config() -> None:
-    from flashu_fx import Showo2, init_random_weights
-    from flashu_fx.layout import build_gen_batch
-
+def test_a_width_of_no_preset_compiles_from_the_graph_alone() -> None:
+    """The executor reads widths from the captured graph: a Show-o2 of no preset's hidden size needs no config."""
+    torch._dynamo.reset()
     cfg = dataclasses.replace(get_config("tiny"), hidden_size=48, num_heads=3, num_kv_heads=1, head_dim=16)
     model = init_random_weights(Showo2(cfg)).eval()
     backend = flashu_backend("gen")
-    gen = torch.compile(model, backend=backend)
-    b = build_gen_batch(cfg, [[1, 2]])
-    backend.begin_image(2, 3.0)
-    with pytest.raises(ValueError, match="unsupported Show-o2 model: hidden_size=48"), backend.step(0):
-        gen(b.tokens, torch.randn(2, 16, 8, 8), torch.zeros(2), b.offsets, b.mask, return_logits=False)
+    out = generate_images_compiled(torch.compile(model, backend=backend), backend, [[1, 2]], baseline_steps=3,
+                                   guidance=3.0)
+    assert rel_err(out, generate_images(model, [[1, 2]], steps=3, guidance=3.0)) < 1e-5
 
 
 def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> None:
     """The backend moves q/k/v and gate/up into shared buffers once: same Parameter objects, same values, one
-    runtime across images; with merging off the weights are untouched and the latents agree."""
+    capture across images; with merging off the weights are untouched and the latents agree."""
     model = copy.deepcopy(tiny_model)
     values = {k: v.clone() for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
@@ -362,7 +333,7 @@ def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> N
     assert adjacent([mlp.gate_proj.weight, mlp.up_proj.weight])
     assert all(model.get_parameter(k) is p for k, p in params.items())
     assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
-    assert len(backend._runtimes) == 1 and backend.compiles == 1
+    assert backend.compiles == 1
 
     torch._dynamo.reset()
     plain = copy.deepcopy(tiny_model)
@@ -376,7 +347,8 @@ def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> N
 
 def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
     """With Dynamo's nn-module guards filtered out (the cheap per-call path), swapped weights still take effect:
-    the backend keys its runtime by the weights' addresses at every image start and never runs the traced graph."""
+    the weights are inputs of the captured graph, and new tensors are laid out for the merged projections before
+    the first image that reads them."""
     model = copy.deepcopy(tiny_model)
     backend = flashu_backend("gen")
     gen = torch.compile(model, backend=backend, options=lean_guard_options())
@@ -386,7 +358,9 @@ def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
     model.load_state_dict(other.state_dict(), assign=True)  # new tensors: new addresses
     second = generate_images_compiled(gen, backend, [[3, 4]], baseline_steps=3, guidance=3.0)
     assert rel_err(second, generate_images(other, [[3, 4]], steps=3, guidance=3.0)) < 1e-5
-    assert rel_err(second, first) > 1e-3 and backend.compiles == 1 and len(backend._runtimes) == 2
+    assert rel_err(second, first) > 1e-3 and backend.compiles == 1
+    attn = model.showo.model.layers[1].self_attn
+    assert adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # laid out again
     deeper = init_random_weights(Showo2(dataclasses.replace(tiny_model.config, num_layers=6)), seed=3).eval()
     third = generate_images_compiled(torch.compile(deeper, backend=backend, options=lean_guard_options()), backend,
                                      [[3, 4]], baseline_steps=3, guidance=3.0)  # same backend, another depth
@@ -406,3 +380,31 @@ def test_per_prompt_seeds_reach_the_compiled_pipeline(tiny_model) -> None:
     assert rel_err(out, ref) < 1e-5
     alone = generate_images(tiny_model, prompts[1:], steps=3, guidance=4.0, seed=11)
     assert rel_err(out[1:], alone) < 1e-5
+
+
+def test_a_capture_within_an_image_goes_on_with_the_image(tiny_model) -> None:
+    """Latents that require grad from call 1 on make Dynamo capture the forward again mid-image: the new capture
+    goes on with the image (skip set, stored head output, records), and the result is still eager FlashU's."""
+    from flashu_fx.layout import build_gen_batch
+    from flashu_fx.sampler import initial_noise, time_grid
+
+    torch._dynamo.reset()
+    model, layout = pruned_model(tiny_model, TINY_GEN, 6)
+    eager = generate_images_flashu(model, [[4, 5, 6]], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=6)
+    backend = flashu_backend("gen", TINY_GEN, layout)
+    gen = torch.compile(model, backend=backend)
+    cfg = model.config
+    plans = backend.begin_image(TINY_GEN.num_points(12) - 1, 5.0)
+    batch = build_gen_batch(cfg, [[4, 5, 6]], guided=True)
+    grid = time_grid(len(plans) + 1, 3.0)
+    x = initial_noise((1, cfg.latent_channels, *cfg.latent_size), 6, None).repeat(2, 1, 1, 1)
+    for k, plan in enumerate(plans):
+        with backend.step(k, cfg_shared_latents=True):
+            latents = x.detach().requires_grad_(k > 0)
+            v = gen(batch.tokens, latents, grid[k].expand(2), batch.offsets, batch.mask, return_logits=False).velocity
+        cond, null = v.float().chunk(2)
+        x = x + (grid[k + 1] - grid[k]) * (null + plan.guidance * (cond - null)).repeat(2, 1, 1, 1)
+    assert backend.compiles == 2 and not v.requires_grad
+    assert [r.call for r in backend.records] == list(range(1, len(plans) + 1))
+    assert [r.skip_set for r in backend.records] == [r.skipped for r in eager.records]
+    assert rel_err(x[:1], eager.latents) < 1e-4

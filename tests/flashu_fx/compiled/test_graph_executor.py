@@ -1,4 +1,4 @@
-"""flashu_backend(executor="graph"): what runs is the graph Dynamo handed over, split into parts and compiled per
+"""The backend: what runs is the graph Dynamo handed over, split into parts and compiled per
 distinct part; its eager twin is the eager pipeline (``generate_images``)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flashu_fx.layout import build_gen_batch
 
 def compiled_images(model, prompts, seed: int = 0, **options):
     torch._dynamo.reset()
-    backend = flashu_backend("gen", executor="graph", **options)
+    backend = flashu_backend("gen", **options)
     gen = torch.compile(model, backend=backend)
     out = generate_images_compiled(gen, backend, prompts, baseline_steps=4, guidance=4.0, seed=seed)
     return out, backend
@@ -76,7 +76,7 @@ def _ancestors(node) -> set:
 
 def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     torch._dynamo.reset()
-    backend = flashu_backend("gen", executor="graph")
+    backend = flashu_backend("gen")
     gen = torch.compile(tiny_model, backend=backend)
     # The batch ends after its last slot, in multiples of max_seq_len / 16 = 3 positions: 24, 24, 21 and 36 of 48.
     for prompt in ([1, 2, 3], [9, 8, 7], [4], list(range(1, 18))):
@@ -107,11 +107,6 @@ def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_
     assert sum(backend.piece_captures.values()) == 8 + 6  # layer 1 is its own part now, in both graphs
 
 
-def test_an_unknown_executor_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"executor='parts' is invalid: allowed one of \('runtime', 'graph'\)"):
-        flashu_backend("gen", executor="parts")
-
-
 # Every generation technique acts on the tiny model within 30 grid points: 2 of 4 layers skipped (re-measured every
 # 2 calls), a 200-of-256 FFN in the pruned phase, the head stored every 5 calls and reused in between.
 TINY_GEN = FlashUConfig.for_task("gen", skip_ratio=0.5, skip_interval=2, ffn_width_multiple=8)
@@ -124,7 +119,7 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
     prompts = [[(5 * i + 2) % 200 for i in range(prompt_len)], [7, 8]]
     eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=seed)
     torch._dynamo.reset()
-    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    backend = flashu_backend("gen", TINY_GEN, layout)
     gen = torch.compile(model, backend=backend)
     out = generate_images_compiled(gen, backend, prompts, baseline_steps=30, guidance=4.0, seed=seed)
     assert rel_err(out, eager.latents) < 1e-5
@@ -142,7 +137,7 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
 def test_a_head_reuse_runs_no_trunk(tiny_model) -> None:
     model, layout = permuted_with_layout(tiny_model, TINY_GEN, 0)
     torch._dynamo.reset()
-    backend = flashu_backend("gen", TINY_GEN, layout, executor="graph")
+    backend = flashu_backend("gen", TINY_GEN, layout)
     gen = torch.compile(model, backend=backend)
     plans = backend.begin_image(20, 4.0)
     batch = build_gen_batch(model.config, [[5, 6]], guided=True)
@@ -179,14 +174,13 @@ def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_comp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("executor", ["graph", "runtime"])
-def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model, executor: str) -> None:
+def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_model) -> None:
     """Later images replay the captured graphs; each draws its own prompts (new words, the same lengths, so the
     same graphs replay): the prompt's keys and values must be this image's, never an earlier image's."""
     model, layout = permuted_with_layout(tiny_model, TINY_GEN, 2)
     model = model.cuda()
     torch._dynamo.reset()
-    backend = flashu_backend("gen", TINY_GEN, layout, executor=executor)
+    backend = flashu_backend("gen", TINY_GEN, layout)
     gen = torch.compile(model, backend=backend)
     images = [([[5, 6, 7], [7, 8]], 0), ([[9, 3, 1], [2, 4]], 1), ([[9, 3, 1], [2, 4]], 1)]  # 3: as 2, decisions too
     captures = []
@@ -200,13 +194,12 @@ def test_flashu_generation_as_cuda_graphs_matches_eager_flashu_on_the_gpu(tiny_m
     assert captures[1] == captures[2]  # the prefix's kept outputs keep their addresses: nothing new to capture
 
 
-def test_executor_batch_cuts_the_batch_for_the_graph_executor_only(tiny_model) -> None:
-    from flashu_fx.compiled import executor_batch
+def test_compiled_batch_cuts_the_batch_after_the_last_slot(tiny_model) -> None:
+    from flashu_fx.compiled import compiled_batch
 
     cfg = tiny_model.config
     batch = build_gen_batch(cfg, [[1, 2, 3]])
-    assert executor_batch(flashu_backend("gen"), cfg, batch) is batch  # the runtime drops positions itself
-    cut = executor_batch(flashu_backend("gen", executor="graph"), cfg, batch)
+    cut = compiled_batch(cfg, batch)
     # slot 5 + 17 = 22 positions, rounded up to a multiple of 48 / 16 = 3; contiguous once, not per call
     assert cut.tokens.shape[1] == 24 and cut.tokens.is_contiguous() and cut.mask.is_contiguous()
     assert torch.equal(cut.tokens, batch.tokens[:, :24]) and torch.equal(cut.mask, batch.mask[:, :, :24, :24])

@@ -44,7 +44,7 @@ def test_a_loop_of_compiled_calls_gives_the_eager_results() -> None:
 
 
 def test_a_nested_compile_on_a_later_call_compiles_under_full_guards() -> None:
-    """What the runtime executor relies on: a piece first used on a later call must compile, not fail."""
+    """What the executors rely on: a part compiled for varying lengths, first used on a later call, must compile."""
     torch._dynamo.reset()
     outer = torch.compile(lambda x: x * 2, backend="eager")
     inner = torch.compile(lambda x: x + 1, backend="eager")

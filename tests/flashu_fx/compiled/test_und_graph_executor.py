@@ -1,4 +1,4 @@
-"""flashu_backend("und", executor="graph"): understanding through Dynamo. The answer loop calls the compiled model
+"""flashu_backend("und"): understanding through Dynamo. The answer loop calls the compiled model
 (``Showo2.understand``: a prefill and one decode step per token through an ``UndCache``), Dynamo hands both graphs
 to the backend, and what runs is those graphs, rewritten by FlashU's passes (token pruning, layer skipping and its
 measurement, the sliced FFN) and split into parts. Eager twins: ``answer_question(kv_cache=True)`` and
@@ -39,7 +39,7 @@ def question_for(length: int) -> list[int]:
 
 def graph_backend(model, config: FlashUConfig | None = None):
     torch._dynamo.reset()
-    backend = flashu_backend("und", config, executor="graph")
+    backend = flashu_backend("und", config)
     return backend, torch.compile(model, backend=backend)
 
 
@@ -75,7 +75,7 @@ def test_every_flashu_technique_as_passes_equals_eager_flashu(tiny_model, questi
     latents, question = latents_for(seed), question_for(question_len)
     eager = answer_question_flashu(model, latents, question, FULL, layout, max_new_tokens=8, stop_at_eos=False)
     torch._dynamo.reset()
-    backend = flashu_backend("und", FULL, layout, executor="graph")
+    backend = flashu_backend("und", FULL, layout)
     und = torch.compile(model, backend=backend)
     ours = answer_question_compiled(und, backend, latents, question, max_new_tokens=8, stop_at_eos=False)
     assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
@@ -164,10 +164,10 @@ def test_answer_question_with_the_compiled_model_is_the_eager_answer(tiny_model)
     assert got.ids == want.ids and got.text == want.text
 
 
-def test_an_understanding_call_needs_the_graph_executor(tiny_model) -> None:
+def test_an_understanding_call_needs_the_und_backend(tiny_model) -> None:
     torch._dynamo.reset()
-    und = torch.compile(tiny_model, backend=flashu_backend("und"))
-    with pytest.raises(RuntimeError, match="flashu_backend\\('und', executor='graph'\\)"):
+    und = torch.compile(tiny_model, backend=flashu_backend("gen"))
+    with pytest.raises(RuntimeError, match="compile the model for answers with flashu_backend\\('und'\\)"):
         answer_question(und, latents_for(0), "what is it?", max_new_tokens=2)
     torch._dynamo.reset()
 
@@ -177,7 +177,7 @@ def test_cuda_graph_replays_equal_eager_flashu_on_the_gpu(tiny_model) -> None:
     model, layout = permuted_with_layout(tiny_model, FULL, 3)
     model = model.cuda()
     torch._dynamo.reset()
-    backend = flashu_backend("und", FULL, layout, executor="graph")
+    backend = flashu_backend("und", FULL, layout)
     und = torch.compile(model, backend=backend)
     for length in (3, 9, 3):  # a repeated prompt length replays the captured graphs
         latents = latents_for(length).cuda()
@@ -203,7 +203,7 @@ def test_new_prompt_lengths_reuse_the_prefill_parts_and_answer_as_eager(tiny_mod
     lengths compile nothing, and their answers, kept tokens and skip sets are the eager twin's."""
     model, layout = permuted_with_layout(tiny_model, FULL, 5)
     torch._dynamo.reset()
-    backend = flashu_backend("und", FULL, layout, executor="graph")
+    backend = flashu_backend("und", FULL, layout)
     und = torch.compile(model, backend=backend)
     for length in (2, 30):  # warm-up: a first length, then a second one
         answer_question_compiled(und, backend, latents_for(length), question_for(length), max_new_tokens=6,

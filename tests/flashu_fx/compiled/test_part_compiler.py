@@ -1,0 +1,135 @@
+"""The part compiler: merge_projections on every part, inductor gets the numerics and CUDA-graph settings, parts
+compiled for varying lengths recompile once with the length symbolic, and the backend hands each kind of part its
+settings."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch._inductor.compile_fx as inductor_compile_fx
+from torch import fx
+
+import flashu_fx.compiled.backend as backend_module
+import flashu_fx.compiled.part_compiler as part_compiler
+from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled
+from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler
+
+
+def scale_and_shift(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x * s + 1
+
+
+def affine_part(name: str = "affine") -> fx.GraphModule:
+    """A traced graph named as ``compile_parts`` names the parts it compiles."""
+    gm = fx.symbolic_trace(scale_and_shift)
+    gm.meta["part"] = name
+    return gm
+
+
+@pytest.mark.parametrize("eager_numerics", [True, False])
+@pytest.mark.parametrize("coordinate_descent", [True, False])
+def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool, coordinate_descent: bool) -> None:
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen["patches"] = config_patches
+        return gm.forward
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
+    captures: Counter = Counter()
+    compile_part = make_part_compiler("inductor", captures, merge=False, eager_numerics=eager_numerics,
+                                      coordinate_descent=coordinate_descent)
+    x, s = torch.randn(3), torch.randn(3)
+    part = compile_part(affine_part(), [x, s])
+    torch.testing.assert_close(part(x, s), x * s + 1)
+    expected = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
+    if coordinate_descent:
+        expected["coordinate_descent_tuning"] = True
+    assert seen["patches"] == expected
+    assert captures == Counter({"part[affine]": 1})
+
+
+@pytest.mark.parametrize("dynamic_lengths", [True, False])
+def test_merge_projections_runs_on_every_part_when_asked(monkeypatch, dynamic_lengths: bool) -> None:
+    merged = []
+    monkeypatch.setattr(part_compiler, "merge_projections", lambda gm: merged.append(gm.meta["part"]) or 0)
+    x, s = torch.randn(2), torch.randn(2)
+    make_part_compiler("eager", merge=True, dynamic_lengths=dynamic_lengths)(affine_part("a"), [x, s])(x, s)
+    make_part_compiler("eager", merge=False, dynamic_lengths=dynamic_lengths)(affine_part("b"), [x, s])(x, s)
+    assert merged == ["a"]
+
+
+def test_a_part_for_varying_lengths_recompiles_once_then_serves_every_length() -> None:
+    captures: Counter = Counter()
+    compile_part = make_part_compiler("eager", captures, merge=False, dynamic_lengths=True)
+    assert compile_part.dynamic_lengths
+    part = compile_part(affine_part("lengths"), [torch.randn(3), torch.randn(3)])
+    for n in (3, 5, 7, 11):
+        x, s = torch.randn(n), torch.randn(n)
+        torch.testing.assert_close(part(x, s), x * s + 1)
+    assert captures == Counter({"part[lengths]": 2})  # the first length, then the length as a symbol
+
+
+def test_unknown_piece_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="piece backend must be 'inductor' or 'eager'"):
+        make_part_compiler("tvm")
+
+
+def spy_on_part_compilers(monkeypatch) -> list[dict]:
+    """The settings of every part compiler the backend makes, in order."""
+    made = []
+    real = backend_module.make_part_compiler
+    names = ("backend", "captures", "merge", "eager_numerics", "inductor_options", "coordinate_descent",
+             "dynamic_lengths")
+
+    def spy(*args, **kwargs):
+        made.append({**dict(zip(names, args, strict=False)), **kwargs})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "make_part_compiler", spy)
+    return made
+
+
+def test_numerics_apply_to_generation_parts_only(monkeypatch, tiny_model) -> None:
+    """Understanding's parts compile without emulated rounding: it would round every product of a one-row
+    reduction (decode)."""
+    torch._dynamo.reset()
+    made = spy_on_part_compilers(monkeypatch)
+    model = copy.deepcopy(tiny_model)
+    gen_backend = flashu_backend("gen", eager_numerics=True)
+    generate_images_compiled(torch.compile(model, backend=gen_backend), gen_backend, [[3]], baseline_steps=2,
+                             guidance=2.0)
+    und_backend = flashu_backend("und", eager_numerics=True)
+    answer_question_compiled(torch.compile(model, backend=und_backend), und_backend, torch.randn(1, 16, 8, 8),
+                             [4, 5], max_new_tokens=2)
+    assert [m["eager_numerics"] for m in made] == [True, False, False]  # gen; und's prefill and one-row parts
+
+
+@pytest.mark.parametrize("tune_decode", [True, False])
+def test_decode_tuning_reaches_the_one_row_parts_only(monkeypatch, tiny_model, tune_decode: bool) -> None:
+    torch._dynamo.reset()
+    made = spy_on_part_compilers(monkeypatch)
+    backend = flashu_backend("und", tune_decode=tune_decode)
+    answer_question_compiled(torch.compile(tiny_model, backend=backend), backend, torch.randn(1, 16, 8, 8), [4, 5],
+                             max_new_tokens=2)
+    # the prefill's parts serve every prompt length; the decode step's run one row, tuned when asked
+    assert [(m.get("coordinate_descent", False), m.get("dynamic_lengths", False)) for m in made] == \
+        [(False, True), (tune_decode, False)]
+
+
+def test_inductor_options_reach_every_part_and_are_checked(monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx",
+                        lambda gm, example_inputs, config_patches=None: seen.update(config_patches) or gm.forward)
+    x, s = torch.randn(2), torch.randn(2)
+    make_part_compiler("inductor", merge=False, inductor_options={"max_autotune_gemm": True})(affine_part(), [x, s])
+    assert seen["max_autotune_gemm"] is True and seen["triton.cudagraphs"] is False
+    with pytest.raises(ValueError, match=r"option 'max_autotune_gem'; did you mean .*'max_autotune_gemm'"):
+        check_inductor_options({"max_autotune_gem": True})
+    with pytest.raises(ValueError, match="is set by flashu_backend: use eager_numerics"):
+        check_inductor_options({"emulate_precision_casts": False})
+    with pytest.raises(ValueError, match="triton.cudagraphs"):
+        flashu_backend("gen", inductor_options={"triton.cudagraphs": True})  # refused when built, not at compile
