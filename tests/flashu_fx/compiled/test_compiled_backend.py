@@ -1,5 +1,7 @@
-"""The compiled backend against its eager twins: exact-only vs the eager pipeline, FlashU vs eager FlashU
-(identical decisions, latents within fp32 tolerance), no recompiles across prompt lengths, clear errors."""
+"""The compiled backend's protocol and guarantees against its eager twins: FlashU vs eager FlashU under inductor, on
+random shapes, across a new skip set, replaced weights and a recapture within an image (identical decisions,
+latents within fp32 tolerance); no recompiles across prompt lengths; clear errors. The equivalence properties over
+prompts and seeds are in ``test_graph_executor.py``."""
 
 from __future__ import annotations
 
@@ -31,36 +33,6 @@ def pruned_model(model, config: FlashUConfig, seed: int = 0):
     layout = build_ffn_layout({"gen": top_k_mask(scores, config.kept_ffn_width(work.config.intermediate_size))})
     permute_ffn_weights(work, layout.order)
     return work, layout
-
-
-@settings(deadline=None, max_examples=4)
-@given(prompt_len=st.integers(1, 20), seed=st.integers(0, 100))
-def test_exact_only_equals_eager_pipeline(tiny_model, prompt_len: int, seed: int) -> None:
-    torch._dynamo.reset()
-    prompt = [(7 * i + 3) % 200 for i in range(prompt_len)]
-    backend = flashu_backend("gen")
-    gen = torch.compile(tiny_model, backend=backend)
-    out = generate_images_compiled(gen, backend, [prompt], baseline_steps=5, guidance=4.0, seed=seed)
-    ref = generate_images(tiny_model, [prompt], steps=5, guidance=4.0, seed=seed)
-    assert rel_err(out, ref) < 1e-5
-
-
-@settings(deadline=None, max_examples=3)
-@given(seed=st.integers(0, 1000), prompt_len=st.integers(1, 20))
-def test_flashu_compiled_matches_eager_flashu(tiny_model, seed: int, prompt_len: int) -> None:
-    torch._dynamo.reset()
-    model, layout = pruned_model(tiny_model, TINY_GEN, seed)
-    prompt = [(5 * i + seed) % 200 for i in range(prompt_len)]
-    eager = generate_images_flashu(model, [prompt], TINY_GEN, layout, baseline_steps=12, guidance=5.0, seed=seed)
-    backend = flashu_backend("gen", TINY_GEN, layout)
-    gen = torch.compile(model, backend=backend)
-    out = generate_images_compiled(gen, backend, [prompt], baseline_steps=12, guidance=5.0, seed=seed)
-    records = backend.records
-    assert [r.head for r in records] == [r.head for r in eager.records]
-    assert [r.trunk_ran for r in records] == [r.trunk for r in eager.records]
-    assert [r.skip_set for r in records] == [r.skipped for r in eager.records]
-    assert any(r.skip_set for r in records), "the configuration must make layer skipping act"
-    assert rel_err(out, eager.latents) < 1e-4
 
 
 def test_compiled_sampler_uses_each_plans_guidance(tiny_model) -> None:
