@@ -113,6 +113,7 @@ class GenGraphExecutor:
             self._input_index[PREFIX_K + name] = len(self.names) + 1 + 2 * i
             self._input_index[PREFIX_V + name] = len(self.names) + 2 + 2 * i
         self._artifacts: dict[tuple, tuple] = {}  # compile_parts: the compiled parts, shared by every variant
+        self._cfg_shared_bases: dict[bool, fx.GraphModule] = {}  # by hoisting: ``_base_graph``'s rewritten copies
         self.variant_builds = 0  # slot and prefix variants built (the passes run), for warm-up checks
 
     def begin(self) -> None:
@@ -179,9 +180,7 @@ class GenGraphExecutor:
         if key in self._variants:
             return self._variants[key]
         skipped, measure, head, ffn_pruned, cfg_shared = key
-        work, extras = copy.deepcopy(self.slot_gm if self.hoisting else self.gm), []
-        if cfg_shared:
-            share_cfg_features(work)
+        work, extras = copy.deepcopy(self._base_graph(cfg_shared)), []
         if skipped:
             skip_layers(work, skipped)
         if measure and measure_layer_importance(work, None if self.hoisting else (OFFSETS, self.slot_len),
@@ -210,6 +209,20 @@ class GenGraphExecutor:
         self._variants[key] = graph, tuple(extras), positions, per_call
         self.variant_builds += 1
         return self._variants[key]
+
+    def _base_graph(self, cfg_shared: bool) -> fx.GraphModule:
+        """The graph every variant copies before its own passes: the slot graph (or, without hoisting, the captured
+        forward), with ``cfg_shared`` its image features once per CFG pair. That rewrite is the same for every
+        variant and checks itself by propagating fake tensors through the whole graph, so it runs once here."""
+        base = self.slot_gm if self.hoisting else self.gm
+        if not cfg_shared:
+            return base
+        key = self.hoisting
+        if key not in self._cfg_shared_bases:
+            shared = copy.deepcopy(base)
+            share_cfg_features(shared)
+            self._cfg_shared_bases[key] = shared
+        return self._cfg_shared_bases[key]
 
     def _slot_graph(self) -> tuple[fx.GraphModule | None, list[str]]:
         """The captured forward on the image slot alone (``passes.prefix_hoisting``) and its masked attentions, or

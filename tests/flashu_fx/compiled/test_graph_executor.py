@@ -204,3 +204,21 @@ def test_compiled_batch_cuts_the_batch_after_the_last_slot(tiny_model) -> None:
     assert cut.tokens.shape[1] == 24 and cut.tokens.is_contiguous() and cut.mask.is_contiguous()
     assert torch.equal(cut.tokens, batch.tokens[:, :24]) and torch.equal(cut.mask, batch.mask[:, :, :24, :24])
     assert torch.equal(cut.offsets, batch.offsets)
+
+
+def test_the_cfg_pair_rewrite_runs_once_for_every_variant(tiny_model, monkeypatch) -> None:
+    """The image features once per CFG pair is the same rewrite in every variant (and checks itself by propagating
+    fake tensors through the whole graph): the executor runs it once, and each variant copies the result."""
+    import flashu_fx.compiled.gen_graph as gen_graph
+
+    runs = []
+    real = gen_graph.share_cfg_features
+    monkeypatch.setattr(gen_graph, "share_cfg_features", lambda gm: runs.append(real(gm)) or runs[-1])
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, 1)
+    eager = generate_images_flashu(model, [[3, 4]], TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=1)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout)
+    out = generate_images_compiled(torch.compile(model, backend=backend), backend, [[3, 4]], baseline_steps=30,
+                                   guidance=4.0, seed=1)
+    assert rel_err(out, eager.latents) < 1e-5
+    assert backend.variant_builds > 3 and len(runs) == 1 and runs[0] > 0
