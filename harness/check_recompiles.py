@@ -3,9 +3,10 @@
     python -m harness.check_recompiles --preset showo2-1.5b --task gen
     python -m harness.check_recompiles --preset showo2-1.5b --task und --option merge_projections=off
 
-Warm-up: the shortest and the longest prompt (two prompt buckets, so the pieces have met a second bucket and
-gone symbolic where they will). Then one request per length; every Dynamo capture of a piece after the
-warm-up is a recompile. CUDA-graph captures (no compilation: a new bucket or skip set) are counted apart.
+Warm-up: the shortest and the longest prompt (two lengths, so the compiled parts have met a second length and
+gone symbolic in it). Then one request per length; every compilation of a part after the warm-up is a recompile.
+CUDA-graph captures (no compilation: a new length or skip set) and variant builds (FlashU's passes run again for a
+plan not met in the warm-up) are counted apart.
 FFN layouts are random (timing and compilation do not depend on which neurons are kept).
 """
 

@@ -2,7 +2,7 @@
 ``torch.compile(model, backend=flashu_backend("und", ...))`` answered through ``answer_question_compiled``.
 
 Preparing a row (untimed) compiles it with one first answer and records: the first-answer (compile) time, the
-piece captures and CUDA-graph captures, the prefill time and the per-token decode time (medians of a few
+part compilations and CUDA-graph captures, the prefill time and the per-token decode time (medians of a few
 answers of 1 and of all new tokens), and a check against the eager twin on the same weights: compiled-exact
 against ``answer_question(kv_cache=True)``, compiled-flashu against ``answer_question_flashu`` on the same
 pruned copy (shared id prefix; kept image tokens and per-step skip sets equal).
@@ -69,7 +69,7 @@ def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
                 decisions = (f"; kept tokens differ in {differ}/{len(twin.kept_positions)}, skip sets equal on "
                              f"{same}/{len(twin.steps)} steps")
         note = (
-            f"first answer (compile) {first:.1f} s; {sum(backend.piece_captures.values())} piece captures, "
+            f"first answer (compile) {first:.1f} s; {sum(backend.piece_captures.values())} part compilations, "
             f"{backend.cuda_graph_captures} CUDA graph captures; prefill {1e3 * prefill:.1f} ms, decode "
             f"{1e3 * per_token:.2f} ms/token; ids vs eager {'KV cache' if config is None else 'FlashU'} "
             f"{shared_prefix(out.ids, twin.ids)}/{len(twin.ids)}{decisions}; {how}{options_note(overrides)}"

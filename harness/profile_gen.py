@@ -196,7 +196,7 @@ def _kind_table(records, timings: list, last: str, last_header: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("python -m harness.profile_gen", __doc__)
     parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
-    parser.add_argument("--no-graphs", action="store_true", help="run the pieces without CUDA graphs")
+    parser.add_argument("--no-graphs", action="store_true", help="run the compiled parts without CUDA graphs")
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
     parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
     parser.add_argument("--trace", default="", help="also write the profiled image's Chrome trace to this path")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
     print(f"{args.preset} graphs={not args.no_graphs} flashu={args.flashu}: "
           f"{total:.3f} s for {calls} calls ({1000 * total / calls:.2f} ms/call); "
-          f"piece captures {dict(backend.piece_captures)}")
+          f"part compilations {dict(backend.piece_captures)}")
     return 0
 
 
