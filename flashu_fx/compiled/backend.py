@@ -284,8 +284,7 @@ class FlashUBackend:
         once, so merge_projections finds each q/k/v and gate/up group in one buffer in every layer."""
         if not self.merge_projections:
             return False
-        if colocate_projections(weights):
-            self._merged_weights.add(tensor_addresses(list(weights.values()), range(len(weights))))
+        if self._colocated(weights):
             return True
         warnings.warn("flashu_backend: some q/k/v or gate/up weights cannot share a buffer (mixed dtypes or "
                       "devices); projections stay separate matmuls", stacklevel=3)
@@ -294,15 +293,22 @@ class FlashUBackend:
     def _keep_merged(self, weights: dict[str, Tensor]) -> None:
         """Before an image or an answer: weights the merged parts have not seen (new tensors assigned to the model
         since the capture, e.g. ``load_state_dict(assign=True)``, pass the shape guards) are colocated first, since
-        a merged projection reads its siblings' rows from one buffer. Same addresses as before: nothing to do."""
-        tensors = list(weights.values())
-        if tensor_addresses(tensors, range(len(tensors))) in self._merged_weights:
-            return
-        if not colocate_projections(weights):
+        a merged projection reads its siblings' rows from one buffer."""
+        if not self._colocated(weights):
             raise RuntimeError("flashu_backend: the model's new q/k/v or gate/up weights cannot share a buffer "
                                "(mixed dtypes or devices), but its compiled parts merge them: compile the model "
                                "again (torch._dynamo.reset()) or use merge_projections=False")
-        self._merged_weights.add(tensor_addresses(tensors, range(len(tensors))))
+
+    def _colocated(self, weights: dict[str, Tensor]) -> bool:
+        """Colocate ``weights`` (``colocate_projections``) unless this set, at these addresses, was laid out before;
+        False when some group cannot share a buffer."""
+        tensors = list(weights.values())
+        if tensor_addresses(tensors, range(len(tensors))) in self._merged_weights:
+            return True
+        if not colocate_projections(weights):
+            return False
+        self._merged_weights.add(tensor_addresses(tensors, range(len(tensors))))  # the addresses after the move
+        return True
 
     def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
                        dynamic_lengths: bool = False):
