@@ -9,8 +9,8 @@ Weight values do not change the time of a dense step, so the model is built on t
 with random, non-degenerate values on the target device (seconds at 7B). Timed region as docs/REFERENCE_MEASUREMENTS.md:
 gen = the whole denoising loop for one prompt (50-point grid = 49 calls, CFG batch 2, guidance 10);
 und = ``answer_question`` end to end (image features, prefill, exactly 32 new tokens: the eos stop is off)
-for a ~780-position prompt. Each row: warm-up runs, then the median of ``repeats`` runs (eager rows: at
-least ``--eager-repeats``, 5, as host-bound eager loops are the noisiest) with
+for a ~780-position prompt. Each row: warm-up runs, then the median of ``--repeats`` runs (eager rows:
+``--eager-repeats``, 5 by default, as host-bound eager loops are the noisiest; fewer for a large batch) with
 ``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run, and
 for generation also against ``eager-split`` when it runs: upstream's work with the lm_head product split, since
 the single product takes a slow cuBLAS path on an H200 that no ratio should rest on. ``--batch N`` times N
@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="showo2-1.5b", help="model shapes")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     p.add_argument("--eager-repeats", type=int, default=5,
-                   help="timed runs of each eager row (at least --repeats): eager loops are host-bound, and single "
-                        "runs on a shared host varied by up to 1.5x where compiled rows (CUDA graphs) varied 0.3%%")
+                   help="timed runs of each eager row (instead of --repeats): eager loops are host-bound, and single "
+                        "runs on a shared host varied by up to 1.5x where compiled rows (CUDA graphs) varied 0.3%%; "
+                        "at --batch 8 one eager run of 1.5B takes 15 s on an H200")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON report path (default: runs/bench/bench_<task>.json, one file per task)")
@@ -218,7 +219,7 @@ def measure(args: argparse.Namespace, rows: dict, model: Showo2, ctx) -> tuple[l
     results: list[RowResult] = []
     for row_name, fn in tqdm(rows.items(), desc="rows", leave=False):
         eager = not row_name.startswith("compiled")  # eager loops: host-bound, the noisiest rows
-        repeats = max(args.repeats, args.eager_repeats) if eager else args.repeats
+        repeats = args.eager_repeats if eager else args.repeats
         r = time_row(args.task, row_name, fn, ctx, args.warmup, repeats)
         results.append(r)
         print(f"  {row_name}: {r.seconds:.3f} s median of {r.times}", flush=True)

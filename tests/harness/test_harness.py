@@ -203,11 +203,13 @@ def test_bench_tiny_cpu(tmp_path, task, capsys, monkeypatch):
 def test_bench_runs_a_row_variant_beside_its_row(tmp_path):
     out = tmp_path / "bench.json"
     variant = "compiled-exact[merge_projections=off]"
-    argv = ["--task", "gen", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
-            "--steps", "3", "--out", str(out), "--rows", f"compiled-exact,{variant}"]
+    argv = ["--task", "gen", "--preset", "tiny", "--device", "cpu", "--repeats", "2", "--eager-repeats", "1",
+            "--warmup", "0", "--steps", "3", "--out", str(out), "--rows", f"compiled-exact,{variant}"]
     bench.main(argv)
     report = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(report) == ["eager", "compiled-exact", variant]
+    # each flag sets its own rows' timed runs (a large batch's eager loop is slow: one run can do)
+    assert [len(r["times"]) for r in report.values()] == [1, 2, 2]
     assert "merge_projections=False" in report[variant]["note"]
     assert "merge_projections" not in report["compiled-exact"]["note"]
     assert report[variant]["count"] == report["compiled-exact"]["count"] == 2
