@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = time.perf_counter() - start
     request(lengths[-1])
     warm, warm_graphs = Counter(backend.piece_captures), backend.cuda_graph_captures
+    warm_seconds = Counter(backend.part_compile_seconds)
     warm_variants = backend.variant_builds
     seconds = []
     for n in lengths:
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset, "task": args.task, "device": str(device), "options": options,
         "lengths": list(lengths),
         "first_request_s": round(first, 1), "warm_piece_captures": sum(warm.values()),
+        # the compiler's share of the warm-up (the rest: Dynamo's capture, FlashU's passes, first runs and CUDA graphs)
+        "warm_part_compile_s": round(sum(warm_seconds.values()), 1),
+        "slowest_parts_s": {name: round(t, 2) for name, t in warm_seconds.most_common(5)},
         "recompiles_after_warmup": recompiles, "whole_graph_captures": backend.compiles,
         "cuda_graph_captures_after_warmup": backend.cuda_graph_captures - warm_graphs,
         # FlashU's passes rerun for a plan not met in warm-up (a new skip set), never for a length

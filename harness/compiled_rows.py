@@ -98,7 +98,8 @@ def compiled_gen_row(config: FlashUConfig | None, options: dict | None = None):
                 twin = euler_sample(eager, noise, grid, eager.guidance_schedule)
         cos = latent_cosine(out, twin)
         note = (
-            f"{points - 1} calls; first image (compile) {first:.1f} s; {backend.compiles} capture(s); "
+            f"{points - 1} calls; first image (compile) {first:.1f} s, parts compiled in "
+            f"{sum(backend.part_compile_seconds.values()):.1f} s; {backend.compiles} capture(s); "
             f"cos vs eager {'baseline' if config is None else 'FlashU'} {cos:.5f}; {how}{options_note(overrides)}"
         )
         return PreparedRow(run=run, count=lambda _: points - 1, note=note)

@@ -69,7 +69,8 @@ def compiled_und_row(config: FlashUConfig | None, options: dict | None = None):
                 decisions = (f"; kept tokens differ in {differ}/{len(twin.kept_positions)}, skip sets equal on "
                              f"{same}/{len(twin.steps)} steps")
         note = (
-            f"first answer (compile) {first:.1f} s; {sum(backend.piece_captures.values())} part compilations, "
+            f"first answer (compile) {first:.1f} s; {sum(backend.piece_captures.values())} part compilations "
+            f"({sum(backend.part_compile_seconds.values()):.1f} s), "
             f"{backend.cuda_graph_captures} CUDA graph captures; prefill {1e3 * prefill:.1f} ms, decode "
             f"{1e3 * per_token:.2f} ms/token; ids vs eager {'KV cache' if config is None else 'FlashU'} "
             f"{shared_prefix(out.ids, twin.ids)}/{len(twin.ids)}{decisions}; {how}{options_note(overrides)}"

@@ -91,6 +91,7 @@ class FlashUBackend:
         self._served = False  # whether the current step's model call reached this backend
         self.compiles = 0  # whole-graph captures handed to this backend
         self.piece_captures: Counter = Counter()  # per compiled part: captures (after warm-up: recompiles)
+        self.part_compile_seconds: Counter = Counter()  # per compiled part: seconds spent compiling it
 
     # ---- the step protocol ----------------------------------------------------------------------------
     def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
@@ -314,7 +315,8 @@ class FlashUBackend:
                        dynamic_lengths: bool = False):
         """The part compiler of the executors, with this backend's shared settings."""
         return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
-                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths)
+                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths,
+                                  self.part_compile_seconds)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:

@@ -75,18 +75,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
 
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
                        eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
-                       coordinate_descent: bool = False,
-                       dynamic_lengths: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
+                       coordinate_descent: bool = False, dynamic_lengths: bool = False,
+                       seconds: Counter | None = None) -> Callable[[fx.GraphModule, list], Callable]:
     """The compiler of the parts of a captured graph (``passes.partition.compile_parts``).
 
     ``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests). ``captures`` counts
-    compilations per part name (a compilation after warm-up is a recompile). ``merge``: finish every part with
-    ``passes.merge_projections`` (the caller colocates the weights). ``eager_numerics``: fused kernels round every
-    intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16 results track the
-    eager model's instead of drifting from it. ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which
-    also lowers every one-row product (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours,
-    instead of a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel once at compile time: for one-row
-    parts only. ``inductor_options``: more inductor config patches for every part (``check_inductor_options``).
+    compilations per part name (a compilation after warm-up is a recompile); ``seconds`` adds up their wall time per
+    part name (the last stage, ``compile_graph``: where a cold first compile spends most of its time). ``merge``: finish
+    every part with ``passes.merge_projections`` (the caller colocates the weights). ``eager_numerics``: fused kernels
+    round every intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16
+    results track the eager model's instead of drifting from it. ``coordinate_descent``: inductor's
+    ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
+    and can fuse with its neighbours, instead of a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel
+    once at compile time: for one-row parts only. ``inductor_options``: more inductor config patches for every part
+    (``check_inductor_options``).
 
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
     example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
@@ -102,8 +104,12 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
         def part_backend(captured: fx.GraphModule, inputs: list, merge_here: bool = merge) -> Callable:
             if captures is not None:
                 captures[name] += 1
-            return compile_graph(captured, list(inputs), backend, merge_here, eager_numerics,
-                                 coordinate_descent, extra_patches, name)
+            start = time.perf_counter()
+            compiled = compile_graph(captured, list(inputs), backend, merge_here, eager_numerics,
+                                     coordinate_descent, extra_patches, name)
+            if seconds is not None:
+                seconds[name] += time.perf_counter() - start
+            return compiled
 
         if not dynamic_lengths:
             return part_backend(gm, example_inputs)

@@ -328,6 +328,10 @@ def test_check_recompiles_tiny(task, options, capsys):
     # the variants of the captured graph (FlashU's passes) serve every length: new lengths build none
     assert report["variant_builds_after_warmup"] == 0
     assert report["warm_piece_captures"] > 0 and len(report["seconds_per_request"]) == 4
+    # the compiler's seconds: a share of the warm-up, named by part (at most the five slowest)
+    slowest = report["slowest_parts_s"]
+    assert 0 < len(slowest) <= 5 and all(name.startswith("part[") for name in slowest)
+    assert 0 <= sum(slowest.values()) <= report["warm_part_compile_s"] + 0.05
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
     with pytest.raises(SystemExit):
         check_recompiles.main(["--preset", "tiny", "--option", "fast=on"])
