@@ -15,6 +15,7 @@ The eager twin of a range is the FFN with the other neurons' activations masked 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,33 +91,41 @@ def permute_ffn_weights(model: Showo2, order: Tensor) -> None:
 SIGNATURE_ROWS = 4  # rows of W_down probed per layer
 
 
+def down_weights(model: Showo2) -> list[Tensor]:
+    """Every LLM layer's W_down (H, I), in layer order: what ``weight_signature`` probes (``model``: a Show-o2,
+    or the module torch.compile made of one)."""
+    return [layer.mlp.down_proj.weight for layer in model.showo.model.layers]
+
+
 @torch.no_grad()
-def weight_signature(model: Showo2, layout: FFNLayout) -> Tensor:
+def weight_signature(model: Showo2 | Sequence[Tensor], layout: FFNLayout) -> Tensor:
     """(layers, SIGNATURE_ROWS, 2) fp64 on the CPU: per layer, for the first rows of W_down over the layout's
     first task range, a fixed +-1 combination of the entries and the row's L2 norm. The combination depends on
     which neuron sits in which column, so another order moves it by about the norm; a dtype change moves it by
-    ~2^-9 of it."""
+    ~2^-9 of it. ``model``: a Show-o2, or its W_down per layer (``down_weights``; a captured graph's inputs)."""
+    weights = down_weights(model) if isinstance(model, torch.nn.Module) else list(model)
     probes = []
-    for layer, (lo, hi) in zip(model.showo.model.layers, layout.ranges[sorted(layout.ranges)[0]], strict=True):
-        rows = layer.mlp.down_proj.weight[:SIGNATURE_ROWS, lo:hi].double()
+    for weight, (lo, hi) in zip(weights, layout.ranges[sorted(layout.ranges)[0]], strict=True):
+        rows = weight[:SIGNATURE_ROWS, lo:hi].double()
         signs = torch.randint(0, 2, (hi - lo,), generator=torch.Generator().manual_seed(hi - lo)) * 2 - 1
         probes.append(torch.stack([rows @ signs.to(rows), rows.norm(dim=-1)], dim=-1))
     return torch.stack(probes).cpu()
 
 
-def check_layout_matches(model: Showo2, layout: FFNLayout) -> None:
-    """Raise if ``model``'s FFN weights are not the ones ``prepare_pruned_model`` permuted for ``layout``.
-    Weights checked once are not probed again until they move or change in place (their version counter)."""
+def check_layout_matches(model: Showo2 | Sequence[Tensor], layout: FFNLayout) -> None:
+    """Raise if ``model``'s FFN weights (a Show-o2, or its W_down per layer) are not the ones
+    ``prepare_pruned_model`` permuted for ``layout``. Weights checked once are not probed again until they move or
+    change in place (their version counter)."""
     if layout.signature is None or not layout.ranges:
         return
+    weights = down_weights(model) if isinstance(model, torch.nn.Module) else list(model)
     try:
-        key = tuple((layer.mlp.down_proj.weight.data_ptr(), layer.mlp.down_proj.weight._version)
-                    for layer in model.showo.model.layers)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
     except RuntimeError:  # inference-mode tensors keep no version counter: check every time
         key = None
     if key is not None and key in layout._verified:
         return
-    now = weight_signature(model, layout)
+    now = weight_signature(weights, layout)
     if now.shape != layout.signature.shape or bool(
         ((now[..., 0] - layout.signature[..., 0]).abs() > 0.05 * now[..., 1].clamp_min(1e-30)).any()
     ):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import re
@@ -41,7 +42,7 @@ from flashu_fx.compiled.gen_graph import CallRecord, GenGraphExecutor
 from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
 from flashu_fx.config import PRESETS, Showo2Config
-from flashu_fx.ffn_layout import FFNLayout
+from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import check_layout_has_task, layout_ranges
 from flashu_fx.inputs import check_guidance, is_int
@@ -244,9 +245,8 @@ class FlashUBackend:
         @torch.no_grad()  # an inference backend: no autograd graph, whatever the caller's grad mode
         def run(*args: Tensor):
             self._serve(match)
-            if self._step == 0:
-                if merge:  # once per image: weights swapped in since the capture get the layout the parts assume
-                    self._keep_merged({k: args[i] for k, i in weight_inputs})
+            if self._step == 0:  # once per image: the weights do not change within one
+                self._prepare_weights({k: args[i] for k, i in weight_inputs}, merge)
                 executor.begin()
             out = executor(self._plans[self._step], args, cfg_shared=self._cfg_shared)
             self.captured, self.captured_prefix = executor.graph, executor.prefix_graph
@@ -269,7 +269,8 @@ class FlashUBackend:
                 self._part_compiler(cuda, merge, False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode),
-                prepare_weights=self._keep_merged if merge else None)
+                prepare_weights=functools.partial(self._prepare_weights, merge=merge)
+                if merge or self._checks_layout else None)
         return torch.no_grad()(self._und_graph.runner(gm, example_inputs))  # inference only, as generation
 
     def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
@@ -290,6 +291,21 @@ class FlashUBackend:
         warnings.warn("flashu_backend: some q/k/v or gate/up weights cannot share a buffer (mixed dtypes or "
                       "devices); projections stay separate matmuls", stacklevel=3)
         return False
+
+    @property
+    def _checks_layout(self) -> bool:
+        """Whether the weights must match a pruned FFN's layout (FFN pruning on, a layout with a signature)."""
+        return self.config is not None and self.config.ffn_prune_ratio > 0 and self.layout is not None
+
+    def _prepare_weights(self, weights: dict[str, Tensor], merge: bool) -> None:
+        """Before an image or an answer: the pruned FFN's layout must be the one these weights were permuted for
+        (a user's own loop gets the check the pipelines make; weights checked once are not probed again), and with
+        ``merge`` the weights are laid out for the merged projections (``_keep_merged``)."""
+        if self._checks_layout:
+            check_layout_matches([weights[f"showo.model.layers.{i}.mlp.down_proj.weight"]
+                                  for i in range(num_decoder_layers(weights))], self.layout)
+        if merge:
+            self._keep_merged(weights)
 
     def _keep_merged(self, weights: dict[str, Tensor]) -> None:
         """Before an image or an answer: weights the merged parts have not seen (new tensors assigned to the model

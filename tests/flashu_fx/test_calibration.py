@@ -259,9 +259,10 @@ def test_prepare_pruned_model_is_exact_and_zero_copy() -> None:
 def test_a_layout_refuses_weights_it_did_not_permute() -> None:
     """The layout carries probes of the permuted weights: a fresh copy (never permuted) or reloaded weights are
     refused by every FlashU path instead of being pruned at the wrong neurons; a dtype cast is not a mismatch."""
-    from flashu_fx.compiled import flashu_backend, generate_images_compiled
+    from flashu_fx.compiled import compiled_batch, flashu_backend, generate_images_compiled
     from flashu_fx.flashu_gen import ffn_ranges_per_layer
     from flashu_fx.flashu_und import answer_question_flashu
+    from flashu_fx.mmu import answer_question
 
     original = tiny()
     model = tiny()
@@ -276,11 +277,25 @@ def test_a_layout_refuses_weights_it_did_not_permute() -> None:
     with pytest.raises(ValueError, match="call prepare_pruned_model on the model you run|Call prepare_pruned_model"):
         backend = flashu_backend("gen", config, layout)
         generate_images_compiled(torch.compile(original, backend=backend), backend, [[3, 4]], baseline_steps=4)
+    # a user's own loop (the step protocol, no pipeline) is refused by the backend before its first image
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", config, layout, piece_backend="eager")
+    gen = torch.compile(original, backend=backend)
+    batch = compiled_batch(original.config, build_gen_batch(original.config, [[3, 4]], guided=True))
+    x = torch.zeros(2, original.config.latent_channels, *original.config.latent_size)
+    backend.begin_image(2, 5.0)
+    with pytest.raises(ValueError, match="does not match this model's weights"), backend.step(0):
+        gen(batch.tokens, x, torch.full((2,), 0.5), batch.offsets, batch.mask, return_logits=False)
     und = FlashUConfig.for_task("und", ffn_width_multiple=8)
     und_layout = prepare_pruned_model(model, {"und": calibrate(model, "und", und_samples(model), und,
                                                                progress=False)}, {"und": und})
     with pytest.raises(ValueError, match="does not match this model's weights"):
         answer_question_flashu(tiny(), torch.zeros(1, 16, 8, 8), [4, 5], und, und_layout, max_new_tokens=2)
+    torch._dynamo.reset()  # the plain answer loop on a compiled model: the backend refuses it at the prefill
+    und_backend = flashu_backend("und", und, und_layout, piece_backend="eager")
+    with pytest.raises(ValueError, match="does not match this model's weights"):
+        answer_question(torch.compile(tiny(), backend=und_backend), torch.zeros(1, 16, 8, 8), [4, 5],
+                        max_new_tokens=2)
 
 
 def test_prepare_single_task_and_unpruned_task() -> None:
