@@ -31,7 +31,7 @@ import inspect
 import logging
 import re
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -55,6 +55,8 @@ from passes.partition import PartitionedGraph
 from passes.showo2_graph import Showo2GraphMatch, match_showo2_graph
 
 log = logging.getLogger(__name__)
+
+MERGED_WEIGHT_SETS = 8  # weight sets whose merged-projection layout is remembered (``FlashUBackend._colocated``)
 
 
 class FlashUBackend:
@@ -83,7 +85,9 @@ class FlashUBackend:
         self._gen_graph: GenGraphExecutor | None = None  # generation: the executor of the last captured forward
         self._plans: list[StepPlan] = []  # the current image's plans
         self.und_caches: dict[tuple, UndCache] = {}  # one cache per capacity, reused by answers
-        self._merged_weights: set[tuple[int, ...]] = set()  # addresses of weight sets laid out for merged projections
+        # addresses of the weight sets laid out for merged projections, the most recently used last (at most
+        # MERGED_WEIGHT_SETS: a loop that swaps weights in again and again keeps a bounded record)
+        self._merged_weights: OrderedDict[tuple[int, ...], None] = OrderedDict()
         self._num_calls: int | None = None
         self._guidance = 0.0
         self._step: int | None = None
@@ -320,11 +324,15 @@ class FlashUBackend:
         """Colocate ``weights`` (``colocate_projections``) unless this set, at these addresses, was laid out before;
         False when some group cannot share a buffer."""
         tensors = list(weights.values())
-        if tensor_addresses(tensors, range(len(tensors))) in self._merged_weights:
+        addresses = tensor_addresses(tensors, range(len(tensors)))
+        if addresses in self._merged_weights:
+            self._merged_weights.move_to_end(addresses)
             return True
         if not colocate_projections(weights):
             return False
-        self._merged_weights.add(tensor_addresses(tensors, range(len(tensors))))  # the addresses after the move
+        self._merged_weights[tensor_addresses(tensors, range(len(tensors)))] = None  # the addresses after the move
+        while len(self._merged_weights) > MERGED_WEIGHT_SETS:
+            self._merged_weights.popitem(last=False)  # forgotten: met again, it is only checked again
         return True
 
     def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
