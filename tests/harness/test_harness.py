@@ -273,7 +273,7 @@ def test_no_command_prints_the_usage_and_the_commands(capsys):
 
 
 COMMAND_MODULES = ["demo", "bench", "floors", "kernels", "calibrate_cli", "analyze_cli", "check_recompiles",
-                   "check_equivalence", "guard_cost", "profile_gen"]
+                   "check_equivalence", "guard_cost", "profile_gen", "profile_und"]
 
 
 @pytest.mark.parametrize("name", COMMAND_MODULES)
@@ -563,3 +563,32 @@ def test_split_lm_head_computes_the_logits_once_per_call_and_leaves_no_hook(tiny
     with pytest.raises(RuntimeError, match="inside"), rows.split_lm_head(tiny_model):
         raise RuntimeError("inside")
     assert not tiny_model.showo._forward_hooks
+
+
+def test_profile_und_splits_the_prefill_and_the_decode_token(capsys):
+    """The command end to end on the tiny model (CPU: operators, not kernels): the per-token decode table is the
+    long answer's profile less the one-token answer's, so it lists the decode step's products and not the image's."""
+    from harness import profile_und
+
+    report = profile_und.main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "3", "--repeats", "1",
+                               "--rows", "4"])
+    assert report["prefill_ms"] > 0 and report["decode_ms_per_token"] > 0 and report["prompt_len"] > 16
+    assert report["decode_kernels_per_token"] > 0 and report["decode_floor_ms"] is None  # no rates for a CPU
+    out = capsys.readouterr().out
+    assert "kernel (per decode token)" in out and "kernel (per prefill)" in out
+    with pytest.raises(SystemExit):
+        profile_und.main(["--preset", "tiny", "--new-tokens", "1"])
+    assert "--new-tokens 1 is invalid: allowed an integer >= 2" in capsys.readouterr().err
+
+
+def test_per_token_is_the_difference_per_step():
+    from harness.profile_und import OpStat, per_token, stat_table
+
+    longer = {"mm": OpStat(12, 900.0), "gather": OpStat(1, 5.0), "copy": OpStat(4, 40.0)}
+    shorter = {"mm": OpStat(4, 300.0), "gather": OpStat(1, 5.0), "conv": OpStat(2, 80.0)}
+    steps = per_token(longer, shorter, 4)
+    assert steps == {"mm": OpStat(2.0, 150.0), "copy": OpStat(1.0, 10.0)}  # unchanged and vanished ones dropped
+    table = stat_table(steps, rows=1, unit="decode token")
+    assert table.splitlines()[1].split()[:3] == ["150.0", "93.8%", "2.0"] and table.splitlines()[-1].endswith("all")
+    with pytest.raises(ValueError, match="tokens must be >= 1, got 0"):
+        per_token(longer, shorter, 0)
