@@ -33,7 +33,7 @@ from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_config
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
-from flashu_fx.testbed.diagnostics import flow_loss_parts
+from flashu_fx.testbed.diagnostics import EDITS, caption_sensitivity, flow_loss_parts
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
 from harness.arguments import command_parser
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-questions", type=int, default=60, help="held-out questions scored after training")
     p.add_argument("--guidance-sweep", default="2,3,4,6", help="CFG scales tried on the held-out prompts")
     p.add_argument("--eval-steps", type=int, default=DEFAULT_STEPS, help="grid points of the evaluation sampler")
+    p.add_argument("--sensitivity-prompts", type=int, default=16,
+                   help="prompt pairs per caption edit (a relation reversed, two colours exchanged) drawn with the "
+                        "same noise after training, to see whether the pictures follow those words (0: skip)")
     p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
     p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
     return p
@@ -151,6 +154,8 @@ def earlier_runs(init: str | None) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.sensitivity_prompts < 0:
+        parser.error(f"--sensitivity-prompts {args.sensitivity_prompts} is invalid: allowed an integer >= 0")
     started = time.perf_counter()
     device = torch.device(args.device)
     cfg = get_config(PRESET)
@@ -209,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{part.null_mse:.3f}; noise removed per direction {min(part.removal):.2f}-{max(part.removal):.2f}",
               flush=True)
 
+    # Whether the pictures follow the words that bind (flashu_fx.testbed.diagnostics): a relation reversed, two
+    # colours exchanged, the noise fixed. The shipped weights barely move for either (docs/QUALITY.md).
+    sensitivity = [caption_sensitivity(model, tok, edit, n=args.sensitivity_prompts, steps=args.eval_steps,
+                                       guidance=best[0]) for edit in EDITS] if args.sensitivity_prompts else []
+    for found in sensitivity:
+        print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
+              f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
+
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
     if args.calib_gen:
@@ -235,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
                      answers=qa),
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
+        caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
         calibration=calib,
         history=earlier_runs(args.init),
     )

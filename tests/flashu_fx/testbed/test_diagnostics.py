@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.testbed import codec, world
 from flashu_fx.testbed.checkpoint import load_testbed
-from flashu_fx.testbed.diagnostics import flow_loss_parts, split_flow_loss
+from flashu_fx.testbed.diagnostics import (
+    CHANGED_PIXELS,
+    caption_sensitivity,
+    edited_prompt,
+    flow_loss_parts,
+    split_flow_loss,
+)
 
 
 def renders(n: int, seed: int = 0) -> torch.Tensor:
@@ -67,3 +73,38 @@ def test_the_shipped_testbed_splits_its_own_flow_loss():
         v = model(batch.tokens, t * x1 + (1 - t) * x0, torch.full((n,), t), batch.offsets, batch.mask).velocity
     assert part.mse == pytest.approx(float((v - (x1 - x0)).square().mean()), rel=1e-4)
     assert len(part.removal) == 16 and all(np.isfinite(part.removal))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), edit=st.sampled_from(["relation", "colors"]))
+def test_a_caption_edit_changes_only_the_words_that_bind(seed: int, edit: str) -> None:
+    category = "position" if edit == "relation" else "color_attr"
+    prompt = world.sample_gen_prompt(world.rng_for("heldout", seed), category)
+    edited = edited_prompt(prompt, edit)
+    assert edited_prompt(edited, edit) == prompt and edited.caption != prompt.caption  # an involution
+    words, edited_words = prompt.caption.split(), edited.caption.split()
+    assert [w[1] for w in prompt.objects] == [w[1] for w in edited.objects]  # the same shapes, in the same order
+    if edit == "colors":  # the same words, two of them exchanged: a bag of words cannot tell the captions apart
+        assert sorted(words) == sorted(edited_words)
+        assert sum(a != b for a, b in zip(words, edited_words, strict=True)) == 2
+    else:
+        assert edited.relation != prompt.relation and len(words) == len(edited_words)
+
+
+def test_caption_edits_are_refused_where_they_do_not_apply() -> None:
+    single = world.make_gen_prompt("single_object", [(None, "circle", 1)])
+    with pytest.raises(ValueError, match="the 'relation' edit applies to position prompts, got a single_object"):
+        edited_prompt(single, "relation")
+    with pytest.raises(ValueError, match="edit must be one of"):
+        edited_prompt(single, "shapes")
+
+
+def test_the_shipped_testbed_measures_its_caption_sensitivity() -> None:
+    testbed = load_testbed()
+    found = caption_sensitivity(testbed.model, testbed.tokenizer, "colors", n=2, steps=4, guidance=4.0, seed=3)
+    assert found.edit == "colors" and found.prompts == 2
+    assert found.pixel_change >= 0 and found.changed in (0.0, 0.5, 1.0)
+    # every pair over the threshold puts the mean over it, none over it keeps the mean under it
+    assert found.changed < 1.0 or found.pixel_change > CHANGED_PIXELS
+    assert found.changed > 0.0 or found.pixel_change <= CHANGED_PIXELS
+    assert 0 <= found.original_correct <= 1 and 0 <= found.edited_correct <= 1
