@@ -12,7 +12,6 @@ copy bandwidth. On the CPU the tables list operators instead of kernels (a check
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from harness.compiled_rows import add_backend_option_argument, parsed_backend_op
 from harness.devices import resolve_device
 from harness.flashu_rows import permute_for, random_ffn_scores
 from harness.random_model import build_random_model, und_question_ids
-from harness.rows import synchronize
+from harness.rows import timed
 
 
 @dataclass(frozen=True)
@@ -107,11 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     und = torch.compile(model, backend=backend)
 
     def answer(tokens: int) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        answer_question_compiled(und, backend, latents, question, tok, max_new_tokens=tokens, stop_at_eos=False)
-        synchronize(device)
-        return time.perf_counter() - start
+        return timed(lambda: answer_question_compiled(und, backend, latents, question, tok, max_new_tokens=tokens,
+                                                      stop_at_eos=False), device)[1]
 
     first = answer(args.new_tokens)  # compiles; then both lengths warm (their CUDA graphs captured)
     for tokens in (1, args.new_tokens, 1):

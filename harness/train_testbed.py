@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flashu_fx.calibration import calibrate
@@ -29,11 +28,10 @@ from flashu_fx.config import get_config
 from flashu_fx.loading import from_pretrained, save_pretrained
 from flashu_fx.mmu import answer_question
 from flashu_fx.model import Showo2
-from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_config
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
-from flashu_fx.testbed.diagnostics import EDITS, caption_sensitivity, flow_loss_parts
+from flashu_fx.testbed.diagnostics import EDITS, caption_sensitivity, flow_loss_parts, score_generation
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
 from harness.arguments import command_parser
@@ -115,13 +113,6 @@ def category_weights(text: str) -> tuple[float, ...]:
         return world.check_category_weights(tuple(weights.values()))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--category-weights {text!r}: {err}") from None
-
-
-def score_generation(model: Showo2, tok: WordTokenizer, prompts: list[world.GenPrompt], guidance: float,
-                     steps: int, seed: int = 0) -> tuple[list[bool], np.ndarray]:
-    latents = generate_images(model, [p.caption for p in prompts], tok, steps=steps, guidance=guidance, seed=seed)
-    images = codec.decode(latents).cpu().numpy()
-    return [scorer.score_prompt(p, im) for p, im in zip(prompts, images, strict=True)], images
 
 
 def score_answers(model: Showo2, tok: WordTokenizer, items: list[world.QAItem], device, kv_cache: bool = True

@@ -250,7 +250,8 @@ class FlashUBackend:
         def run(*args: Tensor):
             self._serve(match)
             if self._step == 0:  # once per image: the weights do not change within one
-                self._prepare_weights({k: args[i] for k, i in weight_inputs}, merge)
+                if merge or self._checks_layout:
+                    self._prepare_weights({k: args[i] for k, i in weight_inputs}, merge)
                 executor.begin()
             out = executor(self._plans[self._step], args, cfg_shared=self._cfg_shared)
             self.captured, self.captured_prefix = executor.graph, executor.prefix_graph

@@ -99,7 +99,8 @@ def split_flow_loss(velocity: Callable[[Tensor, float], Tensor], images: Tensor,
 
 # ---- does the picture follow the words that bind? ------------------------------------------------------------
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-EDITS = ("relation", "colors")
+EDIT_CATEGORY = {"relation": "position", "colors": "color_attr"}  # each caption edit and the prompts it applies to
+EDITS = tuple(EDIT_CATEGORY)
 CHANGED_PIXELS = 1.0  # mean absolute difference (of 255) above which two pictures count as different
 
 
@@ -117,18 +118,32 @@ class CaptionSensitivity:
     edited_correct: float  # the same for the edited prompts
 
 
+def _edit_category(edit: str) -> str:
+    if edit not in EDIT_CATEGORY:
+        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
+    return EDIT_CATEGORY[edit]
+
+
 def edited_prompt(prompt: world.GenPrompt, edit: str) -> world.GenPrompt:
     """``prompt`` under ``edit`` ("relation": a position prompt's relation reversed; "colors": a colour-attribution
     prompt's colours exchanged)."""
-    if edit == "relation" and prompt.category == "position":
-        return world.make_gen_prompt("position", prompt.objects, OPPOSITE[prompt.relation])
-    if edit == "colors" and prompt.category == "color_attr":
-        (c1, s1, n1), (c2, s2, n2) = prompt.objects
-        return world.make_gen_prompt("color_attr", [(c2, s1, n1), (c1, s2, n2)])
-    wants = {"relation": "position", "colors": "color_attr"}.get(edit)
-    if wants is None:
-        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
-    raise ValueError(f"the {edit!r} edit applies to {wants} prompts, got a {prompt.category} prompt")
+    category = _edit_category(edit)
+    if prompt.category != category:
+        raise ValueError(f"the {edit!r} edit applies to {category} prompts, got a {prompt.category} prompt")
+    if edit == "relation":
+        return world.make_gen_prompt(category, prompt.objects, OPPOSITE[prompt.relation])
+    (c1, s1, n1), (c2, s2, n2) = prompt.objects
+    return world.make_gen_prompt(category, [(c2, s1, n1), (c1, s2, n2)])
+
+
+def score_generation(model: Showo2, tokenizer: WordTokenizer, prompts: Sequence[world.GenPrompt], guidance: float,
+                     steps: int, seed: int = 0, seeds: Sequence[int] | None = None) -> tuple[list[bool], np.ndarray]:
+    """Draw ``prompts`` in one batch (noise from ``seed``, or one seed per prompt: ``generate_images``), decode,
+    score: (the scorer's verdict per prompt, the pictures uint8 (N, S, S, 3))."""
+    latents = generate_images(model, [p.caption for p in prompts], tokenizer, steps=steps, guidance=guidance,
+                              seed=seed, seeds=seeds)
+    images = codec.decode(latents).cpu().numpy()
+    return [scorer.score_prompt(p, im) for p, im in zip(prompts, images, strict=True)], images
 
 
 @torch.no_grad()
@@ -138,22 +153,14 @@ def caption_sensitivity(model: Showo2, tokenizer: WordTokenizer, edit: str, n: i
     0..n-1), decode, and compare the pictures (``CaptionSensitivity``). Runs on the model's device and dtype."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    category = {"relation": "position", "colors": "color_attr"}.get(edit)
-    if category is None:
-        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
     rng = world.rng_for("heldout", seed)
-    prompts = [world.sample_gen_prompt(rng, category) for _ in range(n)]
+    prompts = [world.sample_gen_prompt(rng, _edit_category(edit)) for _ in range(n)]
     edited = [edited_prompt(p, edit) for p in prompts]
-
-    def pictures(group: list[world.GenPrompt]) -> np.ndarray:
-        latents = generate_images(model, [p.caption for p in group], tokenizer, steps=steps, guidance=guidance,
-                                  seeds=list(range(n)))
-        return codec.decode(latents.float().cpu()).numpy()
-
-    first, second = pictures(prompts), pictures(edited)
+    noise = list(range(n))  # each pair's two pictures start from the same noise
+    first_correct, first = score_generation(model, tokenizer, prompts, guidance, steps, seeds=noise)
+    edited_correct, second = score_generation(model, tokenizer, edited, guidance, steps, seeds=noise)
     change = np.abs(first.astype(np.int16) - second.astype(np.int16)).reshape(n, -1).mean(axis=1)
     return CaptionSensitivity(
         edit=edit, prompts=n, pixel_change=float(change.mean()), changed=float((change > CHANGED_PIXELS).mean()),
-        original_correct=float(np.mean([scorer.score_prompt(p, im) for p, im in zip(prompts, first, strict=True)])),
-        edited_correct=float(np.mean([scorer.score_prompt(p, im) for p, im in zip(edited, second, strict=True)])),
+        original_correct=float(np.mean(first_correct)), edited_correct=float(np.mean(edited_correct)),
     )
