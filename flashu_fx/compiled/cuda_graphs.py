@@ -4,6 +4,7 @@
     outputs = graphs.run(key, body)   # body() reads and writes only static buffers; returns its static outputs
     outputs = graphs.call(key, fn, args, per_call)   # fn(*args), the per-call tensors copied to fixed addresses
     outputs = graphs.run(key, body, keep_outputs=True)   # outputs that outlive other graphs' replays
+    outputs = graphs.call(key, fn, args, per_call, capture_on_use=2)   # the key's first use runs fn as it is
 
 On first use of a key, ``body`` runs for real on a side stream (compiling or warming whatever it calls), then the
 same body is captured; capturing executes nothing, so a body that advances state in place (a K/V cache append)
@@ -15,6 +16,10 @@ there), so a caller that keeps an output past the next call copies it. ``keep_ou
 the graph, into tensors allocated outside the shared pool on the key's first (real) run: the outputs then stay
 valid until the same key runs again, at the same addresses from the first call on (what a prefix's keys and values,
 read by every later call of an image, need). Beyond ``max_graphs`` the least recently used graph is dropped.
+
+``capture_on_use=n`` captures a key on its n-th use; the uses before run the body as it is (no graph, no copies, the
+outputs ordinary tensors). A capture costs a real run plus the capture, so for a key most callers meet once (an
+understanding prompt's length: a prefill runs once per answer) capturing on the first use costs more than it saves.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from typing import TypeVar
 import torch
 from torch.utils import _pytree as pytree
 
+from flashu_fx.inputs import is_int
+
 T = TypeVar("T")
+UNCAPTURED_KEYS = 1024  # keys counted towards ``capture_on_use`` when the graphs themselves are unbounded
 
 
 class CudaGraphs:
@@ -40,12 +48,17 @@ class CudaGraphs:
         self.captures: Counter = Counter()  # per label: captures (a capture is not a compilation)
         self._inputs: dict[Hashable, list] = {}  # call(): each key's inputs at fixed addresses
         self._kept: dict[Hashable, list] = {}  # keep_outputs: each key's outputs, outside the shared pool
+        self._uses: OrderedDict[Hashable, int] = OrderedDict()  # capture_on_use: uses of keys not captured yet
         self._stream: torch.cuda.Stream | None = None
         self._pool = None
 
-    def run(self, key: Hashable, body: Callable[[], T], label: str = "graph", keep_outputs: bool = False) -> T:
+    def run(self, key: Hashable, body: Callable[[], T], label: str = "graph", keep_outputs: bool = False,
+            capture_on_use: int = 1) -> T:
         """Replay ``key``'s graph (capturing ``body`` first if it has none); returns ``body``'s outputs.
-        ``keep_outputs``: they outlive other graphs' replays (see the module docstring)."""
+        ``keep_outputs``: they outlive other graphs' replays; ``capture_on_use``: the use of the key that captures
+        it, the earlier ones run ``body`` as it is (see the module docstring)."""
+        if self._runs_uncaptured(key, capture_on_use, keep_outputs):
+            return body()
         if keep_outputs:
             body = self._copied_out(key, body)
         entry = self.graphs.pop(key, None)
@@ -70,6 +83,23 @@ class CudaGraphs:
         self.captures[label] += 1
         return first
 
+    def _runs_uncaptured(self, key: Hashable, capture_on_use: int, keep_outputs: bool) -> bool:
+        """Whether this use of ``key`` comes before its capturing one (``capture_on_use``); counts it."""
+        if not is_int(capture_on_use) or capture_on_use < 1:
+            raise ValueError(f"capture_on_use={capture_on_use!r} is invalid: allowed an integer >= 1")
+        if capture_on_use == 1 or key in self.graphs:
+            return False
+        if keep_outputs:  # kept outputs live at the same addresses from the first use on: that use must capture
+            raise ValueError("capture_on_use > 1 cannot keep outputs (keep_outputs=True): kept outputs live at "
+                             "fixed addresses from a key's first use on")
+        uses = self._uses.pop(key, 0) + 1
+        if uses >= capture_on_use:
+            return False
+        self._uses[key] = uses  # most recently used last; bounded as the graphs are
+        while len(self._uses) > (self.max_graphs or UNCAPTURED_KEYS):
+            self._uses.popitem(last=False)
+        return True
+
     def _copied_out(self, key: Hashable, body: Callable[[], T]) -> Callable[[], T]:
         """``body`` with its tensor outputs copied into the key's own tensors (made by the first, uncaptured run)."""
 
@@ -87,14 +117,16 @@ class CudaGraphs:
         return copied
 
     def call(self, key: Hashable, fn: Callable[..., T], args: Sequence[object], per_call: Sequence[int],
-             label: str = "graph", keep_outputs: bool = False) -> T:
+             label: str = "graph", keep_outputs: bool = False, capture_on_use: int = 1) -> T:
         """``fn(*args)`` as a CUDA graph. ``per_call``: the positions of the arguments that change from call to
         call: their tensors are copied into inputs at fixed addresses first, their other values (sizes) join the
         key. Every other argument (weights, caches) is read in place, so ``key`` must tell apart the addresses they
         live at: a caller folds in ``tensor_addresses`` of them, taken once per image or answer rather than per
-        call (a model's weights are hundreds of arguments, and the call's own work is a replay). ``keep_outputs``:
-        as ``run``'s."""
+        call (a model's weights are hundreds of arguments, and the call's own work is a replay). ``keep_outputs``
+        and ``capture_on_use``: as ``run``'s."""
         key = (key, tuple(args[i] for i in per_call if not isinstance(args[i], torch.Tensor)))
+        if self._runs_uncaptured(key, capture_on_use, keep_outputs):
+            return fn(*args)
         inputs = self._inputs.get(key)
         if inputs is None:
             inputs = self._inputs[key] = list(args)
@@ -112,12 +144,13 @@ class CudaGraphs:
 
 
 def run_maybe_graphed(graphs: CudaGraphs | None, key: Hashable, fn: Callable[..., T], args: Sequence[object],
-                      per_call: Sequence[int], label: str = "graph", keep_outputs: bool = False) -> T:
+                      per_call: Sequence[int], label: str = "graph", keep_outputs: bool = False,
+                      capture_on_use: int = 1) -> T:
     """``fn(*args)``: through ``graphs.call`` when there are graphs and the first tensor argument is on CUDA."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if graphs is None or first is None or not first.is_cuda:
         return fn(*args)
-    return graphs.call(key, fn, args, per_call, label, keep_outputs)
+    return graphs.call(key, fn, args, per_call, label, keep_outputs, capture_on_use)
 
 
 def tensor_addresses(args: Sequence[object], positions: Sequence[int]) -> tuple[int, ...]:

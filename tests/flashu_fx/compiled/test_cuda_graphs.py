@@ -87,3 +87,45 @@ def test_kept_outputs_outlive_the_replay_of_a_graph_captured_before() -> None:
         assert kept.data_ptr() == first.data_ptr()  # the first (uncaptured) run already returns the kept tensor
         graphs.run("scratch", scratch)
         torch.testing.assert_close(kept, y * 5, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("uses", [0, -1, 1.5, "2"])
+def test_a_bad_capture_use_is_refused(uses) -> None:
+    with pytest.raises(ValueError, match=f"capture_on_use={uses!r} is invalid: allowed an integer >= 1"):
+        CudaGraphs().run("k", lambda: None, capture_on_use=uses)
+
+
+def test_kept_outputs_cannot_wait_for_a_later_capture() -> None:
+    with pytest.raises(ValueError, match="capture_on_use > 1 cannot keep outputs"):
+        CudaGraphs().run("k", lambda: None, keep_outputs=True, capture_on_use=2)
+
+
+@pytest.mark.parametrize("capture_on_use", [2, 3, 5])
+def test_uses_before_the_capturing_one_run_the_body_as_it_is(capture_on_use: int) -> None:
+    """Before its capturing use a key runs its body directly (no CUDA needed, nothing copied, its own outputs); a
+    key's count is its own, and beyond the graphs' limit the least recently counted key is forgotten."""
+    graphs, x = CudaGraphs(max_graphs=2), torch.arange(3.0)
+    for _ in range(capture_on_use - 1):
+        out = graphs.call("f", lambda v, n: v * n, (x, 2), per_call=[0, 1], capture_on_use=capture_on_use)
+        assert out.tolist() == [0.0, 2.0, 4.0] and len(graphs) == 0 and not graphs.captures
+    assert list(graphs._uses.values()) == [capture_on_use - 1]  # keyed by the sizes too: ("f", (2,))
+    graphs.run("g", lambda: x, capture_on_use=capture_on_use)
+    graphs.run("h", lambda: x, capture_on_use=capture_on_use)
+    assert list(graphs._uses) == ["g", "h"]  # the limit (2) dropped the oldest count
+
+
+@pytest.mark.gpu
+def test_the_capturing_use_captures_and_later_uses_replay() -> None:
+    """capture_on_use=2: the first use runs the body, the second captures it (one real run, one capture), later
+    uses replay; state advanced in place advances once per use all along."""
+    counter = torch.zeros(1, device="cuda")
+    graphs, runs = CudaGraphs(), []
+
+    def step():
+        runs.append(1)  # host side: counts the body's Python runs (the first use, then the real run and the capture)
+        counter.add_(1)
+        return counter * 10
+
+    results = [float(graphs.run("add", step, "add", capture_on_use=2)[0]) for _ in range(4)]
+    assert results == [10.0, 20.0, 30.0, 40.0] and float(counter) == 4
+    assert len(runs) == 3 and graphs.captures["add"] == 1 and not graphs._uses
