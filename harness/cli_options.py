@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from flashu_fx.testbed import world
+from flashu_fx.testbed.world import GenPrompt
 from harness.arguments import existing_directory, flashu_setting
 from harness.devices import DTYPES, resolve_device
 from harness.runner import Checkpoint, FlashUSetup, OptionError
@@ -150,6 +152,33 @@ def encode_texts(ckpt: Checkpoint, texts: list[Text], budget: int | None = None)
             raise OptionError(f"argument {item.where}: {item.text!r} has {len(ids[-1])} tokens, more than the "
                               f"model's text budget of {budget}")
     return ids
+
+
+def world_captions(texts: list[Text]) -> tuple[list[Text], list[GenPrompt | None], list[str]]:
+    """The testbed's view of prompts: each text as a caption of its world, parsed (``world.parse_caption``) so the
+    picture can be scored. The testbed learned captions only in GenEval's template, "a photo of ...", and draws
+    noise for a caption without it, so "a red circle" becomes "a photo of a red circle". Returns the texts to draw,
+    each one's prompt (None: no caption of the world, not scored) and a note per change or unknown caption."""
+    drawn, prompts, notes = [], [], []
+    for item in texts:
+        prompt = world.parse_caption(item.text)
+        if prompt is None and (prompt := world.parse_caption(f"{world.CAPTION_PREFIX} {item.text}")) is not None:
+            notes.append(f"{item.where}: drawing {prompt.caption!r} for {item.text!r} (the testbed was trained on "
+                         f"GenEval's template, {world.CAPTION_PREFIX!r} + objects)")
+            item = Text(prompt.caption, item.where)
+        elif prompt is None:
+            notes.append(f"{item.where}: {item.text!r} is no caption of the testbed's world, so the picture is not "
+                         f"scored and may be noise; its captions are like: {'; '.join(CAPTION_EXAMPLES)} (relations: "
+                         f"{', '.join(world.RELATIONS)}; colours: {', '.join(world.COLORS)})")
+        drawn.append(item)
+        prompts.append(prompt)
+    return drawn, prompts, notes
+
+
+# One caption of each category (world.CATEGORIES order), for messages.
+CAPTION_EXAMPLES = ("a photo of a circle", "a photo of a square and a diamond", "a photo of three triangles",
+                    "a photo of a red circle", "a photo of a circle left of a square",
+                    "a photo of a red circle and a blue square")
 
 
 def run_command(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

@@ -17,8 +17,14 @@ Writes into ``--out`` (rank 0 alone, after gathering every rank's pictures): one
     "compiled-flashu"), flashu (where its neuron scores came from; null when off),
     settings {steps, calls_per_image, guidance, seed, batch, device, dtype}, world_size,
     ranks [{rank, device, images, indices, seconds, images_per_second, first_batch_seconds,
-    steady_images_per_second}], seconds, images_per_second, steady_images_per_second, grid,
-    images [{index, prompt, seed, file, rank, seconds}]
+    steady_images_per_second}], seconds, images_per_second, steady_images_per_second, grid, score,
+    images [{index, prompt, seed, file, rank, seconds, right, found}]
+
+On a testbed each prompt is read as a caption of its world (``world.parse_caption``): "a red circle" is drawn as
+"a photo of a red circle", the template the testbed learned, with a note on stderr. Each picture is then scored
+by the testbed's scorer: ``right`` is GenEval's verdict for its caption (null for a text that is no caption of the
+world), ``found`` what the detector saw ("a red circle, 2 blue squares"), both also under the picture in the grid;
+``score`` is {scored, right} over the run (null for real Show-o2 weights, whose pictures no scorer judges).
 
 A rank's seconds are the sum over its batches of generating and decoding (the first compiled batch includes the
 compile); an image's are its batch's divided by the batch's prompts; the run's are the slowest rank's. The steady
@@ -35,9 +41,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flashu_fx.testbed.scorer import describe, detect, score_prompt
+from flashu_fx.testbed.world import GenPrompt
 from harness.arguments import command_parser
 from harness.cli_options import (
     add_model_arguments,
@@ -50,6 +59,7 @@ from harness.cli_options import (
     text_option,
     use_compile,
     with_settings,
+    world_captions,
 )
 from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks, process_group
@@ -119,8 +129,10 @@ def steady_rate(images: int, seconds: float) -> float | None:
     return images / seconds if images and seconds > 0 else None
 
 
-def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], header: dict[str, Any]) -> dict:
-    """Rank 0: every picture in prompt order as a PNG, the grid and the JSON report; returns the report."""
+def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], header: dict[str, Any],
+                  world_prompts: list[GenPrompt | None] | None = None) -> dict:
+    """Rank 0: every picture in prompt order as a PNG, the grid and the JSON report; returns the report.
+    ``world_prompts`` (a testbed's): each picture with a prompt gets the scorer's verdict and what it found."""
     out.mkdir(parents=True, exist_ok=True)
     items = sorted(({**item, "rank": share["rank"]} for share in shares for item in share["items"]),
                    key=lambda item: item["index"])
@@ -130,6 +142,8 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
         item["prompt"] = prompts[item["index"]]
         item["file"] = f"{item['index']:0{digits}d}_{slug(item['prompt'])}.png"
         write_png(out / item["file"], torch.from_numpy(item["image"]))
+        if world_prompts is not None:
+            item.update(verdict(world_prompts[item["index"]], item["image"]))
         images.append(item.pop("image"))
     ranks = [dict(rank=s["rank"], device=s["device"], images=len(s["items"]),
                   indices=[item["index"] for item in s["items"]], seconds=s["seconds"],
@@ -144,16 +158,28 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
                              max(sum(s["batch_seconds"][1:]) for s in shares))
     report = dict(header, world_size=len(shares), ranks=ranks, seconds=seconds,
                   images_per_second=len(items) / seconds if seconds else None, steady_images_per_second=steady,
-                  grid=None,
-                  images=[{k: item[k] for k in ("index", "prompt", "seed", "file", "rank", "seconds")}
-                          for item in items])
+                  grid=None, score=None,
+                  images=[{k: item[k] for k in ("index", "prompt", "seed", "file", "rank", "seconds", "right",
+                                                "found") if k in item} for item in items])
+    verdicts = None
+    if world_prompts is not None:
+        scored = [item["right"] for item in items if item["right"] is not None]
+        report["score"] = dict(scored=len(scored), right=sum(scored))
+        verdicts = [("right" if item["right"] else "wrong") + f": {item['found']}" if item["right"] is not None
+                    else "not scored (no caption of the world)" for item in items]
     title = f"{header['model']} ({header['checkpoint']}), {header['path']}"
     try:
-        report["grid"] = prompt_grid(images, prompts, out / "grid.png", header["path"], title).name
+        report["grid"] = prompt_grid(images, prompts, out / "grid.png", header["path"], title,
+                                     verdicts=verdicts).name
     except ImportError:  # matplotlib, imported when drawing
         print("matplotlib is not installed: no grid.png (pip install 'flashu-fx[plots]')", file=sys.stderr)
     (out / "generate.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def verdict(prompt: GenPrompt | None, image: np.ndarray) -> dict[str, Any]:
+    """The scorer on one picture: {right: GenEval's verdict (None: no prompt to score), found: what it detected}."""
+    return dict(right=None if prompt is None else score_prompt(prompt, image), found=describe(detect(image)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +199,14 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("argument --guidance: 0 (no classifier-free guidance) runs on the eager paths only: "
                           "pass --no-compile or a guidance > 0")
     ckpt = load_checkpoint(args.weights, args.tokenizer, args.vae, device, dtype)
-    ids = encode_texts(ckpt, texts, budget=ckpt.model.config.max_text_len)
+    budget = ckpt.model.config.max_text_len
+    ids = encode_texts(ckpt, texts, budget)  # unknown words and over-long texts fail here, naming the option
+    prompts: list[GenPrompt | None] | None = None  # the testbed's: each picture scored against its caption
+    if ckpt.testbed is not None:
+        texts, prompts, notes = world_captions(texts)
+        for note in notes if ranks.is_main else ():
+            print(note, file=sys.stderr)
+        ids = encode_texts(ckpt, texts, budget)
     steps = args.steps or ckpt.steps
     guidance = ckpt.guidance if args.guidance is None else args.guidance
     batches = [list(range(i, min(i + args.batch, len(ids)))) for i in range(0, len(ids), args.batch)]
@@ -196,11 +229,15 @@ def run(args: argparse.Namespace) -> int:
             settings=dict(steps=steps, calls_per_image=generator.calls_per_image, guidance=guidance, seed=args.seed,
                           batch=args.batch, device=device.type, dtype=str(dtype).removeprefix("torch.")),
         )
-        report = write_outputs(args.out, shares, [t.text for t in texts], header)
+        report = write_outputs(args.out, shares, [t.text for t in texts], header, prompts)
     rate, steady = report["images_per_second"], report["steady_images_per_second"]
     after_first = f"; {steady:.1f} images/s after each process's first batch" if steady else ""
     print(f"{len(texts)} picture(s) in {args.out}/ ({report['path']}, {report['world_size']} process(es), "
           f"{rate:.2f} images/s{after_first})" if rate else f"{len(texts)} picture(s) in {args.out}/")
+    if report["score"] is not None:
+        score = report["score"]
+        print(f"the scorer: {score['right']} of {score['scored']} scored picture(s) right (each picture's verdict and "
+              "findings under it in the grid and in the report)")
     if report["grid"]:
         print(f"grid: {args.out / report['grid']}")
     print(f"report: {args.out / 'generate.json'}")

@@ -14,7 +14,7 @@ import numpy as np
 def captioned_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], captions: Sequence[str], path: str | Path,
                    title: str = "", notes: Sequence[Sequence[str]] | None = None) -> Path:
     """Write a PNG grid. rows: (label, images uint8 (S, S, 3) one per caption); ``notes[r][c]``, if given, is a
-    short line under image (r, c) (e.g. "ok" / "wrong" from the scorer)."""
+    short line (or lines, split at newlines) under image (r, c) (e.g. "ok" / "wrong" from the scorer)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -33,8 +33,8 @@ def captioned_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], captions: S
             ax.imshow(image, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            lines = [captions[c]] if notes is None else [notes[r][c], captions[c]]
-            ax.set_xlabel("\n".join(_wrap(line, 26) for line in lines), fontsize=7)
+            lines = [captions[c]] if notes is None else [*notes[r][c].split("\n"), captions[c]]
+            ax.set_xlabel("\n".join(_wrap(line, 26) for line in lines if line), fontsize=7)
             if c == 0:
                 ax.set_ylabel(label, fontsize=9, rotation=90)
     if title:
@@ -59,15 +59,20 @@ def _wrap(text: str, width: int) -> str:
 
 
 def prompt_grid(images: Sequence[np.ndarray], prompts: Sequence[str], path: str | Path, label: str, title: str = "",
-                columns: int = 8) -> Path:
-    """One picture per prompt, each under its prompt, ``columns`` to a row (the last row padded with black)."""
+                columns: int = 8, verdicts: Sequence[str] | None = None) -> Path:
+    """One picture per prompt, each under its prompt (and its ``verdicts`` line, e.g. the scorer's, above it),
+    ``columns`` to a row (the last row padded with black)."""
     if len(images) != len(prompts) or not prompts:
         raise ValueError(f"prompt_grid needs one image per prompt, got {len(images)} images, {len(prompts)} prompts")
+    if verdicts is not None and len(verdicts) != len(prompts):
+        raise ValueError(f"prompt_grid needs one verdict per prompt, got {len(verdicts)} for {len(prompts)} prompts")
     if len(prompts) <= columns:
-        return captioned_grid([(label, list(images))], list(prompts), path, title)
+        notes = None if verdicts is None else [list(verdicts)]
+        return captioned_grid([(label, list(images))], list(prompts), path, title, notes)
+    lines = list(prompts) if verdicts is None else [f"{v}\n{p}" for v, p in zip(verdicts, prompts, strict=True)]
     rows, notes = [], []
     for start in range(0, len(prompts), columns):
-        chunk, texts = list(images[start : start + columns]), list(prompts[start : start + columns])
+        chunk, texts = list(images[start : start + columns]), lines[start : start + columns]
         pad = columns - len(chunk)
         rows.append((f"{label} {start + 1}-{start + len(chunk)}", chunk + [np.zeros_like(images[0])] * pad))
         notes.append(texts + [""] * pad)

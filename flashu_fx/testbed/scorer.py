@@ -176,6 +176,17 @@ def detect(image: np.ndarray) -> list[Detection]:
     return [d for d in found if d is not None]
 
 
+def describe(found: Sequence[Detection]) -> str:
+    """What a person reads of the detector's findings: "2 red circles, a blue square" (first-seen order;
+    "nothing" for none; an unnamed shape as "a red blob")."""
+    counts: dict[tuple[str, str], int] = {}
+    for d in found:
+        key = (d.color, "blob" if d.shape == UNKNOWN else d.shape)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"a {color} {shape}" if n == 1 else f"{n} {color} {shape}s"
+                     for (color, shape), n in counts.items()) or "nothing"
+
+
 def relation_holds(a: Detection, b: Detection, relation: str) -> bool:
     """Whether ``a`` is ``relation`` ("left of", "right of", "above", "below") ``b``: GenEval's rule on centroids.
     The offset a - b shrinks by POSITION_MARGIN of the summed box sides per axis; the relation holds when the

@@ -300,6 +300,36 @@ def sample_gen_prompt(rng: np.random.Generator, category: str | None = None) -> 
     return make_gen_prompt(category, [(c1, s1, 1), (c2, s2, 1)])
 
 
+def all_gen_prompts() -> tuple[GenPrompt, ...]:
+    """Every prompt ``make_gen_prompt`` accepts (its caption unique to it), category by category (CATEGORIES
+    order): 4 single-object, 12 two-object, 12 counting, 28 colour, 48 position and 588 colour-attribution prompts."""
+    return tuple(_caption_table().values())
+
+
+@cache
+def _caption_table() -> dict[str, GenPrompt]:
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    lo, hi = COUNTING_RANGE
+    fields = {
+        "single_object": [([(None, s, 1)], None) for s in SHAPES],
+        "two_object": [([(None, a, 1), (None, b, 1)], None) for a, b in pairs],
+        "counting": [([(None, s, n)], None) for s in SHAPES for n in range(lo, hi + 1)],
+        "colors": [([(c, s, 1)], None) for c in COLORS for s in SHAPES],
+        "position": [([(None, a, 1), (None, b, 1)], r) for r in RELATIONS for a, b in pairs],
+        "color_attr": [([(c1, a, 1), (c2, b, 1)], None) for c1 in COLORS for c2 in COLORS for a, b in pairs],
+    }
+    prompts = [make_gen_prompt(category, objects, relation) for category in CATEGORIES
+               for objects, relation in fields[category]]
+    return {prompt.caption: prompt for prompt in prompts}
+
+
+def parse_caption(text: str) -> GenPrompt | None:
+    """The prompt whose caption ``text`` is (letter case, spacing and one final full stop ignored), or None where the
+    world has no such caption: ``parse_caption("A photo of two circles.")`` is the counting prompt of two circles."""
+    words = text.strip().removesuffix(".").lower().split()
+    return _caption_table().get(" ".join(words))
+
+
 @cache
 def _relation_cells(relation: str) -> tuple[tuple[int, int], ...]:
     """(cell of A, cell of B) pairs with "A <relation> B" by a clear margin: at least one cell apart along the

@@ -16,9 +16,12 @@ from flashu_fx.model import Showo2, init_random_weights
 from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec
 from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
+from flashu_fx.testbed.scorer import describe, detect, score_prompt
 from flashu_fx.testbed.tokenizer import FILE_NAME
+from flashu_fx.testbed.world import parse_caption
 from harness import __main__ as cli
 from harness import answer, demo, generate
+from harness.cli_options import CAPTION_EXAMPLES
 from harness.runner import ExactCodecImages, shipped_testbed_present
 
 Image = pytest.importorskip("PIL.Image")
@@ -95,6 +98,28 @@ def test_generate_writes_pictures_grid_and_report(testbed_dir, tmp_path, capsys)
         assert np.array_equal(read_png(out / item["file"]), codec.decode(latents)[0].numpy())
     printed = capsys.readouterr().out
     assert "2 picture(s)" in printed and str(out / "generate.json") in printed
+    # The testbed's scorer judges each picture against its caption (random weights: whatever it drew); counting
+    # prompts name no colour, so "two blue squares" is no caption of the world and goes unscored.
+    first, second = report["images"]
+    picture = read_png(out / first["file"])
+    assert first["right"] == score_prompt(parse_caption(first["prompt"]), picture)
+    assert first["found"] == describe(detect(picture)) and second["right"] is None
+    assert report["score"] == dict(scored=1, right=int(first["right"]))
+    assert f"the scorer: {int(first['right'])} of 1 scored picture(s) right" in printed
+
+
+def test_generate_reads_prompts_as_captions_of_the_testbed_world(testbed_dir, tmp_path, capsys):
+    """A text without the template is drawn as its caption ("a photo of ..."), with a note; one the world has no
+    caption for is drawn as given, unscored, with a note naming the option."""
+    report = run_generate(tmp_path / "captions", "--weights", str(testbed_dir), "--no-flashu",
+                          "--prompt", "A red circle", "--prompt", "a photo of a circle and a circle")
+    assert [(i["prompt"], i["right"] is None) for i in report["images"]] == [
+        ("a photo of a red circle", False), ("a photo of a circle and a circle", True)]
+    assert report["score"]["scored"] == 1
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "--prompt: drawing 'a photo of a red circle' for 'A red circle'" in err
+    assert "--prompt: 'a photo of a circle and a circle' is no caption of the testbed's world" in err
+    assert all(parse_caption(example) is not None for example in CAPTION_EXAMPLES)
 
 
 def test_generate_reads_a_prompt_file_and_uses_the_shipped_calibration(testbed_dir, tmp_path):

@@ -17,6 +17,7 @@ from flashu_fx.testbed.scorer import (
     Detection,
     answer_summary,
     connected_components,
+    describe,
     detect,
     geneval_summary,
     palette_labels,
@@ -390,3 +391,14 @@ def test_answer_summary_pools_items():
     assert summary["overall"] == {"accuracy": 0.5, "count": 10, "ci95": wilson_interval(5, 10)}
     assert summary["kinds"]["color"]["accuracy"] == 1.0 and summary["kinds"]["count"]["count"] == 6
     assert set(summary["kinds"]) == {"color", "count"}
+
+
+def test_describe_counts_what_was_found_in_first_seen_order():
+    def found(color, shape):
+        return Detection(shape, color, 0.0, 0.0, 60)
+
+    assert describe([]) == "nothing"
+    assert describe([found("red", "circle"), found("blue", "square"), found("red", "circle"),
+                     found("green", UNKNOWN)]) == "2 red circles, a blue square, a green blob"
+    scene = Scene((Obj.from_box("triangle", "white", 12, 2, 2), Obj.from_box("diamond", "cyan", 10, 19, 34)))
+    assert describe(detect(render(scene))) == "a white triangle, a cyan diamond"  # raster order

@@ -23,11 +23,13 @@ from flashu_fx.testbed.world import (
     SIZES,
     Obj,
     Scene,
+    all_gen_prompts,
     askable_kinds,
     cell_name,
     heldout_gen_prompts,
     heldout_questions,
     make_gen_prompt,
+    parse_caption,
     render,
     render_batch,
     rng_for,
@@ -394,3 +396,32 @@ def test_vocabulary_is_exactly_the_words_in_use():
     assert vocab == sorted(set(vocab)) and all(re.fullmatch("[a-z]+", w) for w in vocab)
     assert used == set(vocab)
     assert max(len(t.split()) for t in texts) <= 12
+
+
+def test_every_prompt_of_the_world_is_listed_once_and_parses_back():
+    prompts = all_gen_prompts()
+    assert Counter(p.category for p in prompts) == dict(single_object=4, two_object=12, counting=12, colors=28,
+                                                         position=48, color_attr=588)
+    assert len({p.caption for p in prompts}) == len(prompts)
+    assert all(parse_caption(p.caption) == p for p in prompts)
+
+
+@given(seed=seeds, category=st.sampled_from(CATEGORIES), upper=st.booleans(), spaces=st.integers(1, 3),
+       stop=st.booleans())
+def test_parse_caption_reads_sampled_captions_whatever_the_case_spacing_and_full_stop(seed, category, upper, spaces,
+                                                                                       stop):
+    prompt = sample_gen_prompt(rng_for("train", seed), category)
+    text = (" " * spaces).join(prompt.caption.split()) + ("." if stop else "")
+    assert parse_caption(f" {text.upper() if upper else text} ") == prompt
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle",  # no template
+    "a photo of a circle and a circle",  # two-object prompts name two shapes
+    "a photo of a red circle left of a blue square",  # position prompts name no colours
+    "a photo of one circle",  # counting is 2..4
+    "a photo of a circle..",
+    "",
+])
+def test_parse_caption_refuses_what_the_world_never_says(text):
+    assert parse_caption(text) is None
