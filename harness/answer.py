@@ -38,6 +38,7 @@ from harness.cli_options import (
     text_option,
     use_compile,
     with_settings,
+    world_questions,
 )
 from harness.devices import auto_threads, intra_op_threads
 from harness.distributed import Ranks
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("answer runs as one process; torchrun's data parallelism is for 'generate'")
     device, dtype = resolve_device_dtype(args)
     ckpt = load_checkpoint(args.weights, args.tokenizer, args.vae, device, dtype)
+    if ckpt.testbed is not None:  # in its world's wording, or asked as given with a note
+        texts, notes = world_questions(texts)
+        for note in notes:
+            print(note, file=sys.stderr)
     ids = encode_texts(ckpt, texts)
     latents = image_latents(ckpt, args.image)
     budget = args.max_new_tokens or ckpt.max_new_tokens

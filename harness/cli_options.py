@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -173,6 +174,33 @@ def world_captions(texts: list[Text]) -> tuple[list[Text], list[GenPrompt | None
         drawn.append(item)
         prompts.append(prompt)
     return drawn, prompts, notes
+
+
+def world_questions(texts: list[Text]) -> tuple[list[Text], list[str]]:
+    """The testbed's view of questions: each text in its world's wording where it is one of the world's questions
+    (``world.parse_question``: letter case, spacing and a final "?" aside; the world's questions have no "?", which
+    the testbed's tokenizer lacks), with a note where the wording changed; any other text is asked as given, less a
+    final "?", with a note that the testbed never learned it (a text with words outside the vocabulary gets no note:
+    the tokenizer refuses it, naming them). Returns the texts to ask and the notes."""
+    asked, notes = [], []
+    for item in texts:
+        parsed = world.parse_question(item.text)
+        if parsed is not None:
+            if parsed[0] != " ".join(item.text.lower().split()):
+                notes.append(f"{item.where}: asking {parsed[0]!r} for {item.text!r} (the testbed's wording)")
+            asked.append(Text(parsed[0], item.where))
+            continue
+        text = item.text.strip().removesuffix("?").rstrip()
+        if set(re.findall(r"\w+|[^\w\s]", text.lower())) <= set(world.vocabulary()):
+            notes.append(f"{item.where}: {item.text!r} is no question of the testbed's world, so its answer may mean "
+                         f"nothing; its questions are like: {'; '.join(QUESTION_EXAMPLES)}")
+        asked.append(Text(text or item.text, item.where))
+    return asked, notes
+
+
+# One question of each kind (world.QA_KINDS order), for messages.
+QUESTION_EXAMPLES = ("what color is the circle", "how many squares are there", "is there a red triangle",
+                     "where is the blue diamond")
 
 
 # One caption of each category (world.CATEGORIES order), for messages.

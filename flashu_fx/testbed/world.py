@@ -425,6 +425,26 @@ def sample_question(scene: Scene, rng: np.random.Generator, kind: str | None = N
     return QAItem(scene, WHERE_QUESTION.format(target=target), cell_name(obj.cell), kind)
 
 
+@cache
+def _question_table() -> dict[str, str]:
+    """Every question the world asks -> its kind: 4 colour, 4 count, 28 exist and 32 where questions."""
+    table = {COLOR_QUESTION.format(shape=s): "color" for s in SHAPES}
+    table |= {COUNT_QUESTION.format(plural=PLURALS[s]): "count" for s in SHAPES}
+    table |= {EXIST_QUESTION.format(color=c, shape=s): "exist" for c in COLORS for s in SHAPES}
+    targets = [*SHAPES, *(f"{c} {s}" for c in COLORS for s in SHAPES)]
+    return table | {WHERE_QUESTION.format(target=t): "where" for t in targets}
+
+
+def parse_question(text: str) -> tuple[str, str] | None:
+    """(the world's wording, kind) of the question ``text`` is (letter case, spacing and one final "?" or "."
+    ignored), or None where the world asks no such question: ``parse_question("What color is the circle?")`` is
+    ("what color is the circle", "color")."""
+    words = text.strip().removesuffix("?").removesuffix(".").lower().split()
+    question = " ".join(words)
+    kind = _question_table().get(question)
+    return None if kind is None else (question, kind)
+
+
 def _question_of_kind(rng: np.random.Generator, kind: str) -> QAItem:
     """A random scene on which ``kind`` is askable (rejection; > 80% of scenes qualify) and its question."""
     while True:

@@ -18,10 +18,10 @@ from flashu_fx.testbed import codec
 from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
 from flashu_fx.testbed.scorer import describe, detect, score_prompt
 from flashu_fx.testbed.tokenizer import FILE_NAME
-from flashu_fx.testbed.world import parse_caption
+from flashu_fx.testbed.world import parse_caption, parse_question
 from harness import __main__ as cli
 from harness import answer, demo, generate
-from harness.cli_options import CAPTION_EXAMPLES
+from harness.cli_options import CAPTION_EXAMPLES, QUESTION_EXAMPLES
 from harness.runner import ExactCodecImages, shipped_testbed_present
 
 Image = pytest.importorskip("PIL.Image")
@@ -168,6 +168,24 @@ def test_answer_prints_and_reports(testbed_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     for item in report["answers"]:
         assert item["tokens"] == len(item["ids"]) <= 8 and f"Q: {item['question']}\nA: {item['answer']}\n" in printed
+
+
+def test_answer_asks_in_the_testbed_world_s_wording(testbed_dir, tmp_path, capsys):
+    """A world question with capitals and a "?" is asked in the world's wording (the same ids as that wording), with a
+    note; another question is asked as given, less its "?", with a note that the testbed never learned it."""
+    picture = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((48, 48, 3), dtype=np.uint8)).save(picture)
+    argv = ["--weights", str(testbed_dir), "--image", str(picture), "--device", "cpu", "--no-flashu"]
+    assert answer.main([*argv, "--out", str(tmp_path / "a"), "--question", "What color is the  circle?",
+                        "--question", "what is the color of the circle?"]) == 0
+    assert answer.main([*argv, "--out", str(tmp_path / "b"), "--question", QUESTIONS[0]]) == 0
+    asked, plain = (json.loads((tmp_path / d / "answer.json").read_text())["answers"] for d in ("a", "b"))
+    assert [a["question"] for a in asked] == [QUESTIONS[0], "what is the color of the circle"]
+    assert asked[0]["ids"] == plain[0]["ids"]
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "--question: asking 'what color is the circle' for 'What color is the  circle?'" in err
+    assert "'what is the color of the circle?' is no question of the testbed's world" in err
+    assert all(parse_question(example) is not None for example in QUESTION_EXAMPLES)
 
 
 def test_a_testbed_picture_file_encodes_exactly(testbed_dir, tmp_path):

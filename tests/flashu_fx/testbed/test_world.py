@@ -30,6 +30,7 @@ from flashu_fx.testbed.world import (
     heldout_questions,
     make_gen_prompt,
     parse_caption,
+    parse_question,
     render,
     render_batch,
     rng_for,
@@ -425,3 +426,16 @@ def test_parse_caption_reads_sampled_captions_whatever_the_case_spacing_and_full
 ])
 def test_parse_caption_refuses_what_the_world_never_says(text):
     assert parse_caption(text) is None
+
+
+@given(seed=seeds, upper=st.booleans(), mark=st.sampled_from(["", "?", "."]))
+def test_parse_question_reads_sampled_questions_whatever_the_case_and_final_mark(seed, upper, mark):
+    for item in heldout_questions(len(QA_KINDS), seed):  # one of each kind
+        text = item.question.upper() if upper else item.question
+        assert parse_question(f"{text}{mark}") == (item.question, item.kind)
+
+
+@pytest.mark.parametrize("text", ["what is the color of the circle", "how many circle are there",
+                                  "is there a circle", "where is the red", "what color is the circle??", ""])
+def test_parse_question_refuses_what_the_world_never_asks(text):
+    assert parse_question(text) is None
