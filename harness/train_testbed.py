@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,12 +32,19 @@ from flashu_fx.model import Showo2
 from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.checkpoint import DEFAULT_STEPS, RECORD_FILE, flashu_config
 from flashu_fx.testbed.data import build_gen_pool, build_und_pool, pool_to
-from flashu_fx.testbed.diagnostics import EDITS, caption_sensitivity, flow_loss_parts, score_generation
+from flashu_fx.testbed.diagnostics import (
+    EDITS,
+    caption_sensitivity,
+    flow_loss_parts,
+    score_generation,
+    velocity_sensitivity,
+)
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
 from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
+PROBE_PROMPTS = 16  # held-out prompts per caption edit in the training probe (one forward of 64 rows each)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-prompts", type=int, default=16,
                    help="prompt pairs per caption edit (a relation reversed, two colours exchanged) drawn with the "
                         "same noise after training, to see whether the pictures follow those words (0: skip)")
+    p.add_argument("--probe-every", type=int, default=500, metavar="N",
+                   help="every N steps, how far one model call's velocity moves when a relation is reversed or two "
+                        "colours exchanged, as a share of the caption's whole pull (the EMA weights, "
+                        f"{PROBE_PROMPTS} held-out prompts per edit): the learning curve of binding, in the loss log "
+                        "and the progress bar (0: never)")
     p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
     p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
     return p
+
+
+def binding_probe(tok: WordTokenizer) -> Callable[[Showo2], dict[str, float]]:
+    """The training probe: ``diagnostics.velocity_sensitivity`` of each caption edit, as {"<edit>_pull": share}."""
+
+    def probe(model: Showo2) -> dict[str, float]:
+        return {f"{edit}_pull": velocity_sensitivity(model, tok, edit, n=PROBE_PROMPTS) for edit in EDITS}
+
+    return probe
 
 
 def lr_scales(text: str) -> tuple[tuple[str, float], ...]:
@@ -145,8 +167,9 @@ def earlier_runs(init: str | None) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.sensitivity_prompts < 0:
-        parser.error(f"--sensitivity-prompts {args.sensitivity_prompts} is invalid: allowed an integer >= 0")
+    for option in ("sensitivity_prompts", "probe_every"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
     started = time.perf_counter()
     device = torch.device(args.device)
     cfg = get_config(PRESET)
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
                             seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
                             category_weights=args.category_weights, foreground_weight=args.foreground_weight,
-                            lr_scales=args.lr_scales)
+                            lr_scales=args.lr_scales, probe_every=args.probe_every)
     with torch.device("meta"):  # the learning-rate prefixes checked before minutes of rendering, not after
         try:
             param_groups(Showo2(cfg), train_cfg)
@@ -172,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         model = from_pretrained(args.init, dtype=torch.float32, device=device).train()
     else:
         model = init_for_training(Showo2(cfg), seed=args.seed).to(device)
-    ema, log = train(model, gen_pool, und_pool, train_cfg)
+    ema, log = train(model, gen_pool, und_pool, train_cfg, probe=binding_probe(tok))
     del gen_pool, und_pool, model
     train_s = log[-1]["seconds"] if log else 0.0
     print(f"trained {log[-1]['step'] + 1} steps in {train_s:.1f} s: {log[-1]}", flush=True)
@@ -212,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     for found in sensitivity:
         print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
               f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
+    pull = binding_probe(tok)(model)  # the shipped weights' (the loss log has the EMA's along the way)
+    print("velocity moved by each caption edit, as a share of the caption's pull: "
+          + ", ".join(f"{k.removesuffix('_pull')} {v:.3f}" for k, v in pull.items()), flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
@@ -240,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                      answers=qa),
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
+        velocity_sensitivity=pull,
         calibration=calib,
         history=earlier_runs(args.init),
     )

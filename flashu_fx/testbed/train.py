@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,15 @@ class TrainConfig:
     # weights carry the noise the velocity must remove and get little gradient for it (docs/QUALITY.md). A
     # parameter takes the first prefix it starts with; others the plain schedule.
     lr_scales: tuple[tuple[str, float], ...] = ()
+    # Every this many steps, ``train``'s ``probe`` runs on the EMA weights and its numbers join the loss log (0: never)
+    probe_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.probe_every < 0:
+            raise ValueError(f"TrainConfig.probe_every={self.probe_every} must be >= 0 (0: no probe)")
         if self.category_weights is not None:
             object.__setattr__(self, "category_weights", check_category_weights(self.category_weights))
         if not 0 <= self.caption_dropout < 1:
@@ -206,11 +211,13 @@ def joint_loss(model: Showo2, batch: dict[str, Tensor], cfg: TrainConfig) -> tup
     return flow + cfg.und_loss_weight * ce, flow, ce
 
 
-def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress: bool = True
-          ) -> tuple[Showo2, list[dict[str, float]]]:
+def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress: bool = True,
+          probe: Callable[[Showo2], dict[str, float]] | None = None) -> tuple[Showo2, list[dict[str, float]]]:
     """Train ``model`` in place on the pools (on the model's device); returns the EMA model and the loss log.
 
-    The log holds one entry per 50 steps: step, seconds, lr, total, flow and answer losses.
+    The log holds one entry per 50 steps: step, seconds, lr, total, flow and answer losses; and every
+    ``cfg.probe_every`` steps (from step ``probe_every`` on) one with ``probe(ema)``'s numbers too (e.g. how far the
+    velocity follows the binding words: ``diagnostics.velocity_sensitivity``), run without gradients.
     """
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -220,6 +227,7 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
     generator = torch.Generator(gen.tokens.device).manual_seed(cfg.seed)
     forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model  # same parameters
     log: list[dict[str, float]] = []
+    shown: dict[str, str] = {}
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="training testbed", disable=not progress)
@@ -240,10 +248,17 @@ def train(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, progress:
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
-        if step % 50 == 0 or step == cfg.steps - 1:
+        probing = probe is not None and cfg.probe_every > 0 and step > 0 and step % cfg.probe_every == 0
+        if step % 50 == 0 or step == cfg.steps - 1 or probing:
             entry = dict(step=step, seconds=elapsed, lr=lr, loss=float(loss.detach()), flow=float(flow.detach()),
                          answer=float(ce.detach()))
+            if probing:
+                with torch.no_grad():
+                    probed = probe(ema)
+                entry.update(probed)
+                shown = {k: f"{v:.3f}" for k, v in probed.items()}  # the last probe's, until the next
             log.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", flow=f"{entry['flow']:.4f}", answer=f"{entry['answer']:.4f}")
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", flow=f"{entry['flow']:.4f}", answer=f"{entry['answer']:.4f}",
+                            **shown)
     model.eval()
     return ema, log

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashu_fx.layout import build_gen_batch
+from flashu_fx.model import Showo2Output
 from flashu_fx.testbed import codec, world
 from flashu_fx.testbed.checkpoint import load_testbed
 from flashu_fx.testbed.diagnostics import (
@@ -17,6 +18,7 @@ from flashu_fx.testbed.diagnostics import (
     edited_prompt,
     flow_loss_parts,
     split_flow_loss,
+    velocity_sensitivity,
 )
 
 
@@ -108,3 +110,51 @@ def test_the_shipped_testbed_measures_its_caption_sensitivity() -> None:
     assert found.changed < 1.0 or found.pixel_change > CHANGED_PIXELS
     assert found.changed > 0.0 or found.pixel_change <= CHANGED_PIXELS
     assert 0 <= found.original_correct <= 1 and 0 <= found.edited_correct <= 1
+
+
+class WordVelocity(torch.nn.Module):
+    """A stand-in for Showo2 whose velocity is a fixed function of the caption tokens alone: each token's vector
+    summed (``ordered=False``: a bag of words) or weighted by its place (``ordered=True``), plus the latents."""
+
+    def __init__(self, config, ordered: bool) -> None:
+        super().__init__()
+        self.config, self.ordered = config, ordered
+        self.table = torch.nn.Parameter(torch.randn(config.vocab_size, codec.LATENT_CHANNELS,
+                                                    generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, tokens, latents, t, offsets, mask, return_logits=True):
+        place = torch.arange(1, tokens.shape[1] + 1, dtype=torch.float32) if self.ordered else torch.ones(
+            tokens.shape[1])
+        text = (self.table[tokens] * place[None, :, None]).sum(1)  # (M, C)
+        return Showo2Output(velocity=latents + text[:, :, None, None], logits=None)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_a_bag_of_words_model_ignores_the_colour_exchange_and_an_ordered_one_does_not(ordered: bool) -> None:
+    """Exchanging two colours keeps a caption's bag of words, so a bag-of-words velocity does not move (0 exactly);
+    reversing a relation changes a word, so every model moves; the share does not depend on the velocity's scale."""
+    testbed = load_testbed()
+    model, tok = WordVelocity(testbed.model.config, ordered), testbed.tokenizer
+    colors, relation = (velocity_sensitivity(model, tok, edit, n=4) for edit in ("colors", "relation"))
+    assert colors > 1e-3 if ordered else colors < 1e-5  # the bag's sums differ by float rounding alone
+    assert relation > 1e-3
+    with torch.no_grad():
+        model.table.mul_(10.0)  # ten times the pull and the move (the latents cancel in both): the same share
+    assert velocity_sensitivity(model, tok, "relation", n=4) == pytest.approx(relation, rel=1e-4)
+
+
+def test_velocity_sensitivity_checks_its_arguments() -> None:
+    testbed = load_testbed()
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        velocity_sensitivity(testbed.model, testbed.tokenizer, "relation", n=0)
+    with pytest.raises(ValueError, match="t must lie in"):
+        velocity_sensitivity(testbed.model, testbed.tokenizer, "relation", t=1.0)
+    with pytest.raises(ValueError, match="edit must be one of"):
+        velocity_sensitivity(testbed.model, testbed.tokenizer, "shapes")
+
+
+def test_the_shipped_testbed_measures_its_velocity_sensitivity() -> None:
+    testbed = load_testbed()
+    shares = [velocity_sensitivity(testbed.model, testbed.tokenizer, edit, n=4, seed=1) for edit in ("relation",
+                                                                                                      "colors")]
+    assert all(np.isfinite(s) and s > 0 for s in shares)

@@ -96,6 +96,8 @@ def test_bad_train_config_names_the_field() -> None:
         TrainConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="TrainConfig.batch_und=0"):
         TrainConfig(batch_und=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.probe_every=-1 must be >= 0 \(0: no probe\)"):
+        TrainConfig(probe_every=-1)
     with pytest.raises(ValueError, match=r"TrainConfig.foreground_weight=-1 must be >= 0"):
         TrainConfig(foreground_weight=-1)
     with pytest.raises(ValueError, match="TrainConfig.foreground_weight=nan"):
@@ -194,3 +196,26 @@ def test_a_scaled_group_takes_a_scaled_step(pools) -> None:
         train(model, gen, und, cfg, progress=False)
         moves.append((model.fusion_proj[1].weight.detach() - before).abs().mean())
     assert torch.allclose(moves[1], 4 * moves[0], rtol=1e-3)
+
+
+def test_the_probe_watches_the_ema_weights_every_probe_every_steps(pools) -> None:
+    """The probe runs on the EMA model (what ships), without gradients, at steps probe_every, 2 probe_every, ...;
+    its numbers join those steps' log entries, a step between the 50-step entries getting an entry of its own."""
+    _, gen, und = pools
+    cfg = TrainConfig(steps=25, batch_gen=2, batch_und=2, warmup=1, pool_gen=64, pool_und=64, probe_every=7)
+    model = init_for_training(Showo2(SMALL), seed=0)
+    seen = []
+
+    def probe(ema: Showo2) -> dict[str, float]:
+        assert ema is not model and not torch.is_grad_enabled() and not ema.training
+        seen.append([p.detach().clone() for p in ema.parameters()])
+        return {"pull": float(len(seen))}
+
+    ema, log = train(model, gen, und, cfg, progress=False, probe=probe)
+    assert [(e["step"], e["pull"]) for e in log if "pull" in e] == [(7, 1.0), (14, 2.0), (21, 3.0)]
+    assert [e["step"] for e in log] == [0, 7, 14, 21, 24]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[0], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[-1], strict=True))  # the EMA moved in between
+    _, quiet = train(init_for_training(Showo2(SMALL), seed=0), gen, und, dataclasses.replace(cfg, probe_every=0),
+                     progress=False, probe=probe)
+    assert len(seen) == 3 and not any("pull" in e for e in quiet)  # probe_every=0: never
