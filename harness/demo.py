@@ -30,6 +30,9 @@ from flashu_fx.config import PRESETS, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.loading import from_pretrained
 from flashu_fx.model import Showo2
+from flashu_fx.testbed import world
+from flashu_fx.testbed.scorer import judge_picture, judgement_line
+from flashu_fx.testbed.world import GenPrompt
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from flashu_fx.vae import WanLatentCodec, diffusers_available
 from harness.arguments import command_parser, existing_directory
@@ -111,6 +114,7 @@ class DemoModel:
     max_new_tokens: int = DEFAULT_NEW_TOKENS
     flashu_layouts: dict = field(default_factory=dict)  # task -> (layout, how scored), as in GenContext
     flashu_configs: dict = field(default_factory=dict)  # task -> FlashUConfig
+    world_prompts: tuple[GenPrompt | None, ...] | None = None  # a testbed's: the prompts its scorer judges
 
 
 def load_testbed_demo(path: Path | None, args: argparse.Namespace, device: torch.device,
@@ -123,6 +127,7 @@ def load_testbed_demo(path: Path | None, args: argparse.Namespace, device: torch
         TESTBED_PROMPTS, TESTBED_QUESTION, ckpt.steps, ckpt.guidance, ckpt.max_new_tokens,
         flashu_layouts={task: (s.layout, s.how) for task, s in shipped.items()},
         flashu_configs={task: shipped[task].config if task in shipped else ckpt.flashu_config(task) for task in TASKS},
+        world_prompts=tuple(world.parse_caption(p) for p in TESTBED_PROMPTS),
     )
 
 
@@ -183,12 +188,15 @@ def answer_words(answer) -> str:
     return f"{answer.text.strip()!r} ({len(answer.ids)} tokens)"
 
 
-def write_demo_grid(out: Path, pictures: dict[str, Tensor], demo: DemoModel) -> Path | None:
-    """``demo.png``: one row per gen row, each picture under its prompt; None without matplotlib."""
+def write_demo_grid(out: Path, pictures: dict[str, Tensor], demo: DemoModel,
+                    judged: dict[str, list[dict]] | None = None) -> Path | None:
+    """``demo.png``: one row per gen row, each picture under its prompt (and the scorer's ``judged`` line, on a
+    testbed); None without matplotlib."""
     rows = [(name, list(images.numpy())) for name, images in pictures.items()]
+    notes = None if judged is None else [[judgement_line(j) for j in judged[name]] for name in pictures]
     title = f"demo: {demo.model.config.name}, pictures by the {demo.images_by}"
     try:
-        return captioned_grid(rows, list(demo.prompts), out / "demo.png", title=title)
+        return captioned_grid(rows, list(demo.prompts), out / "demo.png", title=title, notes=notes)
     except ImportError:  # matplotlib, imported when drawing
         print("matplotlib is not installed: no demo.png (pip install 'flashu-fx[plots]')", file=sys.stderr)
         return None
@@ -203,16 +211,23 @@ def run_rows(args, rows: dict, demo: DemoModel) -> tuple[list[list[str]], dict]:
     prompts = [fit_prompt(model.config, tok.encode(p), f"demo prompt {i}") for i, p in enumerate(demo.prompts)]
     gen_ctx = GenContext(model, prompts, args.steps, args.guidance, args.seed, tok, True,
                          flashu_layouts=dict(demo.flashu_layouts), flashu_configs=demo.flashu_configs)
-    gen_out, pictures = {}, {}
+    gen_out, pictures, judged = {}, {}, {}
     for name, fn in rows["gen"].items():
         r = time_row("gen", name, fn, gen_ctx, warmup=0, repeats=1)
         gen_out[name] = r.output
         pictures[name] = demo.to_images(r.output)
         stem = re.sub(r"[^\w.-]+", "_", name).strip("_")  # a variant's brackets and '=' stay out of file names
         png = write_png(args.out / f"t2i_{stem}.png", image_grid(pictures[name]))
-        table.append(["t2i", name, f"{r.count} calls", f"{r.seconds:.2f}", summarize("gen", r.output)])
-        report["rows"].append({"task": "gen", "row": name, "seconds": r.seconds, "count": r.count, "png": str(png)})
-    grid = write_demo_grid(args.out, pictures, demo)
+        summary = summarize("gen", r.output)
+        row = {"task": "gen", "row": name, "seconds": r.seconds, "count": r.count, "png": str(png)}
+        if demo.world_prompts is not None:  # the testbed's scorer on each picture
+            judged[name] = [judge_picture(prompt, image) for prompt, image in
+                            zip(demo.world_prompts, pictures[name].numpy(), strict=True)]
+            row["judged"] = judged[name]
+            summary = f"{sum(bool(j['right']) for j in judged[name])}/{len(judged[name])} right; {summary}"
+        table.append(["t2i", name, f"{r.count} calls", f"{r.seconds:.2f}", summary])
+        report["rows"].append(row)
+    grid = write_demo_grid(args.out, pictures, demo, judged if demo.world_prompts is not None else None)
     report["grid"] = None if grid is None else str(grid)
     # The question is about the first generated image (its latents are the VAE's normalised latents).
     latents = gen_out[BASELINES["gen"]][:1]

@@ -41,11 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flashu_fx.testbed.scorer import describe, detect, score_prompt
+from flashu_fx.testbed.scorer import judge_picture, judgement_line
 from flashu_fx.testbed.world import GenPrompt
 from harness.arguments import command_parser
 from harness.cli_options import (
@@ -143,7 +142,7 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
         item["file"] = f"{item['index']:0{digits}d}_{slug(item['prompt'])}.png"
         write_png(out / item["file"], torch.from_numpy(item["image"]))
         if world_prompts is not None:
-            item.update(verdict(world_prompts[item["index"]], item["image"]))
+            item.update(judge_picture(world_prompts[item["index"]], item["image"]))
         images.append(item.pop("image"))
     ranks = [dict(rank=s["rank"], device=s["device"], images=len(s["items"]),
                   indices=[item["index"] for item in s["items"]], seconds=s["seconds"],
@@ -165,8 +164,7 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
     if world_prompts is not None:
         scored = [item["right"] for item in items if item["right"] is not None]
         report["score"] = dict(scored=len(scored), right=sum(scored))
-        verdicts = [("right" if item["right"] else "wrong") + f": {item['found']}" if item["right"] is not None
-                    else "not scored (no caption of the world)" for item in items]
+        verdicts = [judgement_line(item) for item in items]
     title = f"{header['model']} ({header['checkpoint']}), {header['path']}"
     try:
         report["grid"] = prompt_grid(images, prompts, out / "grid.png", header["path"], title,
@@ -175,11 +173,6 @@ def write_outputs(out: Path, shares: list[dict[str, Any]], prompts: list[str], h
         print("matplotlib is not installed: no grid.png (pip install 'flashu-fx[plots]')", file=sys.stderr)
     (out / "generate.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def verdict(prompt: GenPrompt | None, image: np.ndarray) -> dict[str, Any]:
-    """The scorer on one picture: {right: GenEval's verdict (None: no prompt to score), found: what it detected}."""
-    return dict(right=None if prompt is None else score_prompt(prompt, image), found=describe(detect(image)))
 
 
 def main(argv: list[str] | None = None) -> int:

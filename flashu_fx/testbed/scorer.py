@@ -187,6 +187,18 @@ def describe(found: Sequence[Detection]) -> str:
                      for (color, shape), n in counts.items()) or "nothing"
 
 
+def judge_picture(prompt: GenPrompt | None, image: np.ndarray) -> dict:
+    """A picture (H, W, 3) as a person reads the scorer on it: {"right": GenEval's verdict for ``prompt`` (None: no
+    prompt to judge it by), "found": ``describe`` of what the detector saw}."""
+    return dict(right=None if prompt is None else score_prompt(prompt, image), found=describe(detect(image)))
+
+
+def judgement_line(judged: dict) -> str:
+    """One line of ``judge_picture``'s result for under a picture: "right: a red circle", "wrong: nothing"."""
+    verdict = {True: "right", False: "wrong", None: "not scored"}[judged["right"]]
+    return f"{verdict}: {judged['found']}"
+
+
 def relation_holds(a: Detection, b: Detection, relation: str) -> bool:
     """Whether ``a`` is ``relation`` ("left of", "right of", "above", "below") ``b``: GenEval's rule on centroids.
     The offset a - b shrinks by POSITION_MARGIN of the summed box sides per axis; the relation holds when the

@@ -16,7 +16,7 @@ from flashu_fx.model import Showo2, init_random_weights
 from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec
 from flashu_fx.testbed.checkpoint import flashu_config, load_testbed
-from flashu_fx.testbed.scorer import describe, detect, score_prompt
+from flashu_fx.testbed.scorer import describe, detect, judge_picture, score_prompt
 from flashu_fx.testbed.tokenizer import FILE_NAME
 from flashu_fx.testbed.world import parse_caption, parse_question
 from harness import __main__ as cli
@@ -301,6 +301,12 @@ def test_demo_on_a_testbed_shows_pictures_and_answers(testbed_dir, tmp_path, cap
     for row in report["rows"][2:]:
         assert f"{row['answer'].strip()!r} ({row['count']} tokens)" in printed
     assert "image (eager, testbed codec)" in printed
+    # the testbed's scorer judges each row's pictures, the demo's prompts being captions of its world
+    eager_pictures = read_png(tmp_path / "t2i_eager.png")
+    for row in report["rows"][:2]:
+        assert [j["right"] is not None for j in row["judged"]] == [True, True]
+    first = eager_pictures[:, :48]  # image_grid: the pictures side by side, 4 px apart
+    assert report["rows"][0]["judged"][0] == judge_picture(parse_caption(demo.TESTBED_PROMPTS[0]), first)
 
 
 @pytest.mark.skipif(shipped_testbed_present(), reason="the shipped testbed is in this checkout")
