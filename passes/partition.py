@@ -218,6 +218,8 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
         key = (part.signature, _layout(examples[part.name], symbolic.get(part.name)))
         if key not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
+            if part.name in symbolic:  # which inputs carry the length: compiled symbolic in it from the start
+                part.module.meta["symbolic_inputs"] = symbolic[part.name]
             # Passes over the part read its inputs' example values (shapes, storage sharing); a pass over the root
             # may have changed them (weight views), so they become the inputs the part is compiled for.
             inputs = placeholders(part.module)

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -93,9 +93,11 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
     example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
     prompt length, and so the batch cut after the last slot, varies from request to request): Dynamo captures the
-    part once more and compiles it on its first call, and a call with a second length recompiles it once with the
-    length symbolic, instead of compiling every part again for every prompt length.
-    ``compile_parts`` then shares one artifact across lengths (``dynamic_lengths`` is set on the returned compiler)."""
+    part once more and compiles it on its first call with the length symbolic, where ``compile_parts`` names the
+    inputs that carry it (``gm.meta["symbolic_inputs"]``: ``symbolic_part_inputs``), so one compilation serves every
+    prompt length. Without that record, a call with a second length recompiles the part once, the length then
+    symbolic (Dynamo's automatic dynamic shapes). ``compile_parts`` shares one artifact across lengths
+    (``dynamic_lengths`` is set on the returned compiler)."""
     extra_patches = _checked_settings(backend, inductor_options)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -115,8 +117,39 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
             return part_backend(gm, example_inputs)
         if merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
             log.debug("%s: merge_projections -> %s", name, merge_projections(gm))
-        return torch.compile(gm, backend=functools.partial(part_backend, merge_here=False), fullgraph=True,
-                             dynamic=None)
+        compiled = torch.compile(gm, backend=functools.partial(part_backend, merge_here=False), fullgraph=True,
+                                 dynamic=None)
+        symbolic = gm.meta.get("symbolic_inputs")
+        return compiled if not symbolic or not any(symbolic) else symbolic_from_the_start(gm, compiled, symbolic)
 
     compile_part.dynamic_lengths = dynamic_lengths  # type: ignore[attr-defined]
     return compile_part
+
+
+def symbolic_from_the_start(gm: fx.GraphModule, compiled: Callable,
+                            symbolic: Sequence[tuple[bool, ...] | bool]) -> Callable:
+    """``compiled`` (``torch.compile`` of ``gm``) whose first call, the one Dynamo captures, sees the length as a
+    symbol: ``symbolic`` gives, per input of ``gm``, which sizes of a tensor are the length (hinted dynamic on the
+    call's tensors, ``maybe_mark_dynamic``) and whether a size input is it (named a dynamic source for that call,
+    ``torch.compiler.config.dynamic_sources``; a size left constant would tie the tensors' symbol to its value).
+    Later calls go straight to the compiled part."""
+    names = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(names) != len(symbolic):
+        raise ValueError(f"symbolic_inputs has {len(symbolic)} entries for the {len(names)} inputs of {gm.meta}")
+    sizes = ",".join(f"L['{name}']" for name, sym in zip(names, symbolic, strict=True) if sym is True)
+    first = True
+
+    def run(*args):
+        nonlocal first
+        if not first:
+            return compiled(*args)
+        for arg, sym in zip(args, symbolic, strict=True):
+            if isinstance(arg, torch.Tensor) and isinstance(sym, tuple):
+                for dim in (d for d, is_symbol in enumerate(sym) if is_symbol):
+                    torch._dynamo.maybe_mark_dynamic(arg, dim)
+        with torch.compiler.config.patch(dynamic_sources=sizes):
+            out = compiled(*args)
+        first = False
+        return out
+
+    return run

@@ -12,10 +12,11 @@ the layers the following steps skip. What runs for a call is a variant of its ca
     both      partition_showo2_graph, then slice_ffn_inputs (the "und" FFN of each layer as weight views)
 
 Variants are built on first use and compiled part by part, sharing compiled parts across variants (a new skip
-set reuses every layer's artifact). A prompt length is a new prefill variant (its passes and partition, no
-compile once warm): the prefill's parts are compiled through Dynamo (``make_part_compiler(dynamic_lengths=True)``),
-specialised to the first length and made symbolic in it by the second. On CUDA a prompt length's prefill is
-captured as a CUDA graph on its second use (``PREFILL_CAPTURE_ON_USE``); the decode step's variants on their first.
+set reuses every layer's artifact). A new prompt length reuses its variant (no pass runs again, nothing compiles):
+the variant keeps the capture's symbolic length, and the prefill's parts are compiled through Dynamo
+(``make_part_compiler(dynamic_lengths=True)``), symbolic in the length from their first compilation. On CUDA a
+prompt length's prefill is captured as a CUDA graph on its second use (``PREFILL_CAPTURE_ON_USE``); the decode
+step's variants on their first.
 The decode step's parts are specialised to their one row and the cache.
 """
 

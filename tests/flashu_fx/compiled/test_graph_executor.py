@@ -81,8 +81,8 @@ def test_no_recompiles_across_images_and_prompt_contents(tiny_model) -> None:
     # The batch ends after its last slot, in multiples of max_seq_len / 16 = 3 positions: 24, 24, 21 and 36 of 48.
     for prompt in ([1, 2, 3], [9, 8, 7], [4], list(range(1, 18))):
         generate_images_compiled(gen, backend, [prompt], baseline_steps=3, guidance=3.0)
-    # one capture (the length is a symbol); the 5 distinct parts compiled for the first length, and made symbolic
-    # in it by the next ones (make_part_compiler(dynamic_lengths=True))
+    # one capture (the length is a symbol); the distinct parts compiled once each, symbolic in the length from the
+    # first (make_part_compiler(dynamic_lengths=True), told the symbolic inputs by compile_parts)
     assert backend.compiles == 1
     warm, built = dict(backend.piece_captures), backend.variant_builds
     assert set(warm) == {"part[embed]", "part[siglip.0]", "part[fuse]", "part[layer.0]", "part[head_in]",

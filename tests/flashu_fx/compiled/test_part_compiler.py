@@ -1,6 +1,6 @@
 """The part compiler: merge_projections on every part, inductor gets the numerics and CUDA-graph settings, parts
-compiled for varying lengths recompile once with the length symbolic, and the backend hands each kind of part its
-settings."""
+compiled for varying lengths are symbolic in it from the first compilation (or recompile once, untold), and the
+backend hands each kind of part its settings."""
 
 from __future__ import annotations
 
@@ -71,6 +71,41 @@ def test_a_part_for_varying_lengths_recompiles_once_then_serves_every_length() -
         x, s = torch.randn(n), torch.randn(n)
         torch.testing.assert_close(part(x, s), x * s + 1)
     assert captures == Counter({"part[lengths]": 2})  # the first length, then the length as a symbol
+
+
+def column_of(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.reshape(n, 1) * 2 + 1
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_part_told_its_symbolic_inputs_compiles_once_for_every_length(backend: str, request) -> None:
+    """``compile_parts`` names the inputs that carry the length (``meta["symbolic_inputs"]``: a tensor's sizes, a
+    size input): the first compilation is already symbolic in it, so no length recompiles, the size input's value
+    included (a constant there would tie the tensor's size to it)."""
+    if backend == "inductor":
+        request.getfixturevalue("cpp_compiler")  # skips without one
+    captures: Counter = Counter()
+    compile_part = make_part_compiler(backend, captures, merge=False, dynamic_lengths=True)
+    gm = fx.symbolic_trace(column_of)
+    gm.meta.update(part="column", symbolic_inputs=[(True,), True])
+    part = compile_part(gm, [torch.randn(3), 3])
+    for n in (3, 5, 7, 11):
+        x = torch.randn(n)
+        torch.testing.assert_close(part(x, n), x[:, None] * 2 + 1)
+    assert captures == Counter({"part[column]": 1})
+    told_nothing: Counter = Counter()
+    plain = make_part_compiler(backend, told_nothing, merge=False, dynamic_lengths=True)(
+        fx.symbolic_trace(column_of), [torch.randn(3), 3])
+    for n in (3, 5, 7):
+        plain(torch.randn(n), n)
+    assert sum(told_nothing.values()) == 2  # the first length, then the length as a symbol
+
+
+def test_symbolic_inputs_must_name_every_input() -> None:
+    gm = fx.symbolic_trace(column_of)
+    gm.meta.update(part="column", symbolic_inputs=[(True,)])
+    with pytest.raises(ValueError, match="symbolic_inputs has 1 entries for the 2 inputs"):
+        make_part_compiler("eager", merge=False, dynamic_lengths=True)(gm, [torch.randn(3), 3])
 
 
 def test_unknown_piece_backend_is_refused() -> None:
