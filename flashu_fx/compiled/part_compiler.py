@@ -137,6 +137,9 @@ def symbolic_from_the_start(gm: fx.GraphModule, compiled: Callable,
     if len(names) != len(symbolic):
         raise ValueError(f"symbolic_inputs has {len(symbolic)} entries for the {len(names)} inputs of {gm.meta}")
     sizes = ",".join(f"L['{name}']" for name, sym in zip(names, symbolic, strict=True) if sym is True)
+    if sizes and not hasattr(torch.compiler.config, "dynamic_sources"):
+        log.debug("%s: this torch names no dynamic sources; the part recompiles once at a second length", gm.meta)
+        return compiled
     first = True
 
     def run(*args):
