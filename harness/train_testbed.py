@@ -38,6 +38,7 @@ from flashu_fx.testbed.diagnostics import (
     flow_loss_parts,
     score_generation,
     velocity_sensitivity,
+    world_sensitivity,
 )
 from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
@@ -236,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
               f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
     pull = binding_probe(tok)(model)  # the shipped weights' (the loss log has the EMA's along the way)
+    pull_of_world = {f"{edit}_pull": world_sensitivity(edit) for edit in EDITS}  # what a model knowing it moves
     print("velocity moved by each caption edit, as a share of the caption's pull: "
-          + ", ".join(f"{k.removesuffix('_pull')} {v:.3f}" for k, v in pull.items()), flush=True)
+          + ", ".join(f"{k.removesuffix('_pull')} {v:.3f} (the world's own {pull_of_world[k]:.2f})"
+                      for k, v in pull.items()), flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                      answers=qa),
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
-        velocity_sensitivity=pull,
+        velocity_sensitivity=dict(model=pull, world=pull_of_world),
         calibration=calib,
         history=earlier_runs(args.init),
     )

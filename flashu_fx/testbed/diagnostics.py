@@ -192,3 +192,25 @@ def velocity_sensitivity(model: Showo2, tokenizer: WordTokenizer, edit: str, n: 
     original, edited, null = v[:n], v[n : 2 * n], v[2 * n : 3 * n]
     pull = (original - null).norm(dim=1)
     return float(((original - edited).norm(dim=1) / pull.clamp_min(1e-12)).mean())
+
+
+def world_sensitivity(edit: str, n: int = 8, scenes: int = 400, seed: int = 0) -> float:
+    """``velocity_sensitivity`` of a model that knows the world exactly, at the noisy start (t -> 0): there the
+    velocity's caption part is the mean latent of the scenes the caption allows, so the share is ||mean(caption) -
+    mean(edited)|| / ||mean(caption) - mean(any caption)||, each mean over ``scenes`` renders, averaged over ``n``
+    held-out prompts of the edit's category. What a trained model's share is to approach (CPU, seconds)."""
+    if n < 1 or scenes < 1:
+        raise ValueError(f"n and scenes must be >= 1, got n={n}, scenes={scenes}")
+    rng = world.rng_for("heldout", seed)
+
+    def mean_latent(prompts: Sequence[world.GenPrompt]) -> Tensor:
+        renders = world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])
+        return codec.encode(torch.from_numpy(renders)).mean(0)
+
+    unconditional = mean_latent([world.sample_gen_prompt(rng) for _ in range(scenes)])
+    shares = []
+    for _ in range(n):
+        prompt = world.sample_gen_prompt(rng, _edit_category(edit))
+        original, edited = mean_latent([prompt] * scenes), mean_latent([edited_prompt(prompt, edit)] * scenes)
+        shares.append(float((original - edited).norm() / (original - unconditional).norm()))
+    return float(np.mean(shares))

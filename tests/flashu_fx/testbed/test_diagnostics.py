@@ -19,6 +19,7 @@ from flashu_fx.testbed.diagnostics import (
     flow_loss_parts,
     split_flow_loss,
     velocity_sensitivity,
+    world_sensitivity,
 )
 
 
@@ -158,3 +159,13 @@ def test_the_shipped_testbed_measures_its_velocity_sensitivity() -> None:
     shares = [velocity_sensitivity(testbed.model, testbed.tokenizer, edit, n=4, seed=1) for edit in ("relation",
                                                                                                       "colors")]
     assert all(np.isfinite(s) and s > 0 for s in shares)
+
+
+@pytest.mark.parametrize("edit", ["relation", "colors"])
+def test_the_world_s_mean_pictures_follow_the_binding_words(edit: str) -> None:
+    """A model that knew the world would move its noisy-start velocity under either edit by about as much as the
+    caption's whole pull (the scenes a reversed relation or exchanged colours allow differ as much from the original's
+    as any caption's do from the unconditional): the scale ``velocity_sensitivity`` is to approach."""
+    assert world_sensitivity(edit, n=4, scenes=100) > 0.5
+    with pytest.raises(ValueError, match="n and scenes must be >= 1"):
+        world_sensitivity(edit, scenes=0)
