@@ -41,7 +41,14 @@ from flashu_fx.testbed.diagnostics import (
     world_sensitivity,
 )
 from flashu_fx.testbed.tokenizer import WordTokenizer
-from flashu_fx.testbed.train import TrainConfig, check_lr_scales, init_for_training, param_groups, train
+from flashu_fx.testbed.train import (
+    POSITION_INITS,
+    TrainConfig,
+    check_lr_scales,
+    init_for_training,
+    param_groups,
+    train,
+)
 from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default=d.compile, metavar="BACKEND",
                    help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
+    p.add_argument("--position-init", choices=POSITION_INITS, default="normal",
+                   help="a run from scratch: how the image position table starts (sincos: DiT's fixed 2-D sine-cosine "
+                        "table, the only absolute 2-D position the image tokens get; normal: N(0, 0.02))")
     p.add_argument("--eval-no-kv-cache", action="store_true", help="score answers with the no-cache decode loop")
     p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered generation examples (and understanding "
                    "examples unless --pool-und is given)")
@@ -168,6 +178,9 @@ def earlier_runs(init: str | None) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.init and args.position_init != "normal":
+        parser.error(f"--position-init {args.position_init} starts a run from scratch; --init {args.init} continues "
+                     "trained weights, position table included")
     for option in ("sensitivity_prompts", "probe_every"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init:  # a continued run: the earlier run's (EMA) weights, in fp32 for the optimizer
         model = from_pretrained(args.init, dtype=torch.float32, device=device).train()
     else:
-        model = init_for_training(Showo2(cfg), seed=args.seed).to(device)
+        model = init_for_training(Showo2(cfg), seed=args.seed, position_init=args.position_init).to(device)
     ema, log = train(model, gen_pool, und_pool, train_cfg, probe=binding_probe(tok))
     del gen_pool, und_pool, model
     train_s = log[-1]["seconds"] if log else 0.0
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(
         command="python -m harness train-testbed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         preset=PRESET, train=train_cfg.to_dict(), init=args.init,
+        position_init=None if args.init else args.position_init,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, pools_seconds=round(pools_s, 1), train_seconds=round(train_s, 1),
         steps_done=(log[-1]["step"] + 1) if log else 0, loss_log=log,

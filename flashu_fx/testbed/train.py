@@ -85,10 +85,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+POSITION_INITS = ("normal", "sincos")  # how init_for_training starts the image position table
+
+
 @torch.no_grad()
-def init_for_training(model: Showo2, seed: int = 0) -> Showo2:
+def init_for_training(model: Showo2, seed: int = 0, position_init: str = "normal") -> Showo2:
     """A from-scratch init: linears and embeddings N(0, 0.02), biases 0, norms 1, and (as in DiT and upstream)
-    every adaLN modulation and the final projection zero, so the head starts as the identity and v = 0."""
+    every adaLN modulation and the final projection zero, so the head starts as the identity and v = 0.
+
+    ``position_init="sincos"`` starts the image position table (the SigLIP-style ``position_embedding``, the only
+    absolute 2-D position the image tokens get: the trunk's RoPE is 1-D and relative) as DiT's and MAE's fixed 2-D
+    sine-cosine table (``sincos_2d``), learned from there; "normal": N(0, 0.02) like every other table."""
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init={position_init!r} is invalid: allowed one of {POSITION_INITS}")
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "adaLN_modulation" in name or name.startswith("diffusion_head_b.linear"):
@@ -99,8 +108,28 @@ def init_for_training(model: Showo2, seed: int = 0) -> Showo2:
             p.zero_()
         else:
             p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    if position_init == "sincos":  # after the loop: every other parameter draws what it draws under "normal"
+        table = model.position_embedding.weight
+        table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
     model.reset_rope_buffers()
     return model
+
+
+def sincos_2d(side: int, dim: int) -> Tensor:
+    """The fixed 2-D sine-cosine position table of a side x side grid (MAE, DiT): (side * side, dim) fp32, rows in
+    raster order; the first half of the channels encodes the grid row, the second the column, each as the sines then
+    the cosines of the position at dim / 4 frequencies 1 / 10000^(k / (dim / 4)), k = 0 .. dim / 4 - 1."""
+    if side < 1 or dim < 4 or dim % 4:
+        raise ValueError(f"sincos_2d needs side >= 1 and dim a multiple of 4, got side={side}, dim={dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    halves = []
+    for position in (rows.flatten(), cols.flatten()):
+        angle = position[:, None] * omega[None]
+        halves += [angle.sin(), angle.cos()]
+    return torch.cat(halves, dim=1).float()
 
 
 def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -> Tensor:

@@ -1,4 +1,5 @@
-"""``train-testbed``'s record of a continued run names every earlier run behind its weights."""
+"""``train-testbed``: the record of a continued run names every earlier run behind its weights; its option parsers;
+bad run options refused before any work."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from flashu_fx.testbed import world
 from flashu_fx.testbed.checkpoint import RECORD_FILE
-from harness.train_testbed import category_weights, earlier_runs
+from harness.train_testbed import category_weights, earlier_runs, main
 
 
 def _record(command: str, history: list[dict] | None = None) -> dict:
@@ -52,3 +53,15 @@ def test_category_weights_name_categories_and_default_to_one():
 def test_bad_category_weights_name_the_argument(text, named):
     with pytest.raises(argparse.ArgumentTypeError, match=named):
         category_weights(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init", "runs/x", "--position-init", "sincos"],
+     "--position-init sincos starts a run from scratch; --init runs/x"),
+    (["--probe-every", "-1"], "--probe-every -1 is invalid: allowed an integer >= 0"),
+    (["--sensitivity-prompts", "-2"], "--sensitivity-prompts -2 is invalid: allowed an integer >= 0"),
+])
+def test_bad_run_options_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -23,6 +23,7 @@ from flashu_fx.testbed.train import (
     joint_batch,
     joint_loss,
     param_groups,
+    sincos_2d,
     train,
 )
 
@@ -219,3 +220,29 @@ def test_the_probe_watches_the_ema_weights_every_probe_every_steps(pools) -> Non
     _, quiet = train(init_for_training(Showo2(SMALL), seed=0), gen, und, dataclasses.replace(cfg, probe_every=0),
                      progress=False, probe=probe)
     assert len(seen) == 3 and not any("pull" in e for e in quiet)  # probe_every=0: never
+
+
+@given(side=st.integers(2, 12), quarter=st.integers(1, 8))
+def test_sincos_2d_encodes_the_row_in_one_half_and_the_column_in_the_other(side: int, quarter: int) -> None:
+    table = sincos_2d(side, 4 * quarter)
+    assert table.shape == (side * side, 4 * quarter)
+    grid = table.reshape(side, side, 2, 2 * quarter)  # (row, column, which half, channels)
+    assert torch.equal(grid[:, :, 0], grid[:, :1, 0].expand(-1, side, -1))  # the first half: the row alone
+    assert torch.equal(grid[:, :, 1], grid[:1, :, 1].expand(side, -1, -1))  # the second: the column alone
+    torch.testing.assert_close(table[side, :quarter], torch.sin(1.0 / 10000 ** (torch.arange(quarter) / quarter)))
+    assert torch.allclose(table.norm(dim=1), torch.full((side * side,), (2 * quarter) ** 0.5))  # sin^2 + cos^2
+    assert len({tuple(row.tolist()) for row in table}) == side * side  # every cell its own vector
+
+
+def test_a_sincos_start_sets_the_position_table_and_nothing_else() -> None:
+    normal = init_for_training(Showo2(SMALL), seed=3)
+    sincos = init_for_training(Showo2(SMALL), seed=3, position_init="sincos")
+    for (name, a), (_, b) in zip(normal.named_parameters(), sincos.named_parameters(), strict=True):
+        if name == "position_embedding.weight":
+            assert torch.equal(b, sincos_2d(12, SMALL.und_hidden_size)) and not torch.equal(a, b)
+        else:
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="position_init='grid' is invalid: allowed one of"):
+        init_for_training(Showo2(SMALL), position_init="grid")
+    with pytest.raises(ValueError, match="dim a multiple of 4"):
+        sincos_2d(3, 6)
