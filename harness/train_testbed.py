@@ -36,6 +36,7 @@ from flashu_fx.testbed.diagnostics import (
     EDITS,
     caption_sensitivity,
     flow_loss_parts,
+    grid_position_r2,
     score_generation,
     velocity_sensitivity,
     world_sensitivity,
@@ -254,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     print("velocity moved by each caption edit, as a share of the caption's pull: "
           + ", ".join(f"{k.removesuffix('_pull')} {v:.3f} (the world's own {pull_of_world[k]:.2f})"
                       for k, v in pull.items()), flush=True)
+    # Whether the image tokens know their grid row and column (what a layout needs), at the trunk's input and output
+    position = grid_position_r2(model, tok, n=min(32, max(2, args.eval_prompts)))
+    last = f"layer.{cfg.num_layers - 1}"
+    print(f"image tokens' grid position, held-out R^2 (row, column): trunk input {position['input'][0]:.2f}, "
+          f"{position['input'][1]:.2f}; last layer {position[last][0]:.2f}, {position[last][1]:.2f}", flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)
@@ -284,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
         velocity_sensitivity=dict(model=pull, world=pull_of_world),
+        grid_position_r2={name: list(r2) for name, r2 in position.items()},
         calibration=calib,
         history=earlier_runs(args.init),
     )

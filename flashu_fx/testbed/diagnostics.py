@@ -214,3 +214,59 @@ def world_sensitivity(edit: str, n: int = 8, scenes: int = 400, seed: int = 0) -
         original, edited = mean_latent([prompt] * scenes), mean_latent([edited_prompt(prompt, edit)] * scenes)
         shares.append(float((original - edited).norm() / (original - unconditional).norm()))
     return float(np.mean(shares))
+
+
+@torch.no_grad()
+def grid_position_r2(model: Showo2, tokenizer: WordTokenizer, n: int = 32, t: float = 0.2, seed: int = 0
+                     ) -> dict[str, tuple[float, float]]:
+    """Whether the image tokens know where they are: for the fused image embeddings (``"input"``, what the trunk
+    receives) and each decoder layer's output (``"layer.i"``), the held-out R^2 of ridge probes that read each image
+    token's grid row and column from its hidden state, in generation rows of ``n`` held-out prompts' renders noised
+    to ``t``. Fitted on the first half of the pictures, scored on the other half. A model that must put "a circle left
+    of a square" on the left needs the column (the trunk's RoPE is 1-D and relative; the image position table is the
+    only absolute 2-D position). Runs on the model's device; the probes in fp64 on the CPU."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2 (half the pictures fit the probes, half score them), got {n}")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    rng = world.rng_for("heldout", seed)
+    prompts = [world.sample_gen_prompt(rng) for _ in range(n)]
+    x1 = codec.encode(torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])))
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    batch = build_gen_batch(model.config, [tokenizer.encode(p.caption) for p in prompts], guided=False).to(device)
+    side = model.config.latent_size[0] // model.config.patch_size
+    cells = torch.arange(side * side, device=device)
+    slot = batch.offsets[:, None] + 1 + cells[None]  # the image tokens' rows (after the time token)
+    states: dict[str, Tensor] = {}
+
+    def keep(name: str, image_rows: bool):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if image_rows:
+                hidden = hidden.gather(1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
+            states[name] = hidden.double().cpu()
+        return hook
+
+    handles = [model.fusion_proj.register_forward_hook(keep("input", image_rows=False))]
+    handles += [layer.register_forward_hook(keep(f"layer.{i}", image_rows=True))
+                for i, layer in enumerate(model.showo.model.layers)]
+    try:
+        model(batch.tokens, (t * x1 + (1 - t) * x0).to(device, dtype), torch.full((n,), t, device=device),
+              batch.offsets, batch.mask, return_logits=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    targets = torch.stack([cells // side, cells % side], dim=1).double().cpu().repeat(n, 1)  # (n * S, 2)
+    half = (n // 2) * side * side
+    return {name: _ridge_r2(hidden.flatten(0, 1), targets, half) for name, hidden in states.items()}
+
+
+def _ridge_r2(features: Tensor, targets: Tensor, fit: int, ridge: float = 1.0) -> tuple[float, ...]:
+    """Held-out R^2 per target column of a ridge regression (with intercept) fitted on the first ``fit`` rows, the
+    features standardised by the fitted rows' statistics (one ridge for every layer's scale)."""
+    mean, std = features[:fit].mean(0), features[:fit].std(0).clamp_min(1e-6)
+    features = (features - mean) / std
+    design = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+    a, b = design[:fit], design[fit:]
+    weights = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ targets[:fit])
+    residual = (b @ weights - targets[fit:]).square().mean(0)
+    return tuple(float(1 - r / v) for r, v in zip(residual, targets[fit:].var(0, unbiased=False), strict=True))
