@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
             samples = [(latents, q) for q in ids[: ckpt.flashu_config("und").calibration_samples]]
             flashu = prepare_flashu(ckpt, "und", samples)
         flashu = with_settings(flashu, args.flashu_settings)
+        if ckpt.testbed is not None and flashu is not None and flashu.config.token_prune_ratio > 0:
+            print(f"note: V-norm token pruning (token_prune_ratio={flashu.config.token_prune_ratio}) drops the "
+                  "testbed's object tokens, whose value norms are the largest in its sparse scenes, and with them most "
+                  "answers (docs/QUALITY.md); --set token_prune_ratio=0 keeps them", file=sys.stderr)
         answerer = QuestionAnswerer(ckpt, budget, flashu, use_compile(args, device))
         answers, started = [], time.perf_counter()
         for index, (text, question) in enumerate(tqdm(list(zip(texts, ids, strict=True)), desc=answerer.path,

@@ -165,7 +165,9 @@ def test_answer_prints_and_reports(testbed_dir, tmp_path, capsys):
     assert report["path"] == "flashu-eager" and report["flashu"].startswith("shipped calibration")
     assert report["settings"] == dict(max_new_tokens=8, device="cpu", dtype="float32")
     assert [a["question"] for a in report["answers"]] == QUESTIONS
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "--set token_prune_ratio=0 keeps them" in captured.err  # the testbed's pruning says what it costs
+    printed = captured.out
     for item in report["answers"]:
         assert item["tokens"] == len(item["ids"]) <= 8 and f"Q: {item['question']}\nA: {item['answer']}\n" in printed
 
