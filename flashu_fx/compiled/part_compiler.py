@@ -6,6 +6,7 @@ of a stack reuses one compiled artifact; ``make_part_compiler`` is the compiler 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -150,9 +151,18 @@ def symbolic_from_the_start(gm: fx.GraphModule, compiled: Callable,
             if isinstance(arg, torch.Tensor) and isinstance(sym, tuple):
                 for dim in (d for d, is_symbol in enumerate(sym) if is_symbol):
                     torch._dynamo.maybe_mark_dynamic(arg, dim)
-        with torch.compiler.config.patch(dynamic_sources=sizes):
+        with named_dynamic_sources(sizes):
             out = compiled(*args)
         first = False
         return out
 
     return run
+
+
+def named_dynamic_sources(sources: str) -> contextlib.AbstractContextManager:
+    """Dynamo's ``dynamic_sources`` with ``sources`` added (comma-separated), for the calls inside; the user's own
+    (``TORCH_COMPILE_DYNAMIC_SOURCES``) stay. Nothing to add: no patch."""
+    if not sources:
+        return contextlib.nullcontext()
+    already = torch.compiler.config.dynamic_sources
+    return torch.compiler.config.patch(dynamic_sources=",".join(filter(None, (already, sources))))

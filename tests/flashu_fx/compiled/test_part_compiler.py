@@ -15,7 +15,7 @@ from torch import fx
 import flashu_fx.compiled.backend as backend_module
 import flashu_fx.compiled.part_compiler as part_compiler
 from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled
-from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler
+from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler, named_dynamic_sources
 
 
 def scale_and_shift(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -168,3 +168,12 @@ def test_inductor_options_reach_every_part_and_are_checked(monkeypatch) -> None:
         check_inductor_options({"emulate_precision_casts": False})
     with pytest.raises(ValueError, match="triton.cudagraphs"):
         flashu_backend("gen", inductor_options={"triton.cudagraphs": True})  # refused when built, not at compile
+
+
+def test_named_dynamic_sources_add_to_the_user_s_and_restore_them() -> None:
+    with torch.compiler.config.patch(dynamic_sources="L['user']"):
+        with named_dynamic_sources("L['n']"):
+            assert torch.compiler.config.dynamic_sources == "L['user'],L['n']"
+        assert torch.compiler.config.dynamic_sources == "L['user']"
+        with named_dynamic_sources(""):
+            assert torch.compiler.config.dynamic_sources == "L['user']"
