@@ -26,7 +26,7 @@ from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from passes.graph_utils import DERIVED_BY, append_output, inherit_provenance, output_node, placeholder
-from passes.partition import anchor
+from passes.partition import anchor, importance_stack
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,10 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
     measured = []
     for index in sorted(boundaries):
         b = boundaries[index]
-        # Right after the layer and inside its module: a partition keeps each measurement in its layer's part (one
-        # shared artifact for every layer) and frees the layer's input early, instead of one final part that
-        # holds every layer's input and output and fuses all the measurements (a long compile).
+        # Right after the layer, as a part of its own (``partition.importance_stack``): the layer's part keeps its
+        # plain form, so measuring compiles no layer form of its own (one small artifact serves every layer's
+        # measurement), and the layer's input is freed early, instead of one final part that holds every layer's
+        # input and output and fuses all the measurements (a long compile).
         with graph.inserting_after(b.output):
             if every_position:
                 measured.append(graph.call_function(every_position_importance_of, (b.input, b.output)))
@@ -145,8 +146,7 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
             else:
                 measured.append(graph.call_function(image_block_importance_of,
                                                     (b.input, b.output, offsets, image_slot[1])))
-        if "nn_module_stack" in b.output.meta:
-            measured[-1].meta["nn_module_stack"] = dict(b.output.meta["nn_module_stack"])
+        measured[-1].meta["nn_module_stack"] = importance_stack(index)
         captured = b.output.meta.get("example_value")
         if isinstance(captured, FakeTensor):  # its example value, as Dynamo gives every node: an fp32 scalar
             with captured.fake_mode:
@@ -155,6 +155,7 @@ def measure_layer_importance(gm: fx.GraphModule, image_slot: tuple[str, int] | N
     with graph.inserting_before(output_node(graph)):
         stacked = graph.call_function(torch.stack, (measured,))
         stacked.meta[DERIVED_BY] = "measure_layer_importance"
+        stacked.meta["nn_module_stack"] = importance_stack(len(measured))  # a part of its own: "final" stays plain
     append_output(graph, stacked)
     graph.lint()
     gm.recompile()

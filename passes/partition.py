@@ -6,6 +6,8 @@ Eager twin: ``Showo2.forward`` itself, whose call structure the parts follow:
     siglip.k       und_trans.layers[k]                                     (a SigLIP encoder layer)
     fuse           SigLIP's final norm, the fusion, token embeddings, RoPE tables, masks
     layer.i        showo.model.layers[i]                                   (hidden -> hidden)
+    importance.i   layer i's importance, where a pass measures it (passes.layer_skipping); importance.L, after
+                   the last part, stacks the L measurements (L = the number of layers)
     head_in        the trunk's final norm, the slot mask, diff_proj
     head_block.j   diffusion_head_a[j]                                     (modulated attention block)
     final          diffusion_head_b and the velocity's unpatchify
@@ -45,10 +47,14 @@ from torch.fx.passes.split_module import split_module
 
 from passes.graph_utils import SOURCE, captured_value, module_path, placeholders, propagate_fake
 
+# The module path a pass gives the nodes of a measurement it adds (``passes.layer_skipping``): no module of the model
+# has it, so the measurement is a part of its own and the layer it measures keeps its plain form and artifact.
+IMPORTANCE_PATH = "layer_importance.{}"
 # Parts a module path anchors: (kind, pattern of the module path prefix with the index as group 1).
 ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("siglip", re.compile(r"^und_trans\.layers\.(\d+)(\.|$)")),
     ("layer", re.compile(r"^showo\.model\.layers\.(\d+)(\.|$)")),
+    ("importance", re.compile(r"^layer_importance\.(\d+)$")),
     ("head_block", re.compile(r"^diffusion_head_a\.(\d+)(\.|$)")),
 )
 # The unanchored regions in the order the forward runs them: before the first layer, between the layers and
@@ -73,6 +79,12 @@ def anchor(node: fx.Node) -> tuple[str, int] | None:
     return None
 
 
+def importance_stack(index: int) -> dict[str, tuple[str, str]]:
+    """The ``nn_module_stack`` that puts a measurement node in part "importance.{index}" (see IMPORTANCE_PATH)."""
+    path = IMPORTANCE_PATH.format(index)
+    return {path: (path, "LayerImportance")}
+
+
 def part_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Every compute node -> the name of its part ("embed", "layer.3", "head_in", "head_block.0", "final")."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -85,7 +97,7 @@ def part_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
             current = f"{found[0]}.{found[1]}"
         elif current.startswith("siglip.") and i > last["siglip"]:
             current = FUSE  # past the last SigLIP layer: its final norm, the fusion, the text side, RoPE, masks
-        elif current.startswith("layer.") and i > last["layer"]:
+        elif current.startswith(("layer.", "importance.")) and i > last["layer"]:
             # past the last decoder layer: the head's input, or the end of a forward without head blocks (the
             # understanding calls: final norm and lm_head)
             current = REGIONS[1] if last["head_block"] >= 0 else REGIONS[2]

@@ -127,13 +127,24 @@ def test_ffn_inputs_are_sliced_in_the_root(tiny_model) -> None:
     assert len(sliced) == 9 and all(n.target.__name__ == "getitem" for n in sliced)
 
 
-def test_each_layer_part_measures_its_own_layer(tiny_model) -> None:
+def test_each_measurement_is_a_part_of_its_own_and_the_layers_stay_plain(tiny_model) -> None:
+    """Layer i's measurement is part "importance.i", right after layer.i (one artifact for every layer's); their
+    stack is "importance.L" after the final part. The layer and final parts are those of the graph unmeasured, so
+    measuring compiles no layer or final form of its own."""
     _, _, gm = run_prefill(tiny_model, prefill_inputs(tiny_model))
+    plain = partition_showo2_graph(copy.deepcopy(gm))
     work = copy.deepcopy(gm)
-    assert measure_layer_importance(work) == tiny_model.config.num_layers
+    layers = tiny_model.config.num_layers
+    assert measure_layer_importance(work) == layers
     graph = partition_showo2_graph(work)
-    layers = [p for p in graph.parts if p.name.startswith("layer.")]
-    measured = {p.name: sum(n.meta.get("derived_by") == "measure_layer_importance" for n in p.module.graph.nodes)
-                for p in layers}
-    assert measured == {p.name: 1 for p in layers}  # not gathered into the final part
-    assert len({p.signature for p in layers}) == 1  # one compiled artifact for every measuring layer
+    names = [p.name for p in graph.parts]
+    for i in range(layers):
+        assert names.index(f"importance.{i}") == names.index(f"layer.{i}") + 1
+    assert names[-1] == f"importance.{layers}" and names[-2] == "final"
+    signature = {p.name: p.signature for p in graph.parts}
+    assert {signature[f"importance.{i}"] for i in range(layers)} == {signature["importance.0"]}
+    assert {p.name: p.signature for p in plain.parts} == {n: s for n, s in signature.items()
+                                                          if not n.startswith("importance.")}
+    measured = {p.name: sum(n.op == "call_function" and n.meta.get("derived_by") == "measure_layer_importance"
+                            for n in p.module.graph.nodes) for p in graph.parts}
+    assert measured == {**dict.fromkeys(signature, 0), **{f"importance.{i}": 1 for i in range(layers + 1)}}
