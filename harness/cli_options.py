@@ -168,12 +168,24 @@ def world_captions(texts: list[Text]) -> tuple[list[Text], list[GenPrompt | None
                          f"GenEval's template, {world.CAPTION_PREFIX!r} + objects)")
             item = Text(prompt.caption, item.where)
         elif prompt is None:
+            near = uncoloured_caption(item.text)
+            hint = (f"; the nearest caption is {near.caption!r} (a {near.category} caption names no colour)"
+                    if near is not None else "")
             notes.append(f"{item.where}: {item.text!r} is no caption of the testbed's world, so the picture is not "
-                         f"scored and may be noise; its captions are like: {'; '.join(CAPTION_EXAMPLES)} (relations: "
-                         f"{', '.join(world.RELATIONS)}; colours: {', '.join(world.COLORS)})")
+                         f"scored and may be noise{hint}; its captions are like: {'; '.join(CAPTION_EXAMPLES)} "
+                         f"(relations: {', '.join(world.RELATIONS)}; colours: {', '.join(world.COLORS)})")
         drawn.append(item)
         prompts.append(prompt)
     return drawn, prompts, notes
+
+
+def uncoloured_caption(text: str) -> GenPrompt | None:
+    """The world's caption ``text`` becomes without its colour words ("a red circle left of a blue square" -> the
+    position caption "a photo of a circle left of a square"), or None: position and counting captions name no
+    colour."""
+    words = [w for w in text.lower().split() if w not in world.COLORS]
+    plain = " ".join(words)
+    return world.parse_caption(plain) or world.parse_caption(f"{world.CAPTION_PREFIX} {plain}")
 
 
 def world_questions(texts: list[Text]) -> tuple[list[Text], list[str]]:

@@ -21,7 +21,7 @@ from flashu_fx.testbed.tokenizer import FILE_NAME
 from flashu_fx.testbed.world import parse_caption, parse_question
 from harness import __main__ as cli
 from harness import answer, demo, generate
-from harness.cli_options import CAPTION_EXAMPLES, QUESTION_EXAMPLES
+from harness.cli_options import CAPTION_EXAMPLES, QUESTION_EXAMPLES, Text, uncoloured_caption, world_captions
 from harness.runner import ExactCodecImages, shipped_testbed_present
 
 Image = pytest.importorskip("PIL.Image")
@@ -119,6 +119,7 @@ def test_generate_reads_prompts_as_captions_of_the_testbed_world(testbed_dir, tm
     err = capsys.readouterr().err.replace("\n", " ")
     assert "--prompt: drawing 'a photo of a red circle' for 'A red circle'" in err
     assert "--prompt: 'a photo of a circle and a circle' is no caption of the testbed's world" in err
+    assert "the nearest caption" not in err  # no colour to drop there
     assert all(parse_caption(example) is not None for example in CAPTION_EXAMPLES)
 
 
@@ -341,3 +342,15 @@ def test_show_o2_weights_with_a_tokenizer_and_a_vae(tmp_path, capsys):
                         "--device", "cpu", "--out", str(tmp_path / "und")]) == 0
     answers = json.loads((tmp_path / "und" / "answer.json").read_text())["answers"]
     assert len(answers) == 1 and 1 <= answers[0]["tokens"] <= 3 and "Q: What is it?" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, nearest", [
+    ("a red circle left of a blue square", "a photo of a circle left of a square"),
+    ("a photo of three green triangles", "a photo of three triangles"),
+    ("a red circle and a red circle", None),
+])
+def test_an_unknown_caption_points_at_the_nearest_without_colours(text, nearest):
+    found = uncoloured_caption(text)
+    assert (found and found.caption) == nearest
+    _, prompts, notes = world_captions([Text(text, "--prompt")])
+    assert prompts == [None] and (f"the nearest caption is {nearest!r}" in notes[0]) == (nearest is not None)
