@@ -89,11 +89,12 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("answer runs as one process; torchrun's data parallelism is for 'generate'")
     device, dtype = resolve_device_dtype(args)
     ckpt = load_checkpoint(args.weights, args.tokenizer, args.vae, device, dtype)
+    notes: list[str] = []
     if ckpt.testbed is not None:  # in its world's wording, or asked as given with a note
         texts, notes = world_questions(texts)
-        for note in notes:
-            print(note, file=sys.stderr)
-    ids = encode_texts(ckpt, texts)
+    ids = encode_texts(ckpt, texts)  # unknown words fail here, naming the option, before any note
+    for note in notes:
+        print(note, file=sys.stderr)
     latents = image_latents(ckpt, args.image)
     budget = args.max_new_tokens or ckpt.max_new_tokens
 

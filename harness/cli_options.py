@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -159,7 +158,8 @@ def world_captions(texts: list[Text]) -> tuple[list[Text], list[GenPrompt | None
     """The testbed's view of prompts: each text as a caption of its world, parsed (``world.parse_caption``) so the
     picture can be scored. The testbed learned captions only in GenEval's template, "a photo of ...", and draws
     noise for a caption without it, so "a red circle" becomes "a photo of a red circle". Returns the texts to draw,
-    each one's prompt (None: no caption of the world, not scored) and a note per change or unknown caption."""
+    each one's prompt (None: no caption of the world, not scored) and a note per change or unknown caption (a
+    caller encodes the texts before it prints them: words outside the vocabulary stop the command first)."""
     drawn, prompts, notes = [], [], []
     for item in texts:
         prompt = world.parse_caption(item.text)
@@ -192,8 +192,8 @@ def world_questions(texts: list[Text]) -> tuple[list[Text], list[str]]:
     """The testbed's view of questions: each text in its world's wording where it is one of the world's questions
     (``world.parse_question``: letter case, spacing and a final "?" aside; the world's questions have no "?", which
     the testbed's tokenizer lacks), with a note where the wording changed; any other text is asked as given, less a
-    final "?", with a note that the testbed never learned it (a text with words outside the vocabulary gets no note:
-    the tokenizer refuses it, naming them). Returns the texts to ask and the notes."""
+    final "?", with a note that the testbed never learned it. Returns the texts to ask and the notes (a caller
+    encodes the texts before it prints them: words outside the vocabulary stop the command first)."""
     asked, notes = [], []
     for item in texts:
         parsed = world.parse_question(item.text)
@@ -203,9 +203,8 @@ def world_questions(texts: list[Text]) -> tuple[list[Text], list[str]]:
             asked.append(Text(parsed[0], item.where))
             continue
         text = item.text.strip().removesuffix("?").rstrip()
-        if set(re.findall(r"\w+|[^\w\s]", text.lower())) <= set(world.vocabulary()):
-            notes.append(f"{item.where}: {item.text!r} is no question of the testbed's world, so its answer may mean "
-                         f"nothing; its questions are like: {'; '.join(QUESTION_EXAMPLES)}")
+        notes.append(f"{item.where}: {item.text!r} is no question of the testbed's world, so its answer may mean "
+                     f"nothing; its questions are like: {'; '.join(QUESTION_EXAMPLES)}")
         asked.append(Text(text or item.text, item.where))
     return asked, notes
 

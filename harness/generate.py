@@ -192,14 +192,14 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("argument --guidance: 0 (no classifier-free guidance) runs on the eager paths only: "
                           "pass --no-compile or a guidance > 0")
     ckpt = load_checkpoint(args.weights, args.tokenizer, args.vae, device, dtype)
-    budget = ckpt.model.config.max_text_len
-    ids = encode_texts(ckpt, texts, budget)  # unknown words and over-long texts fail here, naming the option
     prompts: list[GenPrompt | None] | None = None  # the testbed's: each picture scored against its caption
+    notes: list[str] = []
     if ckpt.testbed is not None:
         texts, prompts, notes = world_captions(texts)
-        for note in notes if ranks.is_main else ():
-            print(note, file=sys.stderr)
-        ids = encode_texts(ckpt, texts, budget)
+    # unknown words and over-long texts fail here, naming the option, before any note
+    ids = encode_texts(ckpt, texts, budget=ckpt.model.config.max_text_len)
+    for note in notes if ranks.is_main else ():
+        print(note, file=sys.stderr)
     steps = args.steps or ckpt.steps
     guidance = ckpt.guidance if args.guidance is None else args.guidance
     batches = [list(range(i, min(i + args.batch, len(ids)))) for i in range(0, len(ids), args.batch)]
