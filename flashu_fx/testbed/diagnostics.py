@@ -45,6 +45,16 @@ def _directions(projector: Tensor, z: Tensor) -> Tensor:
     return torch.einsum("ij,bjhw->bihw", projector, z)
 
 
+def renders_of(prompts: Sequence[world.GenPrompt], rng: np.random.Generator) -> Tensor:
+    """One scene per prompt, drawn from ``rng`` to satisfy it, rendered: uint8 (N, S, S, 3)."""
+    return torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts]))
+
+
+def noised(x1: Tensor, t: float, seed: int) -> Tensor:
+    """x_t = t x1 + (1 - t) x0, the noise x0 drawn on the CPU from ``seed`` (the same for every device)."""
+    return t * x1 + (1 - t) * torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def flow_loss_parts(model: Showo2, tokenizer: WordTokenizer, times: Sequence[float] = (0.1, 0.4, 0.8),
                     n: int = 32, seed: int = 0) -> list[FlowLossParts]:
@@ -56,7 +66,7 @@ def flow_loss_parts(model: Showo2, tokenizer: WordTokenizer, times: Sequence[flo
     dtype = next(model.parameters()).dtype
     prompts = world.heldout_gen_prompts(n, seed)
     rng = world.rng_for("heldout", seed + 1)
-    images = torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts]))
+    images = renders_of(prompts, rng)
     batch = build_gen_batch(model.config, [tokenizer.encode(p.caption) for p in prompts], guided=False).to(device)
 
     def velocity(xt: Tensor, t: float) -> Tensor:
@@ -184,9 +194,7 @@ def velocity_sensitivity(model: Showo2, tokenizer: WordTokenizer, edit: str, n: 
     prompts = [world.sample_gen_prompt(rng, _edit_category(edit)) for _ in range(n)]
     captions = [tokenizer.encode(p.caption) for p in [*prompts, *(edited_prompt(p, edit) for p in prompts)]]
     batch = build_gen_batch(model.config, captions, guided=True).to(device)  # rows: originals, edited, 2n nulls
-    x1 = codec.encode(torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])))
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-    xt = (t * x1 + (1 - t) * x0).to(device, dtype).repeat(4, 1, 1, 1)
+    xt = noised(codec.encode(renders_of(prompts, rng)), t, seed).to(device, dtype).repeat(4, 1, 1, 1)
     v = model(batch.tokens, xt, torch.full((4 * n,), t, device=device), batch.offsets, batch.mask,
               return_logits=False).velocity.float().flatten(1)
     original, edited, null = v[:n], v[n : 2 * n], v[2 * n : 3 * n]
@@ -204,8 +212,7 @@ def world_sensitivity(edit: str, n: int = 8, scenes: int = 400, seed: int = 0) -
     rng = world.rng_for("heldout", seed)
 
     def mean_latent(prompts: Sequence[world.GenPrompt]) -> Tensor:
-        renders = world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])
-        return codec.encode(torch.from_numpy(renders)).mean(0)
+        return codec.encode(renders_of(prompts, rng)).mean(0)
 
     unconditional = mean_latent([world.sample_gen_prompt(rng) for _ in range(scenes)])
     shares = []
@@ -230,8 +237,7 @@ def grid_position_r2(model: Showo2, tokenizer: WordTokenizer, n: int = 32, t: fl
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     rng = world.rng_for("heldout", seed)
     prompts = [world.sample_gen_prompt(rng) for _ in range(n)]
-    x1 = codec.encode(torch.from_numpy(world.render_batch([world.scene_for_prompt(p, rng) for p in prompts])))
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    xt = noised(codec.encode(renders_of(prompts, rng)), t, seed)
     batch = build_gen_batch(model.config, [tokenizer.encode(p.caption) for p in prompts], guided=False).to(device)
     side = model.config.latent_size[0] // model.config.patch_size
     cells = torch.arange(side * side, device=device)
@@ -250,7 +256,7 @@ def grid_position_r2(model: Showo2, tokenizer: WordTokenizer, n: int = 32, t: fl
     handles += [layer.register_forward_hook(keep(f"layer.{i}", image_rows=True))
                 for i, layer in enumerate(model.showo.model.layers)]
     try:
-        model(batch.tokens, (t * x1 + (1 - t) * x0).to(device, dtype), torch.full((n,), t, device=device),
+        model(batch.tokens, xt.to(device, dtype), torch.full((n,), t, device=device),
               batch.offsets, batch.mask, return_logits=False)
     finally:
         for handle in handles:

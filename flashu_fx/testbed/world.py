@@ -323,11 +323,18 @@ def _caption_table() -> dict[str, GenPrompt]:
     return {prompt.caption: prompt for prompt in prompts}
 
 
+def _as_worded(text: str, marks: str) -> str:
+    """``text`` lower-cased, single-spaced, one final mark of ``marks`` dropped: how the world writes a text."""
+    text = text.strip()
+    if text[-1:] and text[-1] in marks:
+        text = text[:-1]
+    return " ".join(text.lower().split())
+
+
 def parse_caption(text: str) -> GenPrompt | None:
     """The prompt whose caption ``text`` is (letter case, spacing and one final full stop ignored), or None where the
     world has no such caption: ``parse_caption("A photo of two circles.")`` is the counting prompt of two circles."""
-    words = text.strip().removesuffix(".").lower().split()
-    return _caption_table().get(" ".join(words))
+    return _caption_table().get(_as_worded(text, "."))
 
 
 @cache
@@ -439,8 +446,7 @@ def parse_question(text: str) -> tuple[str, str] | None:
     """(the world's wording, kind) of the question ``text`` is (letter case, spacing and one final "?" or "."
     ignored), or None where the world asks no such question: ``parse_question("What color is the circle?")`` is
     ("what color is the circle", "color")."""
-    words = text.strip().removesuffix("?").removesuffix(".").lower().split()
-    question = " ".join(words)
+    question = _as_worded(text, "?.")
     kind = _question_table().get(question)
     return None if kind is None else (question, kind)
 
