@@ -85,9 +85,11 @@ class CudaGraphs:
 
     def _runs_uncaptured(self, key: Hashable, capture_on_use: int, keep_outputs: bool) -> bool:
         """Whether this use of ``key`` comes before its capturing one (``capture_on_use``); counts it."""
+        if capture_on_use == 1 and is_int(capture_on_use):  # every replay passes here: the common case first
+            return False
         if not is_int(capture_on_use) or capture_on_use < 1:
             raise ValueError(f"capture_on_use={capture_on_use!r} is invalid: allowed an integer >= 1")
-        if capture_on_use == 1 or key in self.graphs:
+        if key in self.graphs:
             return False
         if keep_outputs:  # kept outputs live at the same addresses from the first use on: that use must capture
             raise ValueError("capture_on_use > 1 cannot keep outputs (keep_outputs=True): kept outputs live at "

@@ -190,7 +190,8 @@ def describe(found: Sequence[Detection]) -> str:
 def judge_picture(prompt: GenPrompt | None, image: np.ndarray) -> dict:
     """A picture (H, W, 3) as a person reads the scorer on it: {"right": GenEval's verdict for ``prompt`` (None: no
     prompt to judge it by), "found": ``describe`` of what the detector saw}."""
-    return dict(right=None if prompt is None else score_prompt(prompt, image), found=describe(detect(image)))
+    found = detect(image)
+    return dict(right=None if prompt is None else score_detections(prompt, found), found=describe(found))
 
 
 def judgement_line(judged: dict) -> str:
@@ -220,9 +221,13 @@ def score_prompt(prompt: GenPrompt, image: np.ndarray) -> bool:
     single_object / two_object: each named shape detected; colors / color_attr: each named shape detected in its
     colour (any one object suffices); counting: exactly N objects of the shape; position: some object of the
     first shape stands in the relation to some object of the second (``relation_holds``)."""
+    return score_detections(prompt, detect(image))
+
+
+def score_detections(prompt: GenPrompt, found: Sequence[Detection]) -> bool:
+    """``score_prompt`` on what ``detect`` found in a picture (for a caller that reads the detections too)."""
     if prompt.category not in CATEGORIES:
         raise ValueError(f"prompt.category must be one of {CATEGORIES}, got {prompt.category!r}")
-    found = detect(image)
 
     def of_shape(shape: str) -> list[Detection]:
         return [d for d in found if d.shape == shape]
