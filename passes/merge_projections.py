@@ -12,12 +12,16 @@ checked on the graph's example values; siblings that are not adjacent stay separ
 unless they are FFN slices). The caller must give every set of weights that runs through the compiled graph
 the same layout (the backend colocates the whole model, and again when its weights are replaced).
 
-FFN slices (``passes.ffn_slicing``: gate[lo:hi] and up[lo:hi]) are two row blocks of the gate/up buffer, so
-no 2-D view spans them; with ``ffn_slices=True`` they run as one batched matmul over the (2, hi - lo, H)
-view of both blocks instead (``gate_up_of_slice``), still without copying a weight:
+FFN slices (``passes.ffn_slicing``: gate[lo:hi] and up[lo:hi], sliced in the graph or fed to a part as views
+by its root) are two row blocks of the gate/up buffer, so no 2-D view spans them; with ``ffn_slices=True`` they run
+as one batched matmul over the (2, hi - lo, H) view of both blocks instead (``gate_up_of_rows``), still without
+copying a weight:
 
     before:  g = linear(h, W_gate[lo:hi])     u = linear(h, W_up[lo:hi])
-    after:   g, u = bmm(h, as_strided(W_gate, (2, I, H))[:, lo:hi].mT)
+    after:   g, u = bmm(h, as_strided(W_gate[lo:hi], (2, hi - lo, H), (I * H, H, 1)).mT)
+
+The distance between the two blocks (I * H elements) is read off the example values and written into the graph:
+an artifact compiled from one layer serves every layer with the same colocated layout, whatever its ``lo``.
 """
 
 from __future__ import annotations
@@ -66,51 +70,51 @@ def find_sibling_linears(gm: fx.GraphModule) -> dict[tuple[str, tuple[str, ...]]
     return found
 
 
-def gate_up_of_slice(x: Tensor, w_gate: Tensor, neurons: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """The gate and up products of FFN neurons [lo, hi) as one batched matmul.
+def gate_up_of_rows(x: Tensor, gate_rows: Tensor, up_offset: int) -> tuple[Tensor, Tensor]:
+    """The gate and up products of one range of FFN neurons as one batched matmul.
 
-    x: (..., H); w_gate: (I, H) with w_up (I, H) right after it in one storage -> two (..., hi - lo).
+    x: (..., H); gate_rows: (k, H) contiguous, the up rows of the same neurons ``up_offset`` elements after it in one
+    storage -> two (..., k).
     """
-    hidden = x.shape[-1]
-    both = w_gate.as_strided((2, neurons, hidden), (neurons * hidden, hidden, 1))[:, lo:hi]  # a view
-    rows = x.reshape(1, -1, hidden).expand(2, -1, -1)  # the same activations for both: batch stride 0
-    out = torch.bmm(rows, both.transpose(1, 2))  # (2, M, hi - lo)
-    shape = (*x.shape[:-1], hi - lo)
+    rows, hidden = gate_rows.shape
+    both = gate_rows.as_strided((2, rows, hidden), (up_offset, hidden, 1))  # a view of both blocks
+    activations = x.reshape(1, -1, hidden).expand(2, -1, -1)  # the same activations for both: batch stride 0
+    out = torch.bmm(activations, both.transpose(1, 2))  # (2, M, k)
+    shape = (*x.shape[:-1], rows)
     return out[0].view(shape), out[1].view(shape)
 
 
-def _row_slice(weight: object) -> tuple[fx.Node, slice] | None:
-    """(base, rows) when ``weight`` is ``base[lo:hi]`` (what passes.ffn_slicing writes), else None."""
-    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is operator.getitem:
-        base, index = weight.args
-        if isinstance(base, fx.Node) and isinstance(index, slice) and index.step in (None, 1):
-            return base, index
-    return None
+def up_offset_of_rows(gate_rows: Tensor, up_rows: Tensor) -> int | None:
+    """How many elements after ``gate_rows`` the ``up_rows`` start in their shared storage, when both are (k, H)
+    contiguous row blocks of one dtype and device there and up comes after gate; else None (works on fake tensors).
+    """
+    if gate_rows.dim() != 2 or up_rows.shape != gate_rows.shape or not adjacent([gate_rows]) or not adjacent([up_rows]):
+        return None
+    if (up_rows.dtype, up_rows.device) != (gate_rows.dtype, gate_rows.device):
+        return None
+    if StorageWeakRef(gate_rows.untyped_storage()) != StorageWeakRef(up_rows.untyped_storage()):
+        return None
+    offset = up_rows.storage_offset() - gate_rows.storage_offset()
+    return offset if offset > 0 else None
 
 
-def _merge_sliced_gate_up(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
-    """Rewrite gate[lo:hi] / up[lo:hi] linears into ``gate_up_of_slice``; False (graph unchanged) if they are
-    not row slices of one range of adjacent gate/up weights."""
+def _merge_gate_up_rows(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
+    """Rewrite the gate and up linears of one range of neurons into ``gate_up_of_rows``; False (graph unchanged)
+    if their weights are not row blocks of one colocated gate/up buffer."""
     (x, w_gate, bias_gate), (x_up, w_up, bias_up) = _linear_args(gate), _linear_args(up)
-    gate_slice, up_slice = _row_slice(w_gate), _row_slice(w_up)
-    if x is not x_up or bias_gate is not None or bias_up is not None or gate_slice is None or up_slice is None:
+    if x is not x_up or bias_gate is not None or bias_up is not None:
         return False
-    (gate_base, rows), (up_base, up_rows) = gate_slice, up_slice
-    fakes = [fake_value(gate_base), fake_value(up_base)]
-    if rows != up_rows or any(f is None or f.dim() != 2 for f in fakes) or not adjacent(fakes):
-        return False
-    neurons = fakes[0].shape[0]
-    lo, hi, _ = rows.indices(neurons)
-    if hi <= lo or fakes[1].shape != fakes[0].shape:
+    fakes = fake_value(w_gate), fake_value(w_up)
+    offset = None if any(f is None for f in fakes) else up_offset_of_rows(*fakes)
+    if offset is None:
         return False
     graph = gm.graph
     with graph.inserting_before(gate):
-        both = graph.call_function(gate_up_of_slice, (x, gate_base, neurons, lo, hi))
+        both = graph.call_function(gate_up_of_rows, (x, w_gate, offset))
         outs = [graph.call_function(operator.getitem, (both, i)) for i in range(2)]
     _replace_linears(graph, [gate, up], outs, [both])
-    for weight in (w_gate, w_up):
-        if not weight.users:
-            graph.erase_node(weight)
+    if w_up.op != "placeholder" and not w_up.users:
+        graph.erase_node(w_up)  # up[lo:hi], sliced in the graph: read through the gate rows' view now
     return True
 
 
@@ -172,7 +176,7 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
         if any(b is not None for b in biases):
             bias_fakes = [fake_value(b) for b in biases]
             ok = ok and all(f is not None for f in bias_fakes) and adjacent(bias_fakes)
-        if not ok and ffn_slices and leaves == ("gate_proj", "up_proj") and _merge_sliced_gate_up(gm, *linears):
+        if not ok and ffn_slices and leaves == ("gate_proj", "up_proj") and _merge_gate_up_rows(gm, *linears):
             merged += 1
             continue
         if not ok:

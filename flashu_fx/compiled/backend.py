@@ -65,7 +65,8 @@ class FlashUBackend:
     def __init__(self, task: str = "gen", config: FlashUConfig | None = None, layout: FFNLayout | None = None,
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
-                 tune_decode: bool = True, inductor_options: dict | None = None) -> None:
+                 tune_decode: bool = True, inductor_options: dict | None = None,
+                 merge_ffn_slices: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -77,7 +78,7 @@ class FlashUBackend:
                              "or 'eager'")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
-        self.eager_numerics, self.tune_decode = eager_numerics, tune_decode
+        self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
@@ -341,7 +342,7 @@ class FlashUBackend:
         """The part compiler of the executors, with this backend's shared settings."""
         return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
                                   eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths,
-                                  self.part_compile_seconds)
+                                  self.part_compile_seconds, merge and self.merge_ffn_slices)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:
@@ -396,7 +397,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
-                   inductor_options: dict | None = None) -> FlashUBackend:
+                   inductor_options: dict | None = None, merge_ffn_slices: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -409,9 +410,11 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     ``tune_decode``: understanding's one-row parts (the decode step) compile with inductor's coordinate-descent tuning,
     which lowers each one-row product to a tuned Triton reduction instead of a cuBLAS GEMV (gpt-fast's decode setting;
     False: cuBLAS); ``inductor_options``: inductor config patches for every compiled part, e.g. ``{"max_autotune_gemm":
-    True}`` (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused)."""
+    True}`` (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
+    ``merge_ffn_slices``: with ``merge_projections``, a pruned FFN's gate and up slices run as one batched matmul
+    over both row blocks (``passes.merge_projections``) instead of two matmuls (a candidate, off until measured)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, inductor_options)
+                         eager_numerics, tune_decode, inductor_options, merge_ffn_slices)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -54,11 +54,13 @@ def _checked_settings(backend: str, inductor_options: Mapping[str, object] | Non
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge: bool, eager_numerics: bool,
-                  coordinate_descent: bool, patches: Mapping[str, object], name: str) -> Callable:
-    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``), then
-    inductor with this project's settings (or the graph as it is, for ``backend="eager"``)."""
+                  coordinate_descent: bool, patches: Mapping[str, object], name: str,
+                  merge_ffn_slices: bool = False) -> Callable:
+    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``; FFN slices too
+    with ``merge_ffn_slices``), then inductor with this project's settings (or the graph as it is, for
+    ``backend="eager"``)."""
     if merge:
-        log.debug("%s: merge_projections -> %s", name, merge_projections(gm))
+        log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
     if backend == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -77,13 +79,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
                        eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
                        coordinate_descent: bool = False, dynamic_lengths: bool = False,
-                       seconds: Counter | None = None) -> Callable[[fx.GraphModule, list], Callable]:
+                       seconds: Counter | None = None, merge_ffn_slices: bool = False
+                       ) -> Callable[[fx.GraphModule, list], Callable]:
     """The compiler of the parts of a captured graph (``passes.partition.compile_parts``).
 
     ``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests). ``captures`` counts
     compilations per part name (a compilation after warm-up is a recompile); ``seconds`` adds up their wall time per
     part name (the last stage, ``compile_graph``: where a cold first compile spends most of its time). ``merge``: finish
-    every part with ``passes.merge_projections`` (the caller colocates the weights). ``eager_numerics``: fused kernels
+    every part with ``passes.merge_projections`` (the caller colocates the weights); ``merge_ffn_slices``: its FFN
+    slices' gate and up products too, as one batched matmul each (a candidate: measured before it becomes a
+    default). ``eager_numerics``: fused kernels
     round every intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16
     results track the eager model's instead of drifting from it. ``coordinate_descent``: inductor's
     ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
@@ -109,7 +114,7 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
                 captures[name] += 1
             start = time.perf_counter()
             compiled = compile_graph(captured, list(inputs), backend, merge_here, eager_numerics,
-                                     coordinate_descent, extra_patches, name)
+                                     coordinate_descent, extra_patches, name, merge_ffn_slices)
             if seconds is not None:
                 seconds[name] += time.perf_counter() - start
             return compiled
@@ -117,7 +122,7 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
         if not dynamic_lengths:
             return part_backend(gm, example_inputs)
         if merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
-            log.debug("%s: merge_projections -> %s", name, merge_projections(gm))
+            log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
         compiled = torch.compile(gm, backend=functools.partial(part_backend, merge_here=False), fullgraph=True,
                                  dynamic=None)
         symbolic = gm.meta.get("symbolic_inputs")

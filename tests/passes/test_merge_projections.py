@@ -21,7 +21,7 @@ from flashu_fx.masks import omni_mask
 from flashu_fx.projection_layout import colocate_projections
 from flashu_fx.qwen2 import Qwen2DecoderLayer
 from passes.ffn_slicing import slice_ffn
-from passes.merge_projections import adjacent, gate_up_of_slice, merge_projections
+from passes.merge_projections import adjacent, gate_up_of_rows, merge_projections, up_offset_of_rows
 
 
 def num_linears(gm: fx.GraphModule) -> int:
@@ -115,7 +115,7 @@ def test_sliced_ffn_gate_up_merge_into_one_batched_matmul(tiny_model, lo: int, w
     assert slice_ffn(gm, lo, lo + width) == 1
     assert merge_projections(gm, ffn_slices=True) == 2
     assert num_linears(gm) == linears - 4  # q/k/v -> one linear; gate and up -> one bmm
-    assert sum(n.target is gate_up_of_slice for n in gm.graph.nodes) == 1
+    assert sum(n.target is gate_up_of_rows for n in gm.graph.nodes) == 1
     ref = layer(*args, ffn_ranges=((lo, lo + width),))
     torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
 
@@ -126,22 +126,61 @@ def test_sliced_ffn_of_separate_weights_stays_two_matmuls(tiny_model) -> None:
     gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
     assert slice_ffn(gm, 8, 72) == 1
     assert merge_projections(gm, ffn_slices=True) == 0
-    assert not any(n.target is gate_up_of_slice for n in gm.graph.nodes)
+    assert not any(n.target is gate_up_of_rows for n in gm.graph.nodes)
     torch.testing.assert_close(gm(*inputs)[0], layer(*args, ffn_ranges=((8, 72),)), rtol=1e-5, atol=1e-6)
 
 
 @settings(deadline=None, max_examples=20)
 @given(neurons=st.integers(1, 24), hidden=st.integers(1, 12), lead=st.lists(st.integers(1, 4), min_size=1,
        max_size=3), data=st.data())
-def test_gate_up_of_slice_equals_two_linears(neurons: int, hidden: int, lead: list[int], data) -> None:
+def test_gate_up_of_rows_equals_two_linears(neurons: int, hidden: int, lead: list[int], data) -> None:
     lo = data.draw(st.integers(0, neurons - 1))
     hi = data.draw(st.integers(lo + 1, neurons))
     buffer = torch.randn(2 * neurons * hidden + 5)[5:]  # a storage offset, as a colocated buffer may have
     w_gate, w_up = buffer[: neurons * hidden].view(neurons, hidden), buffer[neurons * hidden :].view(neurons, hidden)
+    assert up_offset_of_rows(w_gate[lo:hi], w_up[lo:hi]) == neurons * hidden
     x = torch.randn(*lead, hidden)
-    gate, up = gate_up_of_slice(x, w_gate, neurons, lo, hi)
+    gate, up = gate_up_of_rows(x, w_gate[lo:hi], neurons * hidden)
     torch.testing.assert_close(gate, F.linear(x, w_gate[lo:hi]))
     torch.testing.assert_close(up, F.linear(x, w_up[lo:hi]))
+
+
+def test_rows_of_other_buffers_or_layouts_are_not_one_block_pair() -> None:
+    buffer = torch.randn(2, 6, 4)
+    gate, up = buffer[0], buffer[1]
+    assert up_offset_of_rows(gate[1:3], up[1:3]) == 24
+    assert up_offset_of_rows(up[1:3], gate[1:3]) is None  # up before gate
+    assert up_offset_of_rows(gate[1:3], up[1:4]) is None  # different ranges
+    assert up_offset_of_rows(gate[1:3], torch.randn(2, 4)) is None  # another storage
+    assert up_offset_of_rows(gate[:, :2], up[:, :2]) is None  # not contiguous rows
+    assert up_offset_of_rows(gate[1:3], up[1:3].double()) is None
+
+
+@settings(deadline=None, max_examples=6)
+@given(lo=st.integers(0, 100), width=st.integers(1, 40), seq=st.integers(1, 6))
+def test_ffn_slices_fed_as_views_merge_into_one_batched_matmul(tiny_model, lo: int, width: int, seq: int) -> None:
+    """The captured-graph executors slice the FFN in a partition's root and feed each layer's part the views
+    (``slice_ffn_inputs``): the part's gate and up weights are placeholders whose example values are row blocks."""
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    layer = model.showo.model.layers[0]
+    mlp = layer.mlp
+    args = llm_layer_inputs(model, seq)
+    ranges = ((lo, lo + width),)
+    sliced = {"gate_proj": mlp.gate_proj.weight[lo:lo + width], "up_proj": mlp.up_proj.weight[lo:lo + width],
+              "down_proj": mlp.down_proj.weight[:, lo:lo + width]}
+
+    def run(mod, x, cos, sin, mask, gate, up, down):
+        weights = {"gate_proj": gate, "up_proj": up, "down_proj": down}
+        return torch.func.functional_call(mod, {f"mlp.{k}.weight": v for k, v in weights.items()},
+                                          (x, cos, sin, mask))
+
+    gm, inputs = capture(run, layer, *args, *sliced.values())
+    linears = num_linears(gm)
+    assert merge_projections(gm, ffn_slices=True) == 2
+    assert num_linears(gm) == linears - 4  # q/k/v -> one linear; gate and up -> one bmm
+    assert sum(n.target is gate_up_of_rows for n in gm.graph.nodes) == 1
+    torch.testing.assert_close(gm(*inputs)[0], layer(*args, ffn_ranges=ranges), rtol=1e-5, atol=1e-6)
 
 
 def test_groups_that_cannot_share_a_buffer_are_reported(tiny_model) -> None:

@@ -248,13 +248,15 @@ def test_bad_inputs_get_clear_errors_before_tracing(tiny_model, shape) -> None:
 
 
 @torch.no_grad()
-def test_inductor_parts_match_the_eager_twin_on_the_cpu(tiny_model, cpp_compiler) -> None:
+@pytest.mark.parametrize("merge_ffn_slices", [False, True])
+def test_inductor_parts_match_the_eager_twin_on_the_cpu(tiny_model, cpp_compiler, merge_ffn_slices: bool) -> None:
     """The part compiler for real (inductor, merged projections, decode parts with their tuning setting) on the
-    CPU: the same ids, kept tokens and skip sets as eager FlashU."""
+    CPU: the same ids, kept tokens and skip sets as eager FlashU. With ``merge_ffn_slices`` one inductor artifact
+    reads every layer's gate and up rows through a view whose start (the layer's range) varies by layer."""
     model, layout = pruned_model(tiny_model, TINY_UND, 3, two_tasks=True)
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
     decoder, ids, _ = eager_flashu(model, TINY_UND, layout, latents, [4, 5, 6], 10, False)
-    backend = flashu_backend("und", TINY_UND, layout, piece_backend="inductor")
+    backend = flashu_backend("und", TINY_UND, layout, piece_backend="inductor", merge_ffn_slices=merge_ffn_slices)
     und = torch.compile(model, backend=backend)
     answer = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=10, stop_at_eos=False)
     assert answer.ids == ids and answer.kept_positions == decoder.kept_positions

@@ -134,6 +134,25 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
     assert set().union(*(p.sources for p in graph.parts)) <= set(graph.captured_nodes) | inputs
 
 
+def test_merged_ffn_slices_equal_eager_flashu(tiny_model) -> None:
+    """``merge_ffn_slices``: the pruned FFN's gate and up views (fed by the root, a range per layer) run as one
+    batched matmul in every layer part that reads them; the same decisions and latents as eager FlashU."""
+    from passes.merge_projections import gate_up_of_rows
+
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, 4)
+    prompts = [[3, 4, 5], [7, 8]]
+    eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=4)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout, merge_ffn_slices=True)
+    out = generate_images_compiled(torch.compile(model, backend=backend), backend, prompts, baseline_steps=30,
+                                   guidance=4.0, seed=4)
+    assert rel_err(out, eager.latents) < 1e-5
+    assert [(r.skip_set, r.head) for r in backend.records] == [(r.skipped, r.head) for r in eager.records]
+    merged = {part.name for graph, *_ in backend._gen_graph._variants.values() for part in graph.parts
+              if any(n.target is gate_up_of_rows for n in part.module.graph.nodes)}
+    assert merged and all(name.startswith(("layer.", "importance.")) for name in merged)
+
+
 def test_a_head_reuse_runs_no_trunk(tiny_model) -> None:
     model, layout = permuted_with_layout(tiny_model, TINY_GEN, 0)
     torch._dynamo.reset()

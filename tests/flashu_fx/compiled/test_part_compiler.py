@@ -55,11 +55,14 @@ def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool, c
 @pytest.mark.parametrize("dynamic_lengths", [True, False])
 def test_merge_projections_runs_on_every_part_when_asked(monkeypatch, dynamic_lengths: bool) -> None:
     merged = []
-    monkeypatch.setattr(part_compiler, "merge_projections", lambda gm: merged.append(gm.meta["part"]) or 0)
+    monkeypatch.setattr(part_compiler, "merge_projections",
+                        lambda gm, ffn_slices: merged.append((gm.meta["part"], ffn_slices)) or 0)
     x, s = torch.randn(2), torch.randn(2)
     make_part_compiler("eager", merge=True, dynamic_lengths=dynamic_lengths)(affine_part("a"), [x, s])(x, s)
     make_part_compiler("eager", merge=False, dynamic_lengths=dynamic_lengths)(affine_part("b"), [x, s])(x, s)
-    assert merged == ["a"]
+    make_part_compiler("eager", merge=True, dynamic_lengths=dynamic_lengths, merge_ffn_slices=True)(
+        affine_part("c"), [x, s])(x, s)
+    assert merged == [("a", False), ("c", True)]
 
 
 def test_a_part_for_varying_lengths_recompiles_once_then_serves_every_length() -> None:

@@ -97,6 +97,26 @@ def test_projections_are_merged_in_both_graphs(tiny_model) -> None:
         assert linears == 4, kind
 
 
+def test_merged_ffn_slices_answer_as_eager_flashu(tiny_model) -> None:
+    """``merge_ffn_slices``: each layer's pruned gate and up views (their range start varies by layer) run as one
+    batched matmul from one artifact; the answer, kept tokens and skip sets are eager FlashU's."""
+    from passes.merge_projections import gate_up_of_rows
+
+    model, layout = permuted_with_layout(tiny_model, FULL, 6)
+    latents, question = latents_for(4), question_for(5)
+    eager = answer_question_flashu(model, latents, question, FULL, layout, max_new_tokens=6, stop_at_eos=False)
+    torch._dynamo.reset()
+    backend = flashu_backend("und", FULL, layout, merge_ffn_slices=True)
+    ours = answer_question_compiled(torch.compile(model, backend=backend), backend, latents, question,
+                                    max_new_tokens=6, stop_at_eos=False)
+    assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
+    assert [s.skipped for s in ours.steps] == [s.skipped for s in eager.steps]
+    for kind, graph in backend.und_graphs.items():
+        layer = next(p for p in graph.parts if p.name.startswith("layer.")).module
+        assert any(n.target is gate_up_of_rows for n in layer.graph.nodes), kind
+    torch._dynamo.reset()
+
+
 def test_a_changed_model_forward_changes_the_compiled_answer_the_same_way(tiny_model) -> None:
     edited = copy.deepcopy(tiny_model)
     scale_mlp(edited, 1)
