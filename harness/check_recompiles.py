@@ -32,6 +32,15 @@ GEN_LENGTHS = (1, 5, 12, 20, 31, 47, 64, 65, 90, 128)  # prompt ids (the text pr
 UND_LENGTHS = (2, 6, 13, 21, 30, 44, 57, 70, 96, 120)  # question ids
 
 
+def default_lengths(task: str, budget: int) -> tuple[int, ...]:
+    """The lengths tried when ``--lengths`` is not given: for generation, those within the preset's prompt
+    ``budget``, ending at the budget itself where some were longer (a small preset keeps a range of lengths)."""
+    if task == "und":
+        return UND_LENGTHS
+    within = tuple(n for n in GEN_LENGTHS if n < budget)
+    return within + (budget,) if len(within) < len(GEN_LENGTHS) else GEN_LENGTHS
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = command_parser("python -m harness.check_recompiles", __doc__)
     parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
@@ -40,12 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=50, help="gen: baseline grid points")
     parser.add_argument("--new-tokens", type=int, default=8, help="und: tokens per answer")
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                        help="prompt (gen) or question (und) lengths, comma-separated; the first warms up")
+                        help="prompt (gen) or question (und) lengths, comma-separated; the first warms up "
+                        "(default: ten from 1 to 128 for gen, cut at the preset's prompt budget; 2 to 120 for und)")
     add_backend_option_argument(parser)
     args = parser.parse_args(argv)
     options = parsed_backend_options(args, parser)
-    lengths = args.lengths or (GEN_LENGTHS if args.task == "gen" else UND_LENGTHS)
     budget = get_config(args.preset).max_text_len
+    lengths = args.lengths or default_lengths(args.task, budget)
     if min(lengths) < 1 or (args.task == "gen" and max(lengths) > budget):
         allowed = ">= 1" if args.task == "und" else f"1..{budget} (the prompt budget of {args.preset})"
         parser.error(f"--lengths {','.join(map(str, lengths))} is invalid: allowed lengths {allowed}")

@@ -338,6 +338,15 @@ def test_check_recompiles_tiny(task, options, capsys):
     assert "unknown backend option(s) ['fast']" in capsys.readouterr().err
 
 
+def test_check_recompiles_default_lengths_fit_the_preset() -> None:
+    from harness.check_recompiles import GEN_LENGTHS, UND_LENGTHS, default_lengths
+
+    assert default_lengths("gen", get_config("showo2-1.5b").max_text_len) == GEN_LENGTHS
+    assert default_lengths("gen", 27) == (1, 5, 12, 20, 27)  # tiny's budget
+    assert default_lengths("gen", 64) == (1, 5, 12, 20, 31, 47, 64)
+    assert default_lengths("und", 27) == UND_LENGTHS
+
+
 def test_check_recompiles_refuses_prompts_over_the_budget(capsys):
     from harness import check_recompiles
 
