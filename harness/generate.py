@@ -229,8 +229,12 @@ def run(args: argparse.Namespace) -> int:
           f"{rate:.2f} images/s{after_first})" if rate else f"{len(texts)} picture(s) in {args.out}/")
     if report["score"] is not None:
         score = report["score"]
-        print(f"the scorer: {score['right']} of {score['scored']} scored picture(s) right (each picture's verdict and "
-              "findings under it in the grid and in the report)")
+        if score["scored"]:
+            print(f"the scorer: {score['right']} of {score['scored']} scored picture(s) right (each picture's verdict "
+                  "and findings under it in the grid and in the report)")
+        else:
+            print("the scorer: no picture scored, since no prompt was a caption of the testbed's world (what each "
+                  "picture shows is under it in the grid and in the report)")
     if report["grid"]:
         print(f"grid: {args.out / report['grid']}")
     print(f"report: {args.out / 'generate.json'}")

@@ -121,6 +121,11 @@ def test_generate_reads_prompts_as_captions_of_the_testbed_world(testbed_dir, tm
     assert "--prompt: 'a photo of a circle and a circle' is no caption of the testbed's world" in err
     assert "the nearest caption" not in err  # no colour to drop there
     assert all(parse_caption(example) is not None for example in CAPTION_EXAMPLES)
+    capsys.readouterr()
+    report = run_generate(tmp_path / "unscored", "--weights", str(testbed_dir), "--no-flashu", "--prompt",
+                          "two green triangles")
+    assert report["score"] == dict(scored=0, right=0) and report["images"][0]["right"] is None
+    assert "the scorer: no picture scored, since no prompt was a caption" in capsys.readouterr().out
 
 
 def test_generate_reads_a_prompt_file_and_uses_the_shipped_calibration(testbed_dir, tmp_path):
