@@ -103,17 +103,22 @@ def test_merged_ffn_slices_answer_as_eager_flashu(tiny_model) -> None:
     from passes.merge_projections import gate_up_of_rows
 
     model, layout = permuted_with_layout(tiny_model, FULL, 6)
+    assert len({lo for lo, _ in layout.ranges["und"]}) > 1
     latents, question = latents_for(4), question_for(5)
     eager = answer_question_flashu(model, latents, question, FULL, layout, max_new_tokens=6, stop_at_eos=False)
-    torch._dynamo.reset()
-    backend = flashu_backend("und", FULL, layout, merge_ffn_slices=True)
-    ours = answer_question_compiled(torch.compile(model, backend=backend), backend, latents, question,
-                                    max_new_tokens=6, stop_at_eos=False)
-    assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
-    assert [s.skipped for s in ours.steps] == [s.skipped for s in eager.steps]
+    compiles = {}
+    for merge in (False, True):
+        torch._dynamo.reset()
+        backend = flashu_backend("und", FULL, layout, merge_ffn_slices=merge)
+        ours = answer_question_compiled(torch.compile(model, backend=backend), backend, latents, question,
+                                        max_new_tokens=6, stop_at_eos=False)
+        assert ours.ids == eager.ids and ours.kept_positions == eager.kept_positions
+        assert [s.skipped for s in ours.steps] == [s.skipped for s in eager.steps]
+        compiles[merge] = sum(backend.piece_captures.values())
     for kind, graph in backend.und_graphs.items():
         layer = next(p for p in graph.parts if p.name.startswith("layer.")).module
         assert any(n.target is gate_up_of_rows for n in layer.graph.nodes), kind
+    assert compiles[True] == compiles[False]  # one artifact per part, whatever each layer's range start
     torch._dynamo.reset()
 
 
