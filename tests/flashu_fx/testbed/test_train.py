@@ -25,6 +25,7 @@ from flashu_fx.testbed.train import (
     param_groups,
     sincos_2d,
     train,
+    used_length,
 )
 
 # The testbed's token layout (grid, sequence length, vocabulary) with a two-layer trunk: a CPU step in ~0.1 s.
@@ -80,6 +81,30 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(pools) -> None:
     assert log[0]["step"] == 0 and log[-1]["step"] == 29 and all(k in log[-1] for k in ("flow", "answer", "lr"))
     moved = [not torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters(), strict=True)]
     assert any(moved)  # the EMA trails the trained weights
+
+
+def test_batches_cut_at_the_used_length_give_the_same_loss(pools) -> None:
+    """Training cuts every batch after the last position any pool row uses: the same flow and answer losses."""
+    _, gen, und = pools
+    pad = SMALL.specials.pad
+    length = used_length(gen, und, pad)
+    last = max(int(torch.nonzero(row != pad).max()) for row in [*gen.tokens, gen.null_tokens, *und.tokens])
+    assert length == -(-(last + 1) // 8) * 8 < SMALL.max_seq_len
+    assert used_length(gen, und, pad, multiple=1) == last + 1
+    assert used_length(gen, und, pad, multiple=1000) == SMALL.max_seq_len  # never past the rows
+    with pytest.raises(ValueError, match="multiple=0 is invalid"):
+        used_length(gen, und, pad, multiple=0)
+    torch.manual_seed(0)
+    model = Showo2(SMALL)  # default init: a non-zero velocity
+    cfg = TrainConfig(batch_gen=4, batch_und=4, caption_dropout=0.5)
+    full = joint_batch(model, gen, und, cfg, torch.Generator().manual_seed(5))
+    cut = joint_batch(model, gen, und, cfg, torch.Generator().manual_seed(5), length)
+    assert cut["tokens"].shape == (8, length) and cut["mask"].shape[-2:] == (length, length)
+    assert torch.equal(cut["tokens"], full["tokens"][:, :length]) and torch.equal(cut["latents"], full["latents"])
+    assert (full["answer_targets"][:, length:] == IGNORE).all()
+    with torch.no_grad():
+        for a, b in zip(joint_loss(model, cut, cfg), joint_loss(model, full, cfg), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_init_starts_the_head_at_zero_velocity(pools) -> None:
