@@ -88,9 +88,9 @@ def up_offset_of_rows(gate_rows: Tensor, up_rows: Tensor) -> int | None:
     """How many elements after ``gate_rows`` the ``up_rows`` start in their shared storage, when both are (k, H)
     contiguous row blocks of one dtype and device there and up comes after gate; else None (works on fake tensors).
     """
-    if gate_rows.dim() != 2 or up_rows.shape != gate_rows.shape or not adjacent([gate_rows]) or not adjacent([up_rows]):
+    if gate_rows.dim() != 2 or up_rows.shape != gate_rows.shape or not gate_rows.is_contiguous():
         return None
-    if (up_rows.dtype, up_rows.device) != (gate_rows.dtype, gate_rows.device):
+    if not up_rows.is_contiguous() or (up_rows.dtype, up_rows.device) != (gate_rows.dtype, gate_rows.device):
         return None
     if StorageWeakRef(gate_rows.untyped_storage()) != StorageWeakRef(up_rows.untyped_storage()):
         return None

@@ -54,7 +54,7 @@ IMPORTANCE_PATH = "layer_importance.{}"
 ANCHORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("siglip", re.compile(r"^und_trans\.layers\.(\d+)(\.|$)")),
     ("layer", re.compile(r"^showo\.model\.layers\.(\d+)(\.|$)")),
-    ("importance", re.compile(r"^layer_importance\.(\d+)$")),
+    ("importance", re.compile("^" + re.escape(IMPORTANCE_PATH).replace(r"\{\}", r"(\d+)") + "$")),
     ("head_block", re.compile(r"^diffusion_head_a\.(\d+)(\.|$)")),
 )
 # The unanchored regions in the order the forward runs them: before the first layer, between the layers and

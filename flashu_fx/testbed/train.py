@@ -197,9 +197,9 @@ def used_length(gen: GenPool, und: UndPool, pad: int, multiple: int = 8) -> int:
     if multiple < 1:
         raise ValueError(f"multiple={multiple} is invalid: allowed an integer >= 1")
     full = gen.tokens.shape[1]
-    ends = [int(((rows != pad) * torch.arange(1, full + 1, device=rows.device)).amax())
-            for rows in (gen.tokens, gen.null_tokens[None], und.tokens)]
-    return min(full, -(-max(ends) // multiple) * multiple)
+    used = (gen.tokens != pad).any(0) | (gen.null_tokens != pad) | (und.tokens != pad).any(0)  # (L,) by some row
+    end = int(used.nonzero().max()) + 1
+    return min(full, -(-end // multiple) * multiple)
 
 
 def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, generator: torch.Generator,
