@@ -64,6 +64,10 @@ class TrainConfig:
     lr_scales: tuple[tuple[str, float], ...] = ()
     # Every this many steps, ``train``'s ``probe`` runs on the EMA weights and its numbers join the loss log (0: never)
     probe_every: int = 0
+    # The training t's shift s (t -> t / (t + s - s t), more t near the noise end as s grows); 0: Show-o2's own,
+    # s = exp(mu(image_slot_len)), 1.62 at the testbed's 144 image tokens. The sampler's grid uses s = 3, so Show-o2's
+    # training shift gives the noisy steps, where the layout is decided, fewer samples than sampling calls.
+    time_shift: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_gen", "batch_und", "pool_gen", "pool_und"):
@@ -80,6 +84,8 @@ class TrainConfig:
         if not self.foreground_weight >= 0:  # also refuses NaN
             raise ValueError(f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: unweighted)")
         object.__setattr__(self, "lr_scales", check_lr_scales(self.lr_scales))
+        if not (self.time_shift == 0 or self.time_shift > 0):  # also refuses NaN
+            raise ValueError(f"TrainConfig.time_shift={self.time_shift} must be > 0 (or 0: Show-o2's own shift)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,13 +138,14 @@ def sincos_2d(side: int, dim: int) -> Tensor:
     return torch.cat(halves, dim=1).float()
 
 
-def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device) -> Tensor:
-    """Show-o2's training t (docs/SHOWO2.md §3.9): sigmoid(N(0, 1)), shifted by mu(seq_len). (n,) fp32 in (0, 1),
-    drawn on ``device`` with ``generator`` (which must live there)."""
+def sample_flow_time(n: int, seq_len: int, generator: torch.Generator, device, shift: float = 0.0) -> Tensor:
+    """Show-o2's training t (docs/SHOWO2.md §3.9): sigmoid(N(0, 1)), shifted to t / (t + s - s t) with
+    s = exp(mu(seq_len)), or ``shift`` when > 0. (n,) fp32 in (0, 1), drawn on ``device`` with ``generator`` (which
+    must live there)."""
     u = torch.randn(n, generator=generator, device=device)
     t = torch.sigmoid(u).clamp(1e-5, 1 - 1e-5)
-    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
-    return 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
+    s = shift if shift > 0 else math.exp(0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256))
+    return t / (t + s - s * t)
 
 
 def check_lr_scales(pairs) -> tuple[tuple[str, float], ...]:
@@ -224,7 +231,7 @@ def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, gen
     images = gen.images[gi]
     x1 = codec.encode(images)
     x0 = torch.randn(x1.shape, **draw)
-    t = sample_flow_time(cfg.batch_gen, mcfg.image_slot_len, generator, device)
+    t = sample_flow_time(cfg.batch_gen, mcfg.image_slot_len, generator, device, cfg.time_shift)
     xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
     slot = mcfg.image_slot_len
     mask = torch.cat([omni_mask(g_offsets, length, slot), omni_mask(und.block_offsets[ui], length, slot)])

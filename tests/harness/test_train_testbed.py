@@ -60,6 +60,8 @@ def test_bad_category_weights_name_the_argument(text, named):
      "--position-init sincos starts a run from scratch; --init runs/x"),
     (["--probe-every", "-1"], "--probe-every -1 is invalid: allowed an integer >= 0"),
     (["--sensitivity-prompts", "-2"], "--sensitivity-prompts -2 is invalid: allowed an integer >= 0"),
+    (["--time-shift", "-3"], "--time-shift -3.0 is invalid: allowed a number > 0 (0: Show-o2's own shift)"),
+    (["--time-shift", "nan"], "--time-shift nan is invalid"),
 ])
 def test_bad_run_options_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

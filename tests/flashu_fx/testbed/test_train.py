@@ -23,6 +23,7 @@ from flashu_fx.testbed.train import (
     joint_batch,
     joint_loss,
     param_groups,
+    sample_flow_time,
     sincos_2d,
     train,
     used_length,
@@ -128,6 +129,27 @@ def test_bad_train_config_names_the_field() -> None:
         TrainConfig(foreground_weight=-1)
     with pytest.raises(ValueError, match="TrainConfig.foreground_weight=nan"):
         TrainConfig(foreground_weight=float("nan"))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"TrainConfig.time_shift={bad} must be > 0 \(or 0: Show-o2's own"):
+            TrainConfig(time_shift=bad)
+
+
+def test_the_default_time_shift_is_show_o2s_and_a_shift_only_moves_t_toward_the_noise() -> None:
+    """Show-o2's shift written its own way (1 - e^mu / (e^mu + 1 / (1 - t) - 1)) draws the same t; shift 1 is the
+    plain logit-normal; a larger shift moves every draw toward t = 0 (noise) and keeps its rank."""
+    def draw(shift: float) -> torch.Tensor:
+        return sample_flow_time(4096, 144, torch.Generator().manual_seed(3), "cpu", shift)
+
+    u = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    plain = torch.sigmoid(u).clamp(1e-5, 1 - 1e-5)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (144 - 256)
+    show_o2 = 1 - torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / (1 - plain) - 1))
+    torch.testing.assert_close(draw(0.0), show_o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(draw(1.0), plain)
+    default, three = draw(0.0), draw(3.0)
+    assert bool((three < default).all())
+    assert torch.equal(three.argsort(), plain.argsort())
+    assert float((three < 0.2).float().mean()) > 1.5 * float((default < 0.2).float().mean())
 
 
 def test_foreground_weight_zero_is_the_plain_mse(pools) -> None:
