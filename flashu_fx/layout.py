@@ -16,6 +16,7 @@ from torch import Tensor
 from flashu_fx.config import Showo2Config
 from flashu_fx.inputs import check_prompt_ids
 from flashu_fx.masks import omni_mask
+from flashu_fx.shapes import round_up
 from flashu_fx.tokenizer import TextTokenizer
 
 
@@ -43,11 +44,8 @@ class GenBatch:
         mask, so no slot row attends to them, and RoPE positions and the mask are a top-left corner of the full
         ones: the slot rows, and so the velocity, are the same. At Show-o2's 1024 positions a short prompt leaves
         about a quarter of them after the slot."""
-        if multiple < 1:
-            raise ValueError(f"multiple={multiple} is invalid: allowed an integer >= 1")
         length = self.tokens.shape[1]
-        end = int(self.offsets.max()) + image_slot_len
-        keep = min(length, -(-end // multiple) * multiple)
+        keep = min(length, round_up(int(self.offsets.max()) + image_slot_len, multiple))
         return GenBatch(self.tokens[:, :keep], self.offsets, self.mask[:, :, :keep, :keep], self.num_prompts,
                         self.prompt_lens)
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.model import Showo2
+from flashu_fx.shapes import round_up
 
 
 class CheckpointMismatchError(ValueError):
@@ -33,7 +34,7 @@ def config_from_upstream(upstream: dict, vocab_size: int | None = None) -> Showo
         grid = changes["image_grid"] = (int(upstream["image_latent_height"]), int(upstream["image_latent_width"]))
         # The token budget lives in the demo YAML, not config.json. Slot + 4 specials + 251 text tokens rounded up to
         # a multiple of 128 reproduces all three documented budgets: 27x27 -> 1024, 32x32 -> 1280, 64x64 -> 4352.
-        changes["max_seq_len"] = -(-(grid[0] * grid[1] + 1 + 4 + 251) // 128) * 128
+        changes["max_seq_len"] = round_up(grid[0] * grid[1] + 1 + 4 + 251, 128)
     if "num_diffusion_layers" in upstream:
         changes["head_num_layers"] = int(upstream["num_diffusion_layers"])
     if vocab_size or upstream.get("llm_vocab_size"):

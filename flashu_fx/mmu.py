@@ -21,6 +21,7 @@ from flashu_fx.inputs import question_ids
 from flashu_fx.layout import MmuPrompt, build_mmu_prompt, mark_length_dynamic
 from flashu_fx.masks import additive_mask, omni_mask
 from flashu_fx.model import Showo2
+from flashu_fx.shapes import round_up
 from flashu_fx.tokenizer import TextTokenizer, get_tokenizer
 from flashu_fx.und_cache import UndCache
 
@@ -65,7 +66,7 @@ def cache_length(positions: int) -> int:
     The mask rows a decode step slices out of the (L, L) mask then start on 16-element boundaries: CUDA's
     memory-efficient attention read an unaligned bf16 mask row as a misaligned address (H200, a 181-slot cache).
     """
-    return -(-positions // 16) * 16
+    return round_up(positions, 16)
 
 
 @torch.no_grad()

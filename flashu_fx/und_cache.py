@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flashu_fx.config import Showo2Config
 from flashu_fx.layers import rope_cos_sin, rope_inv_freq
+from flashu_fx.shapes import round_up
 
 CACHE_BUCKET = 256  # capacities are a multiple of this: answers of similar length share cache shapes (and graphs)
 
@@ -28,7 +29,7 @@ def cache_capacity(positions: int) -> int:
     """The capacity of a cache holding ``positions`` (prompt + new tokens): rounded up to CACHE_BUCKET."""
     if positions < 1:
         raise ValueError(f"positions={positions} is invalid: allowed an integer >= 1")
-    return -(-positions // CACHE_BUCKET) * CACHE_BUCKET
+    return round_up(positions, CACHE_BUCKET)
 
 
 class LayerCache(nn.Module):

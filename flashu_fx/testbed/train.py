@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from flashu_fx.masks import omni_mask
 from flashu_fx.model import Showo2
+from flashu_fx.shapes import round_up
 from flashu_fx.testbed import codec
 from flashu_fx.testbed.data import IGNORE, GenPool, UndPool
 from flashu_fx.testbed.world import check_category_weights
@@ -201,12 +202,10 @@ def used_length(gen: GenPool, und: UndPool, pad: int, multiple: int = 8) -> int:
     (``joint_batch(length=)``): the positions after it are pads after every row's last token, which the omni mask's
     causal part keeps out of every earlier position, and carry no target, so the loss is the same. The testbed's
     rows use 173 of 192 positions (176 kept). The ends are read once per run (a sync), before the first step."""
-    if multiple < 1:
-        raise ValueError(f"multiple={multiple} is invalid: allowed an integer >= 1")
     full = gen.tokens.shape[1]
     used = (gen.tokens != pad).any(0) | (gen.null_tokens != pad) | (und.tokens != pad).any(0)  # (L,) by some row
     end = int(used.nonzero().max()) + 1
-    return min(full, -(-end // multiple) * multiple)
+    return min(full, round_up(end, multiple))
 
 
 def joint_batch(model: Showo2, gen: GenPool, und: UndPool, cfg: TrainConfig, generator: torch.Generator,
