@@ -11,6 +11,7 @@ and the eigenvalues of that map (1: the noise in a direction removed; 0: left in
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -184,12 +185,16 @@ def velocity_sensitivity(model: Showo2, tokenizer: WordTokenizer, edit: str, n: 
     original prompt's render, t near 0 the noisy start where the layout is decided). About 0 for a model that reads
     the caption as a bag of words, where it ignores the edit; a layout- and colour-faithful one moves by a share of
     its whole caption pull (the edited twin draws another picture). One forward of 4n rows; cheap enough to watch
-    during training. Runs on the model's device and dtype."""
+    during training. Runs on the model's device in fp32 (a copy when the model is not): in bf16 the rounding of two
+    different rows' velocities does not cancel and reads as a share several times too large (0.36 against 0.085 for
+    the same weights)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0 < t < 1:
         raise ValueError(f"t must lie in (0, 1), got {t}")
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    device, dtype = next(model.parameters()).device, torch.float32
     rng = world.rng_for("heldout", seed)
     prompts = [world.sample_gen_prompt(rng, _edit_category(edit)) for _ in range(n)]
     captions = [tokenizer.encode(p.caption) for p in [*prompts, *(edited_prompt(p, edit) for p in prompts)]]

@@ -3,6 +3,8 @@ and how far they move pictures and velocities (against the world's own), and the
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,17 @@ def test_the_shipped_testbed_measures_its_velocity_sensitivity() -> None:
     shares = [velocity_sensitivity(testbed.model, testbed.tokenizer, edit, n=4, seed=1) for edit in ("relation",
                                                                                                       "colors")]
     assert all(np.isfinite(s) and s > 0 for s in shares)
+
+
+def test_velocity_sensitivity_of_bf16_weights_is_measured_in_fp32() -> None:
+    """bf16 weights are measured on an fp32 copy: the same share as the fp32 model of the same (bf16-rounded)
+    weights, and the model handed in stays bf16."""
+    testbed = load_testbed()
+    bf16 = copy.deepcopy(testbed.model).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()
+    share = velocity_sensitivity(bf16, testbed.tokenizer, "relation", n=4, seed=2)
+    assert share == pytest.approx(velocity_sensitivity(fp32, testbed.tokenizer, "relation", n=4, seed=2), rel=1e-6)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("edit", ["relation", "colors"])
