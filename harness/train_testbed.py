@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("sensitivity_prompts", "probe_every"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
-    if not (args.time_shift == 0 or args.time_shift > 0):
+    if not args.time_shift >= 0:  # also refuses NaN
         parser.error(f"--time-shift {args.time_shift} is invalid: allowed a number > 0 (0: Show-o2's own shift)")
     started = time.perf_counter()
     device = torch.device(args.device)

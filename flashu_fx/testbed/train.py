@@ -85,7 +85,7 @@ class TrainConfig:
         if not self.foreground_weight >= 0:  # also refuses NaN
             raise ValueError(f"TrainConfig.foreground_weight={self.foreground_weight} must be >= 0 (0: unweighted)")
         object.__setattr__(self, "lr_scales", check_lr_scales(self.lr_scales))
-        if not (self.time_shift == 0 or self.time_shift > 0):  # also refuses NaN
+        if not self.time_shift >= 0:  # also refuses NaN
             raise ValueError(f"TrainConfig.time_shift={self.time_shift} must be > 0 (or 0: Show-o2's own shift)")
 
     def to_dict(self) -> dict[str, Any]:
