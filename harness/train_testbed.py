@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-shift", type=float, default=d.time_shift, metavar="S",
                    help="shift of the training t toward the noise, t / (t + S - S t); the sampler's grid uses 3 "
                         "(default 0: Show-o2's own, 1.62 at the testbed's 144 image tokens)")
+    p.add_argument("--noise-end-share", type=float, default=d.noise_end_share, metavar="P",
+                   help="share of the generation rows trained at the noise end (median t 0.02), where the caption is "
+                        "the only evidence for the layout (default 0: Show-o2's t for every row)")
     p.add_argument("--compile", default=d.compile, metavar="BACKEND",
                    help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
     if not args.time_shift >= 0:  # also refuses NaN
         parser.error(f"--time-shift {args.time_shift} is invalid: allowed a number > 0 (0: Show-o2's own shift)")
+    if not 0 <= args.noise_end_share <= 1:  # also refuses NaN
+        parser.error(f"--noise-end-share {args.noise_end_share} is invalid: allowed a share in [0, 1]")
     started = time.perf_counter()
     device = torch.device(args.device)
     cfg = get_config(PRESET)
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
                             seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
                             category_weights=args.category_weights, foreground_weight=args.foreground_weight,
-                            lr_scales=args.lr_scales, probe_every=args.probe_every, time_shift=args.time_shift)
+                            lr_scales=args.lr_scales, probe_every=args.probe_every, time_shift=args.time_shift,
+                            noise_end_share=args.noise_end_share)
     with torch.device("meta"):  # the learning-rate prefixes checked before minutes of rendering, not after
         try:
             param_groups(Showo2(cfg), train_cfg)

@@ -62,6 +62,8 @@ def test_bad_category_weights_name_the_argument(text, named):
     (["--sensitivity-prompts", "-2"], "--sensitivity-prompts -2 is invalid: allowed an integer >= 0"),
     (["--time-shift", "-3"], "--time-shift -3.0 is invalid: allowed a number > 0 (0: Show-o2's own shift)"),
     (["--time-shift", "nan"], "--time-shift nan is invalid"),
+    (["--noise-end-share", "1.5"], "--noise-end-share 1.5 is invalid: allowed a share in [0, 1]"),
+    (["--noise-end-share", "nan"], "--noise-end-share nan is invalid"),
 ])
 def test_bad_run_options_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
