@@ -54,6 +54,9 @@ from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
 PROBE_PROMPTS = 16  # held-out prompts per caption edit in the training probe (one forward of 64 rows each)
+# The probe's t: 0.2, where the layout is being decided (the "<edit>_pull" keys), and the noise end, where the caption
+# is the only evidence and the world's own share (world_sensitivity, t -> 0) applies ("<edit>_pull_noise_end")
+PROBE_TIMES = {"": 0.2, "_noise_end": 0.01}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0: Show-o2's own, 1.62 at the testbed's 144 image tokens)")
     p.add_argument("--noise-end-share", type=float, default=d.noise_end_share, metavar="P",
                    help="share of the generation rows trained at the noise end (median t 0.02), where the caption is "
-                        "the only evidence for the layout (default 0: Show-o2's t for every row)")
+                        "the only evidence for the layout (0: Show-o2's t for every row)")
     p.add_argument("--compile", default=d.compile, metavar="BACKEND",
                    help='torch.compile backend for the training step, e.g. "inductor" (default: eager)')
     p.add_argument("--init", help="continue from this testbed checkpoint's weights (fresh optimizer and EMA)")
@@ -102,19 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "same noise after training, to see whether the pictures follow those words (0: skip)")
     p.add_argument("--probe-every", type=int, default=500, metavar="N",
                    help="every N steps, how far one model call's velocity moves when a relation is reversed or two "
-                        "colours exchanged, as a share of the caption's whole pull (the EMA weights, "
-                        f"{PROBE_PROMPTS} held-out prompts per edit): the learning curve of binding, in the loss log "
-                        "and the progress bar (0: never)")
+                        "colours exchanged, as a share of the caption's whole pull, at t = 0.2 and at the noise "
+                        f"end (the EMA weights, {PROBE_PROMPTS} held-out prompts per edit): the learning curve of "
+                        "binding, in the loss log and the progress bar (0: never)")
     p.add_argument("--calib-gen", type=int, default=16, help="generation calibration prompts (0: no calibration)")
     p.add_argument("--calib-und", type=int, default=20, help="understanding calibration prefills (0: none)")
     return p
 
 
 def binding_probe(tok: WordTokenizer) -> Callable[[Showo2], dict[str, float]]:
-    """The training probe: ``diagnostics.velocity_sensitivity`` of each caption edit, as {"<edit>_pull": share}."""
+    """The training probe: ``diagnostics.velocity_sensitivity`` of each caption edit at each of PROBE_TIMES, as
+    {"<edit>_pull<suffix>": share}."""
 
     def probe(model: Showo2) -> dict[str, float]:
-        return {f"{edit}_pull": velocity_sensitivity(model, tok, edit, n=PROBE_PROMPTS) for edit in EDITS}
+        return {f"{edit}_pull{suffix}": velocity_sensitivity(model, tok, edit, n=PROBE_PROMPTS, t=t)
+                for edit in EDITS for suffix, t in PROBE_TIMES.items()}
 
     return probe
 
@@ -264,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     pull = binding_probe(tok)(model)  # the shipped weights' (the loss log has the EMA's along the way)
     pull_of_world = {f"{edit}_pull": world_sensitivity(edit) for edit in EDITS}  # what a model knowing it moves
     print("velocity moved by each caption edit, as a share of the caption's pull: "
-          + ", ".join(f"{k.removesuffix('_pull')} {v:.3f} (the world's own {pull_of_world[k]:.2f})"
-                      for k, v in pull.items()), flush=True)
+          + ", ".join(f"{edit} {pull[f'{edit}_pull']:.3f} at t={PROBE_TIMES['']}, "
+                      f"{pull[f'{edit}_pull_noise_end']:.3f} at t={PROBE_TIMES['_noise_end']} "
+                      f"(the world's own {pull_of_world[f'{edit}_pull']:.2f})" for edit in EDITS), flush=True)
     # Whether the image tokens know their grid row and column (what a layout needs), at the trunk's input and output
     position = grid_position_r2(model, tok, n=min(32, max(2, args.eval_prompts)))
     last = f"layer.{cfg.num_layers - 1}"

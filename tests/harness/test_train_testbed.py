@@ -7,10 +7,12 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from flashu_fx.testbed import world
-from flashu_fx.testbed.checkpoint import RECORD_FILE
-from harness.train_testbed import category_weights, earlier_runs, main
+from flashu_fx.testbed.checkpoint import RECORD_FILE, load_testbed
+from flashu_fx.testbed.diagnostics import EDITS, velocity_sensitivity
+from harness.train_testbed import PROBE_PROMPTS, PROBE_TIMES, binding_probe, category_weights, earlier_runs, main
 
 
 def _record(command: str, history: list[dict] | None = None) -> dict:
@@ -69,3 +71,18 @@ def test_bad_run_options_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--device", "cpu", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_binding_probe_measures_each_edit_at_t_0_2_and_at_the_noise_end(random_testbed):
+    """Both edits at both probe times, each the velocity share ``velocity_sensitivity`` gives at that t (the noise
+    end is where the world's own share applies), and the two times read differently."""
+    tb = load_testbed(random_testbed)
+    torch.manual_seed(0)
+    found = binding_probe(tb.tokenizer)(tb.model)
+    assert set(found) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
+    assert PROBE_TIMES == {"": 0.2, "_noise_end": 0.01}
+    for edit in EDITS:
+        for suffix, t in PROBE_TIMES.items():
+            expected = velocity_sensitivity(tb.model, tb.tokenizer, edit, n=PROBE_PROMPTS, t=t)
+            assert found[f"{edit}_pull{suffix}"] == pytest.approx(expected, rel=1e-5)
+        assert found[f"{edit}_pull"] != found[f"{edit}_pull_noise_end"]
