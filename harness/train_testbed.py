@@ -54,6 +54,7 @@ from harness.arguments import command_parser
 
 PRESET = "testbed-nano"
 PROBE_PROMPTS = 16  # held-out prompts per caption edit in the training probe (one forward of 64 rows each)
+FINAL_PROBE_PROMPTS = 64  # the same after training, on the weights that ship: half the probe's noise (about 0.03)
 # The probe's t: 0.2, where the layout is being decided (the "<edit>_pull" keys), and the noise end, where the caption
 # is the only evidence and the world's own share (world_sensitivity, t -> 0) applies ("<edit>_pull_noise_end")
 PROBE_TIMES = {"": 0.2, "_noise_end": 0.01}
@@ -113,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def binding_probe(tok: WordTokenizer) -> Callable[[Showo2], dict[str, float]]:
+def binding_probe(tok: WordTokenizer, n: int = PROBE_PROMPTS) -> Callable[[Showo2], dict[str, float]]:
     """The training probe: ``diagnostics.velocity_sensitivity`` of each caption edit at each of PROBE_TIMES, as
-    {"<edit>_pull<suffix>": share}."""
+    {"<edit>_pull<suffix>": share}, over ``n`` held-out prompts per edit."""
 
     def probe(model: Showo2) -> dict[str, float]:
-        return {f"{edit}_pull{suffix}": velocity_sensitivity(model, tok, edit, n=PROBE_PROMPTS, t=t)
+        return {f"{edit}_pull{suffix}": velocity_sensitivity(model, tok, edit, n=n, t=t)
                 for edit in EDITS for suffix, t in PROBE_TIMES.items()}
 
     return probe
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     for found in sensitivity:
         print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
               f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
-    pull = binding_probe(tok)(model)  # the shipped weights' (the loss log has the EMA's along the way)
+    pull = binding_probe(tok, FINAL_PROBE_PROMPTS)(model)  # the shipped weights' (the loss log: the EMA's on the way)
     pull_of_world = {f"{edit}_pull": world_sensitivity(edit) for edit in EDITS}  # what a model knowing it moves
     print("velocity moved by each caption edit, as a share of the caption's pull: "
           + ", ".join(f"{edit} {pull[f'{edit}_pull']:.3f} at t={PROBE_TIMES['']}, "

@@ -79,6 +79,7 @@ def test_the_binding_probe_measures_each_edit_at_t_0_2_and_at_the_noise_end(rand
     tb = load_testbed(random_testbed)
     torch.manual_seed(0)
     found = binding_probe(tb.tokenizer)(tb.model)
+    assert binding_probe(tb.tokenizer, 4)(tb.model) != found  # another number of prompts, another mean
     assert set(found) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
     assert PROBE_TIMES == {"": 0.2, "_noise_end": 0.01}
     for edit in EDITS:
