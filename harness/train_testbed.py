@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep = {}
     best = None
     for g in (float(x) for x in args.guidance_sweep.split(",")):
-        correct, images = score_generation(model, tok, prompts, g, args.eval_steps)
+        # each prompt's noise from its own seed (its index): the numbers do not depend on the batch, and match a
+        # per-prompt evaluation elsewhere (docs/QUALITY.md measured run 6 so on the CPU)
+        correct, images = score_generation(model, tok, prompts, g, args.eval_steps, seeds=range(len(prompts)))
         sweep[g] = scorer.geneval_summary(prompts, correct)
         print(f"guidance {g}: GenEval-style overall {sweep[g]['overall']['accuracy']:.3f}", flush=True)
         if best is None or sweep[g]["overall"]["accuracy"] > sweep[best[0]]["overall"]["accuracy"]:

@@ -87,3 +87,32 @@ def test_the_binding_probe_measures_each_edit_at_t_0_2_and_at_the_noise_end(rand
             expected = velocity_sensitivity(tb.model, tb.tokenizer, edit, n=PROBE_PROMPTS, t=t)
             assert found[f"{edit}_pull{suffix}"] == pytest.approx(expected, rel=1e-5)
         assert found[f"{edit}_pull"] != found[f"{edit}_pull_noise_end"]
+
+
+def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, monkeypatch):
+    """Two CPU steps of the real command: the record holds the options (the noise-end share), the final binding
+    probe at both t beside the world's own share, and the held-out prompts were drawn with one seed each (their
+    index), so the numbers compare with a per-prompt evaluation elsewhere."""
+    import harness.train_testbed as cli
+
+    calls = []
+    score = cli.score_generation
+
+    def spy(model, tok, prompts, guidance, steps, **kwargs):
+        calls.append((len(prompts), kwargs.get("seeds")))
+        return score(model, tok, prompts, guidance, steps, **kwargs)
+
+    monkeypatch.setattr(cli, "score_generation", spy)
+    out = tmp_path / "run"
+    main(["--device", "cpu", "--out", str(out), "--steps", "2", "--batch-gen", "2", "--batch-und", "2", "--pool", "64",
+          "--pool-und", "32", "--eval-prompts", "3", "--eval-questions", "2", "--guidance-sweep", "2,4",
+          "--eval-steps", "3", "--calib-gen", "0", "--calib-und", "0", "--sensitivity-prompts", "0",
+          "--probe-every", "0", "--noise-end-share", "0.25"])
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["steps_done"] == 2 and record["train"]["noise_end_share"] == 0.25
+    assert [(n, list(seeds)) for n, seeds in calls] == [(3, [0, 1, 2])] * 2
+    assert set(record["heldout"]["guidance_sweep"]) == {"2.0", "4.0"}
+    probe = record["velocity_sensitivity"]
+    assert set(probe["model"]) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
+    assert set(probe["world"]) == {f"{e}_pull" for e in EDITS}
+    assert all(v >= 0 for part in probe.values() for v in part.values())
