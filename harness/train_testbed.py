@@ -277,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"(the world's own {pull_of_world[f'{edit}_pull']:.2f})" for edit in EDITS), flush=True)
     # Whether the image tokens know their grid row and column (what a layout needs), at the trunk's input and output
     position = grid_position_r2(model, tok, n=min(32, max(2, args.eval_prompts)))
-    last = f"layer.{cfg.num_layers - 1}"
-    print(f"image tokens' grid position, held-out R^2 (row, column): trunk input {position['input'][0]:.2f}, "
-          f"{position['input'][1]:.2f}; last layer {position[last][0]:.2f}, {position[last][1]:.2f}", flush=True)
+    shown = ("input", f"layer.{cfg.num_layers - 1}", max((k for k in position if k.startswith("head.")),
+                                                           key=lambda k: position[k][3]))
+    print("image tokens' grid position, held-out R^2 (row, column; where the velocity lands: row, column): "
+          + "; ".join(f"{name} " + ", ".join(f"{r2:.2f}" for r2 in position[name]) for name in shown), flush=True)
 
     calib = {}
     crng = world.rng_for("train", args.seed + 1)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flashu_fx.config import Showo2Config
 from flashu_fx.layout import build_gen_batch
-from flashu_fx.model import Showo2
+from flashu_fx.model import Showo2, unpatchify
 from flashu_fx.t2i import generate_images
 from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.tokenizer import WordTokenizer
@@ -230,13 +231,16 @@ def world_sensitivity(edit: str, n: int = 8, scenes: int = 400, seed: int = 0) -
 
 @torch.no_grad()
 def grid_position_r2(model: Showo2, tokenizer: WordTokenizer, n: int = 32, t: float = 0.2, seed: int = 0
-                     ) -> dict[str, tuple[float, float]]:
+                     ) -> dict[str, tuple[float, float, float, float]]:
     """Whether the image tokens know where they are: for the fused image embeddings (``"input"``, what the trunk
-    receives) and each decoder layer's output (``"layer.i"``), the held-out R^2 of ridge probes that read each image
-    token's grid row and column from its hidden state, in generation rows of ``n`` held-out prompts' renders noised
-    to ``t``. Fitted on the first half of the pictures, scored on the other half. A model that must put "a circle left
-    of a square" on the left needs the column (the trunk's RoPE is 1-D and relative; the image position table is the
-    only absolute 2-D position). Runs on the model's device; the probes in fp64 on the CPU."""
+    receives), each decoder layer's output (``"layer.i"``) and each diffusion-head block's (``"head.i"``), the held-out
+    R^2 of ridge probes that read, from each image token's hidden state, its patch's grid row and column and the row
+    and column where its velocity lands (the centre of the latent pixels ``unpatchify`` gives it: Show-o2's output
+    token k covers 4 raster-consecutive latent pixels, not its own patch), in generation rows of ``n`` held-out
+    prompts' renders noised to ``t``. Fitted on the first half of the pictures, scored on the other half. A model
+    that must put "a circle left of a square" on the left needs the column (the trunk's RoPE is 1-D and relative; the
+    image position table is the only absolute 2-D position). -> name: (row, column, output row, output column).
+    Runs on the model's device; the probes in fp64 on the CPU."""
     if n < 2:
         raise ValueError(f"n must be >= 2 (half the pictures fit the probes, half score them), got {n}")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -260,15 +264,34 @@ def grid_position_r2(model: Showo2, tokenizer: WordTokenizer, n: int = 32, t: fl
     handles = [model.fusion_proj.register_forward_hook(keep("input", image_rows=False))]
     handles += [layer.register_forward_hook(keep(f"layer.{i}", image_rows=True))
                 for i, layer in enumerate(model.showo.model.layers)]
+    handles += [block.register_forward_hook(keep(f"head.{i}", image_rows=True))
+                for i, block in enumerate(model.diffusion_head_a)]
     try:
         model(batch.tokens, xt.to(device, dtype), torch.full((n,), t, device=device),
               batch.offsets, batch.mask, return_logits=False)
     finally:
         for handle in handles:
             handle.remove()
-    targets = torch.stack([cells // side, cells % side], dim=1).double().cpu().repeat(n, 1)  # (n * S, 2)
+    cells = cells.cpu()
+    targets = torch.cat([torch.stack([cells // side, cells % side], dim=1).double(), output_centres(model.config)], 1)
     half = (n // 2) * side * side
-    return {name: _ridge_r2(hidden.flatten(0, 1), targets, half) for name, hidden in states.items()}
+    return {name: _ridge_r2(hidden.flatten(0, 1), targets.repeat(n, 1), half) for name, hidden in states.items()}
+
+
+def output_centres(cfg: Showo2Config) -> Tensor:
+    """(tokens, 2) fp64: the mean (row, column) of the latent pixels each output token's velocity lands on, read off
+    ``unpatchify`` itself (feature f of token k -> raster pixel 4k + f // C for p = 2)."""
+    h, w = cfg.latent_size
+    n, features = h * w // cfg.patch_size**2, cfg.patch_size**2 * cfg.latent_channels
+    owner = unpatchify(torch.arange(n, dtype=torch.float64)[None, :, None].expand(1, n, features), (h, w),
+                       cfg.latent_channels)[0, 0]  # (h, w): which token writes each latent pixel
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, owner.flatten().long(), torch.ones(h * w,
+                                                                                                 dtype=torch.float64))
+    centre = [torch.zeros(n, dtype=torch.float64).index_add_(0, owner.flatten().long(), grid.flatten()) / count
+              for grid in (rows, cols)]
+    return torch.stack(centre, dim=1)
 
 
 def _ridge_r2(features: Tensor, targets: Tensor, fit: int, ridge: float = 1.0) -> tuple[float, ...]:

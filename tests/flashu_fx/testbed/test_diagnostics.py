@@ -4,6 +4,7 @@ and how far they move pictures and velocities (against the world's own), and the
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from flashu_fx.testbed.diagnostics import (
     edited_prompt,
     flow_loss_parts,
     grid_position_r2,
+    output_centres,
     split_flow_loss,
     velocity_sensitivity,
     world_sensitivity,
@@ -194,8 +196,24 @@ def test_the_position_probes_find_a_sincos_table_and_not_a_random_one() -> None:
     tokenizer = load_testbed().tokenizer
     found = {init: grid_position_r2(init_for_training(Showo2(SMALL), seed=0, position_init=init).eval(), tokenizer,
                                     n=8) for init in ("sincos", "normal")}
-    assert list(found["sincos"]) == ["input", *(f"layer.{i}" for i in range(SMALL.num_layers))]
-    assert min(found["sincos"]["input"]) > 0.9 and min(found["sincos"]["layer.0"]) > 0.9
+    assert list(found["sincos"]) == ["input", *(f"layer.{i}" for i in range(SMALL.num_layers)),
+                                     *(f"head.{i}" for i in range(SMALL.head_num_layers))]
+    assert min(found["sincos"]["input"][:2]) > 0.9 and min(found["sincos"]["layer.0"][:2]) > 0.9
     assert max(found["normal"]["input"]) < 0.5
     with pytest.raises(ValueError, match="n must be >= 2"):
         grid_position_r2(load_testbed().model, tokenizer, n=1)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_output_centres_follow_unpatchify(patch_size: int) -> None:
+    """Each output token's velocity lands on p * p raster-consecutive latent pixels (not its own patch): the centres
+    are those pixels' mean row and column, and with p = 1 every token lands on its own pixel."""
+    cfg = dataclasses.replace(SMALL, patch_size=patch_size)
+    h, w = cfg.latent_size
+    centres = output_centres(cfg)
+    assert centres.shape == (h * w // patch_size**2, 2)
+    first = torch.arange(patch_size**2, dtype=torch.float64) + patch_size**2 * 5  # token 5's raster pixels
+    assert torch.equal(centres[5], torch.stack([(first // w).mean(), (first % w).mean()]))
+    if patch_size == 1:
+        k = torch.arange(h * w, dtype=torch.float64)
+        assert torch.equal(centres, torch.stack([k // w, k % w], dim=1))
