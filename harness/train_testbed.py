@@ -46,6 +46,7 @@ from flashu_fx.testbed.train import (
     POSITION_INITS,
     TrainConfig,
     check_lr_scales,
+    graft_sincos,
     init_for_training,
     param_groups,
     train,
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-init", choices=POSITION_INITS, default="normal",
                    help="a run from scratch: how the image position table starts (sincos: DiT's fixed 2-D sine-cosine "
                         "table, the only absolute 2-D position the image tokens get; normal: N(0, 0.02))")
+    p.add_argument("--position-graft", type=float, metavar="S",
+                   help="with --init: add S x the 2-D sine-cosine table to the trained image position table "
+                        "(train.graft_sincos), giving the trunk the column a N(0, 0.02) start never taught it")
     p.add_argument("--eval-no-kv-cache", action="store_true", help="score answers with the no-cache decode loop")
     p.add_argument("--pool", type=int, default=d.pool_gen, help="rendered generation examples (and understanding "
                    "examples unless --pool-und is given)")
@@ -194,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.init and args.position_init != "normal":
         parser.error(f"--position-init {args.position_init} starts a run from scratch; --init {args.init} continues "
                      "trained weights, position table included")
+    if args.position_graft is not None and not (args.init and args.position_graft > 0):
+        parser.error(f"--position-graft {args.position_graft} is invalid: allowed a number > 0, with --init (it "
+                     "changes trained weights; a run from scratch takes --position-init sincos)")
     for option in ("sensitivity_prompts", "probe_every"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
@@ -225,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.init:  # a continued run: the earlier run's (EMA) weights, in fp32 for the optimizer
         model = from_pretrained(args.init, dtype=torch.float32, device=device).train()
+        if args.position_graft:
+            graft_sincos(model, args.position_graft)
     else:
         model = init_for_training(Showo2(cfg), seed=args.seed, position_init=args.position_init).to(device)
     ema, log = train(model, gen_pool, und_pool, train_cfg, probe=binding_probe(tok))
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(
         command="python -m harness train-testbed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         preset=PRESET, train=train_cfg.to_dict(), init=args.init,
-        position_init=None if args.init else args.position_init,
+        position_init=None if args.init else args.position_init, position_graft=args.position_graft,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, pools_seconds=round(pools_s, 1), train_seconds=round(train_s, 1),
         steps_done=(log[-1]["step"] + 1) if log else 0, loss_log=log,

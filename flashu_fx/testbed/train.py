@@ -129,6 +129,19 @@ def init_for_training(model: Showo2, seed: int = 0, position_init: str = "normal
     return model
 
 
+@torch.no_grad()
+def graft_sincos(model: Showo2, scale: float) -> Showo2:
+    """Add ``scale`` x the 2-D sine-cosine table (``sincos_2d``, row norm 8 at width 128) to a trained model's image
+    position table, so a lineage started from N(0, 0.02) gets the absolute column its trunk never learned (a trained
+    table's rows have norm about 2, swamped by the content and dropped by ``und_trans`` and ``fusion_proj``). The
+    rest of the weights stay; training then adapts them. Returns the model."""
+    if not scale > 0:  # also refuses NaN
+        raise ValueError(f"graft_sincos: scale={scale} is invalid: allowed a number > 0")
+    table = model.position_embedding.weight
+    table.add_(scale * sincos_2d(math.isqrt(table.shape[0]), table.shape[1]).to(table))
+    return model
+
+
 def sincos_2d(side: int, dim: int) -> Tensor:
     """The fixed 2-D sine-cosine position table of a side x side grid (MAE, DiT): (side * side, dim) fp32, rows in
     raster order; the first half of the channels encodes the grid row, the second the column, each as the sines then

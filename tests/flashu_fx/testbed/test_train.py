@@ -19,6 +19,7 @@ from flashu_fx.testbed.tokenizer import WordTokenizer
 from flashu_fx.testbed.train import (
     TrainConfig,
     flow_weights,
+    graft_sincos,
     init_for_training,
     joint_batch,
     joint_loss,
@@ -321,3 +322,23 @@ def test_a_sincos_start_sets_the_position_table_and_nothing_else() -> None:
         init_for_training(Showo2(SMALL), position_init="grid")
     with pytest.raises(ValueError, match="dim a multiple of 4"):
         sincos_2d(3, 6)
+
+
+@settings(max_examples=5, deadline=None)
+@given(scale=st.floats(0.05, 2.0))
+def test_a_graft_adds_the_scaled_sincos_table_to_the_position_table_only(scale: float) -> None:
+    trained = init_for_training(Showo2(SMALL), seed=5)
+    before = {name: p.clone() for name, p in trained.named_parameters()}
+    graft_sincos(trained, scale)
+    for name, p in trained.named_parameters():
+        if name == "position_embedding.weight":
+            expected = before[name] + scale * sincos_2d(12, SMALL.und_hidden_size)
+            torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_a_graft_refuses_a_scale_that_is_not_positive(scale: float) -> None:
+    with pytest.raises(ValueError, match=f"graft_sincos: scale={scale} is invalid: allowed a number > 0"):
+        graft_sincos(Showo2(SMALL), scale)
