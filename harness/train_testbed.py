@@ -212,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cfg = get_config(PRESET)
     tok = WordTokenizer(world.vocabulary(), cfg.specials)
-    train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
-                            warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
-                            seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
-                            category_weights=args.category_weights, foreground_weight=args.foreground_weight,
-                            lr_scales=args.lr_scales, probe_every=args.probe_every, time_shift=args.time_shift,
-                            noise_end_share=args.noise_end_share)
+    try:
+        train_cfg = TrainConfig(steps=args.steps, batch_gen=args.batch_gen, batch_und=args.batch_und, lr=args.lr,
+                                warmup=args.warmup, pool_gen=args.pool, pool_und=args.pool_und or args.pool,
+                                seed=args.seed, time_budget_s=args.time_budget, compile=args.compile,
+                                category_weights=args.category_weights, foreground_weight=args.foreground_weight,
+                                lr_scales=args.lr_scales, probe_every=args.probe_every, time_shift=args.time_shift,
+                                noise_end_share=args.noise_end_share)
+    except ValueError as err:  # a value the parser's own checks let through (e.g. --compile)
+        parser.error(str(err))
     with torch.device("meta"):  # the learning-rate prefixes checked before minutes of rendering, not after
         try:
             param_groups(Showo2(cfg), train_cfg)

@@ -93,6 +93,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.time_shift={self.time_shift} must be > 0 (or 0: Show-o2's own shift)")
         if not 0 <= self.noise_end_share <= 1:  # also refuses NaN
             raise ValueError(f"TrainConfig.noise_end_share={self.noise_end_share} must lie in [0, 1] (0: none)")
+        if self.compile:
+            from torch._dynamo import list_backends  # Dynamo loads only when a compiled run is asked for
+
+            known = list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(f"TrainConfig.compile={self.compile!r} is not a torch.compile backend: allowed "
+                                 f"\"\" (eager) or one of {', '.join(known)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

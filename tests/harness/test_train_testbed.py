@@ -62,6 +62,7 @@ def test_bad_category_weights_name_the_argument(text, named):
      "--position-init sincos starts a run from scratch; --init runs/x"),
     (["--position-graft", "1"], "--position-graft 1.0 is invalid: allowed a number > 0, with --init"),
     (["--init", "runs/x", "--position-graft", "0"], "--position-graft 0.0 is invalid"),
+    (["--compile", "none"], "TrainConfig.compile='none' is not a torch.compile backend: allowed"),
     (["--probe-every", "-1"], "--probe-every -1 is invalid: allowed an integer >= 0"),
     (["--sensitivity-prompts", "-2"], "--sensitivity-prompts -2 is invalid: allowed an integer >= 0"),
     (["--time-shift", "-3"], "--time-shift -3.0 is invalid: allowed a number > 0 (0: Show-o2's own shift)"),

@@ -136,6 +136,10 @@ def test_bad_train_config_names_the_field() -> None:
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=rf"TrainConfig.noise_end_share={bad} must lie in \[0, 1\]"):
             TrainConfig(noise_end_share=bad)
+    with pytest.raises(ValueError, match=r"TrainConfig.compile='inductr' is not a torch.compile backend: allowed "
+                                         r'"" \(eager\) or one of .*inductor'):
+        TrainConfig(compile="inductr")
+    assert TrainConfig(compile="eager").compile == "eager"
 
 
 def test_the_default_time_shift_is_show_o2s_and_a_shift_only_moves_t_toward_the_noise() -> None:
