@@ -287,11 +287,9 @@ def output_centres(cfg: Showo2Config) -> Tensor:
                        cfg.latent_channels)[0, 0]  # (h, w): which token writes each latent pixel
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
                                 indexing="ij")
-    count = torch.zeros(n, dtype=torch.float64).index_add_(0, owner.flatten().long(), torch.ones(h * w,
-                                                                                                 dtype=torch.float64))
-    centre = [torch.zeros(n, dtype=torch.float64).index_add_(0, owner.flatten().long(), grid.flatten()) / count
-              for grid in (rows, cols)]
-    return torch.stack(centre, dim=1)
+    token = owner.flatten().long()
+    sums = torch.zeros(n, 2, dtype=torch.float64).index_add_(0, token, torch.stack([rows, cols], -1).reshape(-1, 2))
+    return sums / torch.bincount(token, minlength=n)[:, None]
 
 
 def _ridge_r2(features: Tensor, targets: Tensor, fit: int, ridge: float = 1.0) -> tuple[float, ...]:

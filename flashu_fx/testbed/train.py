@@ -130,8 +130,7 @@ def init_for_training(model: Showo2, seed: int = 0, position_init: str = "normal
         else:
             p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     if position_init == "sincos":  # after the loop: every other parameter draws what it draws under "normal"
-        table = model.position_embedding.weight
-        table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
+        model.position_embedding.weight.copy_(sincos_like(model.position_embedding.weight))
     model.reset_rope_buffers()
     return model
 
@@ -144,9 +143,13 @@ def graft_sincos(model: Showo2, scale: float) -> Showo2:
     rest of the weights stay; training then adapts them. Returns the model."""
     if not scale > 0:  # also refuses NaN
         raise ValueError(f"graft_sincos: scale={scale} is invalid: allowed a number > 0")
-    table = model.position_embedding.weight
-    table.add_(scale * sincos_2d(math.isqrt(table.shape[0]), table.shape[1]).to(table))
+    model.position_embedding.weight.add_(scale * sincos_like(model.position_embedding.weight))
     return model
+
+
+def sincos_like(table: Tensor) -> Tensor:
+    """``sincos_2d`` for a square grid's position table (side * side, dim), in the table's dtype and device."""
+    return sincos_2d(math.isqrt(table.shape[0]), table.shape[1]).to(table)
 
 
 def sincos_2d(side: int, dim: int) -> Tensor:
