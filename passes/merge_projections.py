@@ -18,10 +18,14 @@ as one batched matmul over the (2, hi - lo, H) view of both blocks instead (``ga
 copying a weight:
 
     before:  g = linear(h, W_gate[lo:hi])     u = linear(h, W_up[lo:hi])
-    after:   g, u = bmm(h, as_strided(W_gate[lo:hi], (2, hi - lo, H), (I * H, H, 1)).mT)
+    after:   g, u = bmm(h, as_strided(W_gate, (2, I, H), (I * H, H, 1))[:, lo:hi].mT)
 
 The distance between the two blocks (I * H elements) is read off the example values and written into the graph:
 an artifact compiled from one layer serves every layer with the same colocated layout, whatever its ``lo``.
+
+Every ``as_strided`` here reads a graph input, never a view taken inside the graph: torch 2.11's inductor lowers
+``as_strided`` of an in-graph view from the start of the view's base (it drops the view's offset), so
+``as_strided(W_gate[lo:hi], ...)`` would read neurons 0 to hi - lo. The rows are sliced after the view instead.
 """
 
 from __future__ import annotations
@@ -70,18 +74,32 @@ def find_sibling_linears(gm: fx.GraphModule) -> dict[tuple[str, tuple[str, ...]]
     return found
 
 
-def gate_up_of_rows(x: Tensor, gate_rows: Tensor, up_offset: int) -> tuple[Tensor, Tensor]:
-    """The gate and up products of one range of FFN neurons as one batched matmul.
+def gate_up_of_rows(x: Tensor, gate: Tensor, up_offset: int, lo: int = 0, hi: int | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """The gate and up products of FFN neurons ``lo:hi`` as one batched matmul.
 
-    x: (..., H); gate_rows: (k, H) contiguous, the up rows of the same neurons ``up_offset`` elements after it in one
-    storage -> two (..., k).
+    x: (..., H); gate: (I, H) contiguous, the gate weight (or a block of its rows), whose up rows lie ``up_offset``
+    elements after it in one storage -> two (..., hi - lo).
     """
-    rows, hidden = gate_rows.shape
-    both = gate_rows.as_strided((2, rows, hidden), (up_offset, hidden, 1))  # a view of both blocks
+    neurons, hidden = gate.shape
+    both = gate.as_strided((2, neurons, hidden), (up_offset, hidden, 1))[:, lo:hi]  # both blocks' rows lo:hi
     activations = x.reshape(1, -1, hidden).expand(2, -1, -1)  # the same activations for both: batch stride 0
     out = torch.bmm(activations, both.transpose(1, 2))  # (2, M, k)
-    shape = (*x.shape[:-1], rows)
+    shape = (*x.shape[:-1], both.shape[1])
     return out[0].view(shape), out[1].view(shape)
+
+
+def input_rows(node: fx.Node) -> tuple[fx.Node, int, int | None] | None:
+    """(graph input, lo, hi) when ``node`` is a graph input (all its rows) or ``input[lo:hi]`` of one; else None."""
+    if node.op == "placeholder":
+        return node, 0, None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        base, index = node.args
+        if base.op == "placeholder" and isinstance(index, slice) and index.step in (None, 1):
+            lo, hi = index.start or 0, index.stop
+            if isinstance(lo, int) and lo >= 0 and (hi is None or isinstance(hi, int) and hi >= lo):
+                return base, lo, hi
+    return None
 
 
 def up_offset_of_rows(gate_rows: Tensor, up_rows: Tensor) -> int | None:
@@ -106,15 +124,21 @@ def _merge_gate_up_rows(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
         return False
     fakes = fake_value(w_gate), fake_value(w_up)
     offset = None if any(f is None for f in fakes) else up_offset_of_rows(*fakes)
-    if offset is None:
+    rows = input_rows(w_gate)
+    if offset is None or rows is None:
+        return False
+    source, lo, hi = rows
+    whole = fake_value(source)
+    if whole is None or whole.dim() != 2 or not whole.is_contiguous():
         return False
     graph = gm.graph
     with graph.inserting_before(gate):
-        both = graph.call_function(gate_up_of_rows, (x, w_gate, offset))
+        both = graph.call_function(gate_up_of_rows, (x, source, offset, lo, hi))
         outs = [graph.call_function(operator.getitem, (both, i)) for i in range(2)]
     _replace_linears(graph, [gate, up], outs, [both])
-    if w_up.op != "placeholder" and not w_up.users:
-        graph.erase_node(w_up)  # up[lo:hi], sliced in the graph: read through the gate rows' view now
+    for weight in (w_gate, w_up):  # a slice taken in the graph: read through the gate buffer's view now
+        if weight.op != "placeholder" and not weight.users:
+            graph.erase_node(weight)
     return True
 
 
@@ -172,10 +196,12 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
             log.warning("merge_projections: %s's %s read different inputs; left separate", parent, "/".join(leaves))
             continue
         fakes = [fake_value(w) for w in weights]
-        ok = all(f is not None and f.dim() == 2 for f in fakes) and adjacent(fakes)
+        # The spanning view is taken of the first weight itself: a graph input (see the module docstring)
+        ok = weights[0].op == "placeholder" and all(f is not None and f.dim() == 2 for f in fakes) and adjacent(fakes)
         if any(b is not None for b in biases):
             bias_fakes = [fake_value(b) for b in biases]
-            ok = ok and all(f is not None for f in bias_fakes) and adjacent(bias_fakes)
+            ok = ok and biases[0].op == "placeholder" and all(f is not None for f in bias_fakes)
+            ok = ok and adjacent(bias_fakes)
         if not ok and ffn_slices and leaves == ("gate_proj", "up_proj") and _merge_gate_up_rows(gm, *linears):
             merged += 1
             continue

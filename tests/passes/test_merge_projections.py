@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
 import shutil
 
 import pytest
@@ -116,8 +117,40 @@ def test_sliced_ffn_gate_up_merge_into_one_batched_matmul(tiny_model, lo: int, w
     assert merge_projections(gm, ffn_slices=True) == 2
     assert num_linears(gm) == linears - 4  # q/k/v -> one linear; gate and up -> one bmm
     assert sum(n.target is gate_up_of_rows for n in gm.graph.nodes) == 1
+    assert_views_of_graph_inputs_only(gm)
     ref = layer(*args, ffn_ranges=((lo, lo + width),))
     torch.testing.assert_close(gm(*inputs)[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def assert_views_of_graph_inputs_only(gm: fx.GraphModule) -> None:
+    """Every strided view the pass writes is taken of a graph input, never of a view taken in the graph (torch
+    2.11's inductor drops such a view's offset under ``as_strided``), and no slice it replaced is left behind."""
+    for node in gm.graph.nodes:
+        viewed = {torch.as_strided: 0, gate_up_of_rows: 1}.get(node.target)
+        if viewed is not None:
+            assert node.args[viewed].op == "placeholder", node.format_node()
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
+            assert node.users, f"{node.format_node()} left without users"
+
+
+def test_rows_sliced_in_the_graph_of_a_non_input_stay_separate(tiny_model) -> None:
+    """Gate rows sliced from something other than a graph input (here, the weight times one) have no input to
+    take the strided view of: the gate and up linears stay separate and the result stays exact."""
+    model = copy.deepcopy(tiny_model)
+    colocate_projections(model)
+    layer = model.showo.model.layers[0]
+    args = llm_layer_inputs(model, 3)
+    gm, inputs = capture(lambda mod, *a: mod(*a), layer, *args)
+    assert slice_ffn(gm, 8, 72) == 1
+    gate_slice = next(n for n in gm.graph.nodes if n.target is operator.getitem and isinstance(n.args[1], slice)
+                      and n.args[0].op == "placeholder" and "gate" in n.args[0].name)
+    with gm.graph.inserting_before(gate_slice):
+        scaled = gm.graph.call_function(operator.mul, (gate_slice.args[0], 1.0))
+    gate_slice.replace_input_with(gate_slice.args[0], scaled)
+    gm.recompile()
+    assert merge_projections(gm, ffn_slices=True) == 1  # q/k/v only
+    assert not any(n.target is gate_up_of_rows for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs)[0], layer(*args, ffn_ranges=((8, 72),)), rtol=1e-5, atol=1e-6)
 
 
 def test_sliced_ffn_of_separate_weights_stays_two_matmuls(tiny_model) -> None:
@@ -140,9 +173,10 @@ def test_gate_up_of_rows_equals_two_linears(neurons: int, hidden: int, lead: lis
     w_gate, w_up = buffer[: neurons * hidden].view(neurons, hidden), buffer[neurons * hidden :].view(neurons, hidden)
     assert up_offset_of_rows(w_gate[lo:hi], w_up[lo:hi]) == neurons * hidden
     x = torch.randn(*lead, hidden)
-    gate, up = gate_up_of_rows(x, w_gate[lo:hi], neurons * hidden)
-    torch.testing.assert_close(gate, F.linear(x, w_gate[lo:hi]))
-    torch.testing.assert_close(up, F.linear(x, w_up[lo:hi]))
+    for gate, up in (gate_up_of_rows(x, w_gate[lo:hi], neurons * hidden),  # a block of rows, all of it
+                     gate_up_of_rows(x, w_gate, neurons * hidden, lo, hi)):  # the whole weight, rows lo:hi
+        torch.testing.assert_close(gate, F.linear(x, w_gate[lo:hi]))
+        torch.testing.assert_close(up, F.linear(x, w_up[lo:hi]))
 
 
 def test_rows_of_other_buffers_or_layouts_are_not_one_block_pair() -> None:
@@ -180,6 +214,7 @@ def test_ffn_slices_fed_as_views_merge_into_one_batched_matmul(tiny_model, lo: i
     assert merge_projections(gm, ffn_slices=True) == 2
     assert num_linears(gm) == linears - 4  # q/k/v -> one linear; gate and up -> one bmm
     assert sum(n.target is gate_up_of_rows for n in gm.graph.nodes) == 1
+    assert_views_of_graph_inputs_only(gm)
     torch.testing.assert_close(gm(*inputs)[0], layer(*args, ffn_ranges=ranges), rtol=1e-5, atol=1e-6)
 
 
