@@ -46,6 +46,14 @@ def check_inductor_options(options: Mapping[str, object] | None) -> dict[str, ob
     return options
 
 
+_GEMM_AUTOTUNE = ("max_autotune", "max_autotune_gemm")
+
+
+def autotunes_gemms(patches: Mapping[str, object]) -> bool:
+    """True when the inductor patches turn on its GEMM autotuning (which merged projections cannot go through)."""
+    return any(bool(patches.get(key)) for key in _GEMM_AUTOTUNE)
+
+
 def _checked_settings(backend: str, inductor_options: Mapping[str, object] | None) -> dict[str, object]:
     """The inductor patches of a compiler for ``backend``; raises on an unknown backend or option."""
     if backend not in ("inductor", "eager"):
@@ -94,7 +102,8 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
     and can fuse with its neighbours, instead of a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel
     once at compile time: for one-row parts only. ``inductor_options``: more inductor config patches for every part
-    (``check_inductor_options``).
+    (``check_inductor_options``); one that turns on GEMM autotuning (``max_autotune``, ``max_autotune_gemm``) turns
+    ``merge`` off, with a warning (``autotunes_gemms``).
 
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
     example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
@@ -105,6 +114,11 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     symbolic (Dynamo's automatic dynamic shapes). ``compile_parts`` shares one artifact across lengths
     (``dynamic_lengths`` is set on the returned compiler)."""
     extra_patches = _checked_settings(backend, inductor_options)
+    if merge and backend == "inductor" and autotunes_gemms(extra_patches):
+        log.warning("merge_projections is off with inductor's GEMM autotuning (%s): a merged product reads its "
+                    "group's buffer past the first weight's end, and the autotuner benchmarks each choice on an "
+                    "input rebuilt at that weight's own size", sorted(k for k in _GEMM_AUTOTUNE if k in extra_patches))
+        merge = False
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles

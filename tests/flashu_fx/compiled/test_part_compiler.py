@@ -180,3 +180,18 @@ def test_named_dynamic_sources_add_to_the_user_s_and_restore_them() -> None:
         assert torch.compiler.config.dynamic_sources == "L['user']"
         with named_dynamic_sources(""):
             assert torch.compiler.config.dynamic_sources == "L['user']"
+
+
+@pytest.mark.parametrize("options", [{"max_autotune_gemm": True}, {"max_autotune": True},
+                                     {"max_autotune_gemm": False}, {}])
+def test_gemm_autotuning_turns_merged_projections_off_with_a_warning(monkeypatch, caplog, options: dict) -> None:
+    merged = []
+    monkeypatch.setattr(part_compiler, "merge_projections", lambda gm, ffn_slices: merged.append(gm) or 0)
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
+    x, s = torch.randn(2), torch.randn(2)
+    with caplog.at_level("WARNING", logger=part_compiler.__name__):
+        make_part_compiler("inductor", merge=True, inductor_options=options)(affine_part(), [x, s])
+    autotuned = part_compiler.autotunes_gemms(options)
+    assert autotuned == any(options.values())
+    assert bool(merged) != autotuned
+    assert ("merge_projections is off with inductor's GEMM autotuning" in caplog.text) == autotuned
