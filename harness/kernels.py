@@ -87,14 +87,14 @@ def copy_gbps() -> float:
     return 2 * src.nbytes / ms / 1e6
 
 
-def select_summary(rows: list[dict], default_warps: int) -> dict:
+def select_summary(rows: list[dict], default_warps: int, default_select: str = "radix") -> dict:
     """Sweep rows of one shape at one BLOCK_T -> each search's best exact time over num_warps, the default
-    config's (radix, default num_warps) and the fastest search."""
+    config's (the op's search at its num_warps) and the fastest search."""
     best: dict[str, dict] = {}
     for r in rows:
         if r["exact"] and (r["select"] not in best or r["gpu_us"] < best[r["select"]]["gpu_us"]):
             best[r["select"]] = r
-    default = next(r for r in rows if r["select"] == "radix" and r["num_warps"] == default_warps)
+    default = next(r for r in rows if r["select"] == default_select and r["num_warps"] == default_warps)
     fastest = min(best.values(), key=lambda r: r["gpu_us"])
     return {
         "default_us": default["gpu_us"], "fastest": fastest["select"], "fastest_warps": fastest["num_warps"],
@@ -136,7 +136,7 @@ def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, c
     sweep = []
     if args.sweep:
         want = vnorm_topk_reference(v, PREFIX, length, keep)
-        cfg_t, _, cfg_warps = launch_config(length, c)
+        cfg_t, _, cfg_warps, cfg_select = launch_config(length, c)
         # SWEEP for the radix search, then every search at cfg_t with each SELECT_WARPS and the default
         # num_warps (configs SWEEP has are not repeated): the rows select_summary compares.
         grid = [("radix", t, w) for t, w in SWEEP]
@@ -149,7 +149,7 @@ def bench_case(batch: int, length: int, layout: str, args: argparse.Namespace, c
             us = graph_us(calls, replays=5)
             sweep.append({"batch": batch, "length": length, "layout": layout, "select": select, "BLOCK_T": block_t,
                           "num_warps": warps, "exact": ok, "gpu_us": us, "GBps": bytes_v / us / 1e3})  # fmt: skip
-        row["select"] = select_summary([s for s in sweep if s["BLOCK_T"] == cfg_t], cfg_warps)
+        row["select"] = select_summary([s for s in sweep if s["BLOCK_T"] == cfg_t], cfg_warps, cfg_select)
     return row, sweep
 
 

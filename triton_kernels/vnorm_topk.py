@@ -21,9 +21,9 @@ counter; the last program of a row stores the counter back to 0 and selects. Sel
 keys in registers as offsets from the row's min: a radix search (3 bits per step, ~7 steps for a row
 of norms; 7 counts per step from one-hot nibbles in one reduction) finds the threshold T = the
 keep-th smallest key; then one packed int32 scan gives, in index order, #(bits < T) and #(bits == T)
-before each token, which is its output slot. An alternative threshold search (`_launch(select="hist8")`
-etc., not the default until measured: docs/KERNELS.md) counts 5- to 8-bit digits per step with
-tl.histogram instead. No sort, no second kernel, and no memset: the counters
+before each token, which is its output slot. The histogram threshold searches (`SELECTS`: "hist5" to
+"hist8") count 5- to 8-bit digits per step with tl.histogram instead; rows of <= 1024 tokens use
+"hist5", measured faster there (`_select`, docs/KERNELS.md). No sort, no second kernel, and no memset: the counters
 are a cached per-device buffer that every launch leaves zeroed (see _counters; launches on one
 device must be stream-ordered, as on one stream or inside one graph).
 
@@ -57,8 +57,9 @@ def _config(length: int, c: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(length)
     # The selecting program is issue-bound (one SM for the whole row): fewer warps mean fewer
     # per-thread reduction shuffles per radix step. 16 keys per thread: 118 registers (ptxas sm_90a),
-    # still the fastest at 4096 tokens; 32 per thread (4 warps) spills into 220 registers.
-    num_warps = max(4, min(32, block_n // 512))
+    # still the fastest at 4096 tokens; 32 per thread (4 warps) spills into 220 registers. Rows of
+    # <= 1024 tokens take the histogram search (_select), fastest there with 8 warps.
+    num_warps = 8 if _select(length) != "radix" else max(4, min(32, block_n // 512))
     # Phase 1 reads 128-channel chunks (16 lanes x 8 bf16 per token row) and sums squares elementwise
     # over the chunks: 64 tokens x 128 channels per 8 warps = 32 elements per thread per chunk. Rows of
     # <= 1024 tokens use 8-token tiles, so that one row still spreads over ~90 programs.
@@ -231,9 +232,14 @@ if triton is not None:
             tl.store(out_ptr + b.to(tl.int64) * keep + slot, pos, mask=kept)
 
 
-# Threshold searches `_launch(select=...)` offers -> the kernel's HIST_BITS. The radix search is the
-# default until a GPU run of `harness kernels --sweep` shows a histogram variant faster (docs/KERNELS.md).
+# Threshold searches `_launch(select=...)` offers -> the kernel's HIST_BITS.
 SELECTS: dict[str, int] = {"radix": 0, "hist5": 5, "hist6": 6, "hist7": 7, "hist8": 8}
+
+
+def _select(length: int) -> str:
+    """The threshold search for rows of `length` tokens, from `harness kernels --sweep` (H100, docs/KERNELS.md):
+    5-bit histograms are 6-19% faster on rows of 729 tokens (fewer, wider steps), the radix search on 4096."""
+    return "hist5" if length <= 1024 else "radix"
 
 # Arrival counters per device, zero between launches: the last program of each row stores 0 back.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -273,12 +279,12 @@ def _launch(
     num_warps: int | None = None,
     traceable: bool = False,
     block_d: int | None = None,
-    select: str = "radix",
+    select: str | None = None,
 ) -> torch.Tensor:
     """Allocate and launch the Triton kernel (any device Triton drives, or the interpreter).
 
     block_t / num_warps / block_d override the shape-keyed config, and select (a key of SELECTS) the
-    threshold search (tests, `harness kernels --sweep`).
+    length-keyed threshold search (tests, `harness kernels --sweep`).
     traceable: launch through wrap_triton (inside the op, so torch.compile sees the kernel); called
     directly that goes through a higher-order op (100+ us of host time on an H200 machine) and
     rejects the interpreter.
@@ -313,7 +319,7 @@ def _launch(
         BLOCK_T=block_t,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        HIST_BITS=SELECTS[select],
+        HIST_BITS=SELECTS[select or _select(length)],
         num_warps=num_warps,
     )
     return out
@@ -412,9 +418,10 @@ def vnorm_topk(v: torch.Tensor, start: int | torch.Tensor, length: int, keep: in
     return torch.ops.flashu.vnorm_topk(v, start_rows, start_int, length, keep)
 
 
-def launch_config(length: int, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps) the op launches with for rows of ``length`` tokens of ``channels`` values."""
-    return _config(length, channels)
+def launch_config(length: int, channels: int) -> tuple[int, int, int, str]:
+    """(BLOCK_T, BLOCK_D, num_warps, threshold search) the op launches with for rows of ``length`` tokens of
+    ``channels`` values."""
+    return (*_config(length, channels), _select(length))
 
 
 def vnorm_topk_launch(
@@ -424,13 +431,13 @@ def vnorm_topk_launch(
     keep: int,
     block_t: int | None = None,
     num_warps: int | None = None,
-    select: str = "radix",
+    select: str | None = None,
 ) -> torch.Tensor:
     """`vnorm_topk` launched directly (not through the custom op), with an explicit launch config and threshold
-    search (a key of `SELECTS`): what kernel sweeps and microbenchmarks time. Same checks and results; needs a
-    device Triton drives.
+    search (a key of `SELECTS`; None: the op's, `launch_config`): what kernel sweeps and microbenchmarks time. Same
+    checks and results; needs a device Triton drives.
     """
-    if select not in SELECTS:
+    if select is not None and select not in SELECTS:
         raise ValueError(f"select={select!r} is invalid: allowed one of {sorted(SELECTS)}")
     if triton is None:
         raise RuntimeError("vnorm_topk_launch needs triton (pip install triton)")

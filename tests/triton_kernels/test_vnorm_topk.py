@@ -292,6 +292,18 @@ def test_direct_launch_names_a_bad_search() -> None:
         vnorm_topk_launch(V, 0, 4, 2, select="hist9")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("length", [1, 729, 1024, 1025, 4096, 16384])
+def test_short_rows_take_the_histogram_search_with_8_warps(length: int) -> None:
+    """The measured split (docs/KERNELS.md): 5-bit histograms with 8 warps up to 1024 tokens, radix beyond."""
+    from triton_kernels.vnorm_topk import SELECTS, launch_config
+
+    block_t, block_d, num_warps, select = launch_config(length, 512)
+    assert select in SELECTS and select == ("hist5" if length <= 1024 else "radix")
+    assert num_warps == 8 if length <= 1024 else 4 <= num_warps <= 32
+    assert block_t <= max(8, length) and block_d == 128
+
+
 @pytest.mark.parametrize("fn", [vnorm_topk, vnorm_topk_reference])
 @pytest.mark.parametrize(("args", "exc", "match"), ERRORS)
 def test_errors(fn: object, args: tuple, exc: type[Exception], match: str) -> None:
