@@ -189,7 +189,9 @@ def und_decode_bytes(cfg: Showo2Config, config: FlashUConfig | None, prompt_len:
 
 
 # ---- a benchmark row's floor -----------------------------------------------------------------------------
-COPY_GBPS = {"H200": H200_COPY_GBPS}  # measured copy bandwidth by device name fragment (others: not measured)
+# Measured copy bandwidth by device name fragment (others: not measured). H100 80GB HBM3: 3000 GB/s, the same
+# copy (`harness kernels`, two runs: 3001 and 2999).
+COPY_GBPS = {"H200": H200_COPY_GBPS, "H100": 3000.0}
 
 
 def device_rates(device_name: str) -> Rates | None:

@@ -120,7 +120,9 @@ def test_bench_rows_get_their_floor_on_a_measured_device(tiny_model) -> None:
     from harness.random_model import ChunkTokenizer
 
     rates = floors.device_rates("NVIDIA H200")
-    assert rates == floors.Rates(784.0, 4245.0) and floors.device_rates("NVIDIA H100 80GB HBM3") is None
+    assert rates == floors.Rates(784.0, 4245.0)
+    assert floors.device_rates("NVIDIA H100 80GB HBM3") == floors.Rates(798.0, 3000.0)
+    assert floors.device_rates("NVIDIA A100-SXM4-80GB") is None  # never measured: no floor, rather than a guess
     cfg = tiny_model.config
     tok = ChunkTokenizer(cfg)
     args = argparse.Namespace(task="gen", steps=50, guidance=10.0)
