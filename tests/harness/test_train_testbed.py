@@ -102,7 +102,7 @@ def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, 
     score = cli.score_generation
 
     def spy(model, tok, prompts, guidance, steps, **kwargs):
-        calls.append((len(prompts), kwargs.get("seeds")))
+        calls.append((tuple(p.caption for p in prompts), guidance, list(kwargs.get("seeds"))))
         return score(model, tok, prompts, guidance, steps, **kwargs)
 
     monkeypatch.setattr(cli, "score_generation", spy)
@@ -113,9 +113,24 @@ def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, 
           "--probe-every", "0", "--noise-end-share", "0.25"])
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["steps_done"] == 2 and record["train"]["noise_end_share"] == 0.25
-    assert [(n, list(seeds)) for n, seeds in calls] == [(3, [0, 1, 2])] * 2
-    assert set(record["heldout"]["guidance_sweep"]) == {"2.0", "4.0"}
+    first, second = (tuple(p.caption for p in world.heldout_gen_prompts(3, draw)) for draw in (0, 1))
+    assert first != second
+    assert calls == [(first, 2.0, [0, 1, 2]), (second, 2.0, [0, 1, 2]), (first, 4.0, [0, 1, 2]),
+                     (second, 4.0, [0, 1, 2])]
+    heldout = record["heldout"]
+    assert set(heldout["guidance_sweep"]) == set(heldout["guidance_sweep_second_draw"]) == {"2.0", "4.0"}
+    # the sampling guidance is the second draw's best (the first of equals), not the reported draw's
+    on_second = {float(g): v["overall"]["accuracy"] for g, v in heldout["guidance_sweep_second_draw"].items()}
+    assert record["sampling"]["guidance"] == max(on_second, key=on_second.get)
+    assert heldout["guidance_chosen_on"] == "the second draw"
     probe = record["velocity_sensitivity"]
     assert set(probe["model"]) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
     assert set(probe["world"]) == {f"{e}_pull" for e in EDITS}
     assert all(v >= 0 for part in probe.values() for v in part.values())
+
+
+def test_the_second_draw_is_on_by_default_and_can_be_turned_off():
+    from harness.train_testbed import build_parser
+
+    assert build_parser().parse_args(["--out", "x"]).second_draw is True
+    assert build_parser().parse_args(["--out", "x", "--no-second-draw"]).second_draw is False
