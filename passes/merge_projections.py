@@ -82,20 +82,25 @@ def gate_up_of_rows(x: Tensor, gate: Tensor, up_offset: int, lo: int = 0, hi: in
     elements after it in one storage -> two (..., hi - lo).
     """
     neurons, hidden = gate.shape
-    both = gate.as_strided((2, neurons, hidden), (up_offset, hidden, 1))[:, lo:hi]  # both blocks' rows lo:hi
+    stop = neurons if hi is None else hi  # the view ends where the rows read end: the up rows' end, no further
+    both = gate.as_strided((2, stop, hidden), (up_offset, hidden, 1))[:, lo:]  # both blocks' rows lo:hi
     activations = x.reshape(1, -1, hidden).expand(2, -1, -1)  # the same activations for both: batch stride 0
     out = torch.bmm(activations, both.transpose(1, 2))  # (2, M, k)
     shape = (*x.shape[:-1], both.shape[1])
     return out[0].view(shape), out[1].view(shape)
 
 
-def input_rows(node: fx.Node) -> tuple[fx.Node, int, int | None] | None:
+def _is_input(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder"
+
+
+def input_rows(node: object) -> tuple[fx.Node, int, int | None] | None:
     """(graph input, lo, hi) when ``node`` is a graph input (all its rows) or ``input[lo:hi]`` of one; else None."""
-    if node.op == "placeholder":
+    if _is_input(node):
         return node, 0, None
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
         base, index = node.args
-        if base.op == "placeholder" and isinstance(index, slice) and index.step in (None, 1):
+        if _is_input(base) and isinstance(index, slice) and index.step in (None, 1):
             lo, hi = index.start or 0, index.stop
             if isinstance(lo, int) and lo >= 0 and (hi is None or isinstance(hi, int) and hi >= lo):
                 return base, lo, hi
@@ -129,7 +134,8 @@ def _merge_gate_up_rows(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
         return False
     source, lo, hi = rows
     whole = fake_value(source)
-    if whole is None or whole.dim() != 2 or not whole.is_contiguous():
+    if whole is None or whole.dim() != 2 or not whole.is_contiguous() or fakes[0].shape[0] != (
+            whole.shape[0] if hi is None else hi) - lo:  # a slice past the weight's end is clipped: not rows lo:hi
         return False
     graph = gm.graph
     with graph.inserting_before(gate):
@@ -197,10 +203,10 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
             continue
         fakes = [fake_value(w) for w in weights]
         # The spanning view is taken of the first weight itself: a graph input (see the module docstring)
-        ok = weights[0].op == "placeholder" and all(f is not None and f.dim() == 2 for f in fakes) and adjacent(fakes)
+        ok = _is_input(weights[0]) and all(f is not None and f.dim() == 2 for f in fakes) and adjacent(fakes)
         if any(b is not None for b in biases):
             bias_fakes = [fake_value(b) for b in biases]
-            ok = ok and biases[0].op == "placeholder" and all(f is not None for f in bias_fakes)
+            ok = ok and _is_input(biases[0]) and all(f is not None for f in bias_fakes)
             ok = ok and adjacent(bias_fakes)
         if not ok and ffn_slices and leaves == ("gate_proj", "up_proj") and _merge_gate_up_rows(gm, *linears):
             merged += 1
