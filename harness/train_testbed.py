@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = max(chooser, key=lambda g: chooser[g]["overall"]["accuracy"])
     best = (chosen, *drawn[chosen])  # (guidance, the first draw's images, their verdicts)
     print(f"sampling guidance {best[0]} (chosen on the {'second' if sweep_second else 'first'} draw)", flush=True)
+    # how the first draw's pictures at that guidance miss (scorer.MISS_CAUSES): which binding is still missing
+    causes = scorer.miss_causes(prompts, [scorer.detect(image) for image in best[1]])
+    for category in ("position", "color_attr"):
+        if category in causes:
+            print(f"{category} at guidance {best[0]}: " + ", ".join(f"{k} {v}" for k, v in causes[category].items()),
+                  flush=True)
     items = world.heldout_questions(args.eval_questions)
     correct_qa, answers = score_answers(model, tok, items, device, kv_cache=not args.eval_no_kv_cache)
     qa = scorer.answer_summary(items, correct_qa)
@@ -335,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling=dict(guidance=best[0], steps=args.eval_steps),
         heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
                      guidance_sweep_second_draw={str(k): v for k, v in sweep_second.items()},
-                     guidance_chosen_on="the second draw" if sweep_second else "the first draw", answers=qa),
+                     guidance_chosen_on="the second draw" if sweep_second else "the first draw", miss_causes=causes,
+                     answers=qa),
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
         velocity_sensitivity=dict(model=pull, world=pull_of_world),

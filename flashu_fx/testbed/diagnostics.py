@@ -110,7 +110,6 @@ def split_flow_loss(velocity: Callable[[Tensor, float], Tensor], images: Tensor,
 
 
 # ---- does the picture follow the words that bind? ------------------------------------------------------------
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EDIT_CATEGORY = {"relation": "position", "colors": "color_attr"}  # each caption edit and the prompts it applies to
 EDITS = tuple(EDIT_CATEGORY)
 CHANGED_PIXELS = 1.0  # mean absolute difference (of 255) above which two pictures count as different
@@ -143,7 +142,7 @@ def edited_prompt(prompt: world.GenPrompt, edit: str) -> world.GenPrompt:
     if prompt.category != category:
         raise ValueError(f"the {edit!r} edit applies to {category} prompts, got a {prompt.category} prompt")
     if edit == "relation":
-        return world.make_gen_prompt(category, prompt.objects, OPPOSITE[prompt.relation])
+        return world.make_gen_prompt(category, prompt.objects, scorer.OPPOSITE[prompt.relation])
     (c1, s1, n1), (c2, s2, n2) = prompt.objects
     return world.make_gen_prompt(category, [(c2, s1, n1), (c1, s2, n2)])
 

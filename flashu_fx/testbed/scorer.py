@@ -241,6 +241,56 @@ def score_detections(prompt: GenPrompt, found: Sequence[Detection]) -> bool:
     return all(any(color in (None, d.color) for d in of_shape(shape)) for color, shape, _ in prompt.objects)
 
 
+# The ways a picture misses its prompt, per category (``miss_cause``), "right" first.
+MISS_CAUSES: dict[str, tuple[str, ...]] = {
+    "single_object": ("right", "a named shape missing"),
+    "two_object": ("right", "a named shape missing"),
+    "counting": ("right", "too few", "too many"),
+    "colors": ("right", "a named shape missing", "another colour"),
+    "position": ("right", "a named shape missing", "relation reversed", "neither way"),
+    "color_attr": ("right", "a named shape missing", "colours exchanged", "other colours"),
+}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}  # each relation reversed
+
+
+def miss_cause(prompt: GenPrompt, found: Sequence[Detection]) -> str:
+    """Why ``score_detections`` judges ``found`` as it does, one of ``MISS_CAUSES[prompt.category]``: "right" exactly
+    when it says yes. Position: both shapes drawn but the reversed relation holds ("relation reversed") or neither
+    does ("neither way"); colour attribution: each shape drawn only in the other's colour ("colours exchanged") or
+    otherwise wrongly coloured ("other colours")."""
+    if score_detections(prompt, found):
+        return "right"
+
+    def of_shape(shape: str) -> list[Detection]:
+        return [d for d in found if d.shape == shape]
+
+    if prompt.category == "counting":
+        ((_, shape, count),) = prompt.objects
+        return "too few" if len(of_shape(shape)) < count else "too many"
+    drawn = [of_shape(shape) for _, shape, _ in prompt.objects]
+    if not all(drawn):
+        return "a named shape missing"
+    if prompt.category == "position":
+        a, b = drawn
+        reversed_holds = any(relation_holds(x, y, OPPOSITE[prompt.relation]) for x in a for y in b)
+        return "relation reversed" if reversed_holds else "neither way"
+    if prompt.category == "color_attr":
+        (c1, _, _), (c2, _, _) = prompt.objects
+        a, b = drawn
+        exchanged = any(d.color == c2 for d in a) and any(d.color == c1 for d in b)
+        return "colours exchanged" if exchanged else "other colours"
+    return "another colour"  # colors: the shape is there, not in its colour (the shapes-only categories never get here)
+
+
+def miss_causes(prompts: Sequence[GenPrompt], found: Sequence[Sequence[Detection]]) -> dict[str, dict[str, int]]:
+    """{category: {cause: prompts}} over the categories present, every cause of ``MISS_CAUSES`` listed (0 too)."""
+    _check_lengths("prompts", prompts, found)
+    tally = {c: dict.fromkeys(MISS_CAUSES[c], 0) for c in CATEGORIES if any(p.category == c for p in prompts)}
+    for prompt, detections in zip(prompts, found, strict=True):
+        tally[prompt.category][miss_cause(prompt, detections)] += 1
+    return tally
+
+
 def normalize_answer(text: str) -> str:
     """Lowercase, one space between words, a trailing '.' or '?' dropped: ' Top  Left? ' -> 'top left'."""
     return " ".join(text.lower().strip().rstrip(".?").split())

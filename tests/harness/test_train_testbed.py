@@ -4,6 +4,7 @@ bad run options refused before any work."""
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 
 import pytest
@@ -123,6 +124,12 @@ def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, 
     on_second = {float(g): v["overall"]["accuracy"] for g, v in heldout["guidance_sweep_second_draw"].items()}
     assert record["sampling"]["guidance"] == max(on_second, key=on_second.get)
     assert heldout["guidance_chosen_on"] == "the second draw"
+    # the first draw's misses at that guidance, sorted by cause: one per prompt of each category drawn
+    causes = heldout["miss_causes"]
+    assert {c: sum(v.values()) for c, v in causes.items()} == collections.Counter(
+        p.category for p in world.heldout_gen_prompts(3))
+    right = heldout["guidance_sweep"][str(record["sampling"]["guidance"])]["categories"]
+    assert all(v["right"] == round(right[c]["accuracy"] * right[c]["count"]) for c, v in causes.items())
     probe = record["velocity_sensitivity"]
     assert set(probe["model"]) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
     assert set(probe["world"]) == {f"{e}_pull" for e in EDITS}

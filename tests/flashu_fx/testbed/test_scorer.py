@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from flashu_fx.testbed.scorer import (
     MIN_AREA,
+    MISS_CAUSES,
     SHAPE_AREA,
     UNKNOWN,
     Detection,
@@ -20,6 +21,8 @@ from flashu_fx.testbed.scorer import (
     describe,
     detect,
     geneval_summary,
+    miss_cause,
+    miss_causes,
     palette_labels,
     relation_holds,
     score_answer,
@@ -256,6 +259,48 @@ def test_corruptions_fail(category):
         target = next(o for o in scene.objects if o.shape == shape)
         image[render(Scene((target,))).any(-1)] = 0
         assert not score_prompt(prompt, image), prompt.caption
+
+
+EXPECTED_CAUSE = {"deleted": "a named shape missing", "reshaped": "a named shape missing", "one more": "too many",
+                  "mirrored": "relation reversed"}
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_each_corruption_is_told_apart_by_its_cause(category):
+    """miss_cause is "right" exactly when the scorer says yes, and names how a known corruption broke the picture."""
+    rng = rng_for("heldout", 4)
+    expected = {**EXPECTED_CAUSE, "recoloured": "other colours" if category == "color_attr" else "another colour"}
+    if category == "counting":
+        expected.update(deleted="too few", reshaped="too few")
+    for _ in range(10):
+        prompt = sample_gen_prompt(rng, category)
+        scene = scene_for_prompt(prompt, rng)
+        assert miss_cause(prompt, detect(render(scene))) == "right"
+        broken = corruptions(prompt, scene)
+        if category == "color_attr":  # each named object in the other's colour
+            (c1, s1, _), (c2, s2, _) = prompt.objects
+            swap = {s1: c2, s2: c1}
+            broken["exchanged"] = Scene(tuple(dataclasses.replace(o, color=swap.get(o.shape, o.color))
+                                              for o in scene.objects))
+            expected["exchanged"] = "colours exchanged"
+        for name, corrupted in broken.items():
+            found = detect(render(corrupted))
+            cause = miss_cause(prompt, found)
+            assert cause in MISS_CAUSES[category] and (cause == "right") == score_prompt(prompt, render(corrupted))
+            assert cause == expected[name], (name, prompt.caption, describe(found))
+
+
+def test_miss_causes_tallies_every_cause_of_the_categories_present():
+    rng = rng_for("heldout", 5)
+    prompts = [sample_gen_prompt(rng, c) for c in ("position", "position", "counting")]
+    scenes = [scene_for_prompt(p, rng) for p in prompts]
+    found = [detect(render(scenes[0])), detect(render(mirrored(scenes[1], prompts[1].relation))),
+             detect(render(Scene(())))]
+    tally = miss_causes(prompts, found)
+    assert tally == {"counting": {"right": 0, "too few": 1, "too many": 0},
+                     "position": {"right": 1, "a named shape missing": 0, "relation reversed": 1, "neither way": 0}}
+    with pytest.raises(ValueError, match="equally long"):
+        miss_causes(prompts, found[:2])
 
 
 def test_unnamed_objects_do_not_count_against_a_prompt():
