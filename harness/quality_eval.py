@@ -64,6 +64,7 @@ class GenRowResult:
     batch_sizes: list[int]
     seconds: list[float]  # per timed batch
     warmup_seconds: list[float] = field(default_factory=list)  # the untimed first-batch runs (compile included)
+    miss_causes: dict[str, dict[str, int]] = field(default_factory=dict)  # scorer.miss_causes: how the misses miss
 
     @property
     def seconds_per_item(self) -> float:
@@ -125,9 +126,11 @@ def run_gen_row(spec: RowSpec, env: Env, prompts: Sequence[world.GenPrompt], bat
     latents, decisions, seconds = zip(*(done[j] for j in range(len(groups))), strict=True)
     all_latents = torch.cat(latents)
     images = codec.decode(all_latents).numpy()
-    correct = [bool(scorer.score_prompt(p, im)) for p, im in zip(prompts, images, strict=True)]
+    found = [scorer.detect(image) for image in images]
+    correct = [bool(scorer.score_detections(p, f)) for p, f in zip(prompts, found, strict=True)]
     return GenRowResult(spec, correct, scorer.geneval_summary(list(prompts), correct), all_latents, images,
-                        list(decisions), [len(g) for g in groups], list(seconds), shares[0]["warm"])
+                        list(decisions), [len(g) for g in groups], list(seconds), shares[0]["warm"],
+                        scorer.miss_causes(list(prompts), found))
 
 
 def run_und_row(spec: RowSpec, env: Env, items: Sequence[world.QAItem], latents: Tensor, warmup: int,

@@ -87,7 +87,7 @@ def row_record(r: GenRowResult | UndRowResult, baseline: float) -> dict[str, Any
         "warmup_seconds": r.warmup_seconds,
     }
     if isinstance(r, GenRowResult):
-        record.update(batch_sizes=r.batch_sizes, decisions=r.decisions)
+        record.update(batch_sizes=r.batch_sizes, decisions=r.decisions, miss_causes=r.miss_causes)
     else:
         record.update(answers=r.answers, kept_positions=r.kept_positions, skipped=r.skipped)
     return record

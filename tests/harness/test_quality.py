@@ -3,6 +3,7 @@ and the compiled rows track their eager twins."""
 
 from __future__ import annotations
 
+import collections
 import json
 import struct
 
@@ -58,6 +59,10 @@ def test_report_structure(quality_run, capsys):
             assert 0.0 <= f["identical_decisions"] <= 1.0 and 0.0 <= f["scorer_agreement"] <= 1.0
             assert isinstance(f["score_difference"], float) and set(f["passes"]) >= {"decisions", "score"}
     gen = report["gen"]["rows"]
+    categories = collections.Counter(p["category"] for p in report["gen"]["prompts"])
+    for name, row in gen.items():  # every prompt once among its category's causes; "right" where it was scored so
+        assert {c: sum(v.values()) for c, v in row["miss_causes"].items()} == categories, name
+        assert sum(v["right"] for v in row["miss_causes"].values()) == sum(row["correct"]), name
     assert gen["no_hybrid"]["config"]["hybrid_full_fraction"] == 0.0
     assert [len(batch) for batch in gen["compiled-flashu"]["decisions"]] == [1]  # FlashU: 3 * 0.7 -> 2 points
     assert [len(batch) for batch in gen[BASELINE]["decisions"]] == [2]
