@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from flashu_fx.testbed import world
+from flashu_fx.testbed.scorer import MISS_CAUSES
 from harness.quality_eval import GenRowResult, UndRowResult, group_scores, overall_score
 from harness.quality_fidelity import twin_fidelity
 from harness.quality_rows import BASELINE
@@ -39,6 +40,20 @@ def row_table(task: str, results: list[GenRowResult] | list[UndRowResult]) -> st
                       *(f"{per_group[g].accuracy:.2f}" if g in per_group else "-" for g in groups)])
     headers = ["row", "overall", "95% CI", "vs baseline", f"s/{UNITS[task]}", *groups]
     return format_table(headers, lines)
+
+
+LAYOUT_CATEGORIES = ("position", "color_attr")  # the categories whose misses say which binding is missing
+
+
+def miss_table(results: list[GenRowResult]) -> str | None:
+    """How each generation row's layout prompts miss: one column per (category, cause) of ``scorer.MISS_CAUSES``,
+    prompts per cell; None when no row scored a layout prompt."""
+    columns = [(c, cause) for c in LAYOUT_CATEGORIES if any(c in r.miss_causes for r in results)
+               for cause in MISS_CAUSES[c]]
+    if not columns:
+        return None
+    lines = [[r.spec.name, *(r.miss_causes.get(c, {}).get(cause, 0) for c, cause in columns)] for r in results]
+    return format_table(["row", *(f"{c}: {cause}" for c, cause in columns)], lines)
 
 
 def count(n: int, unit: str) -> str:
@@ -116,6 +131,10 @@ def task_report(task: str, results: dict[str, GenRowResult | UndRowResult], item
     what = "prompts" if task == "gen" else "questions"
     print(f"\n{'generation' if task == 'gen' else 'understanding'}: {len(items)} held-out {what}")
     print(row_table(task, ordered))
+    misses = miss_table(ordered) if task == "gen" else None
+    if misses:
+        print("how the layout prompts miss (prompts):")
+        print(misses)
     fid = twin_fidelity(task, results)
     if fid:
         print("fidelity (compiled vs eager twin):")

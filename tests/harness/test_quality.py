@@ -238,3 +238,18 @@ def test_torchrun_quality_scores_as_one_process(random_testbed, tmp_path):
             assert other["correct"] == row["correct"] and other["summary"] == row["summary"], (task, name)
             assert other.get("decisions") == row.get("decisions") and other.get("answers") == row.get("answers")
             assert len(other["seconds"]) == len(row["seconds"])  # every batch / question timed once
+
+
+def test_miss_table_lists_each_rows_layout_misses_by_cause():
+    from harness.quality_report import miss_table
+
+    latents = torch.zeros(1, 16, 2, 2)
+    rows = [_gen_result(name, [[]], latents, [True]) for name in ("baseline", "flashu-eager")]
+    assert miss_table(rows) is None  # no layout prompt scored: no table
+    rows[0].miss_causes = {"position": {"right": 3, "a named shape missing": 1, "relation reversed": 2,
+                                        "neither way": 0}}
+    rows[1].miss_causes = {"counting": {"right": 1, "too few": 0, "too many": 1}}
+    header, rule, first, second = miss_table(rows).splitlines()
+    assert header.split("  ")[0] == "row" and "position: relation reversed" in header and "counting" not in header
+    assert first.split() == ["baseline", "3", "1", "2", "0"]
+    assert second.split() == ["flashu-eager", "0", "0", "0", "0"]  # a row without the category reads zeros
