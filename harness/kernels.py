@@ -87,7 +87,7 @@ def copy_gbps() -> float:
     return 2 * src.nbytes / ms / 1e6
 
 
-def select_summary(rows: list[dict], default_warps: int, default_select: str = "radix") -> dict:
+def select_summary(rows: list[dict], default_warps: int, default_select: str) -> dict:
     """Sweep rows of one shape at one BLOCK_T -> each search's best exact time over num_warps, the default
     config's (the op's search at its num_warps) and the fastest search."""
     best: dict[str, dict] = {}

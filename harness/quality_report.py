@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from flashu_fx.testbed import world
-from flashu_fx.testbed.scorer import MISS_CAUSES
+from flashu_fx.testbed.scorer import LAYOUT_CATEGORIES, MISS_CAUSES
 from harness.quality_eval import GenRowResult, UndRowResult, group_scores, overall_score
 from harness.quality_fidelity import twin_fidelity
 from harness.quality_rows import BASELINE
@@ -40,9 +40,6 @@ def row_table(task: str, results: list[GenRowResult] | list[UndRowResult]) -> st
                       *(f"{per_group[g].accuracy:.2f}" if g in per_group else "-" for g in groups)])
     headers = ["row", "overall", "95% CI", "vs baseline", f"s/{UNITS[task]}", *groups]
     return format_table(headers, lines)
-
-
-LAYOUT_CATEGORIES = ("position", "color_attr")  # the categories whose misses say which binding is missing
 
 
 def miss_table(results: list[GenRowResult]) -> str | None:

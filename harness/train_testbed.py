@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sampling guidance {best[0]} (chosen on the {'second' if sweep_second else 'first'} draw)", flush=True)
     # how the first draw's pictures at that guidance miss (scorer.MISS_CAUSES): which binding is still missing
     causes = scorer.miss_causes(prompts, [scorer.detect(image) for image in best[1]])
-    for category in ("position", "color_attr"):
+    for category in scorer.LAYOUT_CATEGORIES:
         if category in causes:
             print(f"{category} at guidance {best[0]}: " + ", ".join(f"{k} {v}" for k, v in causes[category].items()),
                   flush=True)

@@ -52,20 +52,21 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # Launch configs keyed on shape (see _config for the measured numbers behind them).
 # --------------------------------------------------------------------------------------------------
-def _config(length: int, c: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps) for a row of `length` tokens of `c` channels."""
+def _config(length: int, c: int) -> tuple[int, int, int, str]:
+    """(BLOCK_T, BLOCK_D, num_warps, threshold search) for a row of `length` tokens of `c` channels."""
     block_n = triton.next_power_of_2(length)
+    select = _select(length)
     # The selecting program is issue-bound (one SM for the whole row): fewer warps mean fewer
     # per-thread reduction shuffles per radix step. 16 keys per thread: 118 registers (ptxas sm_90a),
     # still the fastest at 4096 tokens; 32 per thread (4 warps) spills into 220 registers. Rows of
     # <= 1024 tokens take the histogram search (_select), fastest there with 8 warps.
-    num_warps = 8 if _select(length) != "radix" else max(4, min(32, block_n // 512))
+    num_warps = 8 if select != "radix" else max(4, min(32, block_n // 512))
     # Phase 1 reads 128-channel chunks (16 lanes x 8 bf16 per token row) and sums squares elementwise
     # over the chunks: 64 tokens x 128 channels per 8 warps = 32 elements per thread per chunk. Rows of
     # <= 1024 tokens use 8-token tiles, so that one row still spreads over ~90 programs.
     block_d = min(triton.next_power_of_2(c), 128)
     block_t = 8 if block_n <= 1024 else 1024 * num_warps // block_d
-    return min(block_t, block_n), block_d, num_warps
+    return min(block_t, block_n), block_d, num_warps, select
 
 
 if triton is not None:
@@ -293,7 +294,7 @@ def _launch(
     out = torch.empty((batch, keep), dtype=torch.int64, device=v.device)
     if batch == 0:
         return out
-    cfg_t, cfg_d, cfg_warps = _config(length, c)
+    cfg_t, cfg_d, cfg_warps, cfg_select = _config(length, c)
     block_t, num_warps, block_d = block_t or cfg_t, num_warps or cfg_warps, block_d or cfg_d
     num_chunks = triton.cdiv(length, block_t)
     block_n = triton.next_power_of_2(length)
@@ -319,7 +320,7 @@ def _launch(
         BLOCK_T=block_t,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        HIST_BITS=SELECTS[select or _select(length)],
+        HIST_BITS=SELECTS[select or cfg_select],
         num_warps=num_warps,
     )
     return out
@@ -421,7 +422,7 @@ def vnorm_topk(v: torch.Tensor, start: int | torch.Tensor, length: int, keep: in
 def launch_config(length: int, channels: int) -> tuple[int, int, int, str]:
     """(BLOCK_T, BLOCK_D, num_warps, threshold search) the op launches with for rows of ``length`` tokens of
     ``channels`` values."""
-    return (*_config(length, channels), _select(length))
+    return _config(length, channels)
 
 
 def vnorm_topk_launch(

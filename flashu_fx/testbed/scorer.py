@@ -13,7 +13,7 @@ under a 3x3 box blur plus Gaussian noise of sigma 30 the right one still wins fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,13 +224,16 @@ def score_prompt(prompt: GenPrompt, image: np.ndarray) -> bool:
     return score_detections(prompt, detect(image))
 
 
+def _shape_finder(found: Sequence[Detection]) -> Callable[[str], list[Detection]]:
+    """shape -> the detections of that shape, in ``found``'s order."""
+    return lambda shape: [d for d in found if d.shape == shape]
+
+
 def score_detections(prompt: GenPrompt, found: Sequence[Detection]) -> bool:
     """``score_prompt`` on what ``detect`` found in a picture (for a caller that reads the detections too)."""
     if prompt.category not in CATEGORIES:
         raise ValueError(f"prompt.category must be one of {CATEGORIES}, got {prompt.category!r}")
-
-    def of_shape(shape: str) -> list[Detection]:
-        return [d for d in found if d.shape == shape]
+    of_shape = _shape_finder(found)
 
     if prompt.category == "counting":
         ((_, shape, count),) = prompt.objects
@@ -250,6 +253,7 @@ MISS_CAUSES: dict[str, tuple[str, ...]] = {
     "position": ("right", "a named shape missing", "relation reversed", "neither way"),
     "color_attr": ("right", "a named shape missing", "colours exchanged", "other colours"),
 }
+LAYOUT_CATEGORIES = ("position", "color_attr")  # the categories whose misses say which binding is missing
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}  # each relation reversed
 
 
@@ -260,9 +264,7 @@ def miss_cause(prompt: GenPrompt, found: Sequence[Detection]) -> str:
     otherwise wrongly coloured ("other colours")."""
     if score_detections(prompt, found):
         return "right"
-
-    def of_shape(shape: str) -> list[Detection]:
-        return [d for d in found if d.shape == shape]
+    of_shape = _shape_finder(found)
 
     if prompt.category == "counting":
         ((_, shape, count),) = prompt.objects
