@@ -412,7 +412,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     False: cuBLAS); ``inductor_options``: inductor config patches for every compiled part, e.g. ``{"max_autotune_gemm":
     True}`` (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
     ``merge_ffn_slices``: with ``merge_projections``, a pruned FFN's gate and up slices run as one batched matmul
-    over both row blocks (``passes.merge_projections``) instead of two matmuls (a candidate, off until measured)."""
+    over both row blocks (``passes.merge_projections``) instead of two matmuls (off: a tie in both tasks on an
+    H100, BENCHMARKS.md)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices)
 
