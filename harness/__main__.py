@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # Further tools, each run as its own module: python -m harness.<name> --help.
-MODULES = ("check_recompiles", "check_equivalence", "guard_cost", "profile_gen", "profile_und", "decode_products")
+MODULES = ("check_recompiles", "check_equivalence", "guard_cost", "profile_gen", "profile_und", "products")
 
 
 def build_parser() -> argparse.ArgumentParser:

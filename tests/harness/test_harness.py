@@ -273,7 +273,7 @@ def test_no_command_prints_the_usage_and_the_commands(capsys):
 
 
 COMMAND_MODULES = ["demo", "bench", "floors", "kernels", "calibrate_cli", "analyze_cli", "check_recompiles",
-                   "check_equivalence", "guard_cost", "profile_gen", "profile_und", "decode_products"]
+                   "check_equivalence", "guard_cost", "profile_gen", "profile_und", "products"]
 
 
 @pytest.mark.parametrize("name", COMMAND_MODULES)

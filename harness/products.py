@@ -1,0 +1,393 @@
+"""``python -m harness.products``: each product of a decode token or a generation call, timed alone.
+
+    python -m harness.products --task und --preset showo2-7b                    # on a GPU
+    python -m harness.products --task gen --preset showo2-1.5b
+    python -m harness.products --preset tiny --device cpu --repeats 3           # a check of the variants (CPU)
+
+``harness.profile_und`` and ``profile_gen`` say what each kernel of a path takes; this says what its products could
+take, so that a floor share can be split into what the library allows and what the compiled code leaves.
+
+``--task und``: every product a FlashU decode layer runs at one row (q/k/v merged, o, gate/up and down at the kept
+FFN width, as views of the full weights like the executors' slices) and the lm_head, as
+- ``library``: the bare product ``x @ W.T`` in eager torch (cuBLAS's GEMV on a GPU);
+- ``inductor``: the product with what the decode part fuses into it (the RMSNorm before q/k/v, gate/up and the
+  lm_head; silu(gate) * up before down and the residual add after it), compiled by inductor with coordinate-descent
+  tuning, as the backend compiles its one-row parts (``tune_decode=True``);
+- ``inductor-split`` (down only): silu(gate) * up compiled on its own, then the product and the add: whether the
+  down product loses bandwidth by re-reading both FFN activations in every one of its programs.
+Rows give microseconds, the weight bytes, GB/s and the share of the copy bandwidth; the summary adds one token's
+layers (the FlashU skip step's depth) and the lm_head into a per-token time per variant, against the token's weight
+bytes at the copy bandwidth.
+
+``--task gen``: the products of one trunk layer over a CFG call's image block (2 x the image slot rows): q/k/v, o,
+attention over the prefix and the block, gate/up and down at the full and the kept FFN width, each as the library
+runs it (cuBLAS, and SDPA for attention). Rows give TFLOP/s and the share of the device's measured peak; the summary
+gives a full and a pruned layer's time against the same FLOPs at the peak: the highest floor share these shapes
+allow when every product runs at the library's speed and nothing else costs time.
+
+On a GPU each time is device time per call: the median over replays of one CUDA graph that calls the product on
+enough weight copies to read HBM rather than L2 (``harness.kernels.graph_us``). On the CPU the command checks every
+variant against the eager product and reports wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashu_fx.config import PRESETS, Showo2Config, get_config
+from flashu_fx.flashu_config import FlashUConfig
+from harness.arguments import command_parser
+from harness.devices import resolve_device
+from harness.floors import peak_tflops
+from harness.tables import format_table
+
+ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
+VARIANTS = {"und": ("library", "inductor", "inductor-split"), "gen": ("library",)}
+KINDS = ("norm", "gate_up", "down", "plain", "attention")
+
+
+@dataclass(frozen=True)
+class Product:
+    """One product ``out = x @ W.T`` of ``m`` rows, W ``(n, k)`` a view of ``(n_full, k_full)``; or attention.
+
+    ``kind`` says what the decode part fuses with it: "norm" (RMSNorm before: q/k/v, lm_head), "gate_up" (RMSNorm
+    before, two weights: gate and up), "down" (silu(gate) * up before, the residual add after), "plain" (o).
+    "attention": ``m`` query rows of ``heads`` heads of size ``k`` over ``n`` keys of ``kv_heads`` heads, 2 rows."""
+
+    name: str
+    kind: str
+    m: int
+    n: int
+    k: int
+    n_full: int
+    k_full: int
+    weights: int = 1  # gate_up: 2
+    heads: int = 0  # attention only
+    kv_heads: int = 0
+
+    def weight_bytes(self, itemsize: int) -> int:
+        return 0 if self.kind == "attention" else self.weights * self.n * self.k * itemsize
+
+    def flops(self) -> float:
+        if self.kind == "attention":  # 2 rows (cond, null); QK^T and PV
+            return 4.0 * 2 * self.m * self.n * self.heads * self.k
+        return 2.0 * self.m * self.n * self.k * self.weights
+
+
+def decode_products(cfg: Showo2Config, config: FlashUConfig) -> list[Product]:
+    """The products of one FlashU decode layer (at the kept FFN width) and the lm_head, one row each."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    inter, kept = cfg.intermediate_size, config.kept_ffn_width(cfg.intermediate_size)
+    return [
+        Product("q/k/v", "norm", 1, q + 2 * kv, h, q + 2 * kv, h),
+        Product("o", "plain", 1, h, q, h, q),
+        Product("gate/up", "gate_up", 1, kept, h, inter, h, weights=2),
+        Product("down", "down", 1, h, kept, h, inter),
+        Product("lm_head", "norm", 1, cfg.vocab_size, h, cfg.vocab_size, h),
+    ]
+
+
+def gen_products(cfg: Showo2Config, config: FlashUConfig, prefix: int) -> list[Product]:
+    """The products of one trunk layer over a CFG call's image block: (2 x image slot) rows; the FFN at full and
+    kept width; attention of the block over ``prefix`` + block keys."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    inter, kept, s = cfg.intermediate_size, config.kept_ffn_width(cfg.intermediate_size), cfg.image_slot_len
+    m = 2 * s
+    return [
+        Product("q/k/v", "norm", m, q + 2 * kv, h, q + 2 * kv, h),
+        Product("o", "plain", m, h, q, h, q),
+        Product("attention", "attention", s, prefix + s, cfg.head_dim, 0, 0, heads=cfg.num_heads,
+                kv_heads=cfg.num_kv_heads),
+        Product("gate/up", "gate_up", m, inter, h, inter, h, weights=2),
+        Product("down", "down", m, h, inter, h, inter),
+        Product("gate/up kept", "gate_up", m, kept, h, inter, h, weights=2),
+        Product("down kept", "down", m, h, kept, h, inter),
+    ]
+
+
+def token_layers(cfg: Showo2Config, config: FlashUConfig) -> int:
+    """Layers a decode token runs on a skip step (the common step: all but every skip_interval-th)."""
+    return cfg.num_layers - config.num_skipped_layers(cfg.num_layers)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def fused_fn(kind: str, eps: float) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+    """The product with what the decode part fuses into it (the ``inductor`` variant, before compiling)."""
+    if kind == "norm":
+        return lambda x, nw, w: _rms(x, nw, eps) @ w.T
+    if kind == "gate_up":
+        def gate_up(x: torch.Tensor, nw: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor):
+            xn = _rms(x, nw, eps)
+            return xn @ wg.T, xn @ wu.T
+        return gate_up
+    if kind == "down":
+        return lambda g, u, res, w: res + (F.silu(g) * u) @ w.T
+    if kind == "plain":
+        return lambda x, w: x @ w.T
+    if kind == "attention":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+@dataclass
+class Case:
+    """A product's inputs: activations shared by every call, ``copies`` weight sets (each call reads its own)."""
+
+    product: Product
+    acts: dict[str, torch.Tensor]
+    weights: list[list[torch.Tensor]]  # per copy: the weight views the product reads (attention: none)
+
+    def args(self, copy: int) -> tuple[torch.Tensor, ...]:
+        a, kind = self.acts, self.product.kind
+        if kind == "attention":
+            return a["q"], a["k"], a["v"]
+        w = self.weights[copy]
+        if kind == "norm":
+            return a["x"], a["norm"], w[0]
+        if kind == "gate_up":
+            return a["x"], a["norm"], w[0], w[1]
+        if kind == "down":
+            return a["g"], a["u"], a["res"], w[0]
+        return a["x"], w[0]
+
+
+def make_case(p: Product, device: torch.device, dtype: torch.dtype, copies: int, seed: int = 0) -> Case:
+    """Random activations and ``copies`` weight sets, each weight a view of a full-size tensor as the executors
+    slice them (FFN rows of gate/up, columns of down, from neuron 0). Attention: keys and values repeated to the
+    query heads, as the model's attention reads them."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    if p.kind == "attention":
+        rep = p.heads // p.kv_heads
+        kv = [rand(2, p.kv_heads, p.n, p.k).repeat_interleave(rep, dim=1) for _ in range(2)]
+        return Case(p, {"q": rand(2, p.heads, p.m, p.k), "k": kv[0], "v": kv[1]}, [[] for _ in range(copies)])
+    if p.kind == "down":
+        acts = {"g": rand(p.m, p.k), "u": rand(p.m, p.k), "res": rand(p.m, p.n)}
+    else:
+        acts = {"x": rand(p.m, p.k), "norm": rand(p.k, scale=0.1) + 1}
+    scale = 1 / math.sqrt(p.k)
+    weights = []
+    for _ in range(copies):
+        full = [rand(p.n_full, p.k_full, scale=scale) for _ in range(p.weights)]
+        weights.append([f[: p.n] if p.kind == "gate_up" else f[:, : p.k] if p.kind == "down" else f for f in full])
+    return Case(p, acts, weights)
+
+
+def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Callable[[], object]] | None:
+    """One call per weight copy of ``variant`` (None where it does not apply to the product)."""
+    kind, n = case.product.kind, len(case.weights)
+    if variant == "library":
+        if kind == "attention":
+            return [lambda: F.scaled_dot_product_attention(*case.args(0)) for _ in range(n)]
+        if kind == "down":
+            h = F.silu(case.acts["g"]) * case.acts["u"]
+            return [lambda i=i: h @ case.weights[i][0].T for i in range(n)]
+        x = case.acts["x"] if kind == "plain" else _rms(case.acts["x"], case.acts["norm"], eps)
+        return [lambda i=i: [x @ w.T for w in case.weights[i]] for i in range(n)]
+    if kind == "attention":
+        return None
+    # As the backend compiles its one-row parts: coordinate-descent tuning, no inductor CUDA graphs.
+    options = {"coordinate_descent_tuning": True, "triton.cudagraphs": False} if backend == "inductor" else None
+
+    def compile_(fn: Callable) -> Callable:
+        return torch.compile(fn, backend=backend, options=options, dynamic=False)
+
+    if variant == "inductor":
+        fn = compile_(fused_fn(kind, eps))
+        return [lambda i=i: fn(*case.args(i)) for i in range(n)]
+    if variant == "inductor-split" and kind == "down":
+        act = compile_(lambda g, u: F.silu(g) * u)
+        prod = compile_(lambda h, res, w: res + h @ w.T)
+        a = case.acts
+        return [lambda i=i: prod(act(a["g"], a["u"]), a["res"], case.weights[i][0]) for i in range(n)]
+    return None
+
+
+def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The fused function in eager fp32 on the first weight copy."""
+    args = tuple(t.float() for t in case.args(0))
+    return fused_fn(case.product.kind, eps)(*args)
+
+
+def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_variant(case: Case, calls: list[Callable[[], object]], variant: str, eps: float) -> float:
+    """Largest error of the variant's first call against the fp32 reference, relative to the reference's scale."""
+    want = _as_tuple(reference(case, eps))
+    got = _as_tuple(calls[0]())
+    if variant == "library" and case.product.kind == "down":  # the bare product: add the residual to compare
+        got = (got[0] + case.acts["res"],)
+    return max(float((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-6))
+               for g, w in zip(got, want, strict=True))
+
+
+def time_us(calls: list[Callable[[], object]], device: torch.device, repeats: int) -> float:
+    """Device time per call under one CUDA graph (GPU), else the median wall time of a pass over the copies."""
+    if device.type == "cuda":
+        from harness.kernels import graph_us
+
+        return graph_us(calls, replays=repeats)
+    for call in calls:
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        times.append((time.perf_counter() - start) / len(calls) * 1e6)
+    return statistics.median(times)
+
+
+def measure(products: list[Product], variants: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+            repeats: int, backend: str, eps: float) -> list[dict]:
+    """One row per (product, variant that applies): time, bytes, FLOPs and the error against fp32."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for p in products:
+        nbytes = p.weight_bytes(itemsize)
+        copies = max(1, math.ceil(ROTATE_BYTES / nbytes)) if device.type == "cuda" and nbytes else 1
+        case = make_case(p, device, dtype, copies)
+        for variant in variants:
+            calls = variant_calls(case, variant, eps, backend)
+            if calls is not None:
+                rows.append({"product": p.name, "variant": variant, "m": p.m, "n": p.n, "k": p.k,
+                             "weight_bytes": nbytes, "flops": p.flops(), "max_rel_err": check_variant(case, calls,
+                             variant, eps), "us": time_us(calls, device, repeats)})
+        del case
+    return rows
+
+
+def und_summary(rows: list[dict], products: list[Product], layers: int, copy_gbps: float | None,
+                itemsize: int) -> dict:
+    """Per variant, one layer's and one token's time (a variant that does not apply to a product counts that
+    product's inductor time), and the token's weight bytes at the copy bandwidth."""
+    times = {(r["product"], r["variant"]): r["us"] for r in rows}
+    totals = {}
+    for v in VARIANTS["und"]:
+        def us(product: str, v: str = v) -> float:
+            return times.get((product, v), times[product, "inductor"])
+        layer = sum(us(p.name) for p in products if p.name != "lm_head")
+        totals[v] = {"layer_us": layer, "token_us": layers * layer + us("lm_head")}
+    token_bytes = sum(p.weight_bytes(itemsize) * (1 if p.name == "lm_head" else layers) for p in products)
+    return {"layers_per_token": layers, "totals": totals, "token_weight_bytes": token_bytes,
+            "token_floor_us": token_bytes / copy_gbps / 1e3 if copy_gbps else None}
+
+
+def gen_summary(rows: list[dict], tflops: float | None) -> dict:
+    """A full and a pruned trunk layer at the library's speed, against the same FLOPs at the peak rate."""
+    times = {r["product"]: r for r in rows}
+    out = {}
+    for width, ffn in (("full", ("gate/up", "down")), ("kept", ("gate/up kept", "down kept"))):
+        names = ("q/k/v", "o", "attention", *ffn)
+        us, flops = sum(times[n]["us"] for n in names), sum(times[n]["flops"] for n in names)
+        floor = flops / tflops / 1e6 if tflops else None
+        out[width] = {"layer_us": us, "layer_flops": flops, "layer_floor_us": floor,
+                      "share_of_peak": floor / us if floor else None}
+    return out
+
+
+def run(task: str, cfg: Showo2Config, config: FlashUConfig, device: torch.device, dtype: torch.dtype,
+        repeats: int, backend: str, copy_gbps: float | None, tflops: float | None, prefix: int) -> dict:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    products = decode_products(cfg, config) if task == "und" else gen_products(cfg, config, prefix)
+    rows = measure(products, VARIANTS[task], device, dtype, repeats, backend, cfg.rms_norm_eps)
+    for r in rows:
+        r["GBps"] = r["weight_bytes"] / r["us"] / 1e3
+        r["pct_copy_bw"] = 100 * r["GBps"] / copy_gbps if copy_gbps else None
+        r["TFLOPs"] = r["flops"] / r["us"] / 1e6
+        r["pct_peak"] = 100 * r["TFLOPs"] / tflops if tflops else None
+    result = {"task": task, "preset": cfg.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "kept_ffn_width": config.kept_ffn_width(cfg.intermediate_size), "copy_GBps": copy_gbps,
+              "peak_TFLOPs": tflops, "rows": rows}
+    if task == "und":
+        result |= und_summary(rows, products, token_layers(cfg, config), copy_gbps, itemsize)
+    else:
+        result |= {"prefix": prefix, "rows_per_product": 2 * cfg.image_slot_len, "layer": gen_summary(rows, tflops)}
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}%"
+
+
+def report(result: dict) -> str:
+    if result["task"] == "und":
+        head = ["product", "variant", "n x k", "MB", "us", "GB/s", "of copy", "rel err"]
+        rows = [[r["product"], r["variant"], f"{r['n']} x {r['k']}", f"{r['weight_bytes'] / 1e6:.1f}",
+                 f"{r['us']:.1f}", f"{r['GBps']:.0f}", _pct(r["pct_copy_bw"]), f"{r['max_rel_err']:.1e}"]
+                for r in result["rows"]]
+        lines = [format_table(head, rows)]
+        floor = result["token_floor_us"]
+        for v, t in result["totals"].items():
+            share = f", {100 * floor / t['token_us']:.0f}% of the copy floor ({floor:.0f} us)" if floor else ""
+            lines.append(f"{v}: {t['layer_us']:.1f} us per layer, {t['token_us']:.0f} us per token "
+                         f"({result['layers_per_token']} layers + lm_head){share}")
+        return "\n".join(lines)
+    head = ["product", "m x n x k", "GFLOP", "us", "TFLOP/s", "of peak", "rel err"]
+    rows = [[r["product"], f"{r['m']} x {r['n']} x {r['k']}", f"{r['flops'] / 1e9:.2f}", f"{r['us']:.1f}",
+             f"{r['TFLOPs']:.0f}", _pct(r["pct_peak"]), f"{r['max_rel_err']:.1e}"] for r in result["rows"]]
+    lines = [format_table(head, rows)]
+    for width, s in result["layer"].items():
+        share = f", {100 * s['share_of_peak']:.0f}% of the peak rate" if s["share_of_peak"] else ""
+        lines.append(f"one trunk layer, FFN {width}: {s['layer_us']:.0f} us at the library's speed{share}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = command_parser("python -m harness.products", __doc__)
+    p.add_argument("--task", default="und", choices=tuple(VARIANTS), help="a decode token or a generation call")
+    p.add_argument("--preset", default="showo2-7b", choices=list(PRESETS), help="model shapes")
+    p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check of the variants)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and activations")
+    p.add_argument("--repeats", type=int, default=15, help="timed replays (GPU) or passes (CPU)")
+    p.add_argument("--prefix-len", type=int, default=64, help="gen: text prefix (bos, prompt, boi) the block sees")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants (und)")
+    p.add_argument("--max-rel-err", type=float, default=2e-2, help="fail when a variant is further off than this")
+    p.add_argument("--out", default="products.json", help="JSON output path")
+    args = p.parse_args(argv)
+    for name in ("repeats", "prefix_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: allowed an integer >= 1")
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    copy = tflops = None
+    if device.type == "cuda":
+        from harness.kernels import copy_gbps
+
+        copy, tflops = copy_gbps(), peak_tflops(torch.cuda.get_device_name())
+        print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.0f} GB/s (read + write); bf16 matmul peak "
+              f"{'not measured' if tflops is None else f'{tflops:.0f} TFLOP/s'}")
+    cfg = get_config(args.preset)
+    result = run(args.task, cfg, FlashUConfig.for_task(args.task), device, dtype, args.repeats, args.backend, copy,
+                 tflops, args.prefix_len)
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    print(report(result))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    bad = [r for r in result["rows"] if r["max_rel_err"] > args.max_rel_err]
+    for r in bad:
+        print(f"{r['product']} {r['variant']}: relative error {r['max_rel_err']:.2e} above --max-rel-err")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""harness.products: the products of a decode token and of a generation call, their shapes, every variant's values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashu_fx.config import get_config
+from flashu_fx.flashu_config import FlashUConfig
+from harness import products as dp
+from harness.floors import gen_call_flops, llm_layer_params
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("preset", ["showo2-1.5b", "showo2-7b", "tiny"])
+def test_a_layer_of_products_reads_the_floors_weights(preset):
+    cfg, config = get_config(preset), FlashUConfig.for_task("und")
+    products = {p.name: p for p in dp.decode_products(cfg, config)}
+    kept = config.kept_ffn_width(cfg.intermediate_size)
+    layer = sum(p.weight_bytes(1) for name, p in products.items() if name != "lm_head")
+    assert layer == llm_layer_params(cfg, kept)  # the same count as the floors', made independently
+    assert products["down"].k == kept < products["down"].k_full == cfg.intermediate_size
+    assert products["lm_head"].weight_bytes(2) == 2 * cfg.vocab_size * cfg.hidden_size
+    assert dp.token_layers(cfg, config) == cfg.num_layers - config.num_skipped_layers(cfg.num_layers)
+
+
+def expected(case: dp.Case, eps: float) -> list[torch.Tensor]:
+    """What each product computes, written out with F.linear in fp32 (independent of fused_fn)."""
+    a = {k: v.float() for k, v in case.acts.items()}
+    if case.product.kind == "attention":
+        scores = a["q"] @ a["k"].transpose(-1, -2) / case.product.k**0.5
+        return [scores.softmax(-1) @ a["v"]]
+    w = [t.float() for t in case.weights[0]]
+    if case.product.kind == "down":
+        return [a["res"] + F.linear(F.silu(a["g"]) * a["u"], w[0])]
+    if case.product.kind == "plain":
+        return [F.linear(a["x"], w[0])]
+    xn = F.rms_norm(a["x"], (a["x"].shape[-1],), eps=eps) * a["norm"]
+    return [F.linear(xn, t) for t in w]
+
+
+def products(task: str, cfg) -> list[dp.Product]:
+    config = FlashUConfig.for_task(task)
+    return dp.decode_products(cfg, config) if task == "und" else dp.gen_products(cfg, config, prefix=5)
+
+
+@pytest.mark.parametrize("task", ["und", "gen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_variant_computes_its_product_on_the_sliced_weights(task, dtype):
+    cfg = get_config("tiny")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for product in products(task, cfg):
+        case = dp.make_case(product, torch.device("cpu"), dtype, copies=2)
+        if product.kind != "attention":
+            w = case.weights[1][0]
+            assert w.shape == (product.n, product.k) and w.untyped_storage().nbytes() == \
+                product.n_full * product.k_full * w.element_size()  # a view of the full weight, as the executors pass
+        want = expected(case, cfg.rms_norm_eps)
+        for variant in dp.VARIANTS["und"]:
+            calls = dp.variant_calls(case, variant, cfg.rms_norm_eps, backend="aot_eager")
+            if calls is None:
+                assert variant != "library" and (variant == "inductor-split" or product.kind == "attention")
+                continue
+            assert len(calls) == 2
+            got = list(dp._as_tuple(calls[0]()))
+            if variant == "library" and product.kind == "down":
+                got = [got[0] + case.acts["res"]]
+            for g, e in zip(got, want, strict=True):
+                torch.testing.assert_close(g.float(), e, atol=tol * e.abs().max().item(), rtol=0)
+            assert dp.check_variant(case, calls, variant, cfg.rms_norm_eps) < tol
+
+
+def test_a_gen_layer_of_products_has_the_floors_flops():
+    cfg, config, prefix = get_config("showo2-1.5b"), FlashUConfig.for_task("gen"), 64
+    by_name = {p.name: p for p in dp.gen_products(cfg, config, prefix)}
+    kept = config.kept_ffn_width(cfg.intermediate_size)
+    layer = {"full": ("gate/up", "down"), "kept": ("gate/up kept", "down kept")}
+    for width, ffn in zip((cfg.intermediate_size, kept), layer.values(), strict=True):
+        flops = sum(by_name[n].flops() for n in ("q/k/v", "o", "attention", *ffn))
+        # the floors' count of one call with one trunk layer more, minus one with one fewer, halved
+        two = [gen_call_flops(cfg, prefix, layers, width, True, False) for layers in (1, 3)]
+        per_layer = sum(two[1].values()) - sum(two[0].values())
+        assert flops == pytest.approx(per_layer / 2, rel=1e-12)
+    assert by_name["gate/up"].m == 2 * cfg.image_slot_len and by_name["attention"].n == prefix + cfg.image_slot_len
+
+
+def test_gen_summary_sets_the_layer_against_the_peak():
+    rows = [{"product": n, "us": 10.0, "flops": 1e9} for n in
+            ("q/k/v", "o", "attention", "gate/up", "down", "gate/up kept", "down kept")]
+    summary = dp.gen_summary(rows, tflops=500.0)
+    assert summary["full"]["layer_us"] == 50.0 and summary["full"]["layer_floor_us"] == pytest.approx(10.0)
+    assert summary["kept"]["share_of_peak"] == pytest.approx(0.2)
+    assert dp.gen_summary(rows, tflops=None)["full"]["share_of_peak"] is None
+
+
+def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "products.json"
+    assert dp.main(["--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--repeats", "1",
+                    "--backend", "aot_eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [(r["product"], r["variant"]) for r in result["rows"]]
+    assert names.count(("down", "inductor-split")) == 1 and len(names) == 11
+    assert all(r["us"] > 0 and r["max_rel_err"] < 1e-5 and r["pct_copy_bw"] is None for r in result["rows"])
+    token = result["totals"]["library"]
+    assert token["token_us"] > token["layer_us"] * result["layers_per_token"]  # + the lm_head
+    assert "us per token" in capsys.readouterr().out
+
+    gen_out = tmp_path / "gen.json"
+    assert dp.main(["--task", "gen", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--repeats", "1",
+                    "--prefix-len", "7", "--out", str(gen_out)]) == 0
+    gen = json.loads(gen_out.read_text())
+    assert [r["product"] for r in gen["rows"]] == [p.name for p in products("gen", get_config("tiny"))]
+    us = {r["product"]: r["us"] for r in gen["rows"]}
+    assert gen["layer"]["kept"]["layer_us"] == pytest.approx(
+        sum(us[n] for n in ("q/k/v", "o", "attention", "gate/up kept", "down kept")))
+    assert gen["layer"]["full"]["share_of_peak"] is None and "one trunk layer, FFN kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--repeats", "0"), ("--prefix-len", "-1")])
+def test_bad_counts_name_the_argument(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dp.main(["--preset", "tiny", "--device", "cpu", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag}={value} is invalid: allowed an integer >= 1" in capsys.readouterr().err
