@@ -174,6 +174,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, ranks: Ranks,
                 grid = write_grid(list(results.values()), prompts, args.out / "quality_grid.png",
                                   f"testbed quality: {env.steps} grid points, guidance {env.guidance}, {dtype_name}")
                 report["gen"]["grid"] = None if grid is None else str(grid)
+                if "und" in tasks:  # a run stopped in its understanding half keeps the generation half
+                    write_report(report, args.out / "quality.json", started)
         if "und" in tasks:
             items = world.heldout_questions(args.questions, seed=args.seed)
             latents = question_latents(items, device, dtype)
@@ -184,8 +186,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, ranks: Ranks,
     torch._dynamo.reset()  # drop the compiled rows' Dynamo cache entries (the caller may compile again)
     if not ranks.is_main:
         return None
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    path = args.out / "quality.json"
-    path.write_text(json.dumps(report, indent=1, default=float))
+    path = write_report(report, args.out / "quality.json", started)
     print(f"wrote {path}" + (f" and {report['gen']['grid']}" if report.get("gen", {}).get("grid") else ""))
     return report
+
+
+def write_report(report: dict[str, Any], path: Path, started: float) -> Path:
+    """The report as it stands (``tasks_done``: the tasks in it so far, in order) and the seconds since ``started``."""
+    report["tasks_done"] = [task for task in ("gen", "und") if task in report]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    path.write_text(json.dumps(report, indent=1, default=float))
+    return path

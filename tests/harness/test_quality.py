@@ -42,6 +42,7 @@ def test_report_structure(quality_run, capsys):
     assert json.loads((out / "quality.json").read_text())["settings"] == json.loads(json.dumps(report["settings"]))
     for key in ("device", "torch", "command", "settings", "testbed", "gen", "und", "seconds"):
         assert key in report
+    assert report["tasks_done"] == ["gen", "und"]
     assert report["command"].startswith("python -m harness quality --weights")
     assert report["settings"]["dtype"] == "fp32" and report["settings"]["steps"] == 3
     for task, items, unit in (("gen", "prompts", "seconds_per_image"), ("und", "questions", "seconds_per_answer")):
@@ -69,6 +70,19 @@ def test_report_structure(quality_run, capsys):
     und = report["und"]["rows"]
     assert all(k is not None for k in und["flashu-eager"]["kept_positions"])
     assert all(k is None for k in und["no_token_pruning"]["kept_positions"])
+
+
+def test_a_run_stopped_in_its_understanding_half_keeps_the_generation_half(random_testbed, tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as a time limit's signal would stop it
+    monkeypatch.setattr(quality, "run_und_row", stopped)
+    argv = ["--weights", str(random_testbed), "--device", "cpu", "--prompts", "2", "--questions", "2", "--batch", "2",
+            "--steps", "3", "--warmup", "0", "--rows", "baseline", "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(argv)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["tasks_done"] == ["gen"] and "und" not in saved
+    assert len(saved["gen"]["rows"][BASELINE]["correct"]) == 2 and saved["seconds"] > 0
 
 
 def test_compiled_rows_track_their_eager_twins(quality_run):
