@@ -39,7 +39,7 @@ from torch import Tensor, fx
 
 from flashu_fx.compiled.cuda_graphs import tensor_addresses
 from flashu_fx.compiled.gen_graph import CallRecord, GenGraphExecutor
-from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler
+from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler, merge_off_for_autotuning
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
@@ -291,6 +291,8 @@ class FlashUBackend:
         """Whether the parts merge projections: the captured weights (the user's own Parameters) are colocated
         once, so merge_projections finds each q/k/v and gate/up group in one buffer in every layer."""
         if not self.merge_projections:
+            return False
+        if merge_off_for_autotuning(self.inductor_options):  # the weights stay where they are: no part merges
             return False
         if self._colocated(weights):
             return True

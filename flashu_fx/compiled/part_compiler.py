@@ -54,6 +54,16 @@ def autotunes_gemms(patches: Mapping[str, object]) -> bool:
     return any(bool(patches.get(key)) for key in _GEMM_AUTOTUNE)
 
 
+def merge_off_for_autotuning(patches: Mapping[str, object]) -> bool:
+    """True, with a warning, when ``patches`` turn on GEMM autotuning: merged projections must then stay off."""
+    if not autotunes_gemms(patches):
+        return False
+    log.warning("merge_projections is off with inductor's GEMM autotuning (%s): a merged product reads its group's "
+                "buffer past the first weight's end, and the autotuner benchmarks each choice on an input rebuilt at "
+                "that weight's own size", sorted(k for k in _GEMM_AUTOTUNE if patches.get(k)))
+    return True
+
+
 def _checked_settings(backend: str, inductor_options: Mapping[str, object] | None) -> dict[str, object]:
     """The inductor patches of a compiler for ``backend``; raises on an unknown backend or option."""
     if backend not in ("inductor", "eager"):
@@ -114,10 +124,7 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     symbolic (Dynamo's automatic dynamic shapes). ``compile_parts`` shares one artifact across lengths
     (``dynamic_lengths`` is set on the returned compiler)."""
     extra_patches = _checked_settings(backend, inductor_options)
-    if merge and backend == "inductor" and autotunes_gemms(extra_patches):
-        log.warning("merge_projections is off with inductor's GEMM autotuning (%s): a merged product reads its "
-                    "group's buffer past the first weight's end, and the autotuner benchmarks each choice on an "
-                    "input rebuilt at that weight's own size", sorted(k for k in _GEMM_AUTOTUNE if k in extra_patches))
+    if merge and backend == "inductor" and merge_off_for_autotuning(extra_patches):
         merge = False
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:

@@ -317,6 +317,33 @@ def test_merged_projections_colocate_the_users_weights_in_place(tiny_model) -> N
     assert rel_err(merged, separate) < 1e-5
 
 
+def test_gemm_autotuning_leaves_the_users_weights_where_they_are(tiny_model, caplog) -> None:
+    """No part merges under GEMM autotuning (``part_compiler.merge_off_for_autotuning``), so the backend does not
+    move the q/k/v and gate/up weights into shared buffers either; it says so once, and the latents are as without
+    merging."""
+    model = copy.deepcopy(tiny_model)
+    backend = flashu_backend("gen", piece_backend="eager", inductor_options={"max_autotune_gemm": True})
+    gen = torch.compile(model, backend=backend)
+    try:
+        with caplog.at_level("WARNING", logger="flashu_fx.compiled.part_compiler"):
+            tuned = generate_images_compiled(gen, backend, [[3, 4, 5]], baseline_steps=4, guidance=3.0)
+            generate_images_compiled(gen, backend, [[6, 7]], baseline_steps=4, guidance=3.0)
+    finally:
+        torch._dynamo.reset()
+    attn, mlp = model.showo.model.layers[0].self_attn, model.diffusion_head_a[1].mlp
+    assert not adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert not adjacent([mlp.gate_proj.weight, mlp.up_proj.weight])
+    assert caplog.text.count("merge_projections is off with inductor's GEMM autotuning") == backend.compiles == 1
+    plain = copy.deepcopy(tiny_model)
+    backend = flashu_backend("gen", piece_backend="eager", merge_projections=False)
+    try:
+        separate = generate_images_compiled(torch.compile(plain, backend=backend), backend, [[3, 4, 5]],
+                                            baseline_steps=4, guidance=3.0)
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(tuned, separate) < 1e-6
+
+
 def test_lean_guards_are_safe_for_this_backend(tiny_model) -> None:
     """With Dynamo's nn-module guards filtered out (the cheap per-call path), swapped weights still take effect:
     the weights are inputs of the captured graph, and new tensors are laid out for the merged projections before
