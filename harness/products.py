@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layers import rms_norm
 from harness.arguments import command_parser
 from harness.devices import resolve_device
 from harness.floors import peak_tflops
@@ -82,35 +83,34 @@ class Product:
         return 2.0 * self.m * self.n * self.k * self.weights
 
 
+def _attention_projections(cfg: Showo2Config, m: int) -> list[Product]:
+    """q/k/v (one merged product) and o of one trunk layer, ``m`` rows."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return [Product("q/k/v", "norm", m, q + 2 * kv, h, q + 2 * kv, h), Product("o", "plain", m, h, q, h, q)]
+
+
+def _ffn(cfg: Showo2Config, m: int, width: int, suffix: str = "") -> list[Product]:
+    """gate/up and down of one trunk layer at FFN ``width``: views of the full weights, ``m`` rows."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return [Product(f"gate/up{suffix}", "gate_up", m, width, h, inter, h, weights=2),
+            Product(f"down{suffix}", "down", m, h, width, h, inter)]
+
+
 def decode_products(cfg: Showo2Config, config: FlashUConfig) -> list[Product]:
     """The products of one FlashU decode layer (at the kept FFN width) and the lm_head, one row each."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    inter, kept = cfg.intermediate_size, config.kept_ffn_width(cfg.intermediate_size)
-    return [
-        Product("q/k/v", "norm", 1, q + 2 * kv, h, q + 2 * kv, h),
-        Product("o", "plain", 1, h, q, h, q),
-        Product("gate/up", "gate_up", 1, kept, h, inter, h, weights=2),
-        Product("down", "down", 1, h, kept, h, inter),
-        Product("lm_head", "norm", 1, cfg.vocab_size, h, cfg.vocab_size, h),
-    ]
+    h = cfg.hidden_size
+    return [*_attention_projections(cfg, 1), *_ffn(cfg, 1, config.kept_ffn_width(cfg.intermediate_size)),
+            Product("lm_head", "norm", 1, cfg.vocab_size, h, cfg.vocab_size, h)]
 
 
 def gen_products(cfg: Showo2Config, config: FlashUConfig, prefix: int) -> list[Product]:
     """The products of one trunk layer over a CFG call's image block: (2 x image slot) rows; the FFN at full and
     kept width; attention of the block over ``prefix`` + block keys."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    inter, kept, s = cfg.intermediate_size, config.kept_ffn_width(cfg.intermediate_size), cfg.image_slot_len
-    m = 2 * s
-    return [
-        Product("q/k/v", "norm", m, q + 2 * kv, h, q + 2 * kv, h),
-        Product("o", "plain", m, h, q, h, q),
-        Product("attention", "attention", s, prefix + s, cfg.head_dim, 0, 0, heads=cfg.num_heads,
-                kv_heads=cfg.num_kv_heads),
-        Product("gate/up", "gate_up", m, inter, h, inter, h, weights=2),
-        Product("down", "down", m, h, inter, h, inter),
-        Product("gate/up kept", "gate_up", m, kept, h, inter, h, weights=2),
-        Product("down kept", "down", m, h, kept, h, inter),
-    ]
+    s = cfg.image_slot_len
+    attention = Product("attention", "attention", s, prefix + s, cfg.head_dim, 0, 0, heads=cfg.num_heads,
+                        kv_heads=cfg.num_kv_heads)
+    return [*_attention_projections(cfg, 2 * s), attention, *_ffn(cfg, 2 * s, cfg.intermediate_size),
+            *_ffn(cfg, 2 * s, config.kept_ffn_width(cfg.intermediate_size), " kept")]
 
 
 def token_layers(cfg: Showo2Config, config: FlashUConfig) -> int:
@@ -118,18 +118,13 @@ def token_layers(cfg: Showo2Config, config: FlashUConfig) -> int:
     return cfg.num_layers - config.num_skipped_layers(cfg.num_layers)
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
 def fused_fn(kind: str, eps: float) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
     """The product with what the decode part fuses into it (the ``inductor`` variant, before compiling)."""
     if kind == "norm":
-        return lambda x, nw, w: _rms(x, nw, eps) @ w.T
+        return lambda x, nw, w: rms_norm(x, nw, eps) @ w.T
     if kind == "gate_up":
         def gate_up(x: torch.Tensor, nw: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor):
-            xn = _rms(x, nw, eps)
+            xn = rms_norm(x, nw, eps)
             return xn @ wg.T, xn @ wu.T
         return gate_up
     if kind == "down":
@@ -197,7 +192,7 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         if kind == "down":
             h = F.silu(case.acts["g"]) * case.acts["u"]
             return [lambda i=i: h @ case.weights[i][0].T for i in range(n)]
-        x = case.acts["x"] if kind == "plain" else _rms(case.acts["x"], case.acts["norm"], eps)
+        x = case.acts["x"] if kind == "plain" else rms_norm(case.acts["x"], case.acts["norm"], eps)
         return [lambda i=i: [x @ w.T for w in case.weights[i]] for i in range(n)]
     if kind == "attention":
         return None
@@ -280,12 +275,14 @@ def und_summary(rows: list[dict], products: list[Product], layers: int, copy_gbp
     """Per variant, one layer's and one token's time (a variant that does not apply to a product counts that
     product's inductor time), and the token's weight bytes at the copy bandwidth."""
     times = {(r["product"], r["variant"]): r["us"] for r in rows}
+
+    def us(product: str, variant: str) -> float:
+        return times.get((product, variant), times[product, "inductor"])
+
     totals = {}
     for v in VARIANTS["und"]:
-        def us(product: str, v: str = v) -> float:
-            return times.get((product, v), times[product, "inductor"])
-        layer = sum(us(p.name) for p in products if p.name != "lm_head")
-        totals[v] = {"layer_us": layer, "token_us": layers * layer + us("lm_head")}
+        layer = sum(us(p.name, v) for p in products if p.name != "lm_head")
+        totals[v] = {"layer_us": layer, "token_us": layers * layer + us("lm_head", v)}
     token_bytes = sum(p.weight_bytes(itemsize) * (1 if p.name == "lm_head" else layers) for p in products)
     return {"layers_per_token": layers, "totals": totals, "token_weight_bytes": token_bytes,
             "token_floor_us": token_bytes / copy_gbps / 1e3 if copy_gbps else None}
