@@ -197,23 +197,27 @@ def test_errors(tiny_model) -> None:
 @torch.no_grad()
 def test_cuda_graphs_match_eager_twin(tiny_model) -> None:
     """On the GPU: decode steps replay CUDA graphs (one capture per variant), the prefill from its length's second
-    use on; decisions equal the eager twin's."""
+    use on; decisions, ids and every step's logits equal the eager twin's."""
     model, layout = pruned_model(tiny_model, TINY_UND, 3, two_tasks=True)
     model = model.cuda()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3)).cuda()
     decoder, ids, logits = eager_flashu(model, TINY_UND, layout, latents, [4, 5, 6], 14, False)
     backend = flashu_backend("und", TINY_UND, layout)
-    answer, got = compiled_answer(model, backend, latents, [4, 5, 6], 14)
-    assert answer.ids == ids and answer.kept_positions == decoder.kept_positions
-    assert [s.skipped for s in answer.steps] == [s.skipped for s in decoder.steps]
-    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-3
-    captures = backend.cuda_graph_captures  # the decode steps' variants: the prefill ran uncaptured
-    assert captures > 0
     und = torch.compile(model, backend=backend)
-    again = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=14, stop_at_eos=False)
-    assert again.ids == answer.ids and backend.cuda_graph_captures == captures + 1  # the length's second prefill
-    third = answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=14, stop_at_eos=False)
-    assert third.ids == answer.ids and backend.cuda_graph_captures == captures + 1
+
+    def answer():
+        return answer_question_compiled(und, backend, latents, [4, 5, 6], max_new_tokens=14, stop_at_eos=False)
+
+    first = answer()
+    assert first.ids == ids and first.kept_positions == decoder.kept_positions
+    assert [s.skipped for s in first.steps] == [s.skipped for s in decoder.steps]
+    captures = backend.cuda_graph_captures  # the decode steps' variants: the prefill's first use runs uncaptured
+    assert captures > 0
+    assert answer().ids == ids and backend.cuda_graph_captures == captures + 1  # the length's second prefill
+    assert answer().ids == ids and backend.cuda_graph_captures == captures + 1  # replays from here on
+    _, got = compiled_answer(model, backend, latents, [4, 5, 6], 14)  # replays: the logits of the graphs themselves
+    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-3
+    assert backend.cuda_graph_captures == captures + 1
 
 
 @torch.no_grad()
