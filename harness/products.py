@@ -15,6 +15,10 @@ FFN width, as views of the full weights like the executors' slices) and the lm_h
   tuning, as the backend compiles its one-row parts (``tune_decode=True``);
 - ``inductor-split`` (down only): silu(gate) * up compiled on its own, then the product and the add: whether the
   down product loses bandwidth by re-reading both FFN activations in every one of its programs.
+The layer's attention over the KV cache (``--cache-len`` slots, the last 16 unwritten and masked, as a decode step
+reads them) is timed the same two ways: ``library``, SDPA as the decode step calls it (the additive mask, grouped KV
+heads), and ``inductor``, ``passes.decode_attention`` (the backend's ``decode_attention="reductions"``) compiled as
+above; its bytes are the cache's.
 Rows give microseconds, the weight bytes, GB/s and the share of the copy bandwidth; the summary adds one token's
 layers (the FlashU skip step's depth) and the lm_head into a per-token time per variant, against the token's weight
 bytes at the copy bandwidth.
@@ -32,6 +36,7 @@ variant against the eager product and reports wall times.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -45,14 +50,18 @@ import torch.nn.functional as F
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import rms_norm
+from flashu_fx.und_cache import cache_capacity
 from harness.arguments import command_parser
 from harness.devices import resolve_device
 from harness.floors import peak_tflops
 from harness.tables import format_table
+from passes.decode_attention import decode_attention
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
 VARIANTS = {"und": ("library", "inductor", "inductor-split"), "gen": ("library",)}
-KINDS = ("norm", "gate_up", "down", "plain", "attention")
+KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
+DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
+UNWRITTEN_SLOTS = 16  # decode attention: cache slots past the answer's end, masked as the decode step masks them
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,9 @@ class Product:
 
     ``kind`` says what the decode part fuses with it: "norm" (RMSNorm before: q/k/v, lm_head), "gate_up" (RMSNorm
     before, two weights: gate and up), "down" (silu(gate) * up before, the residual add after), "plain" (o).
-    "attention": ``m`` query rows of ``heads`` heads of size ``k`` over ``n`` keys of ``kv_heads`` heads, 2 rows."""
+    "attention": ``m`` query rows of ``heads`` heads of size ``k`` over ``n`` keys of ``kv_heads`` heads, 2 rows;
+    "decode_attention": one query row of ``heads`` heads of size ``k`` over a KV cache of ``n`` slots of ``kv_heads``
+    heads (its "weights": the cache's K and V, which each step reads)."""
 
     name: str
     kind: str
@@ -75,11 +86,15 @@ class Product:
     kv_heads: int = 0
 
     def weight_bytes(self, itemsize: int) -> int:
+        if self.kind == "decode_attention":
+            return 2 * self.kv_heads * self.n * self.k * itemsize
         return 0 if self.kind == "attention" else self.weights * self.n * self.k * itemsize
 
     def flops(self) -> float:
         if self.kind == "attention":  # 2 rows (cond, null); QK^T and PV
             return 4.0 * 2 * self.m * self.n * self.heads * self.k
+        if self.kind == "decode_attention":
+            return 4.0 * self.n * self.heads * self.k
         return 2.0 * self.m * self.n * self.k * self.weights
 
 
@@ -96,10 +111,13 @@ def _ffn(cfg: Showo2Config, m: int, width: int, suffix: str = "") -> list[Produc
             Product(f"down{suffix}", "down", m, h, width, h, inter)]
 
 
-def decode_products(cfg: Showo2Config, config: FlashUConfig) -> list[Product]:
-    """The products of one FlashU decode layer (at the kept FFN width) and the lm_head, one row each."""
+def decode_products(cfg: Showo2Config, config: FlashUConfig, cache_len: int = DEFAULT_CACHE_LEN) -> list[Product]:
+    """The products of one FlashU decode layer (at the kept FFN width; its attention over ``cache_len`` cache slots)
+    and the lm_head, one row each."""
     h = cfg.hidden_size
-    return [*_attention_projections(cfg, 1), *_ffn(cfg, 1, config.kept_ffn_width(cfg.intermediate_size)),
+    attention = Product("attention", "decode_attention", 1, cache_len, cfg.head_dim, 0, 0, heads=cfg.num_heads,
+                        kv_heads=cfg.num_kv_heads)
+    return [*_attention_projections(cfg, 1), attention, *_ffn(cfg, 1, config.kept_ffn_width(cfg.intermediate_size)),
             Product("lm_head", "norm", 1, cfg.vocab_size, h, cfg.vocab_size, h)]
 
 
@@ -133,6 +151,8 @@ def fused_fn(kind: str, eps: float) -> Callable[..., torch.Tensor | tuple[torch.
         return lambda x, w: x @ w.T
     if kind == "attention":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if kind == "decode_attention":
+        return lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -149,6 +169,8 @@ class Case:
         if kind == "attention":
             return a["q"], a["k"], a["v"]
         w = self.weights[copy]
+        if kind == "decode_attention":
+            return a["q"], w[0], w[1], a["mask"]
         if kind == "norm":
             return a["x"], a["norm"], w[0]
         if kind == "gate_up":
@@ -167,6 +189,11 @@ def make_case(p: Product, device: torch.device, dtype: torch.dtype, copies: int,
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
+    if p.kind == "decode_attention":
+        mask = torch.zeros(1, 1, 1, p.n, device=device, dtype=dtype)
+        mask[..., p.n - min(UNWRITTEN_SLOTS, p.n - 1):] = float("-inf")
+        caches = [[rand(1, p.kv_heads, p.n, p.k) for _ in range(2)] for _ in range(copies)]
+        return Case(p, {"q": rand(1, p.heads, 1, p.k), "mask": mask}, caches)
     if p.kind == "attention":
         rep = p.heads // p.kv_heads
         kv = [rand(2, p.kv_heads, p.n, p.k).repeat_interleave(rep, dim=1) for _ in range(2)]
@@ -189,6 +216,9 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
     if variant == "library":
         if kind == "attention":
             return [lambda: F.scaled_dot_product_attention(*case.args(0)) for _ in range(n)]
+        if kind == "decode_attention":
+            fn = fused_fn(kind, eps)
+            return [lambda i=i: fn(*case.args(i)) for i in range(n)]
         if kind == "down":
             h = F.silu(case.acts["g"]) * case.acts["u"]
             return [lambda i=i: h @ case.weights[i][0].T for i in range(n)]
@@ -203,7 +233,8 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         return torch.compile(fn, backend=backend, options=options, dynamic=False)
 
     if variant == "inductor":
-        fn = compile_(fused_fn(kind, eps))
+        fn = compile_(functools.partial(decode_attention, enable_gqa=True) if kind == "decode_attention"
+                      else fused_fn(kind, eps))
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-split" and kind == "down":
         act = compile_(lambda g, u: F.silu(g) * u)
@@ -302,9 +333,10 @@ def gen_summary(rows: list[dict], tflops: float | None) -> dict:
 
 
 def run(task: str, cfg: Showo2Config, config: FlashUConfig, device: torch.device, dtype: torch.dtype,
-        repeats: int, backend: str, copy_gbps: float | None, tflops: float | None, prefix: int) -> dict:
+        repeats: int, backend: str, copy_gbps: float | None, tflops: float | None, prefix: int,
+        cache_len: int = DEFAULT_CACHE_LEN) -> dict:
     itemsize = torch.empty((), dtype=dtype).element_size()
-    products = decode_products(cfg, config) if task == "und" else gen_products(cfg, config, prefix)
+    products = decode_products(cfg, config, cache_len) if task == "und" else gen_products(cfg, config, prefix)
     rows = measure(products, VARIANTS[task], device, dtype, repeats, backend, cfg.rms_norm_eps)
     for r in rows:
         r["GBps"] = r["weight_bytes"] / r["us"] / 1e3
@@ -356,11 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and activations")
     p.add_argument("--repeats", type=int, default=15, help="timed replays (GPU) or passes (CPU)")
     p.add_argument("--prefix-len", type=int, default=64, help="gen: text prefix (bos, prompt, boi) the block sees")
+    p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
+                   help="und: KV cache slots a decode step attends over (its capacity)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants (und)")
     p.add_argument("--max-rel-err", type=float, default=2e-2, help="fail when a variant is further off than this")
     p.add_argument("--out", default="products.json", help="JSON output path")
     args = p.parse_args(argv)
-    for name in ("repeats", "prefix_len"):
+    for name in ("repeats", "prefix_len", "cache_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: allowed an integer >= 1")
     device = resolve_device(args.device)
@@ -374,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'not measured' if tflops is None else f'{tflops:.0f} TFLOP/s'}")
     cfg = get_config(args.preset)
     result = run(args.task, cfg, FlashUConfig.for_task(args.task), device, dtype, args.repeats, args.backend, copy,
-                 tflops, args.prefix_len)
+                 tflops, args.prefix_len, args.cache_len)
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     print(report(result))

@@ -40,7 +40,7 @@ from torch import Tensor, fx
 from flashu_fx.compiled.cuda_graphs import tensor_addresses
 from flashu_fx.compiled.gen_graph import CallRecord, GenGraphExecutor
 from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler, merge_off_for_autotuning
-from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor
+from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor, check_decode_attention
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
 from flashu_fx.flashu_config import FlashUConfig
@@ -66,7 +66,7 @@ class FlashUBackend:
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
-                 merge_ffn_slices: bool = False) -> None:
+                 merge_ffn_slices: bool = False, decode_attention: str = "sdpa") -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -80,6 +80,7 @@ class FlashUBackend:
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
+        self.decode_attention = check_decode_attention(decode_attention)
         self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
         self._und_graph: UndGraphExecutor | None = None  # understanding: the executor of every captured call
@@ -276,7 +277,8 @@ class FlashUBackend:
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode),
                 prepare_weights=functools.partial(self._prepare_weights, merge=merge)
-                if merge or self._checks_layout else None)
+                if merge or self._checks_layout else None,
+                decode_attention=self.decode_attention)
         return torch.no_grad()(self._und_graph.runner(gm, example_inputs))  # inference only, as generation
 
     def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
@@ -399,7 +401,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    model_config: Showo2Config | None = None, piece_backend: str | None = None,
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
-                   inductor_options: dict | None = None, merge_ffn_slices: bool = False) -> FlashUBackend:
+                   inductor_options: dict | None = None, merge_ffn_slices: bool = False,
+                   decode_attention: str = "sdpa") -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -415,9 +418,11 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     True}`` (names are checked now; the CUDA-graph, rounding and tuning settings this backend owns are refused);
     ``merge_ffn_slices``: with ``merge_projections``, a pruned FFN's gate and up slices run as one batched matmul
     over both row blocks (``passes.merge_projections``) instead of two matmuls (off: a tie in both tasks on an
-    H100, BENCHMARKS.md)."""
+    H100, BENCHMARKS.md); ``decode_attention``: how understanding's decode step attends over the cache, "sdpa" (the
+    library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes; a
+    candidate, not yet timed on a GPU)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, inductor_options, merge_ffn_slices)
+                         eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -8,7 +8,7 @@ steps; a measuring step runs every layer and returns each layer's importance, fr
 the layers the following steps skip. What runs for a call is a variant of its captured graph:
 
     prefill   measure_layer_importance (when measuring), then vnorm_token_pruning (rows after layer p)
-    decode    skip_layers(skip set) | measure_layer_importance
+    decode    skip_layers(skip set) | measure_layer_importance; decode_attention_as_reductions (an option)
     both      partition_showo2_graph, then slice_ffn_inputs (the "und" FFN of each layer as weight views)
 
 Variants are built on first use and compiled part by part, sharing compiled parts across variants (a new skip
@@ -35,6 +35,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.flashu_gen import choose_skip_set
 from flashu_fx.flashu_und import UndStepRecord
 from flashu_fx.schedule import und_step_layers
+from passes.decode_attention import decode_attention_as_reductions
 from passes.ffn_slicing import slice_ffn_inputs
 from passes.graph_utils import lifted_names, placeholders, split_extra_outputs
 from passes.layer_skipping import measure_layer_importance, skip_layers
@@ -47,6 +48,14 @@ MAX_GRAPHS = 64  # captured variants kept, least recently used dropped (skip set
 # early on: capturing on a length's first use cost that answer 0.18-0.27 s against 0.025 s replayed (1.5B, H200).
 # The first use runs the compiled parts as they are; the second captures.
 PREFILL_CAPTURE_ON_USE = 2
+DECODE_ATTENTION = ("sdpa", "reductions")  # how a decode step attends: the library kernel, or passes.decode_attention
+
+
+def check_decode_attention(value: object) -> str:
+    """``value`` if it names a decode attention (``DECODE_ATTENTION``); else a ValueError naming the choices."""
+    if value not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention={value!r} is invalid: allowed {', '.join(map(repr, DECODE_ATTENTION))}")
+    return value
 
 
 @dataclass
@@ -67,14 +76,17 @@ class UndGraphExecutor:
     def __init__(self, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int] | None] | None,
                  compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True,
                  compile_one_row: Callable[[fx.GraphModule, list], Callable] | None = None,
-                 prepare_weights: Callable[[dict[str, Tensor]], None] | None = None) -> None:
+                 prepare_weights: Callable[[dict[str, Tensor]], None] | None = None,
+                 decode_attention: str = "sdpa") -> None:
         """``compile_part`` compiles the prefill's parts, ``compile_one_row`` (default: the same) the decode
         step's, which run on one row. ``prepare_weights``: called with the weights by state-dict key before each
-        prefill (the backend lays out new weights for merged projections there)."""
+        prefill (the backend lays out new weights for merged projections there). ``decode_attention``: "sdpa"
+        (the library's attention kernel) or "reductions" (``passes.decode_attention``) for the decode step."""
+        check_decode_attention(decode_attention)
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
         self.compile_one_row = compile_part if compile_one_row is None else compile_one_row
-        self.prepare_weights = prepare_weights
+        self.prepare_weights, self.decode_attention = prepare_weights, decode_attention
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
@@ -107,6 +119,8 @@ class UndGraphExecutor:
                 # measured before pruning rewires the layers (the eager twin measures the last row, which stays)
                 if measure and measure_layer_importance(work):
                     extras.append("importance")
+                if kind == "decode" and self.decode_attention == "reductions":
+                    decode_attention_as_reductions(work)
                 if kind == "prefill" and self.config.token_prune_ratio > 0:
                     num_image = table.meta["example_value"].shape[0]  # the configured grid, as the eager twin
                     if prune_tokens_after_layer(work, self.config.token_prune_layer, num_image,

@@ -26,8 +26,11 @@ def test_a_layer_of_products_reads_the_floors_weights(preset):
     cfg, config = get_config(preset), FlashUConfig.for_task("und")
     products = {p.name: p for p in dp.decode_products(cfg, config)}
     kept = config.kept_ffn_width(cfg.intermediate_size)
-    layer = sum(p.weight_bytes(1) for name, p in products.items() if name != "lm_head")
+    layer = sum(p.weight_bytes(1) for name, p in products.items() if name not in ("lm_head", "attention"))
     assert layer == llm_layer_params(cfg, kept)  # the same count as the floors', made independently
+    cache = products["attention"]  # the decode step reads the whole cache, K and V
+    assert cache.n == dp.DEFAULT_CACHE_LEN >= 780 + 32 and cache.m == 1
+    assert cache.weight_bytes(2) == 2 * 2 * cfg.num_kv_heads * cfg.head_dim * cache.n
     assert products["down"].k == kept < products["down"].k_full == cfg.intermediate_size
     assert products["lm_head"].weight_bytes(2) == 2 * cfg.vocab_size * cfg.hidden_size
     assert dp.token_layers(cfg, config) == cfg.num_layers - config.num_skipped_layers(cfg.num_layers)
@@ -40,6 +43,11 @@ def expected(case: dp.Case, eps: float) -> list[torch.Tensor]:
         scores = a["q"] @ a["k"].transpose(-1, -2) / case.product.k**0.5
         return [scores.softmax(-1) @ a["v"]]
     w = [t.float() for t in case.weights[0]]
+    if case.product.kind == "decode_attention":  # each group of query heads reads its KV head; the mask adds
+        group = case.product.heads // case.product.kv_heads
+        k, v = (t.repeat_interleave(group, dim=1) for t in w)
+        scores = a["q"] @ k.transpose(-1, -2) / case.product.k**0.5 + a["mask"]
+        return [scores.softmax(-1) @ v]
     if case.product.kind == "down":
         return [a["res"] + F.linear(F.silu(a["g"]) * a["u"], w[0])]
     if case.product.kind == "plain":
@@ -60,7 +68,7 @@ def test_every_variant_computes_its_product_on_the_sliced_weights(task, dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for product in products(task, cfg):
         case = dp.make_case(product, torch.device("cpu"), dtype, copies=2)
-        if product.kind != "attention":
+        if product.kind not in ("attention", "decode_attention"):
             w = case.weights[1][0]
             assert w.shape == (product.n, product.k) and w.untyped_storage().nbytes() == \
                 product.n_full * product.k_full * w.element_size()  # a view of the full weight, as the executors pass
@@ -108,7 +116,8 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
                     "--backend", "aot_eager", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [(r["product"], r["variant"]) for r in result["rows"]]
-    assert names.count(("down", "inductor-split")) == 1 and len(names) == 11
+    assert names.count(("down", "inductor-split")) == 1 and len(names) == 13
+    assert ("attention", "library") in names and ("attention", "inductor") in names
     assert all(r["us"] > 0 and r["max_rel_err"] < 1e-5 and r["pct_copy_bw"] is None for r in result["rows"])
     token = result["totals"]["library"]
     assert token["token_us"] > token["layer_us"] * result["layers_per_token"]  # + the lm_head
@@ -125,7 +134,7 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
     assert gen["layer"]["full"]["share_of_peak"] is None and "one trunk layer, FFN kept" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--repeats", "0"), ("--prefix-len", "-1")])
+@pytest.mark.parametrize(("flag", "value"), [("--repeats", "0"), ("--prefix-len", "-1"), ("--cache-len", "0")])
 def test_bad_counts_name_the_argument(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         dp.main(["--preset", "tiny", "--device", "cpu", flag, value])

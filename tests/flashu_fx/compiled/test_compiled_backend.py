@@ -193,6 +193,8 @@ def test_bad_backend_arguments() -> None:
         flashu_backend("gen", FlashUConfig.for_task("und"))
     with pytest.raises(ValueError, match="piece_backend='tvm' is invalid"):
         flashu_backend("gen", piece_backend="tvm")
+    with pytest.raises(ValueError, match="decode_attention='flash' is invalid: allowed 'sdpa', 'reductions'"):
+        flashu_backend("und", decode_attention="flash")
     with pytest.raises(ValueError, match=r"num_calls=0 is invalid"):
         flashu_backend("gen").begin_image(0, 3.0)
     with pytest.raises(ValueError, match=r"ffn_prune_ratio=0.2 needs an FFNLayout with 'gen' ranges, got None"):

@@ -11,9 +11,11 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from compiled_oracles import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import fx
 
 from flashu_fx import FlashUConfig, init_random_weights
 from flashu_fx.compiled import answer_question_compiled, flashu_backend
@@ -23,6 +25,7 @@ from flashu_fx.flashu_und import FlashUUndDecoder
 from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import answer_question, decode_cached, next_token, prompt_embeddings
 from flashu_fx.tokenizer import get_tokenizer
+from passes.decode_attention import decode_attention
 from passes.merge_projections import adjacent
 
 # Tiny-model FlashU settings under which every technique acts: 8 of 16 image tokens kept after layer 1, a
@@ -100,6 +103,27 @@ def test_flashu_compiled_matches_eager_twin(tiny_model, seed, question_len, two_
     assert len(answer.steps) < 4 or any(s.skipped for s in answer.steps), "layer skipping must act"
     assert len(got) == len(logits)
     assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
+
+
+@torch.no_grad()
+def test_decode_attention_as_reductions_matches_eager_twin(tiny_model) -> None:
+    """``decode_attention="reductions"``: every decode variant's attention runs ``passes.decode_attention``; the
+    answer, its decisions and every step's logits stay the eager twin's."""
+    torch._dynamo.reset()
+    model, layout = pruned_model(tiny_model, TINY_UND, 7, two_tasks=False)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
+    decoder, ids, logits = eager_flashu(model, TINY_UND, layout, latents, [9, 8, 7], 10, False)
+    backend = flashu_backend("und", TINY_UND, layout, decode_attention="reductions")
+    answer, got = compiled_answer(model, backend, latents, [9, 8, 7], 10)
+    assert answer.ids == ids and answer.kept_positions == decoder.kept_positions
+    assert [s.skipped for s in answer.steps] == [s.skipped for s in decoder.steps]
+    assert any(s.skipped for s in answer.steps), "layer skipping must act"
+    assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
+    decode = backend._und_graph.graphs["decode"].root  # the last decode variant (CPU: its parts run as FX graphs)
+    parts = [getattr(getattr(part, "fn", None), "__self__", None) for part in decode.children()]
+    targets = [n.target for gm in parts if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes]
+    layers_run = tiny_model.config.num_layers - len(answer.steps[-1].skipped)
+    assert targets.count(decode_attention) == layers_run and F.scaled_dot_product_attention not in targets
 
 
 @pytest.mark.parametrize("stop_at", [0, 3])
