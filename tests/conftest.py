@@ -32,6 +32,16 @@ def single_cpu_thread():
         torch.set_num_threads(saved)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Dynamo's caches emptied after every test: code compiled by one test (and its cache entries, which count
+    towards the recompile limit and take part in guard checks) must not decide how the next one compiles. Measured:
+    the README's own loop, which runs under ``skip_guard_eval_unsafe`` after its warm-up, recompiled and failed
+    when it ran after a harness test that had compiled the model in the same process."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request) -> torch.device:
     """Every test taking ``device`` runs on the CPU and, where there is one, on the GPU."""
