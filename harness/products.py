@@ -14,7 +14,9 @@ FFN width, as views of the full weights like the executors' slices) and the lm_h
   lm_head; silu(gate) * up before down and the residual add after it), compiled by inductor with coordinate-descent
   tuning, as the backend compiles its one-row parts (``tune_decode=True``);
 - ``inductor-split`` (down only): silu(gate) * up compiled on its own, then the product and the add: whether the
-  down product loses bandwidth by re-reading both FFN activations in every one of its programs.
+  down product loses bandwidth by re-reading both FFN activations in every one of its programs;
+- ``inductor-folded`` (the products after a norm: q/k/v, gate/up, lm_head): ``passes.norm_in_products`` first (the
+  backend's ``norm_in_products=True``), so the norm's statistic is summed inside the product's own kernel.
 The layer's attention over the KV cache (``--cache-len`` slots, the last 16 unwritten and masked, as a decode step
 reads them) is timed the same two ways: ``library``, SDPA as the decode step calls it (the additive mask, grouped KV
 heads), and ``inductor``, ``passes.decode_attention`` (the backend's ``decode_attention="reductions"``) compiled as
@@ -56,9 +58,10 @@ from harness.devices import resolve_device
 from harness.floors import peak_tflops
 from harness.tables import format_table
 from passes.decode_attention import decode_attention
+from passes.norm_in_products import fold_norm_into_products
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
-VARIANTS = {"und": ("library", "inductor", "inductor-split"), "gen": ("library",)}
+VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"), "gen": ("library",)}
 KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
 DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
 UNWRITTEN_SLOTS = 16  # decode attention: cache slots past the answer's end, masked as the decode step masks them
@@ -139,11 +142,11 @@ def token_layers(cfg: Showo2Config, config: FlashUConfig) -> int:
 def fused_fn(kind: str, eps: float) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
     """The product with what the decode part fuses into it (the ``inductor`` variant, before compiling)."""
     if kind == "norm":
-        return lambda x, nw, w: rms_norm(x, nw, eps) @ w.T
+        return lambda x, nw, w: F.linear(rms_norm(x, nw, eps), w)
     if kind == "gate_up":
         def gate_up(x: torch.Tensor, nw: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor):
             xn = rms_norm(x, nw, eps)
-            return xn @ wg.T, xn @ wu.T
+            return F.linear(xn, wg), F.linear(xn, wu)
         return gate_up
     if kind == "down":
         return lambda g, u, res, w: res + (F.silu(g) * u) @ w.T
@@ -236,12 +239,30 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         fn = compile_(functools.partial(decode_attention, enable_gqa=True) if kind == "decode_attention"
                       else fused_fn(kind, eps))
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
+    if variant == "inductor-folded" and kind in ("norm", "gate_up"):
+        fn = torch.compile(fused_fn(kind, eps), backend=_folding_backend(backend, options), dynamic=False)
+        return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-split" and kind == "down":
         act = compile_(lambda g, u: F.silu(g) * u)
         prod = compile_(lambda h, res, w: res + h @ w.T)
         a = case.acts
         return [lambda i=i: prod(act(a["g"], a["u"]), a["res"], case.weights[i][0]) for i in range(n)]
     return None
+
+
+def _folding_backend(backend: str, options: dict | None) -> Callable:
+    """A torch.compile backend that runs ``passes.norm_in_products`` on the captured graph, then inductor with
+    ``options`` (or, for any other ``backend``, the rewritten graph as it is: the CPU check)."""
+
+    def compile_(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        fold_norm_into_products(gm)
+        if backend != "inductor":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=options)
+
+    return compile_
 
 
 def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -66,7 +66,8 @@ class FlashUBackend:
                  model_config: Showo2Config | None = None, piece_backend: str | None = None,
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
-                 merge_ffn_slices: bool = False, decode_attention: str = "sdpa") -> None:
+                 merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
+                 norm_in_products: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -81,6 +82,7 @@ class FlashUBackend:
         self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
         self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
         self.decode_attention = check_decode_attention(decode_attention)
+        self.norm_in_products = norm_in_products
         self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
         self._und_graph: UndGraphExecutor | None = None  # understanding: the executor of every captured call
@@ -275,7 +277,8 @@ class FlashUBackend:
                 self.config, self._graph_ffn_ranges("und", weights),
                 self._part_compiler(cuda, merge, False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
-                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode),
+                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode,
+                                                    norm_in_products=self.norm_in_products),
                 prepare_weights=functools.partial(self._prepare_weights, merge=merge)
                 if merge or self._checks_layout else None,
                 decode_attention=self.decode_attention)
@@ -342,11 +345,11 @@ class FlashUBackend:
         return True
 
     def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
-                       dynamic_lengths: bool = False):
+                       dynamic_lengths: bool = False, norm_in_products: bool = False):
         """The part compiler of the executors, with this backend's shared settings."""
         return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
                                   eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths,
-                                  self.part_compile_seconds, merge and self.merge_ffn_slices)
+                                  self.part_compile_seconds, merge and self.merge_ffn_slices, norm_in_products)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:
@@ -402,7 +405,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
-                   decode_attention: str = "sdpa") -> FlashUBackend:
+                   decode_attention: str = "sdpa", norm_in_products: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -420,9 +423,12 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     over both row blocks (``passes.merge_projections``) instead of two matmuls (off: a tie in both tasks on an
     H100, BENCHMARKS.md); ``decode_attention``: how understanding's decode step attends over the cache, "sdpa" (the
     library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes; a
+    candidate, not yet timed on a GPU); ``norm_in_products``: the decode step's RMSNorm statistics are computed
+    inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
     candidate, not yet timed on a GPU)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
-                         eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention)
+                         eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
+                         norm_in_products)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

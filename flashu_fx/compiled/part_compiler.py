@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from passes.merge_projections import merge_projections
+from passes.norm_in_products import fold_norm_into_products
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,14 @@ def _checked_settings(backend: str, inductor_options: Mapping[str, object] | Non
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge: bool, eager_numerics: bool,
                   coordinate_descent: bool, patches: Mapping[str, object], name: str,
-                  merge_ffn_slices: bool = False) -> Callable:
+                  merge_ffn_slices: bool = False, norm_in_products: bool = False) -> Callable:
     """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``; FFN slices too
     with ``merge_ffn_slices``), then inductor with this project's settings (or the graph as it is, for
     ``backend="eager"``)."""
     if merge:
         log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
+    if norm_in_products:  # after the merge: a merged q/k/v is one product, and its statistic one reduction
+        log.debug("%s: norm_in_products -> %s", name, fold_norm_into_products(gm))
     if backend == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -97,8 +100,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge:
 def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
                        eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
                        coordinate_descent: bool = False, dynamic_lengths: bool = False,
-                       seconds: Counter | None = None, merge_ffn_slices: bool = False
-                       ) -> Callable[[fx.GraphModule, list], Callable]:
+                       seconds: Counter | None = None, merge_ffn_slices: bool = False,
+                       norm_in_products: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
     """The compiler of the parts of a captured graph (``passes.partition.compile_parts``).
 
     ``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests). ``captures`` counts
@@ -106,7 +109,8 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
     part name (the last stage, ``compile_graph``: where a cold first compile spends most of its time). ``merge``: finish
     every part with ``passes.merge_projections`` (the caller colocates the weights); ``merge_ffn_slices``: its FFN
     slices' gate and up products too, as one batched matmul each (a candidate: measured before it becomes a
-    default). ``eager_numerics``: fused kernels
+    default); ``norm_in_products``: then ``passes.norm_in_products`` (each RMSNorm's statistic inside the products
+    that read its row; for one-row parts, a candidate too). ``eager_numerics``: fused kernels
     round every intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16
     results track the eager model's instead of drifting from it. ``coordinate_descent``: inductor's
     ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
@@ -135,7 +139,7 @@ def make_part_compiler(backend: str = "inductor", captures: Counter | None = Non
                 captures[name] += 1
             start = time.perf_counter()
             compiled = compile_graph(captured, list(inputs), backend, merge_here, eager_numerics,
-                                     coordinate_descent, extra_patches, name, merge_ffn_slices)
+                                     coordinate_descent, extra_patches, name, merge_ffn_slices, norm_in_products)
             if seconds is not None:
                 seconds[name] += time.perf_counter() - start
             return compiled

@@ -76,7 +76,8 @@ def test_every_variant_computes_its_product_on_the_sliced_weights(task, dtype):
         for variant in dp.VARIANTS["und"]:
             calls = dp.variant_calls(case, variant, cfg.rms_norm_eps, backend="aot_eager")
             if calls is None:
-                assert variant != "library" and (variant == "inductor-split" or product.kind == "attention")
+                assert variant != "library" and (variant in ("inductor-split", "inductor-folded")
+                                                 or product.kind == "attention")
                 continue
             assert len(calls) == 2
             got = list(dp._as_tuple(calls[0]()))
@@ -116,7 +117,8 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
                     "--backend", "aot_eager", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [(r["product"], r["variant"]) for r in result["rows"]]
-    assert names.count(("down", "inductor-split")) == 1 and len(names) == 13
+    assert names.count(("down", "inductor-split")) == 1 and len(names) == 16
+    assert {p for p, v in names if v == "inductor-folded"} == {"q/k/v", "gate/up", "lm_head"}
     assert ("attention", "library") in names and ("attention", "inductor") in names
     assert all(r["us"] > 0 and r["max_rel_err"] < 1e-5 and r["pct_copy_bw"] is None for r in result["rows"])
     token = result["totals"]["library"]

@@ -26,6 +26,7 @@ from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.mmu import answer_question, decode_cached, next_token, prompt_embeddings
 from flashu_fx.tokenizer import get_tokenizer
 from passes.decode_attention import decode_attention
+from passes.graph_utils import DERIVED_BY
 from passes.merge_projections import adjacent
 
 # Tiny-model FlashU settings under which every technique acts: 8 of 16 image tokens kept after layer 1, a
@@ -105,25 +106,37 @@ def test_flashu_compiled_matches_eager_twin(tiny_model, seed, question_len, two_
     assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
 
 
+def decode_nodes(backend) -> list[fx.Node]:
+    """Every node of the last decode variant's parts (CPU: the parts run as FX graphs)."""
+    decode = backend._und_graph.graphs["decode"].root
+    parts = [getattr(getattr(part, "fn", None), "__self__", None) for part in decode.children()]
+    return [n for gm in parts if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("option", ["decode_attention", "norm_in_products"])
 @torch.no_grad()
-def test_decode_attention_as_reductions_matches_eager_twin(tiny_model) -> None:
-    """``decode_attention="reductions"``: every decode variant's attention runs ``passes.decode_attention``; the
-    answer, its decisions and every step's logits stay the eager twin's."""
+def test_decode_candidates_match_eager_twin(tiny_model, option: str) -> None:
+    """The decode-step candidates (``decode_attention="reductions"``, ``norm_in_products=True``) rewrite every decode
+    variant; the answer, its decisions and every step's logits stay the eager twin's."""
     torch._dynamo.reset()
     model, layout = pruned_model(tiny_model, TINY_UND, 7, two_tasks=False)
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
     decoder, ids, logits = eager_flashu(model, TINY_UND, layout, latents, [9, 8, 7], 10, False)
-    backend = flashu_backend("und", TINY_UND, layout, decode_attention="reductions")
+    value = "reductions" if option == "decode_attention" else True
+    backend = flashu_backend("und", TINY_UND, layout, **{option: value})
     answer, got = compiled_answer(model, backend, latents, [9, 8, 7], 10)
     assert answer.ids == ids and answer.kept_positions == decoder.kept_positions
     assert [s.skipped for s in answer.steps] == [s.skipped for s in decoder.steps]
     assert any(s.skipped for s in answer.steps), "layer skipping must act"
     assert max(rel_err(a, b) for a, b in zip(got, logits, strict=True)) < 1e-4
-    decode = backend._und_graph.graphs["decode"].root  # the last decode variant (CPU: its parts run as FX graphs)
-    parts = [getattr(getattr(part, "fn", None), "__self__", None) for part in decode.children()]
-    targets = [n.target for gm in parts if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes]
+    nodes = decode_nodes(backend)
     layers_run = tiny_model.config.num_layers - len(answer.steps[-1].skipped)
-    assert targets.count(decode_attention) == layers_run and F.scaled_dot_product_attention not in targets
+    if option == "decode_attention":
+        targets = [n.target for n in nodes]
+        assert targets.count(decode_attention) == layers_run and F.scaled_dot_product_attention not in targets
+    else:  # each layer's two norms: the merged q/k/v, and gate and up
+        folded = [n for n in nodes if n.target is F.linear and n.meta.get(DERIVED_BY) == "norm_in_products"]
+        assert len(folded) == 3 * layers_run
 
 
 @pytest.mark.parametrize("stop_at", [0, 3])
