@@ -19,7 +19,8 @@ fp32, a different one in bf16). So it is a backend option for the decode parts (
 norm_in_products=True)``), decided by a GPU A/B and tested against the twin within rounding. It runs after
 ``merge_projections`` (a merged q/k/v product is one product of N = q + k + v rows). Only the exact pattern above is
 rewritten, for products whose weight is a graph input or an ``as_strided`` view of one (N read off it); a norm whose
-row also feeds anything else is left as it is, with a warning.
+row also feeds anything else is left as it is, with a warning. Run as plain FX (the "eager" piece backend of the CPU
+tests) the expanded squares are materialised, N x K floats per product: the rewrite is for inductor.
 """
 
 from __future__ import annotations
