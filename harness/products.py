@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashu_fx.compiled.part_compiler import compile_graph
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import rms_norm
@@ -58,7 +59,6 @@ from harness.devices import resolve_device
 from harness.floors import peak_tflops
 from harness.tables import format_table
 from passes.decode_attention import decode_attention
-from passes.norm_in_products import fold_norm_into_products
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
 VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"), "gen": ("library",)}
@@ -240,7 +240,11 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
                       else fused_fn(kind, eps))
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-folded" and kind in ("norm", "gate_up"):
-        fn = torch.compile(fused_fn(kind, eps), backend=_folding_backend(backend, options), dynamic=False)
+        # the backend's own last stage for a one-row part, passes.norm_in_products included
+        folding = functools.partial(compile_graph, backend="inductor" if backend == "inductor" else "eager",
+                                    merge=False, eager_numerics=False, coordinate_descent=True, patches={},
+                                    name="products", norm_in_products=True)
+        fn = torch.compile(fused_fn(kind, eps), backend=folding, dynamic=False)
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-split" and kind == "down":
         act = compile_(lambda g, u: F.silu(g) * u)
@@ -248,21 +252,6 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         a = case.acts
         return [lambda i=i: prod(act(a["g"], a["u"]), a["res"], case.weights[i][0]) for i in range(n)]
     return None
-
-
-def _folding_backend(backend: str, options: dict | None) -> Callable:
-    """A torch.compile backend that runs ``passes.norm_in_products`` on the captured graph, then inductor with
-    ``options`` (or, for any other ``backend``, the rewritten graph as it is: the CPU check)."""
-
-    def compile_(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        fold_norm_into_products(gm)
-        if backend != "inductor":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs, config_patches=options)
-
-    return compile_
 
 
 def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:

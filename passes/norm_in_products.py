@@ -6,7 +6,7 @@ Eager twin: ``flashu_fx.layers.rms_norm`` followed by ``F.linear`` (q/k/v, gate/
              y = linear(w * (f * r).to(dtype), W)                                  # W: (N, K)
     after:   a = w * f.to(dtype)
              ss = mean(expand((f ** 2)[..., None, :], (..., N, K)), -1)            # (..., N): one value, N times
-             y = (linear(a, W) * rsqrt(ss + eps)).to(dtype)
+             y = (linear(a, W) * rsqrt(ss + eps)).to(dtype)                        # ss shared by products of one N
 
 Why: in a decode step the product is a one-row GEMV that inductor lowers to a reduction over K for each of the N
 outputs, and the statistic is a second reduction over K with one output, so it runs as its own kernel before the
@@ -102,6 +102,15 @@ def _lead_dims(*nodes: fx.Node) -> int | None:
     return None
 
 
+def _between(first: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """The nodes from ``first`` up to, not including, ``stop``: what a pass just inserted before ``stop``."""
+    nodes, node = [], first
+    while node is not stop:
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
 def fold_norm_into_products(gm: fx.GraphModule) -> int:
     """Rewrite every ``rms_norm`` whose normalised row only feeds products (as the module docstring shows), in place;
     returns how many products now compute the statistic themselves."""
@@ -128,23 +137,20 @@ def fold_norm_into_products(gm: fx.GraphModule) -> int:
         with graph.inserting_before(row):
             x = graph.call_method("to", (f, dtype))  # x itself: f is x.float()
             a = graph.call_function(operator.mul, (weight, x))
-        inherit_provenance([x, a], [row], PASS_NAME)
+            inv = {}  # per product width N: rsqrt of the mean of squares over (..., N, K), shared by equal widths
+            for n in dict.fromkeys(sizes):
+                grid = graph.call_method("expand", (graph.call_method("unsqueeze", (square, -2)), *[-1] * lead, n, -1))
+                inv[n] = graph.call_function(torch.rsqrt, (graph.call_function(
+                    operator.add, (graph.call_method("mean", (grid, -1)), eps)),))
+        inherit_provenance(_between(x, row), [row], PASS_NAME)
         for product, n in zip(products, sizes, strict=True):
             bias = product.args[2] if len(product.args) > 2 else product.kwargs.get("bias")
             with graph.inserting_before(product):
                 plain = graph.call_function(F.linear, (a, product.args[1]))
-                grid = graph.call_method("expand", (graph.call_method("unsqueeze", (square, -2)), *[-1] * lead, n, -1))
-                inv = graph.call_function(torch.rsqrt, (graph.call_function(
-                    operator.add, (graph.call_method("mean", (grid, -1)), eps)),))
-                out = graph.call_method("to", (graph.call_function(operator.mul, (plain, inv)), dtype))
+                out = graph.call_method("to", (graph.call_function(operator.mul, (plain, inv[n])), dtype))
                 if bias is not None:
                     out = graph.call_function(operator.add, (out, bias))
-            inserted = []
-            node = plain
-            while node is not product:
-                inserted.append(node)
-                node = node.next
-            inherit_provenance(inserted, [product], PASS_NAME)
+            inherit_provenance(_between(plain, product), [product], PASS_NAME)
             product.replace_all_uses_with(out)
             graph.erase_node(product)
             rewritten += 1

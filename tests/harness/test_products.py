@@ -14,13 +14,6 @@ from harness import products as dp
 from harness.floors import gen_call_flops, llm_layer_params
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("preset", ["showo2-1.5b", "showo2-7b", "tiny"])
 def test_a_layer_of_products_reads_the_floors_weights(preset):
     cfg, config = get_config(preset), FlashUConfig.for_task("und")

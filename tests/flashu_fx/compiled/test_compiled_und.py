@@ -108,7 +108,7 @@ def test_flashu_compiled_matches_eager_twin(tiny_model, seed, question_len, two_
 
 def decode_nodes(backend) -> list[fx.Node]:
     """Every node of the last decode variant's parts (CPU: the parts run as FX graphs)."""
-    decode = backend._und_graph.graphs["decode"].root
+    decode = backend.und_graphs["decode"].root
     parts = [getattr(getattr(part, "fn", None), "__self__", None) for part in decode.children()]
     return [n for gm in parts if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes]
 
