@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flashu_fx.compiled.part_compiler import compile_graph
+from flashu_fx.compiled.part_compiler import PartSettings, compile_graph
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import rms_norm
@@ -241,9 +241,9 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-folded" and kind in ("norm", "gate_up"):
         # the backend's own last stage for a one-row part, passes.norm_in_products included
-        folding = functools.partial(compile_graph, backend="inductor" if backend == "inductor" else "eager",
-                                    merge=False, eager_numerics=False, coordinate_descent=True, patches={},
-                                    name="products", norm_in_products=True)
+        settings = PartSettings(backend="inductor" if backend == "inductor" else "eager", merge=False,
+                                eager_numerics=False, coordinate_descent=True, norm_in_products=True)
+        folding = functools.partial(compile_graph, settings=settings, name="products")
         fn = torch.compile(fused_fn(kind, eps), backend=folding, dynamic=False)
         return [lambda i=i: fn(*case.args(i)) for i in range(n)]
     if variant == "inductor-split" and kind == "down":

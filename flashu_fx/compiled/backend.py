@@ -32,14 +32,14 @@ import logging
 import re
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, fx
 
 from flashu_fx.compiled.cuda_graphs import tensor_addresses
 from flashu_fx.compiled.gen_graph import CallRecord, GenGraphExecutor
-from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler, merge_off_for_autotuning
+from flashu_fx.compiled.part_compiler import PartSettings, make_part_compiler, merge_off_for_autotuning
 from flashu_fx.compiled.und_graph import UndAnswerState, UndGraphExecutor, check_decode_attention
 from flashu_fx.config import PRESETS, Showo2Config
 from flashu_fx.ffn_layout import FFNLayout, check_layout_matches
@@ -79,10 +79,12 @@ class FlashUBackend:
                              "or 'eager'")
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
-        self.eager_numerics, self.tune_decode, self.merge_ffn_slices = eager_numerics, tune_decode, merge_ffn_slices
-        self.inductor_options = check_inductor_options(inductor_options)  # a bad name fails here, not at compile
+        self.tune_decode, self.norm_in_products = tune_decode, norm_in_products  # understanding's one-row parts
         self.decode_attention = check_decode_attention(decode_attention)
-        self.norm_in_products = norm_in_products
+        # How every part compiles; each executor's compiler varies it (_part_compiler). A bad inductor option name
+        # fails here, not at compile.
+        self.part_settings = PartSettings(merge_ffn_slices=merge_ffn_slices, eager_numerics=eager_numerics,
+                                          inductor_options=inductor_options or {})
         self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
         self._und_graph: UndGraphExecutor | None = None  # understanding: the executor of every captured call
@@ -239,7 +241,7 @@ class FlashUBackend:
         weights = {k: example_inputs[i] for k, i in match.param_inputs.items()}
         merge = self._merged(weights)
         # Parts serve every batch length (the cut after the last slot follows the prompt): see dynamic_lengths.
-        compile_part = self._part_compiler(cuda, merge, self.eager_numerics, dynamic_lengths=True)
+        compile_part = self._part_compiler(cuda, merge=merge, dynamic_lengths=True)
         slot_len = weights["position_embedding.weight"].shape[0] + 1  # the time token and the configured grid
         ranges = self._graph_ffn_ranges("gen", weights)
         executor = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len, num_decoder_layers(weights),
@@ -275,9 +277,10 @@ class FlashUBackend:
             # ms/token at 1.5B). The prefill's parts serve every prompt length (dynamic_lengths).
             self._und_graph = UndGraphExecutor(
                 self.config, self._graph_ffn_ranges("und", weights),
-                self._part_compiler(cuda, merge, False, dynamic_lengths=True),
+                self._part_compiler(cuda, merge=merge, eager_numerics=False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
-                compile_one_row=self._part_compiler(cuda, merge, False, coordinate_descent=self.tune_decode,
+                compile_one_row=self._part_compiler(cuda, merge=merge, eager_numerics=False,
+                                                    coordinate_descent=self.tune_decode,
                                                     norm_in_products=self.norm_in_products),
                 prepare_weights=functools.partial(self._prepare_weights, merge=merge)
                 if merge or self._checks_layout else None,
@@ -297,7 +300,7 @@ class FlashUBackend:
         once, so merge_projections finds each q/k/v and gate/up group in one buffer in every layer."""
         if not self.merge_projections:
             return False
-        if merge_off_for_autotuning(self.inductor_options):  # the weights stay where they are: no part merges
+        if merge_off_for_autotuning(self.part_settings.inductor_options):  # the weights stay: no part merges
             return False
         if self._colocated(weights):
             return True
@@ -344,12 +347,12 @@ class FlashUBackend:
             self._merged_weights.popitem(last=False)  # forgotten: met again, it is only checked again
         return True
 
-    def _part_compiler(self, cuda: bool, merge: bool, eager_numerics: bool, coordinate_descent: bool = False,
-                       dynamic_lengths: bool = False, norm_in_products: bool = False):
-        """The part compiler of the executors, with this backend's shared settings."""
-        return make_part_compiler(self.piece_backend or ("inductor" if cuda else "eager"), self.piece_captures, merge,
-                                  eager_numerics, self.inductor_options, coordinate_descent, dynamic_lengths,
-                                  self.part_compile_seconds, merge and self.merge_ffn_slices, norm_in_products)
+    def _part_compiler(self, cuda: bool, **changes: object) -> Callable:
+        """The part compiler of an executor: this backend's ``part_settings`` on the device's piece backend, with
+        ``changes`` (``PartSettings`` fields) for that executor's kind of part."""
+        backend = self.piece_backend or ("inductor" if cuda else "eager")
+        settings = dataclasses.replace(self.part_settings, backend=backend, **changes)
+        return make_part_compiler(settings, self.piece_captures, self.part_compile_seconds)
 
     @property
     def und_graphs(self) -> dict[str, PartitionedGraph]:

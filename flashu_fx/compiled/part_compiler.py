@@ -7,6 +7,7 @@ of a stack reuses one compiled artifact; ``make_part_compiler`` is the compiler 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -65,95 +66,106 @@ def merge_off_for_autotuning(patches: Mapping[str, object]) -> bool:
     return True
 
 
-def _checked_settings(backend: str, inductor_options: Mapping[str, object] | None) -> dict[str, object]:
-    """The inductor patches of a compiler for ``backend``; raises on an unknown backend or option."""
-    if backend not in ("inductor", "eager"):
-        raise ValueError(f"piece backend must be 'inductor' or 'eager', got {backend!r}")
-    return check_inductor_options(inductor_options)
+@dataclasses.dataclass(frozen=True)
+class PartSettings:
+    """How the parts of a captured graph compile: one record that the backend builds from its options and varies
+    per kind of part (``dataclasses.replace``: the generation calls, the understanding prefill, its one-row parts).
+
+    ``backend``: "inductor" (GPU default) or "eager" (the rewritten FX graph as it is: CPU tests). ``merge``:
+    ``passes.merge_projections`` (the caller colocates the weights); ``merge_ffn_slices``: with ``merge``, a pruned
+    FFN's gate and up slices too, as one batched matmul each (a candidate: measured before it becomes a default);
+    ``norm_in_products``: then ``passes.norm_in_products`` (each RMSNorm's statistic inside the products that read
+    its row; for one-row parts, a candidate too). ``eager_numerics``: fused kernels round every intermediate to the
+    model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16 results track the eager model's
+    instead of drifting from it. ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which also lowers
+    every one-row product (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours, instead of
+    a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel once at compile time: for one-row parts only.
+    ``dynamic_lengths``: the parts serve every prompt length (``make_part_compiler``). ``inductor_options``: more
+    inductor config patches for every part (``check_inductor_options``); one that turns on GEMM autotuning
+    (``max_autotune``, ``max_autotune_gemm``) turns ``merge`` off, with a warning (``autotunes_gemms``)."""
+
+    backend: str = "inductor"
+    merge: bool = True
+    merge_ffn_slices: bool = False
+    norm_in_products: bool = False
+    eager_numerics: bool = True
+    coordinate_descent: bool = False
+    dynamic_lengths: bool = False
+    inductor_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("inductor", "eager"):
+            raise ValueError(f"piece backend must be 'inductor' or 'eager', got {self.backend!r}")
+        object.__setattr__(self, "inductor_options", check_inductor_options(self.inductor_options))
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, backend: str, merge: bool, eager_numerics: bool,
-                  coordinate_descent: bool, patches: Mapping[str, object], name: str,
-                  merge_ffn_slices: bool = False, norm_in_products: bool = False) -> Callable:
-    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``; FFN slices too
-    with ``merge_ffn_slices``), then inductor with this project's settings (or the graph as it is, for
-    ``backend="eager"``)."""
-    if merge:
-        log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
-    if norm_in_products:  # after the merge: a merged q/k/v is one product, and its statistic one reduction
+def compile_graph(gm: fx.GraphModule, example_inputs: list, settings: PartSettings, name: str,
+                  merge: bool | None = None) -> Callable:
+    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``, by default
+    ``settings.merge``), ``passes.norm_in_products`` (when ``settings`` ask for it), then inductor with this project's
+    settings (or the graph as it is, for the "eager" backend)."""
+    if settings.merge if merge is None else merge:
+        log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=settings.merge_ffn_slices))
+    if settings.norm_in_products:  # after the merge: a merged q/k/v is one product, and its statistic one reduction
         log.debug("%s: norm_in_products -> %s", name, fold_norm_into_products(gm))
-    if backend == "eager":
+    if settings.backend == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     # No inductor CUDA graphs: the executors capture whole calls, parts included.
-    settings = {"triton.cudagraphs": False, "emulate_precision_casts": eager_numerics}
-    if coordinate_descent:
-        settings["coordinate_descent_tuning"] = True
-    settings.update(patches)
+    patches = {"triton.cudagraphs": False, "emulate_precision_casts": settings.eager_numerics}
+    if settings.coordinate_descent:
+        patches["coordinate_descent_tuning"] = True
+    patches.update(settings.inductor_options)
     start = time.perf_counter()
-    compiled = compile_fx(gm, example_inputs, config_patches=settings)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
     log.info("%s: compiled in %.1f s", name, time.perf_counter() - start)
     return compiled
 
 
-def make_part_compiler(backend: str = "inductor", captures: Counter | None = None, merge: bool = True,
-                       eager_numerics: bool = True, inductor_options: Mapping[str, object] | None = None,
-                       coordinate_descent: bool = False, dynamic_lengths: bool = False,
-                       seconds: Counter | None = None, merge_ffn_slices: bool = False,
-                       norm_in_products: bool = False) -> Callable[[fx.GraphModule, list], Callable]:
-    """The compiler of the parts of a captured graph (``passes.partition.compile_parts``).
+def make_part_compiler(settings: PartSettings, captures: Counter | None = None,
+                       seconds: Counter | None = None) -> Callable[[fx.GraphModule, list], Callable]:
+    """The compiler of the parts of a captured graph (``passes.partition.compile_parts``), each part compiled as
+    ``settings`` say (``compile_graph``).
 
-    ``backend``: "inductor" (GPU default), "eager" (run the rewritten FX graph as is: CPU tests). ``captures`` counts
-    compilations per part name (a compilation after warm-up is a recompile); ``seconds`` adds up their wall time per
-    part name (the last stage, ``compile_graph``: where a cold first compile spends most of its time). ``merge``: finish
-    every part with ``passes.merge_projections`` (the caller colocates the weights); ``merge_ffn_slices``: its FFN
-    slices' gate and up products too, as one batched matmul each (a candidate: measured before it becomes a
-    default); ``norm_in_products``: then ``passes.norm_in_products`` (each RMSNorm's statistic inside the products
-    that read its row; for one-row parts, a candidate too). ``eager_numerics``: fused kernels
-    round every intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16
-    results track the eager model's instead of drifting from it. ``coordinate_descent``: inductor's
-    ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
-    and can fuse with its neighbours, instead of a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel
-    once at compile time: for one-row parts only. ``inductor_options``: more inductor config patches for every part
-    (``check_inductor_options``); one that turns on GEMM autotuning (``max_autotune``, ``max_autotune_gemm``) turns
-    ``merge`` off, with a warning (``autotunes_gemms``).
+    ``captures`` counts compilations per part name (a compilation after warm-up is a recompile); ``seconds`` adds up
+    their wall time per part name (the last stage, ``compile_graph``: where a cold first compile spends most of its
+    time).
 
     A part's graph is already captured, so by default it goes straight to ``compile_graph``, specialised to its
-    example inputs' shapes. ``dynamic_lengths=True`` (the understanding prefill and the generation calls, whose
+    example inputs' shapes. ``settings.dynamic_lengths`` (the understanding prefill and the generation calls, whose
     prompt length, and so the batch cut after the last slot, varies from request to request): Dynamo captures the
     part once more and compiles it on its first call with the length symbolic, where ``compile_parts`` names the
     inputs that carry it (``gm.meta["symbolic_inputs"]``: ``symbolic_part_inputs``), so one compilation serves every
     prompt length. Without that record, a call with a second length recompiles the part once, the length then
     symbolic (Dynamo's automatic dynamic shapes). ``compile_parts`` shares one artifact across lengths
     (``dynamic_lengths`` is set on the returned compiler)."""
-    extra_patches = _checked_settings(backend, inductor_options)
-    if merge and backend == "inductor" and merge_off_for_autotuning(extra_patches):
-        merge = False
+    if settings.merge and settings.backend == "inductor" and merge_off_for_autotuning(settings.inductor_options):
+        settings = dataclasses.replace(settings, merge=False)
 
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
 
-        def part_backend(captured: fx.GraphModule, inputs: list, merge_here: bool = merge) -> Callable:
+        def part_backend(captured: fx.GraphModule, inputs: list, merge: bool | None = None) -> Callable:
             if captures is not None:
                 captures[name] += 1
             start = time.perf_counter()
-            compiled = compile_graph(captured, list(inputs), backend, merge_here, eager_numerics,
-                                     coordinate_descent, extra_patches, name, merge_ffn_slices, norm_in_products)
+            compiled = compile_graph(captured, list(inputs), settings, name, merge)
             if seconds is not None:
                 seconds[name] += time.perf_counter() - start
             return compiled
 
-        if not dynamic_lengths:
+        if not settings.dynamic_lengths:
             return part_backend(gm, example_inputs)
-        if merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
-            log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=merge_ffn_slices))
-        compiled = torch.compile(gm, backend=functools.partial(part_backend, merge_here=False), fullgraph=True,
+        if settings.merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
+            log.debug("%s: merge_projections -> %s", name,
+                      merge_projections(gm, ffn_slices=settings.merge_ffn_slices))
+        compiled = torch.compile(gm, backend=functools.partial(part_backend, merge=False), fullgraph=True,
                                  dynamic=None)
         symbolic = gm.meta.get("symbolic_inputs")
         return compiled if not symbolic or not any(symbolic) else symbolic_from_the_start(gm, compiled, symbolic)
 
-    compile_part.dynamic_lengths = dynamic_lengths  # type: ignore[attr-defined]
+    compile_part.dynamic_lengths = settings.dynamic_lengths  # type: ignore[attr-defined]
     return compile_part
 
 

@@ -15,7 +15,12 @@ from torch import fx
 import flashu_fx.compiled.backend as backend_module
 import flashu_fx.compiled.part_compiler as part_compiler
 from flashu_fx.compiled import answer_question_compiled, flashu_backend, generate_images_compiled
-from flashu_fx.compiled.part_compiler import check_inductor_options, make_part_compiler, named_dynamic_sources
+from flashu_fx.compiled.part_compiler import (
+    PartSettings,
+    check_inductor_options,
+    make_part_compiler,
+    named_dynamic_sources,
+)
 
 
 def scale_and_shift(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -40,8 +45,8 @@ def test_inductor_gets_the_numerics_setting(monkeypatch, eager_numerics: bool, c
 
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
     captures: Counter = Counter()
-    compile_part = make_part_compiler("inductor", captures, merge=False, eager_numerics=eager_numerics,
-                                      coordinate_descent=coordinate_descent)
+    settings = PartSettings(merge=False, eager_numerics=eager_numerics, coordinate_descent=coordinate_descent)
+    compile_part = make_part_compiler(settings, captures)
     x, s = torch.randn(3), torch.randn(3)
     part = compile_part(affine_part(), [x, s])
     torch.testing.assert_close(part(x, s), x * s + 1)
@@ -58,16 +63,15 @@ def test_merge_projections_runs_on_every_part_when_asked(monkeypatch, dynamic_le
     monkeypatch.setattr(part_compiler, "merge_projections",
                         lambda gm, ffn_slices: merged.append((gm.meta["part"], ffn_slices)) or 0)
     x, s = torch.randn(2), torch.randn(2)
-    make_part_compiler("eager", merge=True, dynamic_lengths=dynamic_lengths)(affine_part("a"), [x, s])(x, s)
-    make_part_compiler("eager", merge=False, dynamic_lengths=dynamic_lengths)(affine_part("b"), [x, s])(x, s)
-    make_part_compiler("eager", merge=True, dynamic_lengths=dynamic_lengths, merge_ffn_slices=True)(
-        affine_part("c"), [x, s])(x, s)
+    for name, merge, ffn_slices in (("a", True, False), ("b", False, False), ("c", True, True)):
+        settings = PartSettings("eager", merge=merge, merge_ffn_slices=ffn_slices, dynamic_lengths=dynamic_lengths)
+        make_part_compiler(settings)(affine_part(name), [x, s])(x, s)
     assert merged == [("a", False), ("c", True)]
 
 
 def test_a_part_for_varying_lengths_recompiles_once_then_serves_every_length() -> None:
     captures: Counter = Counter()
-    compile_part = make_part_compiler("eager", captures, merge=False, dynamic_lengths=True)
+    compile_part = make_part_compiler(PartSettings("eager", merge=False, dynamic_lengths=True), captures)
     assert compile_part.dynamic_lengths
     part = compile_part(affine_part("lengths"), [torch.randn(3), torch.randn(3)])
     for n in (3, 5, 7, 11):
@@ -88,7 +92,7 @@ def test_a_part_told_its_symbolic_inputs_compiles_once_for_every_length(backend:
     if backend == "inductor":
         request.getfixturevalue("cpp_compiler")  # skips without one
     captures: Counter = Counter()
-    compile_part = make_part_compiler(backend, captures, merge=False, dynamic_lengths=True)
+    compile_part = make_part_compiler(PartSettings(backend, merge=False, dynamic_lengths=True), captures)
     gm = fx.symbolic_trace(column_of)
     gm.meta.update(part="column", symbolic_inputs=[(True,), True])
     part = compile_part(gm, [torch.randn(3), 3])
@@ -97,7 +101,7 @@ def test_a_part_told_its_symbolic_inputs_compiles_once_for_every_length(backend:
         torch.testing.assert_close(part(x, n), x[:, None] * 2 + 1)
     assert captures == Counter({"part[column]": 1})
     told_nothing: Counter = Counter()
-    plain = make_part_compiler(backend, told_nothing, merge=False, dynamic_lengths=True)(
+    plain = make_part_compiler(PartSettings(backend, merge=False, dynamic_lengths=True), told_nothing)(
         fx.symbolic_trace(column_of), [torch.randn(3), 3])
     for n in (3, 5, 7):
         plain(torch.randn(n), n)
@@ -108,24 +112,22 @@ def test_symbolic_inputs_must_name_every_input() -> None:
     gm = fx.symbolic_trace(column_of)
     gm.meta.update(part="column", symbolic_inputs=[(True,)])
     with pytest.raises(ValueError, match="symbolic_inputs has 1 entries for the 2 inputs"):
-        make_part_compiler("eager", merge=False, dynamic_lengths=True)(gm, [torch.randn(3), 3])
+        make_part_compiler(PartSettings("eager", merge=False, dynamic_lengths=True))(gm, [torch.randn(3), 3])
 
 
 def test_unknown_piece_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="piece backend must be 'inductor' or 'eager'"):
-        make_part_compiler("tvm")
+        PartSettings("tvm")
 
 
-def spy_on_part_compilers(monkeypatch) -> list[dict]:
+def spy_on_part_compilers(monkeypatch) -> list[PartSettings]:
     """The settings of every part compiler the backend makes, in order."""
     made = []
     real = backend_module.make_part_compiler
-    names = ("backend", "captures", "merge", "eager_numerics", "inductor_options", "coordinate_descent",
-             "dynamic_lengths")
 
-    def spy(*args, **kwargs):
-        made.append({**dict(zip(names, args, strict=False)), **kwargs})
-        return real(*args, **kwargs)
+    def spy(settings: PartSettings, *args, **kwargs):
+        made.append(settings)
+        return real(settings, *args, **kwargs)
 
     monkeypatch.setattr(backend_module, "make_part_compiler", spy)
     return made
@@ -143,7 +145,7 @@ def test_numerics_apply_to_generation_parts_only(monkeypatch, tiny_model) -> Non
     und_backend = flashu_backend("und", eager_numerics=True)
     answer_question_compiled(torch.compile(model, backend=und_backend), und_backend, torch.randn(1, 16, 8, 8),
                              [4, 5], max_new_tokens=2)
-    assert [m["eager_numerics"] for m in made] == [True, False, False]  # gen; und's prefill and one-row parts
+    assert [m.eager_numerics for m in made] == [True, False, False]  # gen; und's prefill and one-row parts
 
 
 @pytest.mark.parametrize("tune_decode", [True, False])
@@ -154,8 +156,7 @@ def test_decode_tuning_reaches_the_one_row_parts_only(monkeypatch, tiny_model, t
     answer_question_compiled(torch.compile(tiny_model, backend=backend), backend, torch.randn(1, 16, 8, 8), [4, 5],
                              max_new_tokens=2)
     # the prefill's parts serve every prompt length; the decode step's run one row, tuned when asked
-    assert [(m.get("coordinate_descent", False), m.get("dynamic_lengths", False)) for m in made] == \
-        [(False, True), (tune_decode, False)]
+    assert [(m.coordinate_descent, m.dynamic_lengths) for m in made] == [(False, True), (tune_decode, False)]
 
 
 def test_inductor_options_reach_every_part_and_are_checked(monkeypatch) -> None:
@@ -163,7 +164,7 @@ def test_inductor_options_reach_every_part_and_are_checked(monkeypatch) -> None:
     monkeypatch.setattr(inductor_compile_fx, "compile_fx",
                         lambda gm, example_inputs, config_patches=None: seen.update(config_patches) or gm.forward)
     x, s = torch.randn(2), torch.randn(2)
-    make_part_compiler("inductor", merge=False, inductor_options={"max_autotune_gemm": True})(affine_part(), [x, s])
+    make_part_compiler(PartSettings(merge=False, inductor_options={"max_autotune_gemm": True}))(affine_part(), [x, s])
     assert seen["max_autotune_gemm"] is True and seen["triton.cudagraphs"] is False
     with pytest.raises(ValueError, match=r"option 'max_autotune_gem'; did you mean .*'max_autotune_gemm'"):
         check_inductor_options({"max_autotune_gem": True})
@@ -190,7 +191,7 @@ def test_gemm_autotuning_turns_merged_projections_off_with_a_warning(monkeypatch
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
     x, s = torch.randn(2), torch.randn(2)
     with caplog.at_level("WARNING", logger=part_compiler.__name__):
-        make_part_compiler("inductor", merge=True, inductor_options=options)(affine_part(), [x, s])
+        make_part_compiler(PartSettings(merge=True, inductor_options=options))(affine_part(), [x, s])
     autotuned = part_compiler.autotunes_gemms(options)
     assert autotuned == any(options.values())
     assert bool(merged) != autotuned
