@@ -67,7 +67,7 @@ class FlashUBackend:
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
                  merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
-                 norm_in_products: bool = False) -> None:
+                 norm_in_products: bool = False, prefill_eager_numerics: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -80,6 +80,7 @@ class FlashUBackend:
         self.task, self.config, self.layout, self.model_config = task, config, layout, model_config
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self.tune_decode, self.norm_in_products = tune_decode, norm_in_products  # understanding's one-row parts
+        self.prefill_eager_numerics = prefill_eager_numerics  # understanding's prefill
         self.decode_attention = check_decode_attention(decode_attention)
         # How every part compiles; each executor's compiler varies it (_part_compiler). A bad inductor option name
         # fails here, not at compile.
@@ -272,12 +273,14 @@ class FlashUBackend:
         if self._und_graph is None:
             cuda = any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs)
             merge = self._merged(weights)
-            # No eager_numerics: decode attention, and with tune_decode each one-row product, is a multiply-and-sum
-            # reduction, where emulated rounding would round every product to bf16 (measured: decode 1.70 -> 1.94
-            # ms/token at 1.5B). The prefill's parts serve every prompt length (dynamic_lengths).
+            # No eager_numerics in the one-row parts: decode attention, and with tune_decode each one-row product,
+            # is a multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
+            # decode 1.70 -> 1.94 ms/token at 1.5B). The prefill's only with prefill_eager_numerics (a candidate).
+            # The prefill's parts serve every prompt length (dynamic_lengths).
             self._und_graph = UndGraphExecutor(
                 self.config, self._graph_ffn_ranges("und", weights),
-                self._part_compiler(cuda, merge=merge, eager_numerics=False, dynamic_lengths=True),
+                self._part_compiler(cuda, merge=merge, eager_numerics=self.prefill_eager_numerics,
+                                    dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge=merge, eager_numerics=False,
                                                     coordinate_descent=self.tune_decode,
@@ -408,7 +411,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
-                   decode_attention: str = "sdpa", norm_in_products: bool = False) -> FlashUBackend:
+                   decode_attention: str = "sdpa", norm_in_products: bool = False,
+                   prefill_eager_numerics: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -428,10 +432,12 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes; a
     candidate, not yet timed on a GPU); ``norm_in_products``: the decode step's RMSNorm statistics are computed
     inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
-    candidate, not yet timed on a GPU)."""
+    candidate, not yet timed on a GPU); ``prefill_eager_numerics``: understanding's prefill rounds as eager does
+    too, so the V-norms that choose the kept image tokens follow the eager twin's (a candidate for the kept-token
+    fidelity, not yet measured on a GPU; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
-                         norm_in_products)
+                         norm_in_products, prefill_eager_numerics)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -133,19 +133,21 @@ def spy_on_part_compilers(monkeypatch) -> list[PartSettings]:
     return made
 
 
-def test_numerics_apply_to_generation_parts_only(monkeypatch, tiny_model) -> None:
-    """Understanding's parts compile without emulated rounding: it would round every product of a one-row
-    reduction (decode)."""
+@pytest.mark.parametrize("prefill_eager_numerics", [False, True])
+def test_numerics_reach_the_parts_they_name(monkeypatch, tiny_model, prefill_eager_numerics: bool) -> None:
+    """Generation's parts round as eager; understanding's prefill only with ``prefill_eager_numerics``; its one-row
+    decode parts never: emulated rounding would round every product of a one-row reduction."""
     torch._dynamo.reset()
     made = spy_on_part_compilers(monkeypatch)
     model = copy.deepcopy(tiny_model)
     gen_backend = flashu_backend("gen", eager_numerics=True)
     generate_images_compiled(torch.compile(model, backend=gen_backend), gen_backend, [[3]], baseline_steps=2,
                              guidance=2.0)
-    und_backend = flashu_backend("und", eager_numerics=True)
+    und_backend = flashu_backend("und", eager_numerics=True, prefill_eager_numerics=prefill_eager_numerics)
     answer_question_compiled(torch.compile(model, backend=und_backend), und_backend, torch.randn(1, 16, 8, 8),
                              [4, 5], max_new_tokens=2)
-    assert [m.eager_numerics for m in made] == [True, False, False]  # gen; und's prefill and one-row parts
+    # gen; und's prefill; its one-row parts
+    assert [m.eager_numerics for m in made] == [True, prefill_eager_numerics, False]
 
 
 @pytest.mark.parametrize("tune_decode", [True, False])
