@@ -106,6 +106,12 @@ def propagate_fake(gm: fx.GraphModule, interpreter: type[FakeTensorProp] = FakeT
         interpreter(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
+def linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """(input, weight, bias or None) of an ``F.linear`` call, whether the bias is given by position or keyword."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    return args[0], args[1], node.kwargs.get("bias", args[2])
+
+
 def inherit_provenance(new_nodes: list[fx.Node], replaced: list[fx.Node], pass_name: str) -> None:
     """Mark the nodes a pass inserted as computing what ``replaced`` computed: their ``SOURCE`` becomes the
     replaced nodes' sources (where the graph has provenance at all) and ``DERIVED_BY`` the pass's name."""

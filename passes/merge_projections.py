@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from passes.graph_utils import fake_value, inherit_provenance, linear_calls
+from passes.graph_utils import fake_value, inherit_provenance, linear_args, linear_calls
 
 # Sibling projections that read the same input, in buffer order.
 PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -124,7 +124,7 @@ def up_offset_of_rows(gate_rows: Tensor, up_rows: Tensor) -> int | None:
 def _merge_gate_up_rows(gm: fx.GraphModule, gate: fx.Node, up: fx.Node) -> bool:
     """Rewrite the gate and up linears of one range of neurons into ``gate_up_of_rows``; False (graph unchanged)
     if their weights are not row blocks of one colocated gate/up buffer."""
-    (x, w_gate, bias_gate), (x_up, w_up, bias_up) = _linear_args(gate), _linear_args(up)
+    (x, w_gate, bias_gate), (x_up, w_up, bias_up) = linear_args(gate), linear_args(up)
     if x is not x_up or bias_gate is not None or bias_up is not None:
         return False
     fakes = fake_value(w_gate), fake_value(w_up)
@@ -180,11 +180,6 @@ def _replace_linears(graph: fx.Graph, linears: list[fx.Node], outs: list[fx.Node
         graph.erase_node(old)
 
 
-def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    args = list(node.args) + [None] * (3 - len(node.args))
-    return args[0], args[1], node.kwargs.get("bias", args[2])
-
-
 def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
     """Merge every adjacent q/k/v and gate/up group of ``gm`` (and, with ``ffn_slices``, every gate/up pair of
     FFN slices). Returns the number of groups merged."""
@@ -197,7 +192,7 @@ def merge_projections(gm: fx.GraphModule, ffn_slices: bool = False) -> int:
             log.debug("merge_projections: %s uses only %s of %s", parent, sorted(nodes), "/".join(leaves))
             continue
         linears = [nodes[leaf] for leaf in leaves]
-        inputs, weights, biases = zip(*(_linear_args(n) for n in linears), strict=True)
+        inputs, weights, biases = zip(*(linear_args(n) for n in linears), strict=True)
         if any(x is not inputs[0] for x in inputs):
             log.warning("merge_projections: %s's %s read different inputs; left separate", parent, "/".join(leaves))
             continue

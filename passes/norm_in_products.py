@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from passes.graph_utils import captured_value, inherit_provenance
+from passes.graph_utils import captured_value, inherit_provenance, linear_args
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def fold_norm_into_products(gm: fx.GraphModule) -> int:
                     operator.add, (graph.call_method("mean", (grid, -1)), eps)),))
         inherit_provenance(_between(x, row), [row], PASS_NAME)
         for product, n in zip(products, sizes, strict=True):
-            bias = product.args[2] if len(product.args) > 2 else product.kwargs.get("bias")
+            bias = linear_args(product)[2]
             with graph.inserting_before(product):
                 plain = graph.call_function(F.linear, (a, product.args[1]))
                 out = graph.call_method("to", (graph.call_function(operator.mul, (plain, inv[n])), dtype))

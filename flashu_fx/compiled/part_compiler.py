@@ -99,12 +99,11 @@ class PartSettings:
         object.__setattr__(self, "inductor_options", check_inductor_options(self.inductor_options))
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, settings: PartSettings, name: str,
-                  merge: bool | None = None) -> Callable:
-    """The shared last stage of every compiled graph: ``passes.merge_projections`` (when ``merge``, by default
-    ``settings.merge``), ``passes.norm_in_products`` (when ``settings`` ask for it), then inductor with this project's
-    settings (or the graph as it is, for the "eager" backend)."""
-    if settings.merge if merge is None else merge:
+def compile_graph(gm: fx.GraphModule, example_inputs: list, settings: PartSettings, name: str) -> Callable:
+    """The shared last stage of every compiled graph: ``passes.merge_projections`` and ``passes.norm_in_products``
+    (when ``settings`` ask for them), then inductor with this project's settings (or the graph as it is, for the
+    "eager" backend)."""
+    if settings.merge:
         log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=settings.merge_ffn_slices))
     if settings.norm_in_products:  # after the merge: a merged q/k/v is one product, and its statistic one reduction
         log.debug("%s: norm_in_products -> %s", name, fold_norm_into_products(gm))
@@ -146,11 +145,11 @@ def make_part_compiler(settings: PartSettings, captures: Counter | None = None,
     def compile_part(gm: fx.GraphModule, example_inputs: list) -> Callable:
         name = f"part[{gm.meta.get('part', '?')}]"  # compile_parts names the part it compiles
 
-        def part_backend(captured: fx.GraphModule, inputs: list, merge: bool | None = None) -> Callable:
+        def part_backend(captured: fx.GraphModule, inputs: list, settings: PartSettings = settings) -> Callable:
             if captures is not None:
                 captures[name] += 1
             start = time.perf_counter()
-            compiled = compile_graph(captured, list(inputs), settings, name, merge)
+            compiled = compile_graph(captured, list(inputs), settings, name)
             if seconds is not None:
                 seconds[name] += time.perf_counter() - start
             return compiled
@@ -160,8 +159,9 @@ def make_part_compiler(settings: PartSettings, captures: Counter | None = None,
         if settings.merge:  # on the part itself, whose nodes keep their provenance (Dynamo's capture of it would not)
             log.debug("%s: merge_projections -> %s", name,
                       merge_projections(gm, ffn_slices=settings.merge_ffn_slices))
-        compiled = torch.compile(gm, backend=functools.partial(part_backend, merge=False), fullgraph=True,
-                                 dynamic=None)
+        # merged already: Dynamo's capture of the part goes straight to inductor
+        unmerged = functools.partial(part_backend, settings=dataclasses.replace(settings, merge=False))
+        compiled = torch.compile(gm, backend=unmerged, fullgraph=True, dynamic=None)
         symbolic = gm.meta.get("symbolic_inputs")
         return compiled if not symbolic or not any(symbolic) else symbolic_from_the_start(gm, compiled, symbolic)
 
