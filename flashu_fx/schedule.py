@@ -88,6 +88,27 @@ def exact_schedule(num_calls: int, guidance: float) -> list[StepPlan]:
     return [StepPlan(s, guidance, False, "all", "compute") for s in range(1, num_calls + 1)]
 
 
+def check_plans(plans: object, num_calls: int) -> None:
+    """Raise ``ValueError`` unless ``plans`` is a schedule a generation executor can run: one ``StepPlan`` per call,
+    numbered 1..num_calls, no skip before a measuring call chose the skip set, no head reuse before a store."""
+    if not isinstance(plans, (list, tuple)) or len(plans) != num_calls:
+        raise ValueError(f"plans={plans!r} is invalid: allowed a list of {num_calls} StepPlans, one per call")
+    measured = stored = False
+    for s, plan in enumerate(plans, start=1):
+        if not isinstance(plan, StepPlan) or plan.call != s:
+            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed a StepPlan with call={s}")
+        if plan.layers not in ("all", "measure", "skip") or plan.head not in ("compute", "store", "reuse"):
+            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed layers 'all', 'measure' or 'skip' and head "
+                             "'compute', 'store' or 'reuse'")
+        if plan.layers == "skip" and not measured:
+            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: a 'skip' call needs an earlier 'measure' call, "
+                             "which chooses the layers it skips")
+        if plan.head == "reuse" and not stored:
+            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: a head 'reuse' call needs an earlier 'store' call")
+        measured |= plan.layers == "measure"
+        stored = (stored or plan.head == "store") and plan.head != "compute"
+
+
 def und_step_layers(config: FlashUConfig, step: int) -> LayerMode:
     """Understanding's layer mode at token step ``step`` (0 = the prefill, d >= 1 = decode step d): with layer
     skipping on, measure (run every layer, record each one's importance) on d = 0, T_LS, 2 T_LS, ..., else skip the

@@ -32,7 +32,7 @@ import logging
 import re
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, fx
@@ -48,7 +48,7 @@ from flashu_fx.flashu_gen import check_layout_has_task, layout_ranges
 from flashu_fx.inputs import check_guidance, is_int
 from flashu_fx.model import Showo2
 from flashu_fx.projection_layout import colocate_projections
-from flashu_fx.schedule import StepPlan, exact_schedule, gen_schedule
+from flashu_fx.schedule import StepPlan, check_plans, exact_schedule, gen_schedule
 from flashu_fx.und_cache import UndCache, cache_capacity
 from passes.graph_utils import lifted_state_dict
 from passes.partition import PartitionedGraph
@@ -106,14 +106,26 @@ class FlashUBackend:
         self.part_compile_seconds: Counter = Counter()  # per compiled part: seconds spent compiling it
 
     # ---- the step protocol ----------------------------------------------------------------------------
-    def begin_image(self, num_calls: int, guidance: float) -> list[StepPlan]:
-        """Start a new image of ``num_calls`` model calls; returns every call's plan (guidance included)."""
+    def begin_image(self, num_calls: int, guidance: float,
+                    plans: Sequence[StepPlan] | None = None) -> list[StepPlan]:
+        """Start a new image of ``num_calls`` model calls; returns every call's plan (guidance included).
+
+        ``plans``: a schedule of the caller's own, one ``StepPlan`` per call (an ablation or a study of one kind
+        of call); default: the backend's config's (``gen_schedule``), or every call exact without one.
+        """
         if not is_int(num_calls) or num_calls < 1:
             raise ValueError(f"num_calls={num_calls!r} is invalid: allowed an integer >= 1")
         check_guidance(guidance, per_call=False)
+        if plans is not None:
+            check_plans(plans, num_calls)
+            if self.layout is None and any(plan.ffn_pruned for plan in plans):
+                raise ValueError("plans with ffn_pruned=True are invalid for a backend without an FFN layout: allowed "
+                                 "ffn_pruned=False, or flashu_backend(..., layout=...) with the pruned FFN's layout")
         self._num_calls, self._guidance = num_calls, guidance
         self._step, self._next_step = None, 0
-        if self.config is None:
+        if plans is not None:
+            self._plans = list(plans)
+        elif self.config is None:
             self._plans = exact_schedule(num_calls, guidance)
         else:
             self._plans = gen_schedule(self.config, num_calls, guidance)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashu_fx.flashu_config import ABLATIONS, FlashUConfig
-from flashu_fx.schedule import gen_schedule, und_step_layers
+from flashu_fx.schedule import StepPlan, check_plans, exact_schedule, gen_schedule, und_step_layers
 
 NUM_LAYERS = 28  # Show-o2 1.5B and 7B
 
@@ -188,6 +188,7 @@ def test_schedule_structure(num_calls, guidance, ffn, skip_ratio, skip_interval,
         guidance_full_fraction=guided_fraction,
     )
     plans = gen_schedule(config, num_calls, guidance)
+    check_plans(plans, num_calls)  # what a caller's own schedule must satisfy, the config's always does
     full = int(tau * num_calls + 1e-9)
     full_guidance = int(guided_fraction * num_calls + 1e-9)
     assert len(plans) == num_calls
@@ -207,6 +208,34 @@ def test_schedule_structure(num_calls, guidance, ffn, skip_ratio, skip_interval,
             stored = True
         else:
             assert p.head == ("reuse" if stored else "compute")  # never a reuse before the first store
+
+
+def plan(call: int, layers: str = "all", head: str = "compute") -> StepPlan:
+    return StepPlan(call, 5.0, False, layers, head)
+
+
+@pytest.mark.parametrize(("plans", "message"), [
+    ([plan(1)], "allowed a list of 2 StepPlans"),
+    ((plan(1), plan(1)), r"plans\[1\]=.* allowed a StepPlan with call=2"),
+    ([plan(1), "all"], r"plans\[1\]='all' is invalid"),
+    ([plan(1), plan(2, "everything")], "allowed layers 'all', 'measure' or 'skip'"),
+    ([plan(1), plan(2, "skip")], "a 'skip' call needs an earlier 'measure' call"),
+    ([plan(1), plan(2, head="reuse")], "a head 'reuse' call needs an earlier 'store' call"),
+    ([plan(1, "measure", "store"), plan(2, "skip", "reuse")], None),
+])
+def test_check_plans_names_the_bad_plan(plans, message) -> None:
+    if message is None:
+        check_plans(plans, 2)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_plans(plans, 2)
+
+
+def test_a_compute_forgets_the_stored_head_output() -> None:
+    check_plans([plan(1, head="store"), plan(2, head="reuse"), plan(3, "measure"), plan(4, "skip")], 4)
+    with pytest.raises(ValueError, match=r"plans\[2\].*needs an earlier 'store'"):
+        check_plans([plan(1, head="store"), plan(2), plan(3, head="reuse")], 3)
+    check_plans(exact_schedule(5, 3.0), 5)
 
 
 def test_num_calls_must_be_positive() -> None:

@@ -15,21 +15,24 @@ from flashu_fx.layout import build_gen_batch
 from flashu_fx.schedule import StepPlan
 from harness import floors
 
-FULL, STORE = StepPlan(1, 5.0, False, "all", "compute"), StepPlan(1, 5.0, False, "all", "store")
+
+def plan(call: int, layers: str = "all", head: str = "compute") -> StepPlan:
+    return StepPlan(call, 5.0, False, layers, head)
 
 
-@pytest.mark.parametrize(("plans", "skip_set", "layers", "trunk", "head"), [
-    ([FULL, FULL], (), 4, True, True),
-    ([FULL, StepPlan(2, 5.0, False, "skip", "compute")], (0, 2), 2, True, True),
-    ([STORE, StepPlan(2, 5.0, False, "all", "reuse")], (), 4, False, False),
+@pytest.mark.parametrize(("plans", "layers", "trunk", "head"), [
+    ([plan(1), plan(2)], 4, True, True),
+    ([plan(1, "measure"), plan(2, "skip")], 2, True, True),
+    ([plan(1, head="store"), plan(2, head="reuse")], 4, False, False),
 ])
-def test_call_flops_match_a_flop_count_of_the_executor(tiny_model, monkeypatch, plans, skip_set, layers: int,
-                                                      trunk: bool, head: bool) -> None:
+def test_call_flops_match_a_flop_count_of_the_executor(tiny_model, monkeypatch, plans, layers: int, trunk: bool,
+                                                      head: bool) -> None:
     """The executor's second call (a CFG pair, the prompt's keys and values already computed for the image) run
     op by op and counted (FFN slicing is a pass, so the full width is counted here)."""
     cfg = tiny_model.config
     torch._dynamo.reset()
-    backend = flashu_backend("gen", cuda_graphs=False, piece_backend="eager")
+    skipping = FlashUConfig.for_task("gen", skip_ratio=0.5, ffn_prune_ratio=0.0)  # 2 of the 4 layers
+    backend = flashu_backend("gen", skipping, cuda_graphs=False, piece_backend="eager")
     gen = torch.compile(tiny_model, backend=backend)
     batch = compiled_batch(cfg, build_gen_batch(cfg, [[5, 6, 7]], guided=True))
     x = torch.randn(1, cfg.latent_channels, *cfg.latent_size).repeat(2, 1, 1, 1)
@@ -46,16 +49,13 @@ def test_call_flops_match_a_flop_count_of_the_executor(tiny_model, monkeypatch, 
         return out
 
     monkeypatch.setattr(gen_graph, "run_maybe_graphed", counted)
-    backend.begin_image(2, 5.0)
-    backend._plans = plans  # the calls to count, whatever the schedule (test only)
+    backend.begin_image(2, 5.0, plans=plans)  # the calls to count, whatever the config's schedule
     with torch.no_grad():
         for k in range(2):
             counting = k == 1
-            if k == 1:
-                backend._gen_graph.state.skip_set = skip_set  # as if call 0 had measured it
             with backend.step(k, cfg_shared_latents=True):
                 gen(batch.tokens, x, torch.full((2,), 0.5), batch.offsets, batch.mask, return_logits=False)
-    assert [r.skip_set for r in backend.records][-1] == (skip_set if plans[1].layers == "skip" else ())
+    assert len(backend.records[-1].skip_set) == cfg.num_layers - layers
     counts = {str(op): n for op, n in counters[0].get_flop_counts()["Global"].items()}
     expected = floors.gen_call_flops(cfg, batch.tokens.shape[1] - cfg.image_slot_len, layers, cfg.intermediate_size,
                                      trunk, head)

@@ -117,6 +117,20 @@ def test_call_outside_step_raises(tiny_model) -> None:
         pass
 
 
+def test_begin_image_takes_the_callers_plans() -> None:
+    from flashu_fx.schedule import StepPlan
+
+    plans = [StepPlan(1, 2.0, False, "measure", "store"), StepPlan(2, 3.0, False, "skip", "reuse")]
+    backend = flashu_backend("gen", dataclasses.replace(TINY_GEN, ffn_prune_ratio=0.0))
+    assert backend.begin_image(2, 3.0, plans=plans) == plans
+    assert backend.begin_image(2, 3.0) != plans  # the config's own schedule again
+    with pytest.raises(ValueError, match="a 'skip' call needs an earlier 'measure' call"):
+        backend.begin_image(2, 3.0, plans=[dataclasses.replace(plans[0], layers="all"), plans[1]])
+    pruned = [dataclasses.replace(plans[0], ffn_pruned=True), plans[1]]
+    with pytest.raises(ValueError, match="ffn_pruned=True are invalid for a backend without an FFN layout"):
+        backend.begin_image(2, 3.0, plans=pruned)
+
+
 def test_logits_request_is_refused(tiny_model) -> None:
     backend = flashu_backend("gen")
     gen = torch.compile(tiny_model, backend=backend)
