@@ -262,24 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     for g in (float(x) for x in args.guidance_sweep.split(",")):
         # each prompt's noise from its own seed (its index): the numbers do not depend on the batch, and match a
         # per-prompt evaluation elsewhere (docs/QUALITY.md measured run 6 so on the CPU)
-        correct, images = score_generation(model, tok, prompts, g, args.eval_steps, seeds=range(len(prompts)))
-        sweep[g], drawn[g] = scorer.geneval_summary(prompts, correct), (images, correct)
+        drawn[g] = score_generation(model, tok, prompts, g, args.eval_steps, seeds=range(len(prompts)))
+        sweep[g] = scorer.geneval_summary(prompts, drawn[g].correct)
         line = f"guidance {g}: GenEval-style overall {sweep[g]['overall']['accuracy']:.3f}"
         if second:
             sweep_second[g] = scorer.geneval_summary(second, score_generation(
-                model, tok, second, g, args.eval_steps, seeds=range(len(second)))[0])
+                model, tok, second, g, args.eval_steps, seeds=range(len(second))).correct)
             both = (sweep[g]["overall"]["accuracy"] + sweep_second[g]["overall"]["accuracy"]) / 2
             line += f", the second draw {sweep_second[g]['overall']['accuracy']:.3f} (both: {both:.3f})"
         print(line, flush=True)
     chooser = sweep_second or sweep  # the guidance is chosen on other prompts than the ones reported, when it can be
     chosen = max(chooser, key=lambda g: chooser[g]["overall"]["accuracy"])
-    best = (chosen, *drawn[chosen])  # (guidance, the first draw's images, their verdicts)
-    print(f"sampling guidance {best[0]} (chosen on the {'second' if sweep_second else 'first'} draw)", flush=True)
+    best = drawn[chosen]  # the first draw at that guidance
+    print(f"sampling guidance {chosen} (chosen on the {'second' if sweep_second else 'first'} draw)", flush=True)
     # how the first draw's pictures at that guidance miss (scorer.MISS_CAUSES): which binding is still missing
-    causes = scorer.miss_causes(prompts, [scorer.detect(image) for image in best[1]])
+    causes = scorer.miss_causes(prompts, best.found)
     for category in scorer.LAYOUT_CATEGORIES:
         if category in causes:
-            print(f"{category} at guidance {best[0]}: " + ", ".join(f"{k} {v}" for k, v in causes[category].items()),
+            print(f"{category} at guidance {chosen}: " + ", ".join(f"{k} {v}" for k, v in causes[category].items()),
                   flush=True)
     items = world.heldout_questions(args.eval_questions)
     correct_qa, answers = score_answers(model, tok, items, device, kv_cache=not args.eval_no_kv_cache)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     # Whether the pictures follow the words that bind (flashu_fx.testbed.diagnostics): a relation reversed, two
     # colours exchanged, the noise fixed. The shipped weights barely move for either (docs/QUALITY.md).
     sensitivity = [caption_sensitivity(model, tok, edit, n=args.sensitivity_prompts, steps=args.eval_steps,
-                                       guidance=best[0]) for edit in EDITS] if args.sensitivity_prompts else []
+                                       guidance=chosen) for edit in EDITS] if args.sensitivity_prompts else []
     for found in sensitivity:
         print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
               f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     crng = world.rng_for("train", args.seed + 1)
     if args.calib_gen:
         captions = [world.sample_gen_prompt(crng).caption for _ in range(args.calib_gen)]
-        c = calibrate(model, "gen", captions, flashu_config("gen"), steps=args.eval_steps, guidance=best[0],
+        c = calibrate(model, "gen", captions, flashu_config("gen"), steps=args.eval_steps, guidance=chosen,
                       tokenizer=tok)
         c.save(out / "calibration_gen")
-        calib["gen"] = dict(samples=len(captions), guidance=best[0], steps=args.eval_steps)
+        calib["gen"] = dict(samples=len(captions), guidance=chosen, steps=args.eval_steps)
     if args.calib_und:
         qs = [world.sample_question(world.sample_scene(crng), crng) for _ in range(args.calib_und)]
         lat = codec.encode(torch.from_numpy(world.render_batch([q.scene for q in qs]))).to(device)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, pools_seconds=round(pools_s, 1), train_seconds=round(train_s, 1),
         steps_done=(log[-1]["step"] + 1) if log else 0, loss_log=log,
-        sampling=dict(guidance=best[0], steps=args.eval_steps),
+        sampling=dict(guidance=chosen, steps=args.eval_steps),
         heldout=dict(prompts=len(prompts), questions=len(items), guidance_sweep={str(k): v for k, v in sweep.items()},
                      guidance_sweep_second_draw={str(k): v for k, v in sweep_second.items()},
                      guidance_chosen_on="the second draw" if sweep_second else "the first draw", miss_causes=causes,
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.grids import captioned_grid
 
         n = min(12, len(prompts))
-        notes = [["ok" if ok else "wrong" for ok in best[2][:n]]]
-        captioned_grid([(f"baseline g={best[0]}", list(best[1][:n]))], [p.caption for p in prompts[:n]],
+        notes = [["ok" if ok else "wrong" for ok in best.correct[:n]]]
+        captioned_grid([(f"baseline g={chosen}", list(best.images[:n]))], [p.caption for p in prompts[:n]],
                        out / "heldout_grid.png", title="testbed after training: held-out prompts", notes=notes)
     except ImportError:
         print("matplotlib is not installed: no grid PNG (pip install -e '.[plots]')")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -147,14 +148,24 @@ def edited_prompt(prompt: world.GenPrompt, edit: str) -> world.GenPrompt:
     return world.make_gen_prompt(category, [(c2, s1, n1), (c1, s2, n2)])
 
 
+class ScoredPictures(NamedTuple):
+    """``score_generation``'s result: the scorer's verdict per prompt, the pictures uint8 (N, S, S, 3), and what the
+    detector found in each (for a caller that also sorts the misses, ``scorer.miss_causes``)."""
+
+    correct: list[bool]
+    images: np.ndarray
+    found: list[list[scorer.Detection]]
+
+
 def score_generation(model: Showo2, tokenizer: WordTokenizer, prompts: Sequence[world.GenPrompt], guidance: float,
-                     steps: int, seed: int = 0, seeds: Sequence[int] | None = None) -> tuple[list[bool], np.ndarray]:
+                     steps: int, seed: int = 0, seeds: Sequence[int] | None = None) -> ScoredPictures:
     """Draw ``prompts`` in one batch (noise from ``seed``, or one seed per prompt: ``generate_images``), decode,
-    score: (the scorer's verdict per prompt, the pictures uint8 (N, S, S, 3))."""
+    detect and score each picture once."""
     latents = generate_images(model, [p.caption for p in prompts], tokenizer, steps=steps, guidance=guidance,
                               seed=seed, seeds=seeds)
     images = codec.decode(latents).cpu().numpy()
-    return [scorer.score_prompt(p, im) for p, im in zip(prompts, images, strict=True)], images
+    found = [scorer.detect(image) for image in images]
+    return ScoredPictures([scorer.score_detections(p, f) for p, f in zip(prompts, found, strict=True)], images, found)
 
 
 @torch.no_grad()
@@ -168,8 +179,8 @@ def caption_sensitivity(model: Showo2, tokenizer: WordTokenizer, edit: str, n: i
     prompts = [world.sample_gen_prompt(rng, _edit_category(edit)) for _ in range(n)]
     edited = [edited_prompt(p, edit) for p in prompts]
     noise = list(range(n))  # each pair's two pictures start from the same noise
-    first_correct, first = score_generation(model, tokenizer, prompts, guidance, steps, seeds=noise)
-    edited_correct, second = score_generation(model, tokenizer, edited, guidance, steps, seeds=noise)
+    first_correct, first, _ = score_generation(model, tokenizer, prompts, guidance, steps, seeds=noise)
+    edited_correct, second, _ = score_generation(model, tokenizer, edited, guidance, steps, seeds=noise)
     change = np.abs(first.astype(np.int16) - second.astype(np.int16)).reshape(n, -1).mean(axis=1)
     return CaptionSensitivity(
         edit=edit, prompts=n, pixel_change=float(change.mean()), changed=float((change > CHANGED_PIXELS).mean()),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flashu_fx.layout import build_gen_batch
 from flashu_fx.model import Showo2, Showo2Output
-from flashu_fx.testbed import codec, world
+from flashu_fx.testbed import codec, scorer, world
 from flashu_fx.testbed.checkpoint import load_testbed
 from flashu_fx.testbed.diagnostics import (
     CHANGED_PIXELS,
@@ -23,6 +23,7 @@ from flashu_fx.testbed.diagnostics import (
     flow_loss_parts,
     grid_position_r2,
     output_centres,
+    score_generation,
     split_flow_loss,
     velocity_sensitivity,
     world_sensitivity,
@@ -119,6 +120,16 @@ def test_the_shipped_testbed_measures_its_caption_sensitivity() -> None:
     assert found.changed < 1.0 or found.pixel_change > CHANGED_PIXELS
     assert found.changed > 0.0 or found.pixel_change <= CHANGED_PIXELS
     assert 0 <= found.original_correct <= 1 and 0 <= found.edited_correct <= 1
+
+
+def test_score_generation_detects_each_picture_once_and_scores_what_it_found() -> None:
+    testbed = load_testbed()
+    prompts = world.heldout_gen_prompts(4)
+    scored = score_generation(testbed.model, testbed.tokenizer, prompts, 4.0, 4, seeds=range(4))
+    assert scored.images.shape == (4, 48, 48, 3) and len(scored.found) == 4
+    assert scored.found == [scorer.detect(image) for image in scored.images]
+    assert scored.correct == [scorer.score_prompt(p, image) for p, image in zip(prompts, scored.images, strict=True)]
+    assert scored[0] == scored.correct  # the verdicts first, as the two-part result it replaces
 
 
 class WordVelocity(torch.nn.Module):
