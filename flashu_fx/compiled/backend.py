@@ -287,12 +287,14 @@ class FlashUBackend:
             merge = self._merged(weights)
             # No eager_numerics in the one-row parts: decode attention, and with tune_decode each one-row product,
             # is a multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
-            # decode 1.70 -> 1.94 ms/token at 1.5B). The prefill's only with prefill_eager_numerics (a candidate).
+            # decode 1.70 -> 1.94 ms/token at 1.5B). The prefill's only with prefill_eager_numerics (a candidate),
+            # which also keeps its projections unmerged: a merged q/k/v is another GEMM, whose sums round otherwise
+            # (on the CPU in bf16, merging alone moved the kept image tokens of 49 of 100 testbed questions).
             # The prefill's parts serve every prompt length (dynamic_lengths).
             self._und_graph = UndGraphExecutor(
                 self.config, self._graph_ffn_ranges("und", weights),
-                self._part_compiler(cuda, merge=merge, eager_numerics=self.prefill_eager_numerics,
-                                    dynamic_lengths=True),
+                self._part_compiler(cuda, merge=merge and not self.prefill_eager_numerics,
+                                    eager_numerics=self.prefill_eager_numerics, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge=merge, eager_numerics=False,
                                                     coordinate_descent=self.tune_decode,
@@ -445,8 +447,9 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     candidate, not yet timed on a GPU); ``norm_in_products``: the decode step's RMSNorm statistics are computed
     inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
     candidate, not yet timed on a GPU); ``prefill_eager_numerics``: understanding's prefill rounds as eager does
-    too, so the V-norms that choose the kept image tokens follow the eager twin's (a candidate for the kept-token
-    fidelity, not yet measured on a GPU; the one-row decode parts never do)."""
+    too (fused kernels round as eager, and its projections stay unmerged, each the GEMM eager runs), so the V-norms
+    that choose the kept image tokens follow the eager twin's (a candidate for the kept-token fidelity, not yet
+    measured on a GPU; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics)

@@ -135,8 +135,9 @@ def spy_on_part_compilers(monkeypatch) -> list[PartSettings]:
 
 @pytest.mark.parametrize("prefill_eager_numerics", [False, True])
 def test_numerics_reach_the_parts_they_name(monkeypatch, tiny_model, prefill_eager_numerics: bool) -> None:
-    """Generation's parts round as eager; understanding's prefill only with ``prefill_eager_numerics``; its one-row
-    decode parts never: emulated rounding would round every product of a one-row reduction."""
+    """Generation's parts round as eager; understanding's prefill only with ``prefill_eager_numerics``, which also
+    keeps its projections unmerged (each the GEMM eager runs); its one-row decode parts never: emulated rounding would
+    round every product of a one-row reduction."""
     torch._dynamo.reset()
     made = spy_on_part_compilers(monkeypatch)
     model = copy.deepcopy(tiny_model)
@@ -148,6 +149,7 @@ def test_numerics_reach_the_parts_they_name(monkeypatch, tiny_model, prefill_eag
                              [4, 5], max_new_tokens=2)
     # gen; und's prefill; its one-row parts
     assert [m.eager_numerics for m in made] == [True, prefill_eager_numerics, False]
+    assert [m.merge for m in made] == [True, not prefill_eager_numerics, True]
 
 
 @pytest.mark.parametrize("tune_decode", [True, False])
