@@ -36,7 +36,7 @@ import logging
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +211,7 @@ def partition_showo2_graph(gm: fx.GraphModule, captured: list[str] | None = None
 
 def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: Sequence[Any],
                   compiled: dict[tuple, tuple[Callable[..., Any], str, fx.GraphModule]] | None = None,
-                  ) -> dict[str, int]:
+                  overrides: Mapping[str, tuple[str, Compiler]] | None = None) -> dict[str, int]:
     """Replace each part of ``graph.root`` with a compiled callable, compiling once per structural signature and
     input layout (the first part of a group; the others call its result with their own inputs). ``example_inputs``
     are the root's inputs, run once through the uncompiled parts to give each compiler its parts' example inputs
@@ -219,26 +219,32 @@ def compile_parts(graph: PartitionedGraph, compiler: Compiler, example_inputs: S
     and extend, shared by several partitions of variants of one graph (key -> (callable, part name, module)).
     A part that reuses an artifact another variant compiled for its own name (a new prompt length, for a compiler
     with ``dynamic_lengths``) takes that variant's module as its own: the module its artifact was compiled from,
-    with the same captured nodes.
+    with the same captured nodes. ``overrides``: part name -> (label, compiler) for parts that compile otherwise
+    (e.g. with eager rounding); the label is part of the artifact's key, so such a part never shares an artifact with
+    a structurally identical part compiled the default way.
 
     Returns signature -> how many parts share its one compiled artifact.
     """
     examples = _part_inputs(graph, example_inputs)
     compiled = {} if compiled is None else compiled
-    symbolic = symbolic_part_inputs(graph) if getattr(compiler, "dynamic_lengths", False) else {}
+    overrides = overrides or {}
+    dynamic = [getattr(c, "dynamic_lengths", False) for c in (compiler, *(c for _, c in overrides.values()))]
+    symbolic = symbolic_part_inputs(graph) if any(dynamic) else {}
     for part in graph.parts:
-        key = (part.signature, _layout(examples[part.name], symbolic.get(part.name)))
+        label, part_compiler = overrides.get(part.name, ("", compiler))
+        part_symbolic = symbolic.get(part.name) if getattr(part_compiler, "dynamic_lengths", False) else None
+        key = (part.signature, _layout(examples[part.name], part_symbolic), label)
         if key not in compiled:
             part.module.meta["part"] = part.name  # for the compiler's logs and counters
-            if part.name in symbolic:  # which inputs carry the length: compiled symbolic in it from the start
-                part.module.meta["symbolic_inputs"] = symbolic[part.name]
+            if part_symbolic is not None:  # which inputs carry the length: compiled symbolic in it from the start
+                part.module.meta["symbolic_inputs"] = part_symbolic
             # Passes over the part read its inputs' example values (shapes, storage sharing); a pass over the root
             # may have changed them (weight views), so they become the inputs the part is compiled for.
             inputs = placeholders(part.module)
             for node, value in zip(inputs, examples[part.name], strict=True):
                 if isinstance(value, torch.Tensor):
                     node.meta["example_value"] = value
-            compiled[key] = compiler(part.module, examples[part.name]), part.name, part.module
+            compiled[key] = part_compiler(part.module, examples[part.name]), part.name, part.module
         artifact, compiled_for, module = compiled[key]
         if compiled_for == part.name and module is not part.module:
             part.module = module

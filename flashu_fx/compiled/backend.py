@@ -287,21 +287,23 @@ class FlashUBackend:
             merge = self._merged(weights)
             # No eager_numerics in the one-row parts: decode attention, and with tune_decode each one-row product,
             # is a multiply-and-sum reduction, where emulated rounding would round every product to bf16 (measured:
-            # decode 1.70 -> 1.94 ms/token at 1.5B). The prefill's only with prefill_eager_numerics (a candidate),
-            # which also keeps its projections unmerged: a merged q/k/v is another GEMM, whose sums round otherwise
-            # (on the CPU in bf16, merging alone moved the kept image tokens of 49 of 100 testbed questions).
-            # The prefill's parts serve every prompt length (dynamic_lengths).
+            # decode 1.70 -> 1.94 ms/token at 1.5B). With prefill_eager_numerics, the prefill's parts up to the
+            # pruning layer (the ones the kept-token choice reads) round as eager and keep their projections
+            # unmerged: a merged q/k/v is another GEMM, whose sums round otherwise (on the CPU in bf16, merging
+            # alone moved the kept image tokens of 49 of 100 testbed questions). The prefill's parts serve every
+            # prompt length (dynamic_lengths).
+            decision = self._part_compiler(cuda, merge=False, eager_numerics=True, dynamic_lengths=True) \
+                if self.prefill_eager_numerics else None
             self._und_graph = UndGraphExecutor(
                 self.config, self._graph_ffn_ranges("und", weights),
-                self._part_compiler(cuda, merge=merge and not self.prefill_eager_numerics,
-                                    eager_numerics=self.prefill_eager_numerics, dynamic_lengths=True),
+                self._part_compiler(cuda, merge=merge, eager_numerics=False, dynamic_lengths=True),
                 cuda_graphs=self.cuda_graphs and cuda,
                 compile_one_row=self._part_compiler(cuda, merge=merge, eager_numerics=False,
                                                     coordinate_descent=self.tune_decode,
                                                     norm_in_products=self.norm_in_products),
                 prepare_weights=functools.partial(self._prepare_weights, merge=merge)
                 if merge or self._checks_layout else None,
-                decode_attention=self.decode_attention)
+                decode_attention=self.decode_attention, compile_decision_part=decision)
         return torch.no_grad()(self._und_graph.runner(gm, example_inputs))  # inference only, as generation
 
     def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
@@ -446,10 +448,11 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes; a
     candidate, not yet timed on a GPU); ``norm_in_products``: the decode step's RMSNorm statistics are computed
     inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
-    candidate, not yet timed on a GPU); ``prefill_eager_numerics``: understanding's prefill rounds as eager does
-    too (fused kernels round as eager, and its projections stay unmerged, each the GEMM eager runs), so the V-norms
-    that choose the kept image tokens follow the eager twin's (on an H200, 97.5% of testbed questions keep eager's
-    tokens against 49% without, for 13 ms more prefill at 7B; the one-row decode parts never do)."""
+    candidate, not yet timed on a GPU); ``prefill_eager_numerics``: the understanding prefill's parts that the
+    kept-token choice reads (up to the pruning layer) round as eager does too (fused kernels round as eager, and
+    their projections stay unmerged, each the GEMM eager runs), so the V-norms that choose the kept image tokens are
+    the eager twin's (on an H200, with the whole prefill so compiled, 97.5% of testbed questions kept eager's tokens
+    against 49% without, for 13 ms more prefill at 7B; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics)

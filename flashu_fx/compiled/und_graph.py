@@ -70,6 +70,17 @@ class UndAnswerState:
     addresses: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per kind: weights and cache (CUDA graphs)
 
 
+def decision_parts(graph: PartitionedGraph, prune_layer: int) -> list[str]:
+    """The names of the parts of a pruned prefill that the kept-token choice reads: every part in graph order up to
+    and including ``layer.{prune_layer}``, whose V-norms choose the tokens (the image embedding, SigLIP, the fusion,
+    the layers before it)."""
+    names = [part.name for part in graph.parts]
+    last = f"layer.{prune_layer}"
+    if last not in names:
+        raise ValueError(f"token_prune_layer={prune_layer} names no part of the prefill: its parts are {names}")
+    return names[: names.index(last) + 1]
+
+
 class UndGraphExecutor:
     """The understanding executor of one backend: its config, the "und" FFN ranges, and the compiled variants."""
 
@@ -77,16 +88,21 @@ class UndGraphExecutor:
                  compile_part: Callable[[fx.GraphModule, list], Callable], cuda_graphs: bool = True,
                  compile_one_row: Callable[[fx.GraphModule, list], Callable] | None = None,
                  prepare_weights: Callable[[dict[str, Tensor]], None] | None = None,
-                 decode_attention: str = "sdpa") -> None:
+                 decode_attention: str = "sdpa",
+                 compile_decision_part: Callable[[fx.GraphModule, list], Callable] | None = None) -> None:
         """``compile_part`` compiles the prefill's parts, ``compile_one_row`` (default: the same) the decode
         step's, which run on one row. ``prepare_weights``: called with the weights by state-dict key before each
         prefill (the backend lays out new weights for merged projections there). ``decode_attention``: "sdpa"
-        (the library's attention kernel) or "reductions" (``passes.decode_attention``) for the decode step."""
+        (the library's attention kernel) or "reductions" (``passes.decode_attention``) for the decode step.
+        ``compile_decision_part`` (default: as the others) compiles the prefill's parts that the kept-token choice
+        reads, every part up to and including the pruning layer (``decision_parts``), e.g. with eager rounding so
+        the V-norms, and so the kept tokens, are the eager twin's."""
         check_decode_attention(decode_attention)
         self.config = FlashUConfig.off("und") if config is None else config
         self.ffn_ranges, self.compile_part = ffn_ranges, compile_part
         self.compile_one_row = compile_part if compile_one_row is None else compile_one_row
         self.prepare_weights, self.decode_attention = prepare_weights, decode_attention
+        self.compile_decision_part = compile_decision_part
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.state = UndAnswerState()
         self.graphs: dict[str, PartitionedGraph] = {}  # "prefill" / "decode": the variant that ran last
@@ -133,7 +149,11 @@ class UndGraphExecutor:
                 examples = [x.clone() if name.startswith("l_cache_") else x
                             for name, x in zip(names, args, strict=True)]
                 compiler = self.compile_part if kind == "prefill" else self.compile_one_row
-                compile_parts(graph, compiler, examples, self._artifacts)
+                overrides = {}
+                if "kept_rows" in extras and self.compile_decision_part is not None:
+                    decision = ("decision", self.compile_decision_part)
+                    overrides = {name: decision for name in decision_parts(graph, self.config.token_prune_layer)}
+                compile_parts(graph, compiler, examples, self._artifacts, overrides)
                 variants[key] = graph, tuple(extras)
                 self.variant_builds += 1
             return variants[key]

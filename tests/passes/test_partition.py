@@ -115,6 +115,29 @@ def test_compile_parts_compiles_once_per_structure(captured) -> None:
         assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
 
 
+def test_an_overridden_part_compiles_apart_from_its_structural_twins(captured) -> None:
+    """layer.0..3 share one structure; layer.0 and layer.1 given a compiler of their own share its artifact, and
+    the other two the default's: labels keep the two kinds of artifact apart."""
+    gm, example = captured
+    graph = partition_showo2_graph(gm)
+    seen: dict[str, list[str]] = {"default": [], "exact": []}
+
+    def recording(kind: str):
+        def compiler(module, inputs):
+            seen[kind].append(module.meta["part"])
+            return module.forward
+        return compiler
+
+    exact = recording("exact")
+    compile_parts(graph, recording("default"), example, overrides={"layer.0": ("exact", exact),
+                                                                     "layer.1": ("exact", exact)})
+    assert seen["exact"] == ["layer.0"]  # compiled once, for both
+    assert "layer.2" in seen["default"] and "layer.3" not in seen["default"]  # its twin's artifact
+    assert not {"layer.0", "layer.1"} & set(seen["default"])
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
+
+
 def test_a_changed_forward_changes_the_parts_as_it_changes_eager(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
     scale_mlp(model, 2)

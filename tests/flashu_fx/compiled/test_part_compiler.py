@@ -135,9 +135,10 @@ def spy_on_part_compilers(monkeypatch) -> list[PartSettings]:
 
 @pytest.mark.parametrize("prefill_eager_numerics", [False, True])
 def test_numerics_reach_the_parts_they_name(monkeypatch, tiny_model, prefill_eager_numerics: bool) -> None:
-    """Generation's parts round as eager; understanding's prefill only with ``prefill_eager_numerics``, which also
-    keeps its projections unmerged (each the GEMM eager runs); its one-row decode parts never: emulated rounding would
-    round every product of a one-row reduction."""
+    """Generation's parts round as eager; understanding's prefill never, but with ``prefill_eager_numerics`` the
+    parts the kept-token choice reads get a compiler of their own that does, with unmerged projections (each the
+    GEMM eager runs); its one-row decode parts never: emulated rounding would round every product of a one-row
+    reduction."""
     torch._dynamo.reset()
     made = spy_on_part_compilers(monkeypatch)
     model = copy.deepcopy(tiny_model)
@@ -147,9 +148,9 @@ def test_numerics_reach_the_parts_they_name(monkeypatch, tiny_model, prefill_eag
     und_backend = flashu_backend("und", eager_numerics=True, prefill_eager_numerics=prefill_eager_numerics)
     answer_question_compiled(torch.compile(model, backend=und_backend), und_backend, torch.randn(1, 16, 8, 8),
                              [4, 5], max_new_tokens=2)
-    # gen; und's prefill; its one-row parts
-    assert [m.eager_numerics for m in made] == [True, prefill_eager_numerics, False]
-    assert [m.merge for m in made] == [True, not prefill_eager_numerics, True]
+    # gen; (the token choice's parts); und's prefill; its one-row parts
+    decision = [(True, False)] if prefill_eager_numerics else []
+    assert [(m.eager_numerics, m.merge) for m in made] == [(True, True), *decision, (False, True), (False, True)]
 
 
 @pytest.mark.parametrize("tune_decode", [True, False])

@@ -97,6 +97,36 @@ def test_projections_are_merged_in_both_graphs(tiny_model) -> None:
         assert linears == 4, kind
 
 
+def test_eager_numerics_reach_only_the_parts_the_token_choice_reads(tiny_model) -> None:
+    """``prefill_eager_numerics``: the prefill's parts up to the pruning layer compile unmerged (each projection the
+    GEMM eager runs), the later layers and the decode step merged; the answer is eager FlashU's."""
+    import torch.nn.functional as F
+
+    from flashu_fx.compiled.und_graph import decision_parts
+
+    model = copy.deepcopy(tiny_model)
+    latents, question = latents_for(5), question_for(6)
+    want = answer_question_flashu(model, latents, question, PRUNE_ONLY, None, max_new_tokens=4, stop_at_eos=False)
+    torch._dynamo.reset()
+    backend = flashu_backend("und", PRUNE_ONLY, prefill_eager_numerics=True)
+    got = answer_question_compiled(torch.compile(model, backend=backend), backend, latents, question,
+                                   max_new_tokens=4, stop_at_eos=False)
+    assert got.ids == want.ids
+    prefill = backend.und_graphs["prefill"]
+    exact = decision_parts(prefill, PRUNE_ONLY.token_prune_layer)
+    assert exact[-1] == f"layer.{PRUNE_ONLY.token_prune_layer}" and exact[0] == prefill.parts[0].name
+    def linears(part) -> int:
+        return sum(n.op == "call_function" and n.target is F.linear for n in part.module.graph.nodes)
+
+    # the tiny prefill's four layers differ in structure, so each is compiled from its own module
+    assert {p.name: linears(p) for p in prefill.parts if p.name.startswith("layer.")} == {
+        f"layer.{i}": 7 if f"layer.{i}" in exact else 4 for i in range(model.config.num_layers)}
+    decode = backend.und_graphs["decode"]
+    assert linears(next(p for p in decode.parts if p.name == "layer.0")) == 4  # the decode step still merges
+    with pytest.raises(ValueError, match="token_prune_layer=9 names no part of the prefill"):
+        decision_parts(prefill, 9)
+
+
 def test_merged_ffn_slices_answer_as_eager_flashu(tiny_model) -> None:
     """``merge_ffn_slices``: each layer's pruned gate and up views (their range start varies by layer) run as one
     batched matmul from one artifact; the answer, kept tokens and skip sets are eager FlashU's."""
