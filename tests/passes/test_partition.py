@@ -138,6 +138,32 @@ def test_an_overridden_part_compiles_apart_from_its_structural_twins(captured) -
         assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
 
 
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_any_set_of_overridden_parts_replays_the_graph_and_compiles_each_kind_once(captured, data) -> None:
+    """Whichever parts a caller compiles otherwise, the result is the captured graph's, and each (structure, label)
+    pair is compiled exactly once."""
+    gm, example = captured
+    graph = partition_showo2_graph(gm)
+    names = [part.name for part in graph.parts]
+    chosen = data.draw(st.sets(st.sampled_from(names)))
+    calls: list[tuple[str, str]] = []
+
+    def compiler_for(label: str):
+        def compiler(module, inputs):
+            calls.append((label, module.meta["part"]))
+            return module.forward
+        return compiler
+
+    other = compiler_for("other")
+    compile_parts(graph, compiler_for(""), example, overrides={name: ("other", other) for name in chosen})
+    signature = {part.name: part.signature for part in graph.parts}
+    expected = {(signature[n], "other" if n in chosen else "") for n in names}
+    assert sorted((signature[n], label) for label, n in calls) == sorted(expected)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(gm(*example), graph.root(*example), strict=True))
+
+
 def test_a_changed_forward_changes_the_parts_as_it_changes_eager(tiny_model) -> None:
     model = copy.deepcopy(tiny_model)
     scale_mlp(model, 2)
