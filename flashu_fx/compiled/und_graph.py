@@ -17,7 +17,9 @@ the variant keeps the capture's symbolic length, and the prefill's parts are com
 (``make_part_compiler(dynamic_lengths=True)``), symbolic in the length from their first compilation. On CUDA a
 prompt length's prefill is captured as a CUDA graph on its second use (``PREFILL_CAPTURE_ON_USE``); the decode
 step's variants on their first.
-The decode step's parts are specialised to their one row and the cache.
+The decode step's parts are specialised to their one row and the cache. A backend that wants the eager twin's
+kept tokens (``prefill_eager_numerics``) hands a compiler of its own for the prefill's parts up to the pruning layer
+(``decision_parts``: what the V-norms read), compiled apart from their structural twins.
 """
 
 from __future__ import annotations
