@@ -16,7 +16,7 @@ Understanding has one rule per token step d (0 = the prefill): ``und_step_layers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from flashu_fx.flashu_config import FlashUConfig
 
@@ -97,7 +97,7 @@ def check_plans(plans: object, num_calls: int) -> None:
     for s, plan in enumerate(plans, start=1):
         if not isinstance(plan, StepPlan) or plan.call != s:
             raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed a StepPlan with call={s}")
-        if plan.layers not in ("all", "measure", "skip") or plan.head not in ("compute", "store", "reuse"):
+        if plan.layers not in get_args(LayerMode) or plan.head not in get_args(HeadMode):
             raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed layers 'all', 'measure' or 'skip' and head "
                              "'compute', 'store' or 'reuse'")
         if plan.layers == "skip" and not measured:

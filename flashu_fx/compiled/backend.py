@@ -118,17 +118,16 @@ class FlashUBackend:
         check_guidance(guidance, per_call=False)
         if plans is not None:
             check_plans(plans, num_calls)
-            if self.layout is None and any(plan.ffn_pruned for plan in plans):
-                raise ValueError("plans with ffn_pruned=True are invalid for a backend without an FFN layout: allowed "
-                                 "ffn_pruned=False, or flashu_backend(..., layout=...) with the pruned FFN's layout")
-        self._num_calls, self._guidance = num_calls, guidance
-        self._step, self._next_step = None, 0
-        if plans is not None:
-            self._plans = list(plans)
+            if not self._prunes_ffn and any(plan.ffn_pruned for plan in plans):  # the executor has no pruned FFN
+                raise ValueError("plans with ffn_pruned=True are invalid for a backend without an FFN layout in use: "
+                                 "allowed ffn_pruned=False, or a config with ffn_prune_ratio > 0 and its layout")
+            plans = list(plans)
         elif self.config is None:
-            self._plans = exact_schedule(num_calls, guidance)
+            plans = exact_schedule(num_calls, guidance)
         else:
-            self._plans = gen_schedule(self.config, num_calls, guidance)
+            plans = gen_schedule(self.config, num_calls, guidance)
+        self._num_calls, self._guidance, self._plans = num_calls, guidance, plans
+        self._step, self._next_step = None, 0
         return self._plans
 
     @contextlib.contextmanager
@@ -309,7 +308,7 @@ class FlashUBackend:
     def _graph_ffn_ranges(self, task: str, weights: dict[str, Tensor]) -> list[tuple[int, int]] | None:
         """The single neuron range per layer of ``task``'s pruned FFN (None: FFN pruning off), the layout checked
         against the config and the captured widths (``flashu_gen.layout_ranges``)."""
-        if self.config is None or self.config.ffn_prune_ratio == 0:
+        if not self._prunes_ffn:
             return None
         inter = weights["showo.model.layers.0.mlp.gate_proj.weight"].shape[0]
         return [r[0] for r in layout_ranges(self.config, self.layout, task, num_decoder_layers(weights), inter)]
@@ -328,9 +327,14 @@ class FlashUBackend:
         return False
 
     @property
+    def _prunes_ffn(self) -> bool:
+        """Whether the executors run a pruned FFN (the config prunes; the constructor checked its layout)."""
+        return self.config is not None and self.config.ffn_prune_ratio > 0
+
+    @property
     def _checks_layout(self) -> bool:
         """Whether the weights must match a pruned FFN's layout (FFN pruning on, a layout with a signature)."""
-        return self.config is not None and self.config.ffn_prune_ratio > 0 and self.layout is not None
+        return self._prunes_ffn and self.layout is not None
 
     def _prepare_weights(self, weights: dict[str, Tensor], merge: bool) -> None:
         """Before an image or an answer: the pruned FFN's layout must be the one these weights were permuted for
