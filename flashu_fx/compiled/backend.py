@@ -67,7 +67,7 @@ class FlashUBackend:
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
                  merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
-                 norm_in_products: bool = False, prefill_eager_numerics: bool = False) -> None:
+                 norm_in_products: bool = True, prefill_eager_numerics: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -431,8 +431,8 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    cuda_graphs: bool = True, merge_projections: bool = True,
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
-                   decode_attention: str = "sdpa", norm_in_products: bool = False,
-                   prefill_eager_numerics: bool = False) -> FlashUBackend:
+                   decode_attention: str = "sdpa", norm_in_products: bool = True,
+                   prefill_eager_numerics: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -449,14 +449,14 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     ``merge_ffn_slices``: with ``merge_projections``, a pruned FFN's gate and up slices run as one batched matmul
     over both row blocks (``passes.merge_projections``) instead of two matmuls (off: a tie in both tasks on an
     H100, BENCHMARKS.md); ``decode_attention``: how understanding's decode step attends over the cache, "sdpa" (the
-    library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes; a
-    candidate, not yet timed on a GPU); ``norm_in_products``: the decode step's RMSNorm statistics are computed
-    inside the products that read the normalised row (``passes.norm_in_products``), two kernels fewer a layer (a
-    candidate, not yet timed on a GPU); ``prefill_eager_numerics``: the understanding prefill's parts that the
-    kept-token choice reads (up to the pruning layer) round as eager does too (fused kernels round as eager, and
-    their projections stay unmerged, each the GEMM eager runs), so the V-norms that choose the kept image tokens are
-    the eager twin's (on an H200, with the whole prefill so compiled, 97.5% of testbed questions kept eager's tokens
-    against 49% without, for 13 ms more prefill at 7B; the one-row decode parts never do)."""
+    library kernel) or "reductions" (``passes.decode_attention``: plain reductions that inductor fuses and tunes;
+    slower on an H100, 5.29 against 5.10 ms per 7B token); ``norm_in_products``: the decode step's RMSNorm
+    statistics are computed inside the products that read the normalised row (``passes.norm_in_products``), two
+    kernels fewer a layer (4.73 against 5.08 ms per 7B token on an H100); ``prefill_eager_numerics``: the
+    understanding prefill's parts that the kept-token choice reads (up to the pruning layer) round as eager does
+    too (fused kernels round as eager, and their projections stay unmerged, each the GEMM eager runs), so the
+    V-norms that choose the kept image tokens are the eager twin's (on an H100, 98.0% of testbed questions kept
+    eager's tokens against 49% without, at no measured cost; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics)

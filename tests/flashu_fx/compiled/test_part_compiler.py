@@ -160,8 +160,10 @@ def test_decode_tuning_reaches_the_one_row_parts_only(monkeypatch, tiny_model, t
     backend = flashu_backend("und", tune_decode=tune_decode)
     answer_question_compiled(torch.compile(tiny_model, backend=backend), backend, torch.randn(1, 16, 8, 8), [4, 5],
                              max_new_tokens=2)
-    # the prefill's parts serve every prompt length; the decode step's run one row, tuned when asked
-    assert [(m.coordinate_descent, m.dynamic_lengths) for m in made] == [(False, True), (tune_decode, False)]
+    # the prefill's parts serve every prompt length (the token choice's, with prefill_eager_numerics on by default,
+    # and the rest); the decode step's run one row, tuned when asked, each RMSNorm folded into its products
+    assert [(m.coordinate_descent, m.dynamic_lengths, m.norm_in_products) for m in made] == [
+        (False, True, False), (False, True, False), (tune_decode, False, True)]
 
 
 def test_inductor_options_reach_every_part_and_are_checked(monkeypatch) -> None:
