@@ -103,7 +103,6 @@ def test_eager_numerics_reach_only_the_parts_the_token_choice_reads(tiny_model) 
     GEMM eager runs), the later layers and the decode step merged; the answer is eager FlashU's."""
     import torch.nn.functional as F
 
-
     model = copy.deepcopy(tiny_model)
     latents, question = latents_for(5), question_for(6)
     want = answer_question_flashu(model, latents, question, PRUNE_ONLY, None, max_new_tokens=4, stop_at_eos=False)
