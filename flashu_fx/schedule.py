@@ -88,6 +88,12 @@ def exact_schedule(num_calls: int, guidance: float) -> list[StepPlan]:
     return [StepPlan(s, guidance, False, "all", "compute") for s in range(1, num_calls + 1)]
 
 
+def _choices(mode: object) -> str:
+    """A Literal's values as an error message lists them: "'all', 'measure' or 'skip'"."""
+    values = [repr(v) for v in get_args(mode)]
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
 def check_plans(plans: object, num_calls: int) -> None:
     """Raise ``ValueError`` unless ``plans`` is a schedule a generation executor can run: one ``StepPlan`` per call,
     numbered 1..num_calls, no skip before a measuring call chose the skip set, no head reuse before a store."""
@@ -98,8 +104,8 @@ def check_plans(plans: object, num_calls: int) -> None:
         if not isinstance(plan, StepPlan) or plan.call != s:
             raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed a StepPlan with call={s}")
         if plan.layers not in get_args(LayerMode) or plan.head not in get_args(HeadMode):
-            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed layers 'all', 'measure' or 'skip' and head "
-                             "'compute', 'store' or 'reuse'")
+            raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: allowed layers {_choices(LayerMode)} and head "
+                             f"{_choices(HeadMode)}")
         if plan.layers == "skip" and not measured:
             raise ValueError(f"plans[{s - 1}]={plan!r} is invalid: a 'skip' call needs an earlier 'measure' call, "
                              "which chooses the layers it skips")
