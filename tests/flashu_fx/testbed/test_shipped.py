@@ -1,7 +1,7 @@
 """The shipped trained testbed: it loads, it draws what held-out prompts ask for, it answers held-out questions,
 and compiled FlashU scores as eager FlashU does on the same prompts (CPU, fp32, a few items).
 
-The thresholds sit well below what the testbed scored on 200 held-out items (docs/QUALITY.md, run 9: single
+The thresholds sit well below what the testbed scored on 200 held-out items (docs/QUALITY.md, run 11: single
 objects 1.00, colours 1.00, every answer kind 1.00), so they fail when the weights,
 the codec, the tokenizer or a pipeline break, not by chance.
 """
