@@ -135,19 +135,24 @@ def gen_call_flops(cfg: Showo2Config, prefix: int, layers: int, ffn_width: int, 
 
 def gen_image_flops(cfg: Showo2Config, config: FlashUConfig | None, baseline_points: int, prefix: int) -> float:
     """All calls of one image: exact (``config`` None, every call full) or FlashU's schedule."""
-    def total(call: dict[str, float]) -> float:
-        return call["linear"] + call["attention"]
+    return sum(gen_image_flops_by_kind(cfg, config, baseline_points, prefix).values())
 
+
+def gen_image_flops_by_kind(cfg: Showo2Config, config: FlashUConfig | None, baseline_points: int,
+                            prefix: int) -> dict[str, float]:
+    """``gen_image_flops`` apart: {"linear", "attention"} FLOPs of all calls of one image."""
     if config is None:
-        return (baseline_points - 1) * total(gen_call_flops(cfg, prefix, cfg.num_layers, cfg.intermediate_size,
-                                                            True, True))
-    flops = 0.0
+        call = gen_call_flops(cfg, prefix, cfg.num_layers, cfg.intermediate_size, True, True)
+        return {kind: (baseline_points - 1) * flops for kind, flops in call.items()}
+    flops = {"linear": 0.0, "attention": 0.0}
     kept = config.kept_ffn_width(cfg.intermediate_size)
     skipped = config.num_skipped_layers(cfg.num_layers)
     for plan in gen_schedule(config, config.num_points(baseline_points) - 1, guidance=0.0):  # CFG scale: no FLOPs
         layers = cfg.num_layers - (skipped if plan.layers == "skip" else 0)
         width = kept if plan.ffn_pruned else cfg.intermediate_size
-        flops += total(gen_call_flops(cfg, prefix, layers, width, plan.needs_trunk, plan.head != "reuse"))
+        call = gen_call_flops(cfg, prefix, layers, width, plan.needs_trunk, plan.head != "reuse")
+        for kind in flops:
+            flops[kind] += call[kind]
     return flops
 
 

@@ -29,7 +29,13 @@ bytes at the copy bandwidth.
 attention over the prefix and the block, gate/up and down at the full and the kept FFN width, each as the library
 runs it (cuBLAS, and SDPA for attention). Rows give TFLOP/s and the share of the device's measured peak; the summary
 gives a full and a pruned layer's time against the same FLOPs at the peak: the highest floor share these shapes
-allow when every product runs at the library's speed and nothing else costs time.
+allow when every product runs at the library's speed and nothing else costs time. The attention is also timed as
+the trunk calls it (``masked``: grouped K/V heads and the bool mask that hides the null row's padded prefix, the
+backend torch picks), with each SDPA backend forced (``masked-cudnn``, ``masked-efficient``), and without the mask
+(``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere); a backend
+that does not take the call on the device is reported as not run. ``--sustained-seconds`` replays the full gate/up
+product for that long and reports its rate at the start and over the last half: whether the device keeps its clocks
+through a whole image's work.
 
 On a GPU each time is device time per call: the median over replays of one CUDA graph that calls the product on
 enough weight copies to read HBM rather than L2 (``harness.kernels.graph_us``). On the CPU the command checks every
@@ -44,6 +50,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +68,13 @@ from harness.tables import format_table
 from passes.decode_attention import decode_attention
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
-VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"), "gen": ("library",)}
+VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"),
+            "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn")}
+# gen attention only: the backend each variant forces (None: torch's own choice), and whether it reads the mask
+SDPA_VARIANTS = {"masked": (None, True), "masked-cudnn": ("CUDNN_ATTENTION", True),
+                 "masked-efficient": ("EFFICIENT_ATTENTION", True), "grouped-flash": ("FLASH_ATTENTION", False),
+                 "grouped-cudnn": ("CUDNN_ATTENTION", False)}
+NULL_PROMPT = 8  # gen attention mask: the null row's prompt positions; the rest of its prefix is padding
 KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
 DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
 UNWRITTEN_SLOTS = 16  # decode attention: cache slots past the answer's end, masked as the decode step masks them
@@ -199,8 +212,14 @@ def make_case(p: Product, device: torch.device, dtype: torch.dtype, copies: int,
         return Case(p, {"q": rand(1, p.heads, 1, p.k), "mask": mask}, caches)
     if p.kind == "attention":
         rep = p.heads // p.kv_heads
-        kv = [rand(2, p.kv_heads, p.n, p.k).repeat_interleave(rep, dim=1) for _ in range(2)]
-        return Case(p, {"q": rand(2, p.heads, p.m, p.k), "k": kv[0], "v": kv[1]}, [[] for _ in range(copies)])
+        grouped = [rand(2, p.kv_heads, p.n, p.k) for _ in range(2)]
+        kv = [t.repeat_interleave(rep, dim=1) for t in grouped]
+        # as the trunk attends: the cond row sees every key, the null row's prefix is padded after its prompt
+        mask = torch.ones(2, 1, p.m, p.n, dtype=torch.bool, device=device)
+        mask[1, ..., min(NULL_PROMPT, p.n - p.m): p.n - p.m] = False
+        acts = {"q": rand(2, p.heads, p.m, p.k), "k": kv[0], "v": kv[1], "kg": grouped[0], "vg": grouped[1],
+                "mask": mask}
+        return Case(p, acts, [[] for _ in range(copies)])
     if p.kind == "down":
         acts = {"g": rand(p.m, p.k), "u": rand(p.m, p.k), "res": rand(p.m, p.n)}
     else:
@@ -216,6 +235,8 @@ def make_case(p: Product, device: torch.device, dtype: torch.dtype, copies: int,
 def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Callable[[], object]] | None:
     """One call per weight copy of ``variant`` (None where it does not apply to the product)."""
     kind, n = case.product.kind, len(case.weights)
+    if variant in SDPA_VARIANTS:
+        return [functools.partial(sdpa_as_called, case, variant)] * n if kind == "attention" else None
     if variant == "library":
         if kind == "attention":
             return [lambda: F.scaled_dot_product_attention(*case.args(0)) for _ in range(n)]
@@ -254,10 +275,28 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
     return None
 
 
+def sdpa_as_called(case: Case, variant: str) -> torch.Tensor:
+    """The gen attention as the trunk calls it (grouped K/V heads; the bool mask where the variant reads it), with
+    the SDPA backend the variant forces (``SDPA_VARIANTS``). A backend that cannot run the call raises."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend, masked = SDPA_VARIANTS[variant]
+    a = case.acts
+    with nullcontext() if backend is None else sdpa_kernel(getattr(SDPBackend, backend)):
+        return F.scaled_dot_product_attention(a["q"], a["kg"], a["vg"], attn_mask=a["mask"] if masked else None,
+                                              enable_gqa=True)
+
+
 def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The fused function in eager fp32 on the first weight copy."""
     args = tuple(t.float() for t in case.args(0))
     return fused_fn(case.product.kind, eps)(*args)
+
+
+def masked_reference(case: Case) -> torch.Tensor:
+    """The gen attention with the trunk's mask, in eager fp32 (the masked variants' reference)."""
+    a = {k: v.float() if v.is_floating_point() else v for k, v in case.acts.items()}
+    return F.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=a["mask"])
 
 
 def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
@@ -266,7 +305,8 @@ def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
 
 def check_variant(case: Case, calls: list[Callable[[], object]], variant: str, eps: float) -> float:
     """Largest error of the variant's first call against the fp32 reference, relative to the reference's scale."""
-    want = _as_tuple(reference(case, eps))
+    masked = variant in SDPA_VARIANTS and SDPA_VARIANTS[variant][1]
+    want = _as_tuple(masked_reference(case) if masked else reference(case, eps))
     got = _as_tuple(calls[0]())
     if variant == "library" and case.product.kind == "down":  # the bare product: add the residual to compare
         got = (got[0] + case.acts["res"],)
@@ -304,7 +344,13 @@ def measure(products: list[Product], variants: tuple[str, ...], device: torch.de
             calls = variant_calls(case, variant, eps, backend)
             if calls is None:
                 continue
-            err = check_variant(case, calls, variant, eps)  # also the first call: compiles before the timing
+            try:
+                err = check_variant(case, calls, variant, eps)  # also the first call: compiles before the timing
+            except RuntimeError as error:  # a forced SDPA backend that does not take this call on this device
+                if variant not in SDPA_VARIANTS:
+                    raise
+                print(f"{p.name} {variant}: not run ({str(error).splitlines()[0][:100]})")
+                continue
             rows.append({"product": p.name, "variant": variant, "m": p.m, "n": p.n, "k": p.k, "weight_bytes": nbytes,
                          "flops": p.flops(), "max_rel_err": err, "us": time_us(calls, device, repeats)})
         del case
@@ -330,8 +376,9 @@ def und_summary(rows: list[dict], products: list[Product], layers: int, copy_gbp
 
 
 def gen_summary(rows: list[dict], tflops: float | None) -> dict:
-    """A full and a pruned trunk layer at the library's speed, against the same FLOPs at the peak rate."""
-    times = {r["product"]: r for r in rows}
+    """A full and a pruned trunk layer at the library's speed (the ``library`` rows), against the same FLOPs at the
+    peak rate."""
+    times = {r["product"]: r for r in rows if r.get("variant", "library") == "library"}
     out = {}
     for width, ffn in (("full", ("gate/up", "down")), ("kept", ("gate/up kept", "down kept"))):
         names = ("q/k/v", "o", "attention", *ffn)
@@ -342,9 +389,45 @@ def gen_summary(rows: list[dict], tflops: float | None) -> dict:
     return out
 
 
+def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, seconds: float,
+                   window_ms: float = 50.0) -> dict:
+    """The rate of ``calls`` (one CUDA graph) replayed back to back for ``seconds``: TFLOP/s over the first
+    ``window_ms`` and over the last half, as a short benchmark and a whole image (0.3-0.8 s of such products) see
+    the device. A device that lowers its clocks under sustained load shows it here."""
+    graph = torch.cuda.CUDAGraph()
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    marks = [torch.cuda.Event(enable_timing=True)]
+    marks[0].record()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:  # the host queues replays far ahead of the device
+        for _ in range(16):
+            graph.replay()
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+    torch.cuda.synchronize()
+    ends = [marks[0].elapsed_time(m) for m in marks[1:]]  # ms from the first replay's start
+    per_replay = flops_per_call * len(calls)
+
+    def rate(lo_ms: float, hi_ms: float) -> float:
+        inside = [i for i, t in enumerate(ends) if lo_ms < t <= hi_ms]
+        span = ends[inside[-1]] - (ends[inside[0] - 1] if inside[0] else 0.0)
+        return per_replay * len(inside) / span / 1e9
+
+    total = ends[-1]
+    return {"seconds": total / 1e3, "replays": len(ends), "first_window_ms": window_ms,
+            "first_TFLOPs": rate(0.0, window_ms), "last_half_TFLOPs": rate(total / 2, total)}
+
+
 def run(task: str, cfg: Showo2Config, config: FlashUConfig, device: torch.device, dtype: torch.dtype,
         repeats: int, backend: str, copy_gbps: float | None, tflops: float | None, prefix: int,
-        cache_len: int = DEFAULT_CACHE_LEN) -> dict:
+        cache_len: int = DEFAULT_CACHE_LEN, sustained_seconds: float = 0.0) -> dict:
     itemsize = torch.empty((), dtype=dtype).element_size()
     products = decode_products(cfg, config, cache_len) if task == "und" else gen_products(cfg, config, prefix)
     rows = measure(products, VARIANTS[task], device, dtype, repeats, backend, cfg.rms_norm_eps)
@@ -360,6 +443,12 @@ def run(task: str, cfg: Showo2Config, config: FlashUConfig, device: torch.device
         result |= und_summary(rows, products, token_layers(cfg, config), copy_gbps, itemsize)
     else:
         result |= {"prefix": prefix, "rows_per_product": 2 * cfg.image_slot_len, "layer": gen_summary(rows, tflops)}
+        if sustained_seconds > 0 and device.type == "cuda":
+            gate_up = next(p for p in products if p.name == "gate/up")
+            case = make_case(gate_up, device, dtype, max(1, math.ceil(ROTATE_BYTES / gate_up.weight_bytes(itemsize))))
+            calls = variant_calls(case, "library", cfg.rms_norm_eps, backend)
+            result["sustained"] = {"product": gate_up.name, **sustained_rate(calls, gate_up.flops(),
+                                                                             sustained_seconds)}
     return result
 
 
@@ -380,13 +469,22 @@ def report(result: dict) -> str:
             lines.append(f"{v}: {t['layer_us']:.1f} us per layer, {t['token_us']:.0f} us per token "
                          f"({result['layers_per_token']} layers + lm_head){share}")
         return "\n".join(lines)
-    head = ["product", "m x n x k", "GFLOP", "us", "TFLOP/s", "of peak", "rel err"]
-    rows = [[r["product"], f"{r['m']} x {r['n']} x {r['k']}", f"{r['flops'] / 1e9:.2f}", f"{r['us']:.1f}",
+    head = ["product", "variant", "m x n x k", "GFLOP", "us", "TFLOP/s", "of peak", "rel err"]
+    rows = [[r["product"], r["variant"], f"{r['m']} x {r['n']} x {r['k']}", f"{r['flops'] / 1e9:.2f}", f"{r['us']:.1f}",
              f"{r['TFLOPs']:.0f}", _pct(r["pct_peak"]), f"{r['max_rel_err']:.1e}"] for r in result["rows"]]
     lines = [format_table(head, rows)]
     for width, s in result["layer"].items():
         share = f", {100 * s['share_of_peak']:.0f}% of the peak rate" if s["share_of_peak"] else ""
         lines.append(f"one trunk layer, FFN {width}: {s['layer_us']:.0f} us at the library's speed{share}")
+    attention = {r["variant"]: r["us"] for r in result["rows"] if r["product"] == "attention"}
+    if "masked" in attention:
+        best = min(attention, key=attention.get)
+        lines.append(f"attention as the trunk calls it (masked, grouped heads): {attention['masked']:.1f} us; fastest "
+                     f"variant {best}: {attention[best]:.1f} us")
+    if "sustained" in result:
+        s = result["sustained"]
+        lines.append(f"{s['product']} replayed for {s['seconds']:.1f} s: {s['first_TFLOPs']:.0f} TFLOP/s over the "
+                     f"first {s['first_window_ms']:.0f} ms, {s['last_half_TFLOPs']:.0f} over the last half")
     return "\n".join(lines)
 
 
@@ -401,12 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
                    help="und: KV cache slots a decode step attends over (its capacity)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants (und)")
+    p.add_argument("--sustained-seconds", type=float, default=0.0,
+                   help="gen on a GPU: also replay the full gate/up product this long and report its rate at the "
+                        "start and over the last half (clocks under sustained load)")
     p.add_argument("--max-rel-err", type=float, default=2e-2, help="fail when a variant is further off than this")
     p.add_argument("--out", default="products.json", help="JSON output path")
     args = p.parse_args(argv)
     for name in ("repeats", "prefix_len", "cache_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: allowed an integer >= 1")
+    if not 0 <= args.sustained_seconds <= 60:
+        p.error(f"--sustained-seconds={args.sustained_seconds} is invalid: allowed 0 (off) to 60")
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     copy = tflops = None
@@ -418,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'not measured' if tflops is None else f'{tflops:.0f} TFLOP/s'}")
     cfg = get_config(args.preset)
     result = run(args.task, cfg, FlashUConfig.for_task(args.task), device, dtype, args.repeats, args.backend, copy,
-                 tflops, args.prefix_len, args.cache_len)
+                 tflops, args.prefix_len, args.cache_len, args.sustained_seconds)
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     print(report(result))

@@ -24,6 +24,7 @@ from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from harness.arguments import command_parser
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.floors import device_rates, gen_image_flops_by_kind
 from harness.random_model import build_random_model
 from harness.rows import synchronize
 
@@ -172,6 +173,38 @@ def idle_gap_table(spans: list[tuple[str, float, float]], rows: int = 12) -> str
     return "\n".join(lines)
 
 
+KERNEL_KINDS = (  # (kind, name fragments), first match wins; lower-case
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
+    ("matrix product", ("nvjet", "gemm", "gemv", "xmma", "cutlass", "_mma", "splitk")),
+    ("triton, reduction", ("triton_red", "triton_per")),
+    ("triton, pointwise", ("triton_poi",)),
+    ("memset / copy", ("memset", "memcpy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """What a device kernel does, from its name (``KERNEL_KINDS``); "other" (eager ATen kernels, custom ops)."""
+    lower = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lower for f in fragments)), "other")
+
+
+def kernel_kind_table(spans: list[tuple[str, float, float]], floors_ms: dict[str, float] | None = None) -> str:
+    """Device time and launches per ``kernel_kind`` of an image's kernels (``device_intervals``), against the FLOP
+    floor of that kind where one is given (``floors_ms``: "matrix product", "attention")."""
+    kinds: dict[str, list[float]] = {}
+    for name, start, end in spans:
+        kinds.setdefault(kernel_kind(name), []).append(end - start)
+    floors_ms = floors_ms or {}
+    total = sum(sum(t) for t in kinds.values()) or 1.0
+    lines = ["kind                 launches  device ms  share  floor ms  of floor"]
+    for kind, times in sorted(kinds.items(), key=lambda item: -sum(item[1])):
+        ms = sum(times) / 1000
+        floor = floors_ms.get(kind)
+        at = f"{floor:8.1f}  {100 * floor / ms:7.0f}%" if floor else ""
+        lines.append(f"{kind:20s} {len(times):8d} {ms:10.1f} {100 * sum(times) / total:5.1f}%  {at}".rstrip())
+    return "\n".join(lines)
+
+
 def call_kind_table(records, timings: list[CallTiming]) -> str:
     """Median host, device and total ms per kind of call (head action, trunk run, layers skipped, measuring)."""
     return _kind_table(records, timings, "total_ms", "total ms")
@@ -231,7 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(f"device kernels and copies per image: {kernels_launched(prof)}")
-    print(idle_gap_table(device_intervals(prof)))
+    spans = device_intervals(prof)
+    print(idle_gap_table(spans))
+    rates = device_rates(torch.cuda.get_device_name())
+    # the prefix the compiled calls compute: the batch's positions before the slot's end, as bench counts it
+    prefix = compiled_batch(model.config, build_gen_batch(model.config, prompt, guided=False)).tokens.shape[1] \
+        - model.config.image_slot_len
+    flops = gen_image_flops_by_kind(model.config, config, args.steps, prefix)
+    floors_ms = {"matrix product": 1e3 * rates.compute_s(flops["linear"]),
+                 "attention": 1e3 * rates.compute_s(flops["attention"])} if rates else None
+    print(kernel_kind_table(spans, floors_ms))
     if args.trace:
         prof.export_chrome_trace(args.trace)
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1

@@ -26,6 +26,7 @@ from harness.arguments import command_parser
 from harness.compiled_rows import add_backend_option_argument, parsed_backend_options
 from harness.devices import resolve_device
 from harness.flashu_rows import permute_for, random_ffn_scores
+from harness.profile_gen import kernel_kind
 from harness.random_model import build_random_model, und_question_ids
 from harness.rows import timed
 
@@ -70,6 +71,16 @@ def stat_table(stats: dict[str, OpStat], rows: int, unit: str) -> str:
         lines.append(f"{stat.us:9.1f} {100 * stat.us / total:5.1f}% {stat.count:7.1f}  {name[:80]}")
     lines.append(f"{total:9.1f} 100.0% {sum(s.count for s in stats.values()):7.1f}  all")
     return "\n".join(lines)
+
+
+def kind_stats(stats: dict[str, OpStat]) -> dict[str, OpStat]:
+    """``stats`` summed per ``harness.profile_gen.kernel_kind`` (matrix product, attention, Triton, copies...)."""
+    kinds: dict[str, OpStat] = {}
+    for name, stat in stats.items():
+        kind = kernel_kind(name)
+        total = kinds.get(kind, OpStat(0, 0.0))
+        kinds[kind] = OpStat(total.count + stat.count, total.us + stat.us)
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,8 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode {what} per token: {sum(s.count for s in decode.values()):.1f}, busy {busy_us / 1000:.3f} ms "
           f"of the {decode_ms:.3f} ms measured")
     print(stat_table(decode, args.rows, "decode token"))
+    print(stat_table(kind_stats(decode), args.rows, "decode token, by kind"))
     print(f"prefill {what}:")
     print(stat_table(profiles[1], args.rows, "prefill"))
+    print(stat_table(kind_stats(profiles[1]), args.rows, "prefill, by kind"))
     return {"preset": args.preset, "device": str(device), "exact": args.exact, "options": options,
             "prompt_len": prompt_len, "new_tokens": args.new_tokens, "first_answer_s": round(first, 2),
             "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "decode_floor_ms": floor_ms,

@@ -89,6 +89,19 @@ def test_flashu_floors_sit_below_exact_below_upstream(preset: str) -> None:
     assert und["flashu"]["decode_gb_per_token"] < und["exact"]["decode_gb_per_token"]
 
 
+@pytest.mark.parametrize("flashu", [False, True])
+def test_image_flops_by_kind_add_up_to_the_image(flashu: bool) -> None:
+    """The products and the attention apart: each call's split summed over the schedule (exact: 49 full calls)."""
+    cfg = get_config("showo2-1.5b")
+    config = FlashUConfig.for_task("gen") if flashu else None
+    by_kind = floors.gen_image_flops_by_kind(cfg, config, 50, 38)
+    assert sum(by_kind.values()) == floors.gen_image_flops(cfg, config, 50, 38)
+    if not flashu:
+        call = floors.gen_call_flops(cfg, 38, cfg.num_layers, cfg.intermediate_size, True, True)
+        assert by_kind == {kind: 49 * flops for kind, flops in call.items()}
+    assert 0 < by_kind["attention"] < 0.1 * by_kind["linear"]
+
+
 def test_upstream_call_floor_matches_the_anchor() -> None:
     """docs/REFERENCE_MEASUREMENTS.md: one upstream call at 784 TFLOP/s is 13.6 ms (1.5B) and 42.8 ms (7B)."""
     for preset, ms in (("showo2-1.5b", 13.6), ("showo2-7b", 42.8)):

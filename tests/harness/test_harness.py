@@ -440,6 +440,36 @@ def test_idle_gap_table_sums_the_gaps_by_the_kernel_that_ended_them():
     assert idle_gap_table([]) == "no device kernels recorded"
 
 
+@pytest.mark.parametrize(("name", "kind"), [
+    ("nvjet_sm90_tst_128x168_64x5_2x1_v_bz_TNT", "matrix product"),
+    ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "matrix product"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("void cudnn::fusion::lean_reduction_kernel<false, false, false>", "attention"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "triton, reduction"),
+    ("triton_per_fused_add_mean_1", "triton, reduction"),
+    ("triton_poi_fused__unsafe_view_mul_silu_8", "triton, pointwise"),
+    ("Memset (Device)", "memset / copy"), ("Memcpy DtoD (Device -> Device)", "memset / copy"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl>", "other"),
+])
+def test_kernel_kind_names_what_a_kernel_does(name, kind):
+    from harness.profile_gen import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_kernel_kind_table_sums_each_kind_against_its_floor():
+    from harness.profile_gen import kernel_kind_table
+
+    spans = [("nvjet_a", 0.0, 3000.0), ("nvjet_b", 3000.0, 4000.0), ("cudnn_sdpa", 4000.0, 5000.0),
+             ("Memset (Device)", 5000.0, 5010.0)]  # us
+    lines = kernel_kind_table(spans, {"matrix product": 2.0, "attention": 0.25}).splitlines()
+    rows = {line[:20].strip(): line[20:].split() for line in lines[1:]}
+    assert rows["matrix product"] == ["2", "4.0", "79.8%", "2.0", "50%"]
+    assert rows["attention"] == ["1", "1.0", "20.0%", "0.2", "25%"]
+    assert rows["memset / copy"] == ["1", "0.0", "0.2%"]  # no floor given: none printed
+    assert [line[:20].strip() for line in lines[1:]] == ["matrix product", "attention", "memset / copy"]
+
+
 def test_guard_cost_reports_every_variant(capsys):
     from harness import guard_cost
 
@@ -601,3 +631,12 @@ def test_per_token_is_the_difference_per_step():
     assert table.splitlines()[1].split()[:3] == ["150.0", "93.8%", "2.0"] and table.splitlines()[-1].endswith("all")
     with pytest.raises(ValueError, match="tokens must be >= 1, got 0"):
         per_token(longer, shorter, 0)
+
+
+def test_kind_stats_sum_the_kernels_of_each_kind():
+    from harness.profile_und import OpStat, kind_stats
+
+    stats = {"nvjet_sm90_a": OpStat(26, 900.0), "gemv2T_kernel_val": OpStat(1, 400.0),
+             "triton_red_fused_mm_0": OpStat(52, 3000.0), "Memset (Device)": OpStat(3, 6.0)}
+    assert kind_stats(stats) == {"matrix product": OpStat(27, 1300.0), "triton, reduction": OpStat(52, 3000.0),
+                                 "memset / copy": OpStat(3, 6.0)}

@@ -81,6 +81,31 @@ def test_every_variant_computes_its_product_on_the_sliced_weights(task, dtype):
             assert dp.check_variant(case, calls, variant, cfg.rms_norm_eps) < tol
 
 
+@pytest.mark.parametrize("prefix", [1, 5, 64])
+def test_the_gen_attention_variants_attend_as_the_trunk(prefix):
+    """The masked variants hide the null row's padded prefix keys and nothing else; the grouped ones read each K/V
+    head for its group of query heads: both against attention written out in fp32 here."""
+    cfg = get_config("tiny")
+    product = next(p for p in dp.gen_products(cfg, FlashUConfig.for_task("gen"), prefix) if p.kind == "attention")
+    case = dp.make_case(product, torch.device("cpu"), torch.float32, copies=1)
+    a, slot = case.acts, cfg.image_slot_len
+    hidden = ~a["mask"][:, 0, 0]  # (2, keys): the same for every query
+    assert not hidden[0].any() and not hidden[1, prefix:].any()
+    assert hidden[1].sum() == prefix - min(dp.NULL_PROMPT, prefix) and a["mask"].shape == (2, 1, slot, prefix + slot)
+    group = product.heads // product.kv_heads
+    k, v = (t.repeat_interleave(group, dim=1) for t in (a["kg"], a["vg"]))
+    scores = a["q"] @ k.transpose(-1, -2) / product.k**0.5
+    want = {"masked": scores.masked_fill(hidden[:, None, None], float("-inf")).softmax(-1) @ v,
+            "grouped-flash": scores.softmax(-1) @ v}
+    for variant, expected_out in want.items():
+        calls = dp.variant_calls(case, variant, cfg.rms_norm_eps, backend="aot_eager")
+        torch.testing.assert_close(calls[0](), expected_out, atol=1e-5, rtol=1e-5)
+        assert dp.check_variant(case, calls, variant, cfg.rms_norm_eps) < 1e-5
+    qkv = dp.make_case(dp.gen_products(cfg, FlashUConfig.for_task("gen"), prefix)[0], torch.device("cpu"),
+                       torch.float32, copies=1)
+    assert all(dp.variant_calls(qkv, v, cfg.rms_norm_eps, "aot_eager") is None for v in dp.SDPA_VARIANTS)
+
+
 def test_a_gen_layer_of_products_has_the_floors_flops():
     cfg, config, prefix = get_config("showo2-1.5b"), FlashUConfig.for_task("gen"), 64
     by_name = {p.name: p for p in dp.gen_products(cfg, config, prefix)}
@@ -122,11 +147,16 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
     assert dp.main(["--task", "gen", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--repeats", "1",
                     "--prefix-len", "7", "--out", str(gen_out)]) == 0
     gen = json.loads(gen_out.read_text())
-    assert [r["product"] for r in gen["rows"]] == [p.name for p in products("gen", get_config("tiny"))]
-    us = {r["product"]: r["us"] for r in gen["rows"]}
+    assert [r["product"] for r in gen["rows"] if r["variant"] == "library"] == \
+        [p.name for p in products("gen", get_config("tiny"))]
+    # the CPU has no cuDNN or memory-efficient attention: those variants are reported as not run, not timed
+    assert {r["variant"] for r in gen["rows"] if r["product"] == "attention"} == {"library", "masked", "grouped-flash"}
+    us = {r["product"]: r["us"] for r in gen["rows"] if r["variant"] == "library"}
     assert gen["layer"]["kept"]["layer_us"] == pytest.approx(
         sum(us[n] for n in ("q/k/v", "o", "attention", "gate/up kept", "down kept")))
-    assert gen["layer"]["full"]["share_of_peak"] is None and "one trunk layer, FFN kept" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert gen["layer"]["full"]["share_of_peak"] is None and "one trunk layer, FFN kept" in printed
+    assert "attention masked-cudnn: not run" in printed and "attention as the trunk calls it" in printed
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--repeats", "0"), ("--prefix-len", "-1"), ("--cache-len", "0")])
