@@ -32,7 +32,8 @@ gives a full and a pruned layer's time against the same FLOPs at the peak: the h
 allow when every product runs at the library's speed and nothing else costs time. The attention is also timed as
 the trunk calls it (``masked``: grouped K/V heads and the bool mask that hides the null row's padded prefix, the
 backend torch picks), with each SDPA backend forced (``masked-cudnn``, ``masked-efficient``), and without the mask
-(``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere); a backend
+(``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere), and as
+FlexAttention with the mask as key padding (``flex``, compiled by ``--backend``); a backend
 that does not take the call on the device is reported as not run. ``--sustained-seconds`` replays the full gate/up
 product for that long and reports its rate at the start and over the last half: whether the device keeps its clocks
 through a whole image's work.
@@ -69,11 +70,12 @@ from passes.decode_attention import decode_attention
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
 VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"),
-            "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn")}
+            "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn", "flex")}
 # gen attention only: the backend each variant forces (None: torch's own choice), and whether it reads the mask
 SDPA_VARIANTS = {"masked": (None, True), "masked-cudnn": ("CUDNN_ATTENTION", True),
                  "masked-efficient": ("EFFICIENT_ATTENTION", True), "grouped-flash": ("FLASH_ATTENTION", False),
                  "grouped-cudnn": ("CUDNN_ATTENTION", False)}
+MASKED = {*(v for v, (_, masked) in SDPA_VARIANTS.items() if masked), "flex"}  # variants that hide the padding
 NULL_PROMPT = 8  # gen attention mask: the null row's prompt positions; the rest of its prefix is padding
 KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
 DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
@@ -237,6 +239,8 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
     kind, n = case.product.kind, len(case.weights)
     if variant in SDPA_VARIANTS:
         return [functools.partial(sdpa_as_called, case, variant)] * n if kind == "attention" else None
+    if variant == "flex":
+        return flex_calls(case, backend) * n if kind == "attention" else None
     if variant == "library":
         if kind == "attention":
             return [lambda: F.scaled_dot_product_attention(*case.args(0)) for _ in range(n)]
@@ -287,6 +291,22 @@ def sdpa_as_called(case: Case, variant: str) -> torch.Tensor:
                                               enable_gqa=True)
 
 
+def flex_calls(case: Case, backend: str) -> list[Callable[[], torch.Tensor]]:
+    """The masked gen attention through FlexAttention, compiled by ``backend``: the mask as a key-padding
+    ``mask_mod`` (every query of a row sees the same keys), so whole blocks of hidden keys are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    a, p = case.acts, case.product
+    visible = a["mask"][:, 0, 0].contiguous()  # (2, keys)
+
+    def key_padding(b, h, q_idx, kv_idx):
+        return visible[b, kv_idx]
+
+    block_mask = create_block_mask(key_padding, B=2, H=None, Q_LEN=p.m, KV_LEN=p.n, device=a["q"].device)
+    attend = torch.compile(flex_attention, backend=backend, dynamic=False)
+    return [lambda: attend(a["q"], a["kg"], a["vg"], block_mask=block_mask, enable_gqa=True)]
+
+
 def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The fused function in eager fp32 on the first weight copy."""
     args = tuple(t.float() for t in case.args(0))
@@ -305,8 +325,7 @@ def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
 
 def check_variant(case: Case, calls: list[Callable[[], object]], variant: str, eps: float) -> float:
     """Largest error of the variant's first call against the fp32 reference, relative to the reference's scale."""
-    masked = variant in SDPA_VARIANTS and SDPA_VARIANTS[variant][1]
-    want = _as_tuple(masked_reference(case) if masked else reference(case, eps))
+    want = _as_tuple(masked_reference(case) if variant in MASKED else reference(case, eps))
     got = _as_tuple(calls[0]())
     if variant == "library" and case.product.kind == "down":  # the bare product: add the residual to compare
         got = (got[0] + case.acts["res"],)
@@ -498,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-len", type=int, default=64, help="gen: text prefix (bos, prompt, boi) the block sees")
     p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
                    help="und: KV cache slots a decode step attends over (its capacity)")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants (und)")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend of the compiled variants (und; gen: flex)")
     p.add_argument("--sustained-seconds", type=float, default=0.0,
                    help="gen on a GPU: also replay the full gate/up product this long and report its rate at the "
                         "start and over the last half (clocks under sustained load)")

@@ -95,8 +95,8 @@ def test_the_gen_attention_variants_attend_as_the_trunk(prefix):
     group = product.heads // product.kv_heads
     k, v = (t.repeat_interleave(group, dim=1) for t in (a["kg"], a["vg"]))
     scores = a["q"] @ k.transpose(-1, -2) / product.k**0.5
-    want = {"masked": scores.masked_fill(hidden[:, None, None], float("-inf")).softmax(-1) @ v,
-            "grouped-flash": scores.softmax(-1) @ v}
+    masked = scores.masked_fill(hidden[:, None, None], float("-inf")).softmax(-1) @ v
+    want = {"masked": masked, "flex": masked, "grouped-flash": scores.softmax(-1) @ v}
     for variant, expected_out in want.items():
         calls = dp.variant_calls(case, variant, cfg.rms_norm_eps, backend="aot_eager")
         torch.testing.assert_close(calls[0](), expected_out, atol=1e-5, rtol=1e-5)
@@ -144,13 +144,16 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
     assert "us per token" in capsys.readouterr().out
 
     gen_out = tmp_path / "gen.json"
+    # aot_eager: torch 2.13's inductor lowers FlexAttention on the CPU wrongly at rows shorter than its block (the
+    # check below would fail the run: relative error 0.66)
     assert dp.main(["--task", "gen", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--repeats", "1",
-                    "--prefix-len", "7", "--out", str(gen_out)]) == 0
+                    "--prefix-len", "7", "--backend", "aot_eager", "--out", str(gen_out)]) == 0
     gen = json.loads(gen_out.read_text())
     assert [r["product"] for r in gen["rows"] if r["variant"] == "library"] == \
         [p.name for p in products("gen", get_config("tiny"))]
     # the CPU has no cuDNN or memory-efficient attention: those variants are reported as not run, not timed
-    assert {r["variant"] for r in gen["rows"] if r["product"] == "attention"} == {"library", "masked", "grouped-flash"}
+    attention = {r["variant"] for r in gen["rows"] if r["product"] == "attention"}
+    assert attention == {"library", "masked", "grouped-flash", "flex"}
     us = {r["product"]: r["us"] for r in gen["rows"] if r["variant"] == "library"}
     assert gen["layer"]["kept"]["layer_us"] == pytest.approx(
         sum(us[n] for n in ("q/k/v", "o", "attention", "gate/up kept", "down kept")))
