@@ -33,7 +33,8 @@ allow when every product runs at the library's speed and nothing else costs time
 the trunk calls it (``masked``: grouped K/V heads and the bool mask that hides the null row's padded prefix, the
 backend torch picks), with each SDPA backend forced (``masked-cudnn``, ``masked-efficient``), and without the mask
 (``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere), and as
-FlexAttention with the mask as key padding (``flex``, compiled by ``--backend``); a backend
+FlexAttention with the mask as key padding (``flex``, compiled by ``--backend``), with the mask as a bias made
+beforehand (``bias``) and as one unmasked call per row over its visible keys (``per-row``); a backend
 that does not take the call on the device is reported as not run. ``--sustained-seconds`` replays the full gate/up
 product for that long and reports its rate at the start and over the last half: whether the device keeps its clocks
 through a whole image's work.
@@ -70,12 +71,13 @@ from passes.decode_attention import decode_attention
 
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
 VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"),
-            "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn", "flex")}
+            "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn", "flex",
+                    "bias", "per-row")}
 # gen attention only: the backend each variant forces (None: torch's own choice), and whether it reads the mask
 SDPA_VARIANTS = {"masked": (None, True), "masked-cudnn": ("CUDNN_ATTENTION", True),
                  "masked-efficient": ("EFFICIENT_ATTENTION", True), "grouped-flash": ("FLASH_ATTENTION", False),
                  "grouped-cudnn": ("CUDNN_ATTENTION", False)}
-MASKED = {*(v for v, (_, masked) in SDPA_VARIANTS.items() if masked), "flex"}  # variants that hide the padding
+MASKED = {*(v for v, (_, masked) in SDPA_VARIANTS.items() if masked), "flex", "bias", "per-row"}  # hide the padding
 NULL_PROMPT = 8  # gen attention mask: the null row's prompt positions; the rest of its prefix is padding
 KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
 DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
@@ -241,6 +243,8 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         return [functools.partial(sdpa_as_called, case, variant)] * n if kind == "attention" else None
     if variant == "flex":
         return flex_calls(case, backend) * n if kind == "attention" else None
+    if variant in ("bias", "per-row"):
+        return [padding_calls(case, variant)] * n if kind == "attention" else None
     if variant == "library":
         if kind == "attention":
             return [lambda: F.scaled_dot_product_attention(*case.args(0)) for _ in range(n)]
@@ -305,6 +309,26 @@ def flex_calls(case: Case, backend: str) -> list[Callable[[], torch.Tensor]]:
     block_mask = create_block_mask(key_padding, B=2, H=None, Q_LEN=p.m, KV_LEN=p.n, device=a["q"].device)
     attend = torch.compile(flex_attention, backend=backend, dynamic=False)
     return [lambda: attend(a["q"], a["kg"], a["vg"], block_mask=block_mask, enable_gqa=True)]
+
+
+def padding_calls(case: Case, variant: str) -> Callable[[], torch.Tensor]:
+    """Two ways to hide the null row's padded keys without converting the bool mask at every call: ``bias``, the
+    mask as an additive bias made once (what one conversion per call, shared by every layer, leaves); ``per-row``,
+    one unmasked call per row over only the keys it sees, laid out contiguously beforehand (a layout that puts each
+    row's visible keys first would need no copy)."""
+    a = case.acts
+    if variant == "bias":
+        bias = torch.zeros(a["mask"].shape, dtype=a["q"].dtype, device=a["q"].device)
+        bias.masked_fill_(~a["mask"], float("-inf"))
+        return lambda: F.scaled_dot_product_attention(a["q"], a["kg"], a["vg"], attn_mask=bias, enable_gqa=True)
+    visible = a["mask"][:, 0, 0]
+    rows = [(a["q"][r: r + 1], a["kg"][r: r + 1, :, visible[r]].contiguous(),
+             a["vg"][r: r + 1, :, visible[r]].contiguous()) for r in range(2)]
+
+    def per_row() -> torch.Tensor:
+        return torch.cat([F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for q, k, v in rows])
+
+    return per_row
 
 
 def reference(case: Case, eps: float) -> torch.Tensor | tuple[torch.Tensor, ...]:
