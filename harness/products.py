@@ -34,7 +34,8 @@ the trunk calls it (``masked``: grouped K/V heads and the bool mask that hides t
 backend torch picks), with each SDPA backend forced (``masked-cudnn``, ``masked-efficient``), and without the mask
 (``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere), and as
 FlexAttention with the mask as key padding (``flex``, compiled by ``--backend``), with the mask as a bias made
-beforehand (``bias``) and as one unmasked call per row over its visible keys (``per-row``); a backend
+beforehand (``bias``), as one query row broadcast over the queries (``key-mask``, ``key-bias``) and as one unmasked
+call per row over its visible keys (``per-row``); a backend
 that does not take the call on the device is reported as not run. ``--sustained-seconds`` replays the full gate/up
 product for that long and reports its rate at the start and over the last half: whether the device keeps its clocks
 through a whole image's work.
@@ -72,12 +73,13 @@ from passes.decode_attention import decode_attention
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: several times any L2 (H100 50 MB, H200 60 MB)
 VARIANTS = {"und": ("library", "inductor", "inductor-split", "inductor-folded"),
             "gen": ("library", "masked", "masked-cudnn", "masked-efficient", "grouped-flash", "grouped-cudnn", "flex",
-                    "bias", "per-row")}
+                    "bias", "per-row", "key-mask", "key-bias")}
 # gen attention only: the backend each variant forces (None: torch's own choice), and whether it reads the mask
 SDPA_VARIANTS = {"masked": (None, True), "masked-cudnn": ("CUDNN_ATTENTION", True),
                  "masked-efficient": ("EFFICIENT_ATTENTION", True), "grouped-flash": ("FLASH_ATTENTION", False),
                  "grouped-cudnn": ("CUDNN_ATTENTION", False)}
-MASKED = {*(v for v, (_, masked) in SDPA_VARIANTS.items() if masked), "flex", "bias", "per-row"}  # hide the padding
+# the variants that hide the null row's padding
+MASKED = {*(v for v, (_, masked) in SDPA_VARIANTS.items() if masked), "flex", "bias", "per-row", "key-mask", "key-bias"}
 NULL_PROMPT = 8  # gen attention mask: the null row's prompt positions; the rest of its prefix is padding
 KINDS = ("norm", "gate_up", "down", "plain", "attention", "decode_attention")
 DEFAULT_CACHE_LEN = cache_capacity(780 + 32)  # issue 13's request: a 780-position prompt and 32 new tokens
@@ -243,7 +245,7 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
         return [functools.partial(sdpa_as_called, case, variant)] * n if kind == "attention" else None
     if variant == "flex":
         return flex_calls(case, backend) * n if kind == "attention" else None
-    if variant in ("bias", "per-row"):
+    if variant in ("bias", "per-row", "key-mask", "key-bias"):
         return [padding_calls(case, variant)] * n if kind == "attention" else None
     if variant == "library":
         if kind == "attention":
@@ -312,14 +314,17 @@ def flex_calls(case: Case, backend: str) -> list[Callable[[], torch.Tensor]]:
 
 
 def padding_calls(case: Case, variant: str) -> Callable[[], torch.Tensor]:
-    """Two ways to hide the null row's padded keys without converting the bool mask at every call: ``bias``, the
-    mask as an additive bias made once (what one conversion per call, shared by every layer, leaves); ``per-row``,
+    """Ways to hide the null row's padded keys other than the trunk's (M, 1, S, keys) bool mask: ``bias``, that
+    mask as an additive bias made once (what one conversion per call, shared by every layer, leaves); ``key-mask``
+    and ``key-bias``, its one query row (M, 1, 1, keys), as bool and as a bias, broadcast over the queries (every slot
+    query of a row sees the same keys); ``per-row``,
     one unmasked call per row over only the keys it sees, laid out contiguously beforehand (a layout that puts each
     row's visible keys first would need no copy)."""
     a = case.acts
-    if variant == "bias":
-        bias = torch.zeros(a["mask"].shape, dtype=a["q"].dtype, device=a["q"].device)
-        bias.masked_fill_(~a["mask"], float("-inf"))
+    if variant in ("bias", "key-mask", "key-bias"):
+        mask = a["mask"] if variant == "bias" else a["mask"][:, :, :1]  # key-*: one row, broadcast over the queries
+        bias = mask if variant == "key-mask" else \
+            torch.zeros(mask.shape, dtype=a["q"].dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         return lambda: F.scaled_dot_product_attention(a["q"], a["kg"], a["vg"], attn_mask=bias, enable_gqa=True)
     visible = a["mask"][:, 0, 0]
     rows = [(a["q"][r: r + 1], a["kg"][r: r + 1, :, visible[r]].contiguous(),

@@ -96,7 +96,7 @@ def test_the_gen_attention_variants_attend_as_the_trunk(prefix):
     k, v = (t.repeat_interleave(group, dim=1) for t in (a["kg"], a["vg"]))
     scores = a["q"] @ k.transpose(-1, -2) / product.k**0.5
     masked = scores.masked_fill(hidden[:, None, None], float("-inf")).softmax(-1) @ v
-    want = {"grouped-flash": scores.softmax(-1) @ v} | {name: masked for name in ("masked", "flex", "bias", "per-row")}
+    want = {"grouped-flash": scores.softmax(-1) @ v, "masked": masked} | {name: masked for name in dp.MASKED - set(dp.SDPA_VARIANTS)}
     for variant, expected_out in want.items():
         calls = dp.variant_calls(case, variant, cfg.rms_norm_eps, backend="aot_eager")
         torch.testing.assert_close(calls[0](), expected_out, atol=1e-5, rtol=1e-5)
@@ -153,7 +153,7 @@ def test_a_cpu_run_checks_times_and_writes_every_row(tmp_path, capsys):
         [p.name for p in products("gen", get_config("tiny"))]
     # the CPU has no cuDNN or memory-efficient attention: those variants are reported as not run, not timed
     attention = {r["variant"] for r in gen["rows"] if r["product"] == "attention"}
-    assert attention == {"library", "masked", "grouped-flash", "flex", "bias", "per-row"}
+    assert attention == {"library", "masked", "grouped-flash", "flex", "bias", "per-row", "key-mask", "key-bias"}
     us = {r["product"]: r["us"] for r in gen["rows"] if r["variant"] == "library"}
     assert gen["layer"]["kept"]["layer_us"] == pytest.approx(
         sum(us[n] for n in ("q/k/v", "o", "attention", "gate/up kept", "down kept")))
