@@ -22,8 +22,10 @@ from passes.prefix_hoisting import (
     attend_slots_only,
     hoist_prefix_kv,
     prefix_is_causal,
+    slot_key_bias,
     slot_mask,
     slot_positions,
+    slot_sees_one_key_set,
 )
 
 
@@ -141,17 +143,52 @@ def test_a_graph_without_a_slot_write_stays_exact() -> None:
 @settings(deadline=None, max_examples=20)
 @given(offsets=st.lists(st.integers(1, 9), min_size=1, max_size=3), slot_len=st.integers(1, 6),
        trailing=st.integers(0, 3))
-def test_the_slot_mask_is_the_masks_slot_rows_with_foreign_prefix_columns_blocked(offsets, slot_len,
-                                                                                  trailing) -> None:
+def test_the_key_bias_is_every_slot_row_of_the_mask_with_foreign_prefix_columns_blocked(offsets, slot_len,
+                                                                                       trailing) -> None:
     offsets_t = torch.tensor(offsets)
     length = max(offsets) + slot_len + trailing
     mask = omni_mask(offsets_t, length, slot_len)
+    assert slot_sees_one_key_set(mask, offsets_t, slot_len)
+    got = slot_key_bias(mask, slot_positions(offsets_t, slot_len), offsets_t, torch.bfloat16)
+    prefix = length - slot_len
+    assert got.shape == (len(offsets), 1, 1, prefix + slot_len) and got.dtype == torch.bfloat16
+    for m, o in enumerate(offsets):
+        rows = list(range(o, o + slot_len))
+        seen = torch.cat([mask[m, 0][rows][:, :prefix] & (torch.arange(prefix) < o), mask[m, 0][rows][:, rows]], 1)
+        want = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))  # what SDPA makes of the bool mask
+        assert torch.equal(got[m, 0].float().expand_as(want), want)  # the same for every slot query
+
+
+@settings(deadline=None, max_examples=20)
+@given(offsets=st.lists(st.integers(1, 9), min_size=1, max_size=3), slot_len=st.integers(1, 6),
+       trailing=st.integers(0, 3), hidden=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=4))
+def test_the_slot_mask_is_the_masks_slot_rows_with_foreign_prefix_columns_blocked(offsets, slot_len, trailing,
+                                                                                  hidden) -> None:
+    """``key_bias=False``: any mask, its slot rows each their own (here with keys hidden from some queries)."""
+    offsets_t = torch.tensor(offsets)
+    length = max(offsets) + slot_len + trailing
+    mask = omni_mask(offsets_t, length, slot_len)
+    for query, key in hidden:
+        mask[0, 0, query % length, key % length] = False
     got = slot_mask(mask, slot_positions(offsets_t, slot_len), offsets_t)
     prefix = length - slot_len
     for m, o in enumerate(offsets):
         rows = list(range(o, o + slot_len))
         want = torch.cat([mask[m, 0][rows][:, :prefix] & (torch.arange(prefix) < o), mask[m, 0][rows][:, rows]], 1)
         assert torch.equal(got[m, 0], want)
+
+
+def test_a_slot_query_that_sees_other_keys_breaks_the_one_key_set() -> None:
+    offsets, slot_len = torch.tensor([4, 2]), 3
+    mask = omni_mask(offsets, 10, slot_len)
+    mask[0, 0, 5:, 8:] = True  # row 0's later slot queries see a trailing position: not a key the slot graph reads
+    assert slot_sees_one_key_set(mask, offsets, slot_len)
+    hides = mask.clone()
+    hides[1, 0, 3, 0] = False  # row 1's second slot query does not see its first text position
+    assert not slot_sees_one_key_set(hides, offsets, slot_len)
+    looks = mask.clone()
+    looks[0, 0, 4, 3] = False  # row 0's first slot query, the one the bias row is read from, misses a key
+    assert not slot_sees_one_key_set(looks, offsets, slot_len)
 
 
 def test_the_omni_mask_keeps_the_prompt_causal_and_a_mask_that_looks_ahead_does_not() -> None:

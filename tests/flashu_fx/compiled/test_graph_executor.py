@@ -4,6 +4,7 @@ distinct part; its eager twin is the eager pipeline (``generate_images``)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from hypothesis import strategies as st
 from model_edits import scale_mlp
 
 from flashu_fx import FlashUConfig, generate_images
-from flashu_fx.compiled import flashu_backend, generate_images_compiled
+from flashu_fx.compiled import compiled_batch, flashu_backend, generate_images_compiled
 from flashu_fx.flashu_gen import generate_images_flashu
-from flashu_fx.layout import build_gen_batch
+from flashu_fx.layout import build_gen_batch, mark_length_dynamic
 
 
 def compiled_images(model, prompts, seed: int = 0, **options):
@@ -105,6 +106,38 @@ def test_a_changed_forward_changes_the_compiled_result_as_it_changes_eager(tiny_
     assert rel_err(out, eager) < 1e-6
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) > 1e-3
     assert sum(backend.piece_captures.values()) == 8 + 6  # layer 1 is its own part now, in both graphs
+
+
+@pytest.mark.parametrize(("broken", "key_bias"), [
+    ("slot query sees fewer keys", True), ("slot query sees fewer keys", False), ("prompt sees the slot", True)])
+def test_a_mask_outside_the_slot_graphs_premises_runs_the_whole_batch(tiny_model, broken: str, key_bias: bool) -> None:
+    """The slot graph reads one key set per row (``slot_key_bias``) and the prompt's keys once per image; a mask
+    that breaks either (checked on the image's first call) turns hoisting off with a warning, and the call stays the
+    eager forward's. Without the key bias the slot graph reads every slot row of the mask: such a mask stays hoisted."""
+    cfg = tiny_model.config
+    batch = compiled_batch(cfg, build_gen_batch(cfg, [[5, 6, 7, 8]]))
+    mask = batch.mask.clone()
+    offset = int(batch.offsets[0])
+    if broken == "slot query sees fewer keys":
+        mask[0, 0, offset + 2, 1] = False  # the slot's third query does not see the second prompt position
+    else:
+        mask[0, 0, 1, offset] = True  # a prompt position sees the slot
+    mark_length_dynamic(batch.tokens, mask)
+    latents = torch.randn(2, cfg.latent_channels, *cfg.latent_size, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.4)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", slot_key_bias=key_bias)
+    gen = torch.compile(tiny_model, backend=backend)
+    backend.begin_image(1, 4.0)
+    hoisted = not key_bias and broken == "slot query sees fewer keys"
+    with torch.no_grad():
+        want = tiny_model(batch.tokens, latents, t, batch.offsets, mask, return_logits=False).velocity
+        with warnings.catch_warnings(record=True) as caught, backend.step(0):
+            warnings.simplefilter("always")
+            got = gen(batch.tokens, latents, t, batch.offsets, mask, return_logits=False).velocity
+    assert rel_err(got, want) < 1e-6
+    assert backend._gen_graph.hoisting == hoisted
+    assert any("every call now runs the whole batch" in str(w.message) for w in caught) != hoisted
 
 
 # Every generation technique acts on the tiny model within 30 grid points: 2 of 4 layers skipped (re-measured every
