@@ -25,8 +25,8 @@ Exact: each slot query sees the same keys under the same mask; the prefix buffer
 offset (a shorter row's slot) are blocked, and a blocked key adds exp(-inf) = 0. The prefix's values equal the full
 forward's only when no text position attends to its row's slot or beyond: ``prefix_is_causal`` checks a batch's mask
 (the executor, once per image). Under the omni mask every slot query of a row sees the same keys (its text and its
-whole slot), so the mask becomes one additive bias row per batch row (``slot_key_bias``), which the attention kernel
-broadcasts over the queries; ``slot_sees_one_key_set`` checks that premise (the executor, with the other).
+whole slot), so with ``key_bias`` the mask becomes one additive bias row per batch row (``slot_key_bias``), which
+SDPA broadcasts over the queries; ``slot_sees_one_key_set`` checks that premise (the executor, with the other).
 The rewrite is structural: every value computed from the slot must be read at the slot's positions, and a slot value
 may combine with a value of the batch length only through the rules above (a per-position table, a per-row
 (M, L, ...) tensor, the mask, an absolute gather index); anything else, a graph without the slot's write, or one whose
@@ -95,8 +95,8 @@ def slot_key_bias(mask: Tensor, positions: Tensor, offsets: Tensor, dtype: torch
     ``dtype``, (M, 1, 1, P + S): the first slot row of ``mask`` over the prefix buffer's P = L - S columns (those at
     or past the row's own offset blocked) and over the row's slot. One row stands for all S: every slot query of a
     row sees the same keys (``slot_sees_one_key_set`` checks a batch's mask), and SDPA broadcasts it over the
-    queries, which the attention kernel reads at stride 0 (1.5B trunk shapes: 47 us a call against 59 us with the
-    (M, 1, S, P + S) bool mask, H100; ``harness.products``, variants key-bias and masked)."""
+    queries, which the attention library reads at stride 0 (1.5B trunk shapes, eager: 47 us a call against 59 us
+    with the (M, 1, S, P + S) bool mask, H100; ``harness.products``, variants key-bias and masked)."""
     m, s = positions.shape
     length = mask.shape[-1]
     row = mask.gather(2, positions[:, None, :1, None].expand(m, 1, 1, length))  # (M, 1, 1, L)
@@ -167,7 +167,7 @@ def hoist_prefix_kv(gm: fx.GraphModule) -> list[str]:
     return [attention_name(node) for node in attentions]
 
 
-def attend_slots_only(gm: fx.GraphModule, slot_len: int, key_bias: bool = True) -> list[str] | None:
+def attend_slots_only(gm: fx.GraphModule, slot_len: int, key_bias: bool = False) -> list[str] | None:
     """Make ``gm`` the slot graph (see the module docstring): its inputs gain, after the others, the prefix keys and
     values of each masked attention (``prefix_k_<name>``, ``prefix_v_<name>``, (M, kv_heads, P, d), P = L - S); a
     head output it stores or reads is (M, S, D). ``key_bias``: the attentions read one key bias row per batch row

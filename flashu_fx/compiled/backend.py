@@ -68,7 +68,7 @@ class FlashUBackend:
                  tune_decode: bool = True, inductor_options: dict | None = None,
                  merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
                  norm_in_products: bool = True, prefill_eager_numerics: bool = True,
-                 slot_key_bias: bool = True) -> None:
+                 slot_key_bias: bool = False) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -434,7 +434,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
                    decode_attention: str = "sdpa", norm_in_products: bool = True,
-                   prefill_eager_numerics: bool = True, slot_key_bias: bool = True) -> FlashUBackend:
+                   prefill_eager_numerics: bool = True, slot_key_bias: bool = False) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -461,8 +461,10 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     eager's tokens against 49% without, at no measured cost; the one-row decode parts never do); ``slot_key_bias``:
     generation's slot-only attentions read the omni mask as one additive key bias row per batch row, which the
     attention kernel broadcasts over the queries (``passes.prefix_hoisting.slot_key_bias``; a batch whose slot
-    queries see different keys runs the whole batch instead, with a warning), else the mask's (M, 1, S, P + S) slot
-    rows."""
+    queries see different keys runs the whole batch instead, with a warning), else (the default) the mask's
+    (M, 1, S, P + S) slot rows. Off until an A/B shows a win: alone, the broadcast bias makes the attention call 21%
+    faster at the 1.5B trunk's shapes (``harness.products``), but a 7B image took 0.746 s either way on an H100
+    (BENCHMARKS.md)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics, slot_key_bias)

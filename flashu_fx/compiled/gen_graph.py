@@ -86,7 +86,7 @@ class GenGraphExecutor:
 
     def __init__(self, gm: fx.GraphModule, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int]] | None,
                  compile_part: Callable[[fx.GraphModule, list], Callable], slot_len: int, num_layers: int,
-                 cuda_graphs: bool = False, slot_key_bias: bool = True) -> None:
+                 cuda_graphs: bool = False, slot_key_bias: bool = False) -> None:
         self.gm, self.config, self.ffn_ranges, self.compile_part = gm, config, ffn_ranges, compile_part
         self.slot_key_bias = slot_key_bias  # the slot graph's attentions read one key bias row per batch row
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None

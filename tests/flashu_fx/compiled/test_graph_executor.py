@@ -167,6 +167,24 @@ def test_flashu_generation_as_passes_equals_eager_flashu(tiny_model, prompt_len:
     assert set().union(*(p.sources for p in graph.parts)) <= set(graph.captured_nodes) | inputs
 
 
+def test_the_slot_key_bias_equals_eager_flashu(tiny_model) -> None:
+    """``slot_key_bias``: every FlashU technique on two prompts of different lengths (so the null and the shorter
+    rows hide prefix keys), the attentions reading one key bias row per batch row, as eager FlashU."""
+    model, layout = permuted_with_layout(tiny_model, TINY_GEN, 3)
+    prompts = [[(5 * i + 2) % 200 for i in range(9)], [7, 8]]
+    eager = generate_images_flashu(model, prompts, TINY_GEN, layout, baseline_steps=30, guidance=4.0, seed=3)
+    torch._dynamo.reset()
+    backend = flashu_backend("gen", TINY_GEN, layout, slot_key_bias=True)
+    gen = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the omni mask meets the premise: the slot graph runs, no fallback
+        out = generate_images_compiled(gen, backend, prompts, baseline_steps=30, guidance=4.0, seed=3)
+    assert rel_err(out, eager.latents) < 1e-5 and backend._gen_graph.hoisting
+    calls = [(part.name, n.target.__name__) for part in backend.captured.parts for n in part.module.graph.nodes
+             if n.op == "call_function" and n.target.__name__ in ("slot_key_bias", "slot_mask")]
+    assert [fn for _, fn in calls] == ["slot_key_bias"]  # one bias for every attention of the call
+
+
 def test_merged_ffn_slices_equal_eager_flashu(tiny_model) -> None:
     """``merge_ffn_slices``: the pruned FFN's gate and up views (fed by the root, a range per layer) run as one
     batched matmul in every layer part that reads them; the same decisions and latents as eager FlashU."""
