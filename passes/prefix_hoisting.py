@@ -39,6 +39,7 @@ import copy
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from passes.graph_utils import (
@@ -104,6 +105,21 @@ def slot_key_bias(mask: Tensor, positions: Tensor, offsets: Tensor, dtype: torch
     seen = torch.cat([row[..., : length - s] & own_text[:, None, None, :],
                       row.gather(3, positions[:, None, None, :])], dim=-1)
     return torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill(~seen, float("-inf"))
+
+
+@torch.library.custom_op("flashu::slot_attention", mutates_args=())
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> Tensor:
+    """SDPA of the slot's queries (M, Hq, S, d) over keys and values (M, Hkv, P + S, d) under one additive bias row
+    per batch row (M, 1, 1, P + S, ``slot_key_bias``) -> (M, Hq, S, d), contiguous. An op of its own, so that the
+    bias reaches the attention library broadcast over the queries (stride 0), as in eager: inductor's lowering of
+    SDPA lays a broadcast bias out in full, (M, 1, S, P + S) on every call."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, enable_gqa=q.shape[1] != k.shape[1])
+    return out.contiguous()
+
+
+@slot_attention.register_fake
+def _slot_attention_fake(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def relative_index(index: Tensor, offsets: Tensor) -> Tensor:
@@ -281,6 +297,9 @@ def _rewrite(gm: fx.GraphModule, slot_len: int, key_bias: bool) -> list[str]:
                     keys.append(_glue(graph.call_function(with_prefix, (buffer, value)), node))
             node.args = (q, *keys)
             node.kwargs = {**node.kwargs, "attn_mask": biases[dtype]}
+            if key_bias and set(node.kwargs) <= {"attn_mask", "enable_gqa"}:  # SDPA's defaults otherwise
+                node.target, node.kwargs = torch.ops.flashu.slot_attention.default, {}
+                node.args = (*node.args, biases[dtype])
             attentions.append(node)
             continue
         if node.op == "call_method" and node.target == "gather" and node.args[0] in slot:

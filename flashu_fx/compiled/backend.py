@@ -460,11 +460,12 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     V-norms that choose the kept image tokens are the eager twin's (on an H100, 98.0% of testbed questions kept
     eager's tokens against 49% without, at no measured cost; the one-row decode parts never do); ``slot_key_bias``:
     generation's slot-only attentions read the omni mask as one additive key bias row per batch row, which the
-    attention kernel broadcasts over the queries (``passes.prefix_hoisting.slot_key_bias``; a batch whose slot
+    attention kernel broadcasts over the queries (``passes.prefix_hoisting.slot_key_bias``, through the op
+    ``flashu::slot_attention``, which keeps the row from being laid out in full; a batch whose slot
     queries see different keys runs the whole batch instead, with a warning), else (the default) the mask's
     (M, 1, S, P + S) slot rows. Off until an A/B shows a win: alone, the broadcast bias makes the attention call 21%
     faster at the 1.5B trunk's shapes (``harness.products``), but a 7B image took 0.746 s either way on an H100
-    (BENCHMARKS.md)."""
+    before the op existed (BENCHMARKS.md)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
                          norm_in_products, prefill_eager_numerics, slot_key_bias)

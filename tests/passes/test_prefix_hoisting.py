@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from captured import capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from passes.prefix_hoisting import (
     attend_slots_only,
     hoist_prefix_kv,
     prefix_is_causal,
+    slot_attention,
     slot_key_bias,
     slot_mask,
     slot_positions,
@@ -176,6 +178,26 @@ def test_the_slot_mask_is_the_masks_slot_rows_with_foreign_prefix_columns_blocke
         rows = list(range(o, o + slot_len))
         want = torch.cat([mask[m, 0][rows][:, :prefix] & (torch.arange(prefix) < o), mask[m, 0][rows][:, rows]], 1)
         assert torch.equal(got[m, 0], want)
+
+
+@settings(deadline=None, max_examples=15)
+@given(rows=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+       slot_len=st.integers(1, 9), prefix=st.integers(1, 9), seed=st.integers(0, 99))
+def test_slot_attention_is_sdpa_under_the_mask_the_bias_row_stands_for(rows, kv_heads, group, slot_len, prefix,
+                                                                       seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, kv_heads * group, slot_len, 8, generator=gen)
+    k, v = (torch.randn(rows, kv_heads, prefix + slot_len, 8, generator=gen) for _ in range(2))
+    seen = torch.rand(rows, 1, 1, prefix + slot_len, generator=gen) < 0.7
+    seen[..., prefix:] = True  # the slot's own keys, always seen
+    bias = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
+    got = slot_attention(q, k, v, bias)
+    full = seen.expand(rows, 1, slot_len, prefix + slot_len)  # every query's row of the mask, written out
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=full)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got.is_contiguous()
+    torch.library.opcheck(torch.ops.flashu.slot_attention.default, (q, k, v, bias))
 
 
 def test_a_slot_query_that_sees_other_keys_breaks_the_one_key_set() -> None:

@@ -183,6 +183,10 @@ def test_the_slot_key_bias_equals_eager_flashu(tiny_model) -> None:
     calls = [(part.name, n.target.__name__) for part in backend.captured.parts for n in part.module.graph.nodes
              if n.op == "call_function" and n.target.__name__ in ("slot_key_bias", "slot_mask")]
     assert [fn for _, fn in calls] == ["slot_key_bias"]  # one bias for every attention of the call
+    # each slot attention is the op that hands the library the broadcast bias (inductor would lay it out in full)
+    ops = [n for part in backend.captured.parts for n in part.module.graph.nodes
+           if n.target is torch.ops.flashu.slot_attention.default]
+    assert len(ops) == tiny_model.config.num_layers + tiny_model.config.head_num_layers
 
 
 def test_merged_ffn_slices_equal_eager_flashu(tiny_model) -> None:
