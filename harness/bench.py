@@ -14,7 +14,10 @@ for a ~780-position prompt. Each row: warm-up runs, then the median of ``--repea
 ``torch.cuda.synchronize`` on both sides. Speedups are against the task's baseline row of the same run, and
 for generation also against ``eager-split`` when it runs: upstream's work with the lm_head product split, since
 the single product takes a slow cuBLAS path on an H200 that no ratio should rest on. ``--batch N`` times N
-prompts of mixed lengths per call and reports images per second.
+prompts of mixed lengths per call and reports images per second. On a GPU with NVML (``nvidia-ml-py``) each row
+also reports the SM clock and power it held over its timed runs (``harness.clocks``) and, for generation, its share
+of the floor at that clock: a long run of products holds an H100 at its power limit, below the full clock the
+floor's peak rate was measured at.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def row_record(task: str, r: RowResult, base: RowResult, flops_per_call: float |
         "peak_mem_gb": r.peak_mem_gb,
         "check": compare(task, r.output, base.output),
         "summary": summarize(task, r.output),
+        "clocks": r.clocks,  # the SM clock and power over the timed runs (None: none read)
     }
     if flops_per_call is not None and r.name == BASELINES[task]:  # the work of other rows is not upstream's
         rec["tflop_per_s"] = flops_per_call * r.count / r.seconds / 1e12
@@ -112,17 +116,26 @@ def report_table(records: list[dict]) -> str:
     """The report's rows as a text table; "img/s" for generation, "vs split" where ``eager-split`` ran."""
     images = any("images_per_s" in rec for rec in records)
     vs_split = any(rec.get("speedup_vs_split") is not None for rec in records)
+    clocks = any(rec.get("clocks") for rec in records)
+    at_clock = any(rec.get("pct_of_floor_at_clock") is not None for rec in records)
     headers = ["row", "seconds", "count", "ms/unit", *(["img/s"] if images else []), "speedup",
-               *(["vs split"] if vs_split else []), "of floor", "peak GB", "check", "note"]
+               *(["vs split"] if vs_split else []), "of floor", *(["at clock"] if at_clock else []),
+               *(["SM clock, power"] if clocks else []), "peak GB", "check", "note"]
     rows = []
     for rec in records:
         check = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rec["check"].items())
         mem = "-" if rec["peak_mem_gb"] is None else f"{rec['peak_mem_gb']:.2f}"
         count, ms = f"{rec['count']} {rec['unit']}", f"{rec['ms_per_unit']:.2f}"
         floor = "-" if rec.get("pct_of_floor") is None else f"{rec['pct_of_floor']:.0f}%"
+        held = rec.get("pct_of_floor_at_clock")
+        clock = rec.get("clocks")
+        extra = [*([("-" if held is None else f"{held:.0f}%")] if at_clock else []),
+                 *([("-" if not clock else f"{clock['median_mhz']:.0f} MHz ({100 * clock['share_of_full']:.0f}%), "
+                     f"{clock['median_w']:.0f} W")] if clocks else [])]
         rows.append([rec["name"], f"{rec['seconds']:.3f}", count, ms,
                      *([f"{rec['images_per_s']:.2f}"] if images else []), f"{rec['speedup']:.2f}x",
-                     *([f"{rec['speedup_vs_split']:.2f}x"] if vs_split else []), floor, mem, check, rec["note"]])
+                     *([f"{rec['speedup_vs_split']:.2f}x"] if vs_split else []), floor, *extra, mem, check,
+                     rec["note"]])
     return format_table(headers, rows)
 
 
@@ -246,6 +259,11 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
         floor = None if not floors or None in floors else sum(floors)
         rec["floor_s"] = floor
         rec["pct_of_floor"] = None if floor is None else 100 * floor / rec["seconds"]
+        # generation's floor is FLOPs at the peak rate, which scales with the SM clock: the share at the clock the
+        # card held (understanding's decode floor is bytes, which the SM clock does not set)
+        clock = rec.get("clocks")
+        rec["pct_of_floor_at_clock"] = None if floor is None or not clock or args.task != "gen" else \
+            rec["pct_of_floor"] / clock["share_of_full"]
 
 
 def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:

@@ -42,6 +42,7 @@ from flashu_fx.model import Showo2
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from flashu_fx.t2i import eager_velocity
 from flashu_fx.tokenizer import TextTokenizer
+from harness.clocks import ClockSampler, nvml_reader
 
 TASKS = ("gen", "und")
 UNITS = {"gen": "calls", "und": "tokens"}
@@ -369,6 +370,7 @@ class RowResult:
     peak_mem_gb: float | None  # torch.cuda.max_memory_allocated over the timed runs (weights included)
     output: Any = field(repr=False, default=None)
     note: str = ""
+    clocks: dict | None = None  # ``ClockSampler.summary()`` over the timed runs (None: no GPU clock to read)
 
     @property
     def ms_per_unit(self) -> float:
@@ -377,7 +379,8 @@ class RowResult:
 
 def time_row(task: str, name: str, fn: RowFn, ctx, warmup: int = 1, repeats: int = 3) -> RowResult:
     """Prepare the row (untimed), run it ``warmup`` times, then time ``repeats`` runs with a device
-    synchronisation on both sides of each."""
+    synchronisation on both sides of each; on a GPU with NVML the SM clock and power are sampled while the timed
+    runs go on (``RowResult.clocks``)."""
     device = model_device(ctx.model)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -390,15 +393,17 @@ def time_row(task: str, name: str, fn: RowFn, ctx, warmup: int = 1, repeats: int
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            output = prepared.run()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+        with ClockSampler(nvml_reader(device)) as clocks:
+            for _ in range(repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                output = prepared.run()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return RowResult(
-        name, statistics.median(times), times, prepared.count(output), UNITS[task], peak, output, prepared.note
+        name, statistics.median(times), times, prepared.count(output), UNITS[task], peak, output, prepared.note,
+        clocks.summary(),
     )
 
 
