@@ -241,8 +241,9 @@ def test_merged_projections_are_a_pass_over_the_parts(tiny_model) -> None:
     assert linears == 4  # q/k/v as one, o_proj, gate/up as one, down_proj (7 before the pass)
 
 
-def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_compiler) -> None:
-    out, backend = compiled_images(tiny_model, [[1, 2, 3]], piece_backend="inductor")
+@pytest.mark.parametrize("slot_key_bias", [False, True])
+def test_inductor_parts_match_the_eager_pipeline_on_the_cpu(tiny_model, cpp_compiler, slot_key_bias: bool) -> None:
+    out, backend = compiled_images(tiny_model, [[1, 2, 3]], piece_backend="inductor", slot_key_bias=slot_key_bias)
     assert rel_err(out, generate_images(tiny_model, [[1, 2, 3]], steps=4, guidance=4.0)) < 1e-5
     assert sum(backend.piece_captures.values()) == 7 + 5  # and the prefix graph's
 
