@@ -130,13 +130,17 @@ def report_table(records: list[dict]) -> str:
         held = rec.get("pct_of_floor_at_clock")
         clock = rec.get("clocks")
         extra = [*([("-" if held is None else f"{held:.0f}%")] if at_clock else []),
-                 *([("-" if not clock else f"{clock['median_mhz']:.0f} MHz ({100 * clock['share_of_full']:.0f}%), "
+                 *([("-" if not clock else f"{clock['median_mhz']:.0f} MHz{_share(clock)}, "
                      f"{clock['median_w']:.0f} W")] if clocks else [])]
         rows.append([rec["name"], f"{rec['seconds']:.3f}", count, ms,
                      *([f"{rec['images_per_s']:.2f}"] if images else []), f"{rec['speedup']:.2f}x",
                      *([f"{rec['speedup_vs_split']:.2f}x"] if vs_split else []), floor, *extra, mem, check,
                      rec["note"]])
     return format_table(headers, rows)
+
+
+def _share(clock: dict) -> str:
+    return "" if not clock["share_of_full"] else f" ({100 * clock['share_of_full']:.0f}%)"
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
@@ -262,8 +266,8 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
         # generation's floor is FLOPs at the peak rate, which scales with the SM clock: the share at the clock the
         # card held (understanding's decode floor is bytes, which the SM clock does not set)
         clock = rec.get("clocks")
-        rec["pct_of_floor_at_clock"] = None if floor is None or not clock or args.task != "gen" else \
-            rec["pct_of_floor"] / clock["share_of_full"]
+        rec["pct_of_floor_at_clock"] = None if floor is None or not clock or not clock["share_of_full"] \
+            or args.task != "gen" else rec["pct_of_floor"] / clock["share_of_full"]
 
 
 def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:

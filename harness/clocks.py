@@ -25,35 +25,39 @@ INTERVAL_S = 0.02  # NVML updates the clock about every 10-20 ms; power is a mov
 
 @dataclass(frozen=True)
 class ClockReader:
-    """``read()`` -> (SM clock MHz, board power W) now; ``max_mhz``: the SM clock the card may run at."""
+    """``read()`` -> (SM clock MHz, board power W) now; ``max_mhz``: the SM clock the card may run at (None: not
+    known)."""
 
     read: Callable[[], tuple[float, float]]
-    max_mhz: float
+    max_mhz: float | None
 
 
 def nvml_reader(device: torch.device) -> ClockReader | None:
-    """A reader of ``device``'s SM clock and power through NVML (``nvidia-ml-py``), found by its PCI bus id (CUDA
-    and NVML number devices differently under CUDA_VISIBLE_DEVICES); None off CUDA or without NVML."""
+    """A reader of ``device``'s SM clock and power (``torch.cuda.clock_rate`` and ``power_draw``, which read NVML
+    through ``nvidia-ml-py``); None off CUDA or where NVML cannot be read."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        props = torch.cuda.get_device_properties(device)
-        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus)
-        max_mhz = float(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
-    except pynvml.NVMLError:
+        torch.cuda.clock_rate(device), torch.cuda.power_draw(device)
+    except Exception:  # noqa: BLE001 - no nvidia-ml-py, no driver, no permission: no clock to report
         return None
 
     def read() -> tuple[float, float]:
-        clock = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        return float(clock), pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0  # mW -> W
+        return float(torch.cuda.clock_rate(device)), torch.cuda.power_draw(device) / 1000.0  # mW -> W
 
-    return ClockReader(read, max_mhz)
+    return ClockReader(read, _max_sm_clock(device))
+
+
+def _max_sm_clock(device: torch.device) -> float | None:
+    """The card's full SM clock in MHz from NVML (torch exposes the current clock only), or None."""
+    try:
+        import pynvml
+
+        # torch's own CUDA -> NVML index (CUDA_VISIBLE_DEVICES may renumber the cards)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
+        return float(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
+    except Exception:  # noqa: BLE001 - the share of the full clock is then not reported
+        return None
 
 
 @dataclass
@@ -82,7 +86,10 @@ class ClockSampler:
 
     def _loop(self) -> None:
         while True:
-            self.samples.append(self.reader.read())
+            try:
+                self.samples.append(self.reader.read())
+            except Exception:  # noqa: BLE001 - a reading that fails ends the sampling, never the benchmark
+                return
             if self._stop.wait(self.interval_s):
                 return
 
@@ -92,7 +99,7 @@ class ClockSampler:
         if self.reader is None or not self.samples:
             return None
         clocks = [c for c, _ in self.samples]
-        median = statistics.median(clocks)
+        median, full = statistics.median(clocks), self.reader.max_mhz
         return {"samples": len(self.samples), "median_mhz": median, "min_mhz": min(clocks), "max_mhz": max(clocks),
-                "full_mhz": self.reader.max_mhz, "share_of_full": median / self.reader.max_mhz,
+                "full_mhz": full, "share_of_full": median / full if full else None,
                 "median_w": statistics.median(w for _, w in self.samples)}

@@ -42,6 +42,21 @@ def test_a_steady_clock_summarises_to_itself() -> None:
     assert summary["share_of_full"] == pytest.approx(1630 / 1980)
 
 
+def test_a_failing_reading_ends_the_sampling_not_the_run() -> None:
+    calls = []
+
+    def read() -> tuple[float, float]:
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("NVML went away")
+        return 1700.0, 650.0
+
+    with ClockSampler(ClockReader(read, None), interval_s=0.001) as sampler:
+        time.sleep(0.02)
+    summary = sampler.summary()
+    assert summary["samples"] == 2 and summary["share_of_full"] is None  # no full clock known: no share
+
+
 def test_no_reader_records_nothing() -> None:
     with ClockSampler(None) as sampler:
         pass
@@ -80,3 +95,13 @@ def test_the_bench_reports_the_clock_and_the_floor_at_it(tiny_model) -> None:
     bench.add_floors(argparse.Namespace(task="und", steps=50, guidance=10.0), cfg, und_ctx, "NVIDIA H100 80GB HBM3",
                      und)
     assert und[0]["pct_of_floor"] is not None and und[0]["pct_of_floor_at_clock"] is None
+
+
+def test_a_clock_without_the_full_clock_has_no_share() -> None:
+    clock = {"samples": 3, "median_mhz": 1700.0, "min_mhz": 1650.0, "max_mhz": 1750.0, "full_mhz": None,
+             "share_of_full": None, "median_w": 650.0}
+    rec = {"name": "compiled-flashu", "seconds": 0.5, "count": 34, "clocks": clock, "speedup": 1.0,
+           "peak_mem_gb": None, "check": {}, "note": "", "ms_per_unit": 1.0, "unit": "calls", "pct_of_floor": 50.0,
+           "pct_of_floor_at_clock": None}
+    table = bench.report_table([rec]).splitlines()
+    assert "at clock" not in table[0] and "1700 MHz, 650 W" in table[2]
