@@ -16,7 +16,8 @@ captured forward is split into two graphs:
     captured forward (length L)                         slot graph (length S)
     x = embed(tokens).scatter(1, slot_index, slot)      x = slot                                    (M, S, H)
     q * cos, k * sin          (tables (L, d))           q * cos[positions], ...   positions = offsets + arange(S)
-    sdpa(q, k, v, mask (M, 1, L, L))                    sdpa(q, cat(pk, k), cat(pv, v), key bias (M, 1, 1, P + S))
+    sdpa(q, k, v, mask (M, 1, L, L))                    sdpa(q, cat(pk, k), cat(pv, v), slot_mask (M, 1, S, P + S))
+                                                        key_bias: slot_attention(..., key bias (M, 1, 1, P + S))
     h.view(M, L, ...)                                   h.view(M, S, ...)
     where(in_slot (M, L, 1), a, b) + h                  where(...) read at positions + h
     v.gather(1, absolute index)                         v.gather(1, index - offsets)
