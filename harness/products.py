@@ -35,10 +35,9 @@ backend torch picks), with each SDPA backend forced (``masked-cudnn``, ``masked-
 (``grouped-flash``, ``grouped-cudnn``: what the call could take if the padding were handled elsewhere), and as
 FlexAttention with the mask as key padding (``flex``, compiled by ``--backend``), with the mask as a bias made
 beforehand (``bias``), as one query row broadcast over the queries (``key-mask``, ``key-bias``) and as one unmasked
-call per row over its visible keys (``per-row``); a backend
-that does not take the call on the device is reported as not run. ``--sustained-seconds`` replays the full gate/up
-product for that long and reports its rate at the start and over the last half: whether the device keeps its clocks
-through a whole image's work.
+call per row over its visible keys (``per-row``); a backend that does not take the call on the device is reported as
+not run. ``--sustained-seconds`` replays the full gate/up product for that long and reports its rate at the start and
+over the last half: whether the device keeps its clocks through a whole image's work.
 
 On a GPU each time is device time per call: the median over replays of one CUDA graph that calls the product on
 enough weight copies to read HBM rather than L2 (``harness.kernels.graph_us``). On the CPU the command checks every
