@@ -64,6 +64,7 @@ from flashu_fx.flashu_config import FlashUConfig
 from flashu_fx.layers import rms_norm
 from flashu_fx.und_cache import cache_capacity
 from harness.arguments import command_parser
+from harness.clocks import ClockSampler, nvml_reader
 from harness.devices import resolve_device
 from harness.floors import peak_tflops
 from harness.tables import format_table
@@ -440,7 +441,8 @@ def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, sec
                    window_ms: float = 50.0) -> dict:
     """The rate of ``calls`` (one CUDA graph) replayed back to back for ``seconds``: TFLOP/s over the first
     ``window_ms`` and over the last half, as a short benchmark and a whole image (0.3-0.8 s of such products) see
-    the device. A device that lowers its clocks under sustained load shows it here."""
+    the device, and the SM clock and power meanwhile (``harness.clocks``; None without NVML). A device that lowers
+    its clocks under sustained load shows it here."""
     graph = torch.cuda.CUDAGraph()
     for call in calls[:2]:
         call()
@@ -453,12 +455,13 @@ def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, sec
     marks = [torch.cuda.Event(enable_timing=True)]
     marks[0].record()
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:  # the host queues replays far ahead of the device
-        for _ in range(16):
-            graph.replay()
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-    torch.cuda.synchronize()
+    with ClockSampler(nvml_reader(torch.device("cuda"))) as clocks:
+        while time.perf_counter() - start < seconds:  # the host queues replays far ahead of the device
+            for _ in range(16):
+                graph.replay()
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+        torch.cuda.synchronize()
     ends = [marks[0].elapsed_time(m) for m in marks[1:]]  # ms from the first replay's start
     per_replay = flops_per_call * len(calls)
 
@@ -469,7 +472,8 @@ def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, sec
 
     total = ends[-1]
     return {"seconds": total / 1e3, "replays": len(ends), "first_window_ms": window_ms,
-            "first_TFLOPs": rate(0.0, window_ms), "last_half_TFLOPs": rate(total / 2, total)}
+            "first_TFLOPs": rate(0.0, window_ms), "last_half_TFLOPs": rate(total / 2, total),
+            "clocks": clocks.summary()}
 
 
 def run(task: str, cfg: Showo2Config, config: FlashUConfig, device: torch.device, dtype: torch.dtype,
@@ -530,8 +534,11 @@ def report(result: dict) -> str:
                      f"variant {best}: {attention[best]:.1f} us")
     if "sustained" in result:
         s = result["sustained"]
+        held = s.get("clocks")
+        clock = "" if not held else (f"; SM clock median {held['median_mhz']:.0f} MHz (lowest {held['min_mhz']:.0f}), "
+                                     f"{held['median_w']:.0f} W")
         lines.append(f"{s['product']} replayed for {s['seconds']:.1f} s: {s['first_TFLOPs']:.0f} TFLOP/s over the "
-                     f"first {s['first_window_ms']:.0f} ms, {s['last_half_TFLOPs']:.0f} over the last half")
+                     f"first {s['first_window_ms']:.0f} ms, {s['last_half_TFLOPs']:.0f} over the last half{clock}")
     return "\n".join(lines)
 
 

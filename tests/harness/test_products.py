@@ -169,3 +169,14 @@ def test_bad_counts_name_the_argument(flag, value, capsys):
         dp.main(["--preset", "tiny", "--device", "cpu", flag, value])
     assert exit_info.value.code == 2
     assert f"{flag}={value} is invalid: allowed an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_report_gives_the_sustained_rate_and_the_clock_it_held() -> None:
+    result = {"task": "gen", "rows": [], "layer": {}, "sustained": {
+        "product": "gate/up", "seconds": 4.1, "replays": 900, "first_window_ms": 50.0, "first_TFLOPs": 753.0,
+        "last_half_TFLOPs": 662.0, "clocks": {"median_mhz": 1410.0, "min_mhz": 1125.0, "median_w": 698.0}}}
+    line = dp.report(result).splitlines()[-1]
+    assert line == ("gate/up replayed for 4.1 s: 753 TFLOP/s over the first 50 ms, 662 over the last half; SM clock "
+                    "median 1410 MHz (lowest 1125), 698 W")
+    result["sustained"]["clocks"] = None  # no NVML: the rates alone
+    assert dp.report(result).splitlines()[-1].endswith("662 over the last half")
