@@ -32,14 +32,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flashu_fx.compiled import compiled_batch
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
-from flashu_fx.layout import build_gen_batch, build_mmu_prompt
+from flashu_fx.layout import build_mmu_prompt
 from flashu_fx.model import Showo2
 from harness.arguments import command_parser
 from harness.devices import DTYPES, auto_threads, device_name, intra_op_threads, resolve_device
-from harness.floors import device_rates, peak_tflops, row_floor_s, upstream_gen_call_flops
+from harness.floors import compiled_prefix_len, device_rates, peak_tflops, row_floor_s, upstream_gen_call_flops
 from harness.random_model import ChunkTokenizer, build_random_model, und_question_ids
 from harness.rows import (
     BASELINES,
@@ -252,9 +251,7 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
     rates = device_rates(device)
     prefixes, prompt_len = [0], 0
     if rates is not None and args.task == "gen":  # one image per prompt, each with its own text prefix
-        # the prefix the compiled rows compute: every position of the batch before the slot's end, cut as they cut it
-        prefixes = [compiled_batch(cfg, build_gen_batch(cfg, [p], guided=False)).tokens.shape[1] - cfg.image_slot_len
-                    for p in ctx.prompts]
+        prefixes = [compiled_prefix_len(cfg, p) for p in ctx.prompts]
     elif rates is not None:
         prompt_len = build_mmu_prompt(cfg, ctx.tokenizer, ctx.question).tokens.shape[1]
     for rec in records:

@@ -37,14 +37,13 @@ def nvml_reader(device: torch.device) -> ClockReader | None:
     through ``nvidia-ml-py``); None off CUDA or where NVML cannot be read."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    try:
-        torch.cuda.clock_rate(device), torch.cuda.power_draw(device)
-    except Exception:  # noqa: BLE001 - no nvidia-ml-py, no driver, no permission: no clock to report
-        return None
-
     def read() -> tuple[float, float]:
         return float(torch.cuda.clock_rate(device)), torch.cuda.power_draw(device) / 1000.0  # mW -> W
 
+    try:
+        read()
+    except Exception:  # noqa: BLE001 - no nvidia-ml-py, no driver, no permission: no clock to report
+        return None
     return ClockReader(read, _max_sm_clock(device))
 
 

@@ -26,8 +26,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flashu_fx.compiled import compiled_batch
 from flashu_fx.config import PRESETS, Showo2Config, get_config
 from flashu_fx.flashu_config import FlashUConfig
+from flashu_fx.layout import build_gen_batch
 from flashu_fx.schedule import gen_schedule
 from harness.arguments import command_parser
 from harness.tables import format_table
@@ -131,6 +133,12 @@ def gen_call_flops(cfg: Showo2Config, prefix: int, layers: int, ffn_width: int, 
         linear += 2.0 * rows * cfg.head_num_layers * d * 6 * d  # the blocks' adaLN, per row
         attention += 4.0 * rows * s * (prefix + s) * cfg.head_num_layers * hq
     return {"linear": linear, "attention": attention}
+
+
+def compiled_prefix_len(cfg: Showo2Config, prompt: list[int]) -> int:
+    """The text prefix a compiled generation call computes for ``prompt``: every position of its batch before the
+    slot's end, cut as ``compiled_batch`` cuts it, less the slot."""
+    return compiled_batch(cfg, build_gen_batch(cfg, [prompt], guided=False)).tokens.shape[1] - cfg.image_slot_len
 
 
 def gen_image_flops(cfg: Showo2Config, config: FlashUConfig | None, baseline_points: int, prefix: int) -> float:

@@ -41,11 +41,12 @@ def eager_topk(v: torch.Tensor, start: int, length: int, keep: int) -> torch.Ten
     return norm.topk(keep, dim=-1, largest=False).indices.sort(dim=-1).values + start
 
 
-def graph_us(calls: list[Callable[[], object]], replays: int = 15) -> float:
-    """Median device time per call over replays of one CUDA graph that makes all `calls` in turn."""
+def capture_graph(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph that makes all ``calls`` in turn, warmed up (JIT, allocator) outside the capture and replayed
+    once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (JIT, allocator) outside the capture
+    with torch.cuda.stream(side):
         for call in calls[:2]:
             call()
     torch.cuda.current_stream().wait_stream(side)
@@ -54,6 +55,12 @@ def graph_us(calls: list[Callable[[], object]], replays: int = 15) -> float:
         for call in calls:
             call()
     graph.replay()
+    return graph
+
+
+def graph_us(calls: list[Callable[[], object]], replays: int = 15) -> float:
+    """Median device time per call over replays of one CUDA graph that makes all `calls` in turn."""
+    graph = capture_graph(calls)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -244,7 +244,7 @@ def variant_calls(case: Case, variant: str, eps: float, backend: str) -> list[Ca
     if variant in SDPA_VARIANTS:
         return [functools.partial(sdpa_as_called, case, variant)] * n if kind == "attention" else None
     if variant == "flex":
-        return flex_calls(case, backend) * n if kind == "attention" else None
+        return [flex_call(case, backend)] * n if kind == "attention" else None
     if variant in ("bias", "per-row", "key-mask", "key-bias"):
         return [padding_calls(case, variant)] * n if kind == "attention" else None
     if variant == "library":
@@ -297,7 +297,7 @@ def sdpa_as_called(case: Case, variant: str) -> torch.Tensor:
                                               enable_gqa=True)
 
 
-def flex_calls(case: Case, backend: str) -> list[Callable[[], torch.Tensor]]:
+def flex_call(case: Case, backend: str) -> Callable[[], torch.Tensor]:
     """The masked gen attention through FlexAttention, compiled by ``backend``: the mask as a key-padding
     ``mask_mod`` (every query of a row sees the same keys), so whole blocks of hidden keys are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -310,7 +310,7 @@ def flex_calls(case: Case, backend: str) -> list[Callable[[], torch.Tensor]]:
 
     block_mask = create_block_mask(key_padding, B=2, H=None, Q_LEN=p.m, KV_LEN=p.n, device=a["q"].device)
     attend = torch.compile(flex_attention, backend=backend, dynamic=False)
-    return [lambda: attend(a["q"], a["kg"], a["vg"], block_mask=block_mask, enable_gqa=True)]
+    return lambda: attend(a["q"], a["kg"], a["vg"], block_mask=block_mask, enable_gqa=True)
 
 
 def padding_calls(case: Case, variant: str) -> Callable[[], torch.Tensor]:
@@ -443,14 +443,9 @@ def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, sec
     ``window_ms`` and over the last half, as a short benchmark and a whole image (0.3-0.8 s of such products) see
     the device, and the SM clock and power meanwhile (``harness.clocks``; None without NVML). A device that lowers
     its clocks under sustained load shows it here."""
-    graph = torch.cuda.CUDAGraph()
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
+    from harness.kernels import capture_graph
+
+    graph = capture_graph(calls)
     torch.cuda.synchronize()
     marks = [torch.cuda.Event(enable_timing=True)]
     marks[0].record()

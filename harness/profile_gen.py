@@ -24,7 +24,7 @@ from flashu_fx.layout import build_gen_batch
 from flashu_fx.sampler import draw_noise, euler_sample, time_grid
 from harness.arguments import command_parser
 from harness.flashu_rows import permute_for, random_ffn_scores
-from harness.floors import device_rates, gen_image_flops_by_kind
+from harness.floors import compiled_prefix_len, device_rates, gen_image_flops_by_kind
 from harness.random_model import build_random_model
 from harness.rows import synchronize
 
@@ -267,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     spans = device_intervals(prof)
     print(idle_gap_table(spans))
     rates = device_rates(torch.cuda.get_device_name())
-    # the prefix the compiled calls compute: the batch's positions before the slot's end, as bench counts it
-    prefix = compiled_batch(model.config, build_gen_batch(model.config, prompt, guided=False)).tokens.shape[1] \
-        - model.config.image_slot_len
-    flops = gen_image_flops_by_kind(model.config, config, args.steps, prefix)
+    flops = gen_image_flops_by_kind(model.config, config, args.steps, compiled_prefix_len(model.config, prompt[0]))
     floors_ms = {"matrix product": 1e3 * rates.compute_s(flops["linear"]),
                  "attention": 1e3 * rates.compute_s(flops["attention"])} if rates else None
     print(kernel_kind_table(spans, floors_ms))

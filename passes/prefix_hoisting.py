@@ -80,31 +80,32 @@ def table_at(table: Tensor, positions: Tensor) -> Tensor:
     return table[positions].unsqueeze(1)
 
 
+def _slot_rows(mask: Tensor, positions: Tensor, offsets: Tensor, queries: Tensor) -> Tensor:
+    """bool (M, 1, L, L) -> (M, 1, Q, P + S): the rows of ``mask`` at the slot positions ``queries`` (M, Q), over
+    the prefix buffer's P = L - S columns (those at or past the row's own offset blocked) and over the row's slot
+    (``positions`` (M, S))."""
+    m, s = positions.shape
+    length = mask.shape[-1]
+    rows = mask.gather(2, queries[:, None, :, None].expand(m, 1, queries.shape[1], length))
+    own_text = torch.arange(length - s, device=mask.device)[None, :] < offsets[:, None]  # (M, P)
+    prefix = rows[..., : length - s] & own_text[:, None, None, :]
+    return torch.cat([prefix, rows.gather(3, positions[:, None, None, :].expand(*rows.shape[:3], s))], dim=-1)
+
+
 def slot_mask(mask: Tensor, positions: Tensor, offsets: Tensor) -> Tensor:
     """bool (M, 1, L, L) -> (M, 1, S, P + S): the slot rows of ``mask`` over the prefix buffer's P = L - S columns
     (those at or past the row's own offset blocked) and over the row's slot (``attend_slots_only(key_bias=False)``:
     any mask, one row per slot query)."""
-    m, s = positions.shape
-    length = mask.shape[-1]
-    rows = mask.gather(2, positions[:, None, :, None].expand(m, 1, s, length))
-    own_text = torch.arange(length - s, device=mask.device)[None, :] < offsets[:, None]  # (M, P)
-    prefix = rows[..., : length - s] & own_text[:, None, None, :]
-    return torch.cat([prefix, rows.gather(3, positions[:, None, None, :].expand(m, 1, s, s))], dim=-1)
+    return _slot_rows(mask, positions, offsets, positions)
 
 
 def slot_key_bias(mask: Tensor, positions: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
     """bool (M, 1, L, L) -> the keys the slot's queries see, as SDPA's additive bias (0 seen, -inf hidden) in
-    ``dtype``, (M, 1, 1, P + S): the first slot row of ``mask`` over the prefix buffer's P = L - S columns (those at
-    or past the row's own offset blocked) and over the row's slot. One row stands for all S: every slot query of a
-    row sees the same keys (``slot_sees_one_key_set`` checks a batch's mask), and SDPA broadcasts it over the
-    queries, which the attention library reads at stride 0 (1.5B trunk shapes, eager: 47 us a call against 59 us
-    with the (M, 1, S, P + S) bool mask, H100; ``harness.products``, variants key-bias and masked)."""
-    m, s = positions.shape
-    length = mask.shape[-1]
-    row = mask.gather(2, positions[:, None, :1, None].expand(m, 1, 1, length))  # (M, 1, 1, L)
-    own_text = torch.arange(length - s, device=mask.device)[None, :] < offsets[:, None]  # (M, P)
-    seen = torch.cat([row[..., : length - s] & own_text[:, None, None, :],
-                      row.gather(3, positions[:, None, None, :])], dim=-1)
+    ``dtype``, (M, 1, 1, P + S): ``slot_mask``'s first row. One row stands for all S: every slot query of a row sees
+    the same keys (``slot_sees_one_key_set`` checks a batch's mask), and SDPA broadcasts it over the queries, which
+    the attention library reads at stride 0 (1.5B trunk shapes, eager: 47 us a call against 59 us with the
+    (M, 1, S, P + S) bool mask, H100; ``harness.products``, variants key-bias and masked)."""
+    seen = _slot_rows(mask, positions, offsets, positions[:, :1])
     return torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill(~seen, float("-inf"))
 
 

@@ -244,13 +244,8 @@ class GenGraphExecutor:
             return st.prefix[skipped, ffn_pruned]
         position = self._input_index
         tokens, mask = args[position[TOKENS]], args[position[MASK]]
-        offsets = args[position[OFFSETS]]
-        broken = None if st.prefix else \
-            "lets the prompt attend to the image slot, so the prompt's keys and values change with the latents" \
-            if not prefix_is_causal(mask, offsets) else \
-            "gives the image slot's queries of one row different keys" \
-            if self.slot_key_bias and not slot_sees_one_key_set(mask, offsets, self.slot_len) else None
-        if broken:  # the slot graph's premises, checked on the image's first call (passes.prefix_hoisting)
+        broken = None if st.prefix else self._broken_premise(mask, args[position[OFFSETS]])
+        if broken:
             warnings.warn(f"flashu_backend: the batch's mask {broken}; every call now runs the whole batch",
                           stacklevel=3)
             self.hoisting = False
@@ -274,6 +269,15 @@ class GenGraphExecutor:
         flat = tuple(t for name in self.attentions for t in found.get(name, (None, None)))
         st.prefix[skipped, ffn_pruned] = flat, tensor_addresses(out, range(len(out)))
         return st.prefix[skipped, ffn_pruned]
+
+    def _broken_premise(self, mask: Tensor, offsets: Tensor) -> str | None:
+        """Which premise of the slot graph (``passes.prefix_hoisting``) the batch's mask breaks, or None; checked on
+        an image's first call."""
+        if not prefix_is_causal(mask, offsets):
+            return "lets the prompt attend to the image slot, so the prompt's keys and values change with the latents"
+        if self.slot_key_bias and not slot_sees_one_key_set(mask, offsets, self.slot_len):
+            return "gives the image slot's queries of one row different keys"
+        return None
 
     def _prefix_variant(self, key: tuple, args: list) -> tuple[PartitionedGraph, list[str]]:
         """The prefix graph for ``key`` = (skip set, FFN pruned), built once (for every prompt length, as
