@@ -17,7 +17,6 @@ captured forward is split into two graphs:
     x = embed(tokens).scatter(1, slot_index, slot)      x = slot                                    (M, S, H)
     q * cos, k * sin          (tables (L, d))           q * cos[positions], ...   positions = offsets + arange(S)
     sdpa(q, k, v, mask (M, 1, L, L))                    sdpa(q, cat(pk, k), cat(pv, v), slot_mask (M, 1, S, P + S))
-                                                        key_bias: slot_attention(..., key bias (M, 1, 1, P + S))
     h.view(M, L, ...)                                   h.view(M, S, ...)
     where(in_slot (M, L, 1), a, b) + h                  where(...) read at positions + h
     v.gather(1, absolute index)                         v.gather(1, index - offsets)
@@ -25,13 +24,10 @@ captured forward is split into two graphs:
 Exact: each slot query sees the same keys under the same mask; the prefix buffer's columns at or past a row's own
 offset (a shorter row's slot) are blocked, and a blocked key adds exp(-inf) = 0. The prefix's values equal the full
 forward's only when no text position attends to its row's slot or beyond: ``prefix_is_causal`` checks a batch's mask
-(the executor, once per image). Under the omni mask every slot query of a row sees the same keys (its text and its
-whole slot), so with ``key_bias`` the mask becomes one additive bias row per batch row (``slot_key_bias``), which
-SDPA broadcasts over the queries; ``slot_sees_one_key_set`` checks that premise (the executor, with the other).
-The rewrite is structural: every value computed from the slot must be read at the slot's positions, and a slot value
-may combine with a value of the batch length only through the rules above (a per-position table, a per-row
-(M, L, ...) tensor, the mask, an absolute gather index); anything else, a graph without the slot's write, or one whose
-fake-tensor propagation fails, is refused and stays exact, with a warning.
+(the executor, once per image). The rewrite is structural: every value computed from the slot must be read at the
+slot's positions, and a slot value may combine with a value of the batch length only through the rules above (a
+per-position table, a per-row (M, L, ...) tensor, the mask, an absolute gather index); anything else, a graph without
+the slot's write, or one whose fake-tensor propagation fails, is refused and stays exact, with a warning.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
 from passes.graph_utils import (
@@ -80,48 +75,15 @@ def table_at(table: Tensor, positions: Tensor) -> Tensor:
     return table[positions].unsqueeze(1)
 
 
-def _slot_rows(mask: Tensor, positions: Tensor, offsets: Tensor, queries: Tensor) -> Tensor:
-    """bool (M, 1, L, L) -> (M, 1, Q, P + S): the rows of ``mask`` at the slot positions ``queries`` (M, Q), over
-    the prefix buffer's P = L - S columns (those at or past the row's own offset blocked) and over the row's slot
-    (``positions`` (M, S))."""
-    m, s = positions.shape
-    length = mask.shape[-1]
-    rows = mask.gather(2, queries[:, None, :, None].expand(m, 1, queries.shape[1], length))
-    own_text = torch.arange(length - s, device=mask.device)[None, :] < offsets[:, None]  # (M, P)
-    prefix = rows[..., : length - s] & own_text[:, None, None, :]
-    return torch.cat([prefix, rows.gather(3, positions[:, None, None, :].expand(*rows.shape[:3], s))], dim=-1)
-
-
 def slot_mask(mask: Tensor, positions: Tensor, offsets: Tensor) -> Tensor:
     """bool (M, 1, L, L) -> (M, 1, S, P + S): the slot rows of ``mask`` over the prefix buffer's P = L - S columns
-    (those at or past the row's own offset blocked) and over the row's slot (``attend_slots_only(key_bias=False)``:
-    any mask, one row per slot query)."""
-    return _slot_rows(mask, positions, offsets, positions)
-
-
-def slot_key_bias(mask: Tensor, positions: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """bool (M, 1, L, L) -> the keys the slot's queries see, as SDPA's additive bias (0 seen, -inf hidden) in
-    ``dtype``, (M, 1, 1, P + S): ``slot_mask``'s first row. One row stands for all S: every slot query of a row sees
-    the same keys (``slot_sees_one_key_set`` checks a batch's mask), and SDPA broadcasts it over the queries, which
-    the attention library reads at stride 0 (1.5B trunk shapes, eager: 47 us a call against 59 us with the
-    (M, 1, S, P + S) bool mask, H100; ``harness.products``, variants key-bias and masked)."""
-    seen = _slot_rows(mask, positions, offsets, positions[:, :1])
-    return torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill(~seen, float("-inf"))
-
-
-@torch.library.custom_op("flashu::slot_attention", mutates_args=())
-def slot_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> Tensor:
-    """SDPA of the slot's queries (M, Hq, S, d) over keys and values (M, Hkv, P + S, d) under one additive bias row
-    per batch row (M, 1, 1, P + S, ``slot_key_bias``) -> (M, Hq, S, d), contiguous. An op of its own, so that the
-    bias reaches the attention library broadcast over the queries (stride 0), as in eager: inductor's lowering of
-    SDPA lays a broadcast bias out in full, (M, 1, S, P + S) on every call."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, enable_gqa=q.shape[1] != k.shape[1])
-    return out.contiguous()
-
-
-@slot_attention.register_fake
-def _slot_attention_fake(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    (those at or past the row's own offset blocked) and over the row's slot."""
+    m, s = positions.shape
+    length = mask.shape[-1]
+    rows = mask.gather(2, positions[:, None, :, None].expand(m, 1, s, length))
+    own_text = torch.arange(length - s, device=mask.device)[None, :] < offsets[:, None]  # (M, P)
+    prefix = rows[..., : length - s] & own_text[:, None, None, :]
+    return torch.cat([prefix, rows.gather(3, positions[:, None, None, :].expand(m, 1, s, s))], dim=-1)
 
 
 def relative_index(index: Tensor, offsets: Tensor) -> Tensor:
@@ -132,18 +94,6 @@ def relative_index(index: Tensor, offsets: Tensor) -> Tensor:
 def with_prefix(prefix: Tensor, slot: Tensor) -> Tensor:
     """Keys or values (M, kv_heads, P, d) of the prefix, then the slot's (M, kv_heads, S, d)."""
     return torch.cat([prefix, slot], dim=2)
-
-
-def slot_sees_one_key_set(mask: Tensor, offsets: Tensor, slot_len: int) -> bool:
-    """Whether every slot query of each row sees the same keys among those the slot graph reads (the row's text
-    before its offset and its slot), as under the omni mask (``slot_key_bias``'s premise). mask: bool (M, 1, L, L);
-    offsets (M,)."""
-    positions = slot_positions(offsets, slot_len)  # (M, S)
-    m, length = mask.shape[0], mask.shape[-1]
-    rows = mask[:, 0].gather(1, positions[:, :, None].expand(m, slot_len, length))  # (M, S, L)
-    pos = torch.arange(length, device=mask.device)
-    read = (pos[None, :] < offsets[:, None] + slot_len)  # (M, L): the text, then the slot
-    return not bool(((rows ^ rows[:, :1]) & read[:, None, :]).any())
 
 
 def prefix_is_causal(mask: Tensor, offsets: Tensor) -> bool:
@@ -185,16 +135,14 @@ def hoist_prefix_kv(gm: fx.GraphModule) -> list[str]:
     return [attention_name(node) for node in attentions]
 
 
-def attend_slots_only(gm: fx.GraphModule, slot_len: int, key_bias: bool = False) -> list[str] | None:
+def attend_slots_only(gm: fx.GraphModule, slot_len: int) -> list[str] | None:
     """Make ``gm`` the slot graph (see the module docstring): its inputs gain, after the others, the prefix keys and
     values of each masked attention (``prefix_k_<name>``, ``prefix_v_<name>``, (M, kv_heads, P, d), P = L - S); a
-    head output it stores or reads is (M, S, D). ``key_bias``: the attentions read one key bias row per batch row
-    (``slot_key_bias``; the caller checks ``slot_sees_one_key_set`` on each batch), else the mask's slot rows
-    (``slot_mask``, any mask). Returns the attentions' names in input order ([] for a graph without attention, e.g.
-    a head-cache reuse), or None when refused (``gm`` unchanged, with a warning)."""
+    head output it stores or reads is (M, S, D). Returns the attentions' names in input order ([] for a graph
+    without attention, e.g. a head-cache reuse), or None when refused (``gm`` unchanged, with a warning)."""
     work = copy.deepcopy(gm)
     try:
-        names = _rewrite(work, slot_len, key_bias)
+        names = _rewrite(work, slot_len)
         _propagate(work)
     except _Refused as why:
         _refuse(str(why))
@@ -221,7 +169,7 @@ def _masked_attentions(gm: fx.GraphModule) -> list[fx.Node]:
             and n.kwargs.get("attn_mask") is mask and len(n.args) == 3]
 
 
-def _rewrite(gm: fx.GraphModule, slot_len: int, key_bias: bool) -> list[str]:
+def _rewrite(gm: fx.GraphModule, slot_len: int) -> list[str]:
     graph = gm.graph
     offsets, mask, tokens = (placeholder(gm, name) for name in (OFFSETS, MASK, TOKENS))
     cache = placeholder(gm, HEAD_CACHE_INPUT)
@@ -252,7 +200,7 @@ def _rewrite(gm: fx.GraphModule, slot_len: int, key_bias: bool) -> list[str]:
         write.replace_all_uses_with(write.args[3])
         slot.add(write.args[3])
     converted: dict[fx.Node, fx.Node] = {}
-    biases: dict[torch.dtype | None, fx.Node] = {}  # by the queries' dtype (None: the bool slot mask)
+    new_mask: fx.Node | None = None
     attentions: list[fx.Node] = []
 
     def convert(arg: fx.Node, user: fx.Node) -> fx.Node:
@@ -281,13 +229,10 @@ def _rewrite(gm: fx.GraphModule, slot_len: int, key_bias: bool) -> list[str]:
         slot.add(node)
         if node.op == "call_function" and node.target is _SDPA and node.kwargs.get("attn_mask") is mask \
                 and mask is not None:
-            q, k, v = node.args
-            dtype = captured_value(q).dtype if key_bias else None
-            if dtype not in biases:  # one per dtype of the queries, shared by every attention of that dtype
-                fn, fn_args = (slot_key_bias, (mask, positions, offsets, dtype)) if key_bias else \
-                    (slot_mask, (mask, positions, offsets))
+            if new_mask is None:
                 with graph.inserting_after(zero_offsets):
-                    biases[dtype] = _glue(graph.call_function(fn, fn_args))
+                    new_mask = _glue(graph.call_function(slot_mask, (mask, positions, offsets)))
+            q, k, v = node.args
             name = attention_name(node)
             keys = []
             for prefix, value in ((PREFIX_K, k), (PREFIX_V, v)):
@@ -298,10 +243,7 @@ def _rewrite(gm: fx.GraphModule, slot_len: int, key_bias: bool) -> list[str]:
                 with graph.inserting_before(node):
                     keys.append(_glue(graph.call_function(with_prefix, (buffer, value)), node))
             node.args = (q, *keys)
-            node.kwargs = {**node.kwargs, "attn_mask": biases[dtype]}
-            if key_bias and set(node.kwargs) <= {"attn_mask", "enable_gqa"}:  # SDPA's defaults otherwise
-                node.target, node.kwargs = torch.ops.flashu.slot_attention.default, {}
-                node.args = (*node.args, biases[dtype])
+            node.kwargs = {**node.kwargs, "attn_mask": new_mask}
             attentions.append(node)
             continue
         if node.op == "call_method" and node.target == "gather" and node.args[0] in slot:

@@ -67,8 +67,7 @@ class FlashUBackend:
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
                  merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
-                 norm_in_products: bool = True, prefill_eager_numerics: bool = True,
-                 slot_key_bias: bool = False) -> None:
+                 norm_in_products: bool = True, prefill_eager_numerics: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -82,7 +81,6 @@ class FlashUBackend:
         self.piece_backend, self.cuda_graphs, self.merge_projections = piece_backend, cuda_graphs, merge_projections
         self.tune_decode, self.norm_in_products = tune_decode, norm_in_products  # understanding's one-row parts
         self.prefill_eager_numerics = prefill_eager_numerics  # understanding's prefill
-        self.slot_key_bias = slot_key_bias  # generation's slot graph
         self.decode_attention = check_decode_attention(decode_attention)
         # How every part compiles; each executor's compiler varies it (_part_compiler). A bad inductor option name
         # fails here, not at compile.
@@ -259,7 +257,7 @@ class FlashUBackend:
         slot_len = weights["position_embedding.weight"].shape[0] + 1  # the time token and the configured grid
         ranges = self._graph_ffn_ranges("gen", weights)
         executor = GenGraphExecutor(gm, self.config, ranges, compile_part, slot_len, num_decoder_layers(weights),
-                                    self.cuda_graphs and cuda, self.slot_key_bias)
+                                    self.cuda_graphs and cuda)
         if self._gen_graph is not None and self._step:
             # Dynamo captured the forward again within an image (new input shapes or grad mode): the image goes on
             executor.continue_image(self._gen_graph.state)
@@ -434,7 +432,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
                    decode_attention: str = "sdpa", norm_in_products: bool = True,
-                   prefill_eager_numerics: bool = True, slot_key_bias: bool = False) -> FlashUBackend:
+                   prefill_eager_numerics: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -458,17 +456,10 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     understanding prefill's parts that the kept-token choice reads (up to the pruning layer) round as eager does
     too (fused kernels round as eager, and their projections stay unmerged, each the GEMM eager runs), so the
     V-norms that choose the kept image tokens are the eager twin's (on an H100, 98.0% of testbed questions kept
-    eager's tokens against 49% without, at no measured cost; the one-row decode parts never do); ``slot_key_bias``:
-    generation's slot-only attentions read the omni mask as one additive key bias row per batch row, which the
-    attention kernel broadcasts over the queries (``passes.prefix_hoisting.slot_key_bias``, through the op
-    ``flashu::slot_attention``, which keeps the row from being laid out in full; a batch whose slot
-    queries see different keys runs the whole batch instead, with a warning), else (the default) the mask's
-    (M, 1, S, P + S) slot rows. Off until an A/B shows a win: alone, the broadcast bias makes the attention call 21%
-    faster at the 1.5B trunk's shapes (``harness.products``), but a 7B image took 0.746 s either way on an H100
-    before the op existed (BENCHMARKS.md)."""
+    eager's tokens against 49% without, at no measured cost; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
-                         norm_in_products, prefill_eager_numerics, slot_key_bias)
+                         norm_in_products, prefill_eager_numerics)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -51,7 +51,6 @@ from passes.prefix_hoisting import (
     attend_slots_only,
     hoist_prefix_kv,
     prefix_is_causal,
-    slot_sees_one_key_set,
 )
 
 MAX_GRAPHS = 64  # captured variants kept, least recently used dropped
@@ -86,9 +85,8 @@ class GenGraphExecutor:
 
     def __init__(self, gm: fx.GraphModule, config: FlashUConfig | None, ffn_ranges: list[tuple[int, int]] | None,
                  compile_part: Callable[[fx.GraphModule, list], Callable], slot_len: int, num_layers: int,
-                 cuda_graphs: bool = False, slot_key_bias: bool = False) -> None:
+                 cuda_graphs: bool = False) -> None:
         self.gm, self.config, self.ffn_ranges, self.compile_part = gm, config, ffn_ranges, compile_part
-        self.slot_key_bias = slot_key_bias  # the slot graph's attentions read one key bias row per batch row
         self.cuda_graphs = CudaGraphs(MAX_GRAPHS) if cuda_graphs else None
         self.slot_len = slot_len
         self.num_skipped = 0 if config is None else config.num_skipped_layers(num_layers)
@@ -230,7 +228,7 @@ class GenGraphExecutor:
         """The captured forward on the image slot alone (``passes.prefix_hoisting``) and its masked attentions, or
         (None, []) where it does not split into a prefix and a slot graph."""
         slot = copy.deepcopy(self.gm)
-        names = attend_slots_only(slot, self.slot_len, key_bias=self.slot_key_bias)
+        names = attend_slots_only(slot, self.slot_len)
         # names: the slot's write and the masked attentions were found, all the prefix graph (hoist_prefix_kv) needs
         return (slot, names) if names else (None, [])
 
@@ -244,10 +242,9 @@ class GenGraphExecutor:
             return st.prefix[skipped, ffn_pruned]
         position = self._input_index
         tokens, mask = args[position[TOKENS]], args[position[MASK]]
-        broken = None if st.prefix else self._broken_premise(mask, args[position[OFFSETS]])
-        if broken:
-            warnings.warn(f"flashu_backend: the batch's mask {broken}; every call now runs the whole batch",
-                          stacklevel=3)
+        if not st.prefix and not prefix_is_causal(mask, args[position[OFFSETS]]):
+            warnings.warn("flashu_backend: the batch's mask lets the prompt attend to the image slot, so the prompt's "
+                          "keys and values change with the latents; every call now runs the whole batch", stacklevel=3)
             self.hoisting = False
             self._variants.clear()
             return (None,) * (2 * len(self.attentions)), ()
@@ -269,15 +266,6 @@ class GenGraphExecutor:
         flat = tuple(t for name in self.attentions for t in found.get(name, (None, None)))
         st.prefix[skipped, ffn_pruned] = flat, tensor_addresses(out, range(len(out)))
         return st.prefix[skipped, ffn_pruned]
-
-    def _broken_premise(self, mask: Tensor, offsets: Tensor) -> str | None:
-        """Which premise of the slot graph (``passes.prefix_hoisting``) the batch's mask breaks, or None; checked on
-        an image's first call."""
-        if not prefix_is_causal(mask, offsets):
-            return "lets the prompt attend to the image slot, so the prompt's keys and values change with the latents"
-        if self.slot_key_bias and not slot_sees_one_key_set(mask, offsets, self.slot_len):
-            return "gives the image slot's queries of one row different keys"
-        return None
 
     def _prefix_variant(self, key: tuple, args: list) -> tuple[PartitionedGraph, list[str]]:
         """The prefix graph for ``key`` = (skip set, FFN pruned), built once (for every prompt length, as

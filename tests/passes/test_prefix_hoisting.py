@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from captured import capture
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,11 +22,8 @@ from passes.prefix_hoisting import (
     attend_slots_only,
     hoist_prefix_kv,
     prefix_is_causal,
-    slot_attention,
-    slot_key_bias,
     slot_mask,
     slot_positions,
-    slot_sees_one_key_set,
 )
 
 
@@ -144,29 +140,10 @@ def test_a_graph_without_a_slot_write_stays_exact() -> None:
 
 @settings(deadline=None, max_examples=20)
 @given(offsets=st.lists(st.integers(1, 9), min_size=1, max_size=3), slot_len=st.integers(1, 6),
-       trailing=st.integers(0, 3))
-def test_the_key_bias_is_every_slot_row_of_the_mask_with_foreign_prefix_columns_blocked(offsets, slot_len,
-                                                                                       trailing) -> None:
-    offsets_t = torch.tensor(offsets)
-    length = max(offsets) + slot_len + trailing
-    mask = omni_mask(offsets_t, length, slot_len)
-    assert slot_sees_one_key_set(mask, offsets_t, slot_len)
-    got = slot_key_bias(mask, slot_positions(offsets_t, slot_len), offsets_t, torch.bfloat16)
-    prefix = length - slot_len
-    assert got.shape == (len(offsets), 1, 1, prefix + slot_len) and got.dtype == torch.bfloat16
-    for m, o in enumerate(offsets):
-        rows = list(range(o, o + slot_len))
-        seen = torch.cat([mask[m, 0][rows][:, :prefix] & (torch.arange(prefix) < o), mask[m, 0][rows][:, rows]], 1)
-        want = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))  # what SDPA makes of the bool mask
-        assert torch.equal(got[m, 0].float().expand_as(want), want)  # the same for every slot query
-
-
-@settings(deadline=None, max_examples=20)
-@given(offsets=st.lists(st.integers(1, 9), min_size=1, max_size=3), slot_len=st.integers(1, 6),
        trailing=st.integers(0, 3), hidden=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=4))
 def test_the_slot_mask_is_the_masks_slot_rows_with_foreign_prefix_columns_blocked(offsets, slot_len, trailing,
                                                                                   hidden) -> None:
-    """``key_bias=False``: any mask, its slot rows each their own (here with keys hidden from some queries)."""
+    """Any mask: its slot rows each their own (here with keys hidden from some queries)."""
     offsets_t = torch.tensor(offsets)
     length = max(offsets) + slot_len + trailing
     mask = omni_mask(offsets_t, length, slot_len)
@@ -178,39 +155,6 @@ def test_the_slot_mask_is_the_masks_slot_rows_with_foreign_prefix_columns_blocke
         rows = list(range(o, o + slot_len))
         want = torch.cat([mask[m, 0][rows][:, :prefix] & (torch.arange(prefix) < o), mask[m, 0][rows][:, rows]], 1)
         assert torch.equal(got[m, 0], want)
-
-
-@settings(deadline=None, max_examples=15)
-@given(rows=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
-       slot_len=st.integers(1, 9), prefix=st.integers(1, 9), seed=st.integers(0, 99))
-def test_slot_attention_is_sdpa_under_the_mask_the_bias_row_stands_for(rows, kv_heads, group, slot_len, prefix,
-                                                                       seed) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(rows, kv_heads * group, slot_len, 8, generator=gen)
-    k, v = (torch.randn(rows, kv_heads, prefix + slot_len, 8, generator=gen) for _ in range(2))
-    seen = torch.rand(rows, 1, 1, prefix + slot_len, generator=gen) < 0.7
-    seen[..., prefix:] = True  # the slot's own keys, always seen
-    bias = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
-    got = slot_attention(q, k, v, bias)
-    full = seen.expand(rows, 1, slot_len, prefix + slot_len)  # every query's row of the mask, written out
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                          attn_mask=full)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    assert got.is_contiguous()
-    torch.library.opcheck(torch.ops.flashu.slot_attention.default, (q, k, v, bias))
-
-
-def test_a_slot_query_that_sees_other_keys_breaks_the_one_key_set() -> None:
-    offsets, slot_len = torch.tensor([4, 2]), 3
-    mask = omni_mask(offsets, 10, slot_len)
-    mask[0, 0, 5:, 8:] = True  # row 0's later slot queries see a trailing position: not a key the slot graph reads
-    assert slot_sees_one_key_set(mask, offsets, slot_len)
-    hides = mask.clone()
-    hides[1, 0, 3, 0] = False  # row 1's second slot query does not see its first text position
-    assert not slot_sees_one_key_set(hides, offsets, slot_len)
-    looks = mask.clone()
-    looks[0, 0, 4, 3] = False  # row 0's first slot query, the one the bias row is read from, misses a key
-    assert not slot_sees_one_key_set(looks, offsets, slot_len)
 
 
 def test_the_omni_mask_keeps_the_prompt_causal_and_a_mask_that_looks_ahead_does_not() -> None:

@@ -55,13 +55,12 @@ def test_compiled_sampler_uses_each_plans_guidance(tiny_model) -> None:
 
 
 def test_inductor_parts_match_eager_flashu_on_the_cpu(tiny_model, cpp_compiler) -> None:
-    """The part compiler for real (inductor with eager numerics, merged projections, sliced FFN inputs, the slot
-    attentions as ``flashu::slot_attention`` under one key bias row), on the CPU: the same decisions and latents as
-    eager FlashU. (The default slot mask under inductor: ``test_graph_executor``.)"""
+    """The part compiler for real (inductor with eager numerics, merged projections, sliced FFN inputs), on the
+    CPU: the same decisions and latents as eager FlashU."""
     torch._dynamo.reset()
     model, layout = pruned_model(tiny_model, TINY_GEN, 2)
     eager = generate_images_flashu(model, [[4, 5, 6]], TINY_GEN, layout, baseline_steps=12, guidance=5.0)
-    backend = flashu_backend("gen", TINY_GEN, layout, piece_backend="inductor", slot_key_bias=True)
+    backend = flashu_backend("gen", TINY_GEN, layout, piece_backend="inductor")
     out = generate_images_compiled(torch.compile(model, backend=backend), backend, [[4, 5, 6]], baseline_steps=12,
                                    guidance=5.0)
     assert [r.skip_set for r in backend.records] == [r.skipped for r in eager.records]
