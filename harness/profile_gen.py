@@ -1,12 +1,19 @@
 """Profile one compiled generation call at real shapes: where the time goes (kernel table, launch count).
 
-    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu]
+    python -m harness.profile_gen --preset showo2-1.5b [--no-graphs] [--flashu] [--host-profile 40]
+
+``--host-profile N``: also the N Python functions with the most own time over one warm image (cProfile), for the
+idle stretches where the device waits on the host.
 """
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +233,19 @@ def _kind_table(records, timings: list, last: str, last_header: str) -> str:
     return "\n".join(lines)
 
 
+def host_profile(image: Callable[[], object], rows: int) -> str:
+    """The ``rows`` functions with the most own time while ``image()`` runs and the device finishes, by cProfile."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    image()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("python -m harness.profile_gen", __doc__)
     parser.add_argument("--preset", default="showo2-1.5b", help="model shapes")
@@ -233,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flashu", action="store_true", help="FlashU defaults with a random FFN layout")
     parser.add_argument("--steps", type=int, default=50, help="baseline grid points")
     parser.add_argument("--trace", default="", help="also write the profiled image's Chrome trace to this path")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also list the N Python functions with the most own time over one image (cProfile)")
     args = parser.parse_args(argv)
+    if args.host_profile < 0:
+        parser.error(f"--host-profile={args.host_profile} is invalid: allowed 0 (off) or a positive count")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: it times and profiles GPU kernels (CPU checks: python -m harness bench)")
     device = torch.device("cuda")
@@ -273,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     print(kernel_kind_table(spans, floors_ms))
     if args.trace:
         prof.export_chrome_trace(args.trace)
+    if args.host_profile:
+        print(host_profile(lambda: generate_images_compiled(gen, backend, prompt, baseline_steps=args.steps),
+                           args.host_profile))
     calls = args.steps - 1 if config is None else config.num_points(args.steps) - 1
     print(f"{args.preset} graphs={not args.no_graphs} flashu={args.flashu}: "
           f"{total:.3f} s for {calls} calls ({1000 * total / calls:.2f} ms/call); "

@@ -392,6 +392,20 @@ def test_gpu_profilers_say_they_need_a_gpu(capsys):
     assert "needs a CUDA device" in err and "python -m harness bench" in err  # where to go instead
 
 
+def test_host_profile_lists_the_functions_with_the_most_own_time():
+    from harness.profile_gen import host_profile
+
+    def busy_host_work() -> int:
+        total = 0
+        for i in range(200_000):  # its own time, not a callee's
+            total += i * i
+        return total
+
+    report = host_profile(busy_host_work, rows=3)
+    assert "busy_host_work" in report and "tottime" in report
+    assert "List reduced" in report  # only the 3 rows asked for
+
+
 def test_profile_gen_times_every_call_by_kind(tiny_model):
     from flashu_fx.compiled import flashu_backend, lean_guard_options
     from flashu_fx.flashu_config import FlashUConfig
