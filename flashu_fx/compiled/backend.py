@@ -67,8 +67,7 @@ class FlashUBackend:
                  cuda_graphs: bool = True, merge_projections: bool = True, eager_numerics: bool = True,
                  tune_decode: bool = True, inductor_options: dict | None = None,
                  merge_ffn_slices: bool = False, decode_attention: str = "sdpa",
-                 norm_in_products: bool = True, prefill_eager_numerics: bool = True,
-                 token_major_queries: bool = False) -> None:
+                 norm_in_products: bool = True, prefill_eager_numerics: bool = True) -> None:
         if task not in ("gen", "und"):
             raise ValueError(f"flashu_backend task must be 'gen' or 'und', got {task!r}")
         if config is not None and config.task != task:
@@ -86,7 +85,6 @@ class FlashUBackend:
         # How every part compiles; each executor's compiler varies it (_part_compiler). A bad inductor option name
         # fails here, not at compile.
         self.part_settings = PartSettings(merge_ffn_slices=merge_ffn_slices, eager_numerics=eager_numerics,
-                                          token_major_queries=token_major_queries,
                                           inductor_options=inductor_options or {})
         self.captured: PartitionedGraph | None = None  # the parts of the last captured forward that ran
         self.captured_prefix: PartitionedGraph | None = None  # ... and of its last prefix graph (generation)
@@ -434,7 +432,7 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
                    eager_numerics: bool = True, tune_decode: bool = True,
                    inductor_options: dict | None = None, merge_ffn_slices: bool = False,
                    decode_attention: str = "sdpa", norm_in_products: bool = True,
-                   prefill_eager_numerics: bool = True, token_major_queries: bool = False) -> FlashUBackend:
+                   prefill_eager_numerics: bool = True) -> FlashUBackend:
     """The FlashU backend for ``task`` ("gen" or "und").
 
     ``config=None``: exact optimizations only. ``layout``: the FFN layout
@@ -458,13 +456,10 @@ def flashu_backend(task: str = "gen", config: FlashUConfig | None = None, layout
     understanding prefill's parts that the kept-token choice reads (up to the pruning layer) round as eager does
     too (fused kernels round as eager, and their projections stay unmerged, each the GEMM eager runs), so the
     V-norms that choose the kept image tokens are the eager twin's (on an H100, 98.0% of testbed questions kept
-    eager's tokens against 49% without, at no measured cost; the one-row decode parts never do);
-    ``token_major_queries``: every attention's queries, and so its output, laid out token-major
-    (``passes.token_major_queries``), so that no transpose of the attention output precedes the o product; exact (a
-    candidate, off until an A/B shows a win)."""
+    eager's tokens against 49% without, at no measured cost; the one-row decode parts never do)."""
     return FlashUBackend(task, config, layout, model_config, piece_backend, cuda_graphs, merge_projections,
                          eager_numerics, tune_decode, inductor_options, merge_ffn_slices, decode_attention,
-                         norm_in_products, prefill_eager_numerics, token_major_queries)
+                         norm_in_products, prefill_eager_numerics)
 
 
 BACKEND_OPTIONS = tuple(inspect.signature(flashu_backend).parameters)  # the keyword arguments, in order

@@ -19,7 +19,6 @@ from torch import fx
 
 from passes.merge_projections import merge_projections
 from passes.norm_in_products import fold_norm_into_products
-from passes.token_major_queries import lay_out_queries_token_major
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +74,20 @@ class PartSettings:
     ``backend``: "inductor" (GPU default) or "eager" (the rewritten FX graph as it is: CPU tests). ``merge``:
     ``passes.merge_projections`` (the caller colocates the weights); ``merge_ffn_slices``: with ``merge``, a pruned
     FFN's gate and up slices too, as one batched matmul each (a candidate: measured before it becomes a default);
-    ``norm_in_products``: then ``passes.norm_in_products`` (each RMSNorm's statistic inside the products that read its
-    row; for one-row parts, a candidate too); ``token_major_queries``: then ``passes.token_major_queries`` (each
-    attention's queries, and so its output, laid out token-major; a candidate). ``eager_numerics``: fused kernels round
-    every intermediate to the model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16 results
-    track the eager model's instead of drifting from it. ``coordinate_descent``: inductor's
-    ``coordinate_descent_tuning``, which also lowers every one-row product (a GEMV) to a Triton reduction that it tunes,
-    and can fuse with its neighbours, instead of a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel
-    once at compile time: for one-row parts only. ``dynamic_lengths``: the parts serve every prompt length
-    (``make_part_compiler``). ``inductor_options``: more inductor config patches for every part
-    (``check_inductor_options``); one that turns on GEMM autotuning (``max_autotune``, ``max_autotune_gemm``) turns
-    ``merge`` off, with a warning (``autotunes_gemms``).
-    """
+    ``norm_in_products``: then ``passes.norm_in_products`` (each RMSNorm's statistic inside the products that read
+    its row; for one-row parts, a candidate too). ``eager_numerics``: fused kernels round every intermediate to the
+    model dtype where eager does (inductor's ``emulate_precision_casts``), so bf16 results track the eager model's
+    instead of drifting from it. ``coordinate_descent``: inductor's ``coordinate_descent_tuning``, which also lowers
+    every one-row product (a GEMV) to a Triton reduction that it tunes, and can fuse with its neighbours, instead of
+    a cuBLAS call (gpt-fast's decode setting); it benchmarks each kernel once at compile time: for one-row parts only.
+    ``dynamic_lengths``: the parts serve every prompt length (``make_part_compiler``). ``inductor_options``: more
+    inductor config patches for every part (``check_inductor_options``); one that turns on GEMM autotuning
+    (``max_autotune``, ``max_autotune_gemm``) turns ``merge`` off, with a warning (``autotunes_gemms``)."""
 
     backend: str = "inductor"
     merge: bool = True
     merge_ffn_slices: bool = False
     norm_in_products: bool = False
-    token_major_queries: bool = False
     eager_numerics: bool = True
     coordinate_descent: bool = False
     dynamic_lengths: bool = False
@@ -105,15 +100,13 @@ class PartSettings:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, settings: PartSettings, name: str) -> Callable:
-    """The shared last stage of every compiled graph: ``passes.merge_projections``, ``passes.norm_in_products`` and
-    ``passes.token_major_queries`` (when ``settings`` ask for them), then inductor with this project's settings (or
-    the graph as it is, for the "eager" backend)."""
+    """The shared last stage of every compiled graph: ``passes.merge_projections`` and ``passes.norm_in_products``
+    (when ``settings`` ask for them), then inductor with this project's settings (or the graph as it is, for the
+    "eager" backend)."""
     if settings.merge:
         log.debug("%s: merge_projections -> %s", name, merge_projections(gm, ffn_slices=settings.merge_ffn_slices))
     if settings.norm_in_products:  # after the merge: a merged q/k/v is one product, and its statistic one reduction
         log.debug("%s: norm_in_products -> %s", name, fold_norm_into_products(gm))
-    if settings.token_major_queries:
-        log.debug("%s: token_major_queries -> %s", name, lay_out_queries_token_major(gm))
     if settings.backend == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
