@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-prompts", type=int, default=16,
                    help="prompt pairs per caption edit (a relation reversed, two colours exchanged) drawn with the "
                         "same noise after training, to see whether the pictures follow those words (0: skip)")
+    p.add_argument("--final-probe-prompts", type=int, default=FINAL_PROBE_PROMPTS, metavar="N",
+                   help="held-out prompts per caption edit in the binding probe of the final weights (the record's "
+                        f"velocity_sensitivity; default {FINAL_PROBE_PROMPTS}: about 0.03 of noise; each costs four "
+                        "model rows per edit and time)")
     p.add_argument("--probe-every", type=int, default=500, metavar="N",
                    help="every N steps, how far one model call's velocity moves when a relation is reversed or two "
                         "colours exchanged, as a share of the caption's whole pull, at t = 0.2 and at the noise "
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("sensitivity_prompts", "probe_every"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)} is invalid: allowed an integer >= 0")
+    if args.final_probe_prompts < 1:
+        parser.error(f"--final-probe-prompts {args.final_probe_prompts} is invalid: allowed an integer >= 1")
     if not args.time_shift >= 0:  # also refuses NaN
         parser.error(f"--time-shift {args.time_shift} is invalid: allowed a number > 0 (0: Show-o2's own shift)")
     if not 0 <= args.noise_end_share <= 1:  # also refuses NaN
@@ -300,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     for found in sensitivity:
         print(f"caption edit {found.edit!r}: pictures changed in {found.changed:.0%} of {found.prompts} pairs "
               f"(mean pixel change {found.pixel_change:.2f} of 255)", flush=True)
-    pull = binding_probe(tok, FINAL_PROBE_PROMPTS)(model)  # the shipped weights' (the loss log: the EMA's on the way)
+    # the shipped weights' (the loss log holds the EMA's on the way)
+    pull = binding_probe(tok, args.final_probe_prompts)(model)
     pull_of_world = {f"{edit}_pull": world_sensitivity(edit) for edit in EDITS}  # what a model knowing it moves
     print("velocity moved by each caption edit, as a share of the caption's pull: "
           + ", ".join(f"{edit} {pull[f'{edit}_pull']:.3f} at t={PROBE_TIMES['']}, "
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                      answers=qa),
         flow_loss_parts=[dataclasses.asdict(part) for part in flow_parts],
         caption_sensitivity=[dataclasses.asdict(found) for found in sensitivity],
-        velocity_sensitivity=dict(model=pull, world=pull_of_world),
+        velocity_sensitivity=dict(model=pull, world=pull_of_world, prompts_per_edit=args.final_probe_prompts),
         grid_position_r2={name: list(r2) for name, r2 in position.items()},
         calibration=calib,
         history=earlier_runs(args.init),

@@ -111,7 +111,7 @@ def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, 
     main(["--device", "cpu", "--out", str(out), "--steps", "2", "--batch-gen", "2", "--batch-und", "2", "--pool", "64",
           "--pool-und", "32", "--eval-prompts", "3", "--eval-questions", "2", "--guidance-sweep", "2,4",
           "--eval-steps", "3", "--calib-gen", "0", "--calib-und", "0", "--sensitivity-prompts", "0",
-          "--probe-every", "0", "--noise-end-share", "0.25"])
+          "--probe-every", "0", "--final-probe-prompts", "2", "--noise-end-share", "0.25"])
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["steps_done"] == 2 and record["train"]["noise_end_share"] == 0.25
     first, second = (tuple(p.caption for p in world.heldout_gen_prompts(3, draw)) for draw in (0, 1))
@@ -131,6 +131,7 @@ def test_a_tiny_run_end_to_end_records_what_the_next_run_is_judged_by(tmp_path, 
     right = heldout["guidance_sweep"][str(record["sampling"]["guidance"])]["categories"]
     assert all(v["right"] == round(right[c]["accuracy"] * right[c]["count"]) for c, v in causes.items())
     probe = record["velocity_sensitivity"]
+    assert probe.pop("prompts_per_edit") == 2
     assert set(probe["model"]) == {f"{e}_pull{s}" for e in EDITS for s in ("", "_noise_end")}
     assert set(probe["world"]) == {f"{e}_pull" for e in EDITS}
     assert all(v >= 0 for part in probe.values() for v in part.values())
