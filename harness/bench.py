@@ -127,10 +127,11 @@ def report_table(records: list[dict]) -> str:
         count, ms = f"{rec['count']} {rec['unit']}", f"{rec['ms_per_unit']:.2f}"
         floor = "-" if rec.get("pct_of_floor") is None else f"{rec['pct_of_floor']:.0f}%"
         held = rec.get("pct_of_floor_at_clock")
-        clock = rec.get("clocks")
-        extra = [*([("-" if held is None else f"{held:.0f}%")] if at_clock else []),
-                 *([("-" if not clock else f"{clock['median_mhz']:.0f} MHz{_share(clock)}, "
-                     f"{clock['median_w']:.0f} W")] if clocks else [])]
+        extra = []
+        if at_clock:
+            extra.append("-" if held is None else f"{held:.0f}%")
+        if clocks:
+            extra.append(_clock_cell(rec.get("clocks")))
         rows.append([rec["name"], f"{rec['seconds']:.3f}", count, ms,
                      *([f"{rec['images_per_s']:.2f}"] if images else []), f"{rec['speedup']:.2f}x",
                      *([f"{rec['speedup_vs_split']:.2f}x"] if vs_split else []), floor, *extra, mem, check,
@@ -138,8 +139,12 @@ def report_table(records: list[dict]) -> str:
     return format_table(headers, rows)
 
 
-def _share(clock: dict) -> str:
-    return "" if not clock["share_of_full"] else f" ({100 * clock['share_of_full']:.0f}%)"
+def _clock_cell(clock: dict | None) -> str:
+    """``ClockSampler.summary()`` as "1650 MHz (83%), 693 W" (the share of the full clock where it is known)."""
+    if not clock:
+        return "-"
+    share = f" ({100 * clock['share_of_full']:.0f}%)" if clock["share_of_full"] else ""
+    return f"{clock['median_mhz']:.0f} MHz{share}, {clock['median_w']:.0f} W"
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
@@ -262,9 +267,9 @@ def add_floors(args, cfg: Showo2Config, ctx, device: str, records: list[dict]) -
         rec["pct_of_floor"] = None if floor is None else 100 * floor / rec["seconds"]
         # generation's floor is FLOPs at the peak rate, which scales with the SM clock: the share at the clock the
         # card held (understanding's decode floor is bytes, which the SM clock does not set)
-        clock = rec.get("clocks")
-        rec["pct_of_floor_at_clock"] = None if floor is None or not clock or not clock["share_of_full"] \
-            or args.task != "gen" else rec["pct_of_floor"] / clock["share_of_full"]
+        share = (rec.get("clocks") or {}).get("share_of_full")
+        at_clock = args.task == "gen" and floor is not None and share
+        rec["pct_of_floor_at_clock"] = rec["pct_of_floor"] / share if at_clock else None
 
 
 def build_report(args, argv, model: Showo2, ctx, results: list[RowResult], profiles: dict[str, str]) -> dict:

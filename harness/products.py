@@ -67,6 +67,8 @@ from harness.arguments import command_parser
 from harness.clocks import ClockSampler, nvml_reader
 from harness.devices import resolve_device
 from harness.floors import peak_tflops
+from harness.kernels import capture_graph, graph_us
+from harness.kernels import copy_gbps as measure_copy_gbps
 from harness.tables import format_table
 from passes.decode_attention import decode_attention
 
@@ -365,8 +367,6 @@ def check_variant(case: Case, calls: list[Callable[[], object]], variant: str, e
 def time_us(calls: list[Callable[[], object]], device: torch.device, repeats: int) -> float:
     """Device time per call under one CUDA graph (GPU), else the median wall time of a pass over the copies."""
     if device.type == "cuda":
-        from harness.kernels import graph_us
-
         return graph_us(calls, replays=repeats)
     for call in calls:
         call()
@@ -443,8 +443,6 @@ def sustained_rate(calls: list[Callable[[], object]], flops_per_call: float, sec
     ``window_ms`` and over the last half, as a short benchmark and a whole image (0.3-0.8 s of such products) see
     the device, and the SM clock and power meanwhile (``harness.clocks``; None without NVML). A device that lowers
     its clocks under sustained load shows it here."""
-    from harness.kernels import capture_graph
-
     graph = capture_graph(calls)
     torch.cuda.synchronize()
     marks = [torch.cuda.Event(enable_timing=True)]
@@ -564,9 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     copy = tflops = None
     if device.type == "cuda":
-        from harness.kernels import copy_gbps
-
-        copy, tflops = copy_gbps(), peak_tflops(torch.cuda.get_device_name())
+        copy, tflops = measure_copy_gbps(), peak_tflops(torch.cuda.get_device_name())
         print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.0f} GB/s (read + write); bf16 matmul peak "
               f"{'not measured' if tflops is None else f'{tflops:.0f} TFLOP/s'}")
     cfg = get_config(args.preset)
